@@ -1,0 +1,20 @@
+"""The root of dmrepl's exceptions.
+
+Every exception class says what the caller must do.  Subsystems derive their own
+hierarchies from these two roots:
+
+* ``UserError``: the input (a table line, a message, a CLI argument) is wrong;
+  nothing was changed; fix the input and retry.
+* ``DmreplError``: an operation failed for a reason outside the input (kernel,
+  device, peer); what changed is described by the subclass.
+"""
+
+from __future__ import annotations
+
+
+class DmreplError(Exception):
+    """Base of all dmrepl failures."""
+
+
+class UserError(DmreplError, ValueError):
+    """Bad input: nothing was changed; correct the input and try again."""
