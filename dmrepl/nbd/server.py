@@ -1,0 +1,272 @@
+"""Threaded NBD server: unix (or TCP) listener, one reader thread per connection.
+
+Requests of one connection run concurrently on a small worker pool (many in
+flight, replies in completion order, as the protocol allows).  A FLUSH waits
+until every write received before it has completed, then flushes the backend,
+so "flush makes all completed writes durable" holds even with workers racing.
+An export can be paused (:meth:`Export.suspend`): new requests wait, requests
+in flight drain, then the backend is flushed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from dmrepl.nbd import _proto as p
+from dmrepl.nbd.backend import Backend
+
+log = logging.getLogger(__name__)
+
+
+class Export:
+    """A named backend plus the bookkeeping for suspend/resume."""
+
+    def __init__(self, name: str, backend: Backend, size: int | None = None,
+                 read_only: bool = False) -> None:
+        self.name = name
+        self.backend = backend
+        self.size = backend.size_bytes if size is None else size
+        self.read_only = read_only
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._suspended = False
+
+    @property
+    def info(self) -> p.ExportInfo:
+        return p.ExportInfo(self.size, self.read_only)
+
+    @contextlib.contextmanager
+    def io(self) -> Iterator[Backend]:
+        with self._cond:
+            while self._suspended:
+                self._cond.wait()
+            self._inflight += 1
+        try:
+            yield self.backend
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                self._cond.notify_all()
+
+    def suspend(self, timeout: float | None = None) -> None:
+        with self._cond:
+            self._suspended = True
+            if not self._cond.wait_for(lambda: self._inflight == 0, timeout):
+                self._suspended = False
+                self._cond.notify_all()
+                raise TimeoutError(f"export {self.name}: I/O did not drain")
+        self.backend.flush()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._suspended = False
+            self._cond.notify_all()
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended
+
+
+class _Exports:
+    """Read-only mapping view name -> ExportInfo for the protocol machine."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self._server = server
+
+    def get(self, name: str) -> p.ExportInfo | None:
+        export = self._server.exports.get(name)
+        return None if export is None else export.info
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._server.exports))
+
+    def __getitem__(self, name: str) -> p.ExportInfo:
+        info = self.get(name)
+        if info is None:
+            raise KeyError(name)
+        return info
+
+    def __len__(self) -> int:
+        return len(self._server.exports)
+
+
+class NbdServer:
+    """Serve :class:`Export` s on a unix socket path or a ``(host, port)`` address."""
+
+    def __init__(self, address: str | tuple[str, int], workers: int = 8) -> None:
+        self.address = address
+        self.exports: dict[str, Export] = {}
+        self.workers = workers
+        if isinstance(address, str):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address)
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.bind(address)
+        else:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind(address)
+            self.address = self._sock.getsockname()[:2]
+        self._sock.listen(64)
+        self._closing = False
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept_loop, name="nbd-accept",
+                                        daemon=True)
+
+    def add_export(self, export: Export) -> None:
+        self.exports[export.name] = export
+
+    def remove_export(self, name: str) -> Export | None:
+        return self.exports.pop(name, None)
+
+    def start(self) -> NbdServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with self._lock:
+            for conn in list(self._conns):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        if self._thread.is_alive():
+            self._thread.join(5)
+        if isinstance(self.address, str):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.address)
+
+    def __enter__(self) -> NbdServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closing:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._closing:
+                    return
+                continue
+            if conn.family == socket.AF_INET:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="nbd-conn",
+                             daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            _Connection(self, sock).run()
+        except p.RemoteProtocolError as e:
+            log.warning("nbd: closing connection: %s", e)
+        except OSError as e:
+            if not self._closing:
+                log.info("nbd: connection ended: %s", e)
+        finally:
+            with self._lock:
+                self._conns.discard(sock)
+            sock.close()
+
+
+class _Connection:
+    def __init__(self, server: NbdServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.proto = p.ServerConnection(_Exports(server))
+        self.send_lock = threading.Lock()
+        self.export: Export | None = None
+        self.pending = threading.Condition()
+        self.writes_inflight = 0
+
+    def send(self, data: bytes) -> None:
+        if data:
+            with self.send_lock:
+                self.sock.sendall(data)
+
+    def run(self) -> None:
+        self.send(self.proto.data_to_send())
+        pool = ThreadPoolExecutor(self.server.workers, thread_name_prefix="nbd-io")
+        try:
+            self._loop(pool)
+        finally:
+            pool.shutdown(wait=True)
+
+    def _loop(self, pool: ThreadPoolExecutor) -> None:
+        while True:
+            event = self.proto.next_event()
+            self.send(self.proto.data_to_send())
+            if event is p.NEED_DATA:
+                data = self.sock.recv(1 << 20)
+                self.proto.receive_data(data)
+                continue
+            if isinstance(event, p.Disconnect):
+                return
+            if isinstance(event, p.ExportSelected):
+                self.export = self.server.exports[event.name]
+                continue
+            assert isinstance(event, p.Request)
+            if event.command == p.Cmd.FLUSH:
+                # Wait for the writes received before this flush, then run it.
+                with self.pending:
+                    self.pending.wait_for(lambda: self.writes_inflight == 0)
+            elif event.command in (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM):
+                with self.pending:
+                    self.writes_inflight += 1
+            pool.submit(self._execute, event)
+
+    def _execute(self, req: p.Request) -> None:
+        error, data = 0, b""
+        try:
+            error = self.proto.check(req)
+            export = self.export
+            if export is None or self.server.exports.get(export.name) is not export:
+                error = errno.ESHUTDOWN
+            if not error:
+                assert export is not None
+                with export.io() as backend:
+                    data = self._do(backend, req, export)
+        except OSError as e:
+            log.warning("nbd: %s failed: %s", p.Cmd(req.command).name, e)
+            error = e.errno or errno.EIO
+        except Exception:
+            log.exception("nbd: %s failed", req.command)
+            error = errno.EIO
+        finally:
+            if req.command in (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM):
+                with self.pending:
+                    self.writes_inflight -= 1
+                    self.pending.notify_all()
+        with contextlib.suppress(OSError):
+            self.send(self.proto.reply(req.handle, error, data))
+
+    @staticmethod
+    def _do(backend: Backend, req: p.Request, export: Export) -> bytes:
+        cmd = req.command
+        if export.read_only and cmd in (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM):
+            raise OSError(errno.EPERM, "export is read-only")
+        if cmd == p.Cmd.READ:
+            return backend.read(req.offset, req.length)
+        if cmd == p.Cmd.WRITE:
+            backend.write(req.offset, req.data, fua=req.fua)
+        elif cmd == p.Cmd.WRITE_ZEROES:
+            backend.write(req.offset, bytes(req.length), fua=req.fua)
+        elif cmd == p.Cmd.TRIM:
+            backend.trim(req.offset, req.length)
+            if req.fua:
+                backend.flush()
+        elif cmd == p.Cmd.FLUSH:
+            backend.flush()
+        return b""
