@@ -38,12 +38,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     reason = dm_unavailable_reason()
     if reason is None:
         return
+    if config.getoption("--require-kernel"):
+        return  # pytest_runtest_setup turns each of them into a failure
     for item in items:
         if item.get_closest_marker("kernel"):
-            if config.getoption("--require-kernel"):
-                item.add_marker(pytest.mark.xfail(reason=reason, strict=True, run=False))
-            else:
-                item.add_marker(pytest.mark.skip(reason=reason))
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if not item.config.getoption("--require-kernel") or not item.get_closest_marker("kernel"):
+        return
+    reason = dm_unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"--require-kernel: {reason}", pytrace=False)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -59,20 +66,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: igno
         for rep in stats.get(key, [])
         if getattr(rep, "when", "call") == "call" and "kernel" in rep.keywords
     )
-    skipped = len(stats.get("skipped", [])) + len(stats.get("xfailed", []))
+    skipped = len(stats.get("skipped", []))
     terminalreporter.write_line(
         f"kernel tier: {ran} kernel tests executed on {platform.release()}, {skipped} not run")
     if skipped:
-        terminalreporter.write_line("kernel tier: tests that did not run count as failures")
+        terminalreporter.write_line("kernel tier: skipped kernel tests make this run fail")
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under --require-kernel a skipped kernel test is a failure, never a pass."""
     if not session.config.getoption("--require-kernel"):
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None:
-        return
-    not_run = len(reporter.stats.get("skipped", [])) + len(reporter.stats.get("xfailed", []))
-    if not_run and session.exitstatus == 0:
-        session.exitstatus = 1
+    if reporter is not None and reporter.stats.get("skipped") and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
