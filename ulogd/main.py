@@ -1,0 +1,217 @@
+"""``ulogd``: the userspace dirty-log server for dm-mirror (dm-log-userspace).
+
+    ulogd run [--log-level LEVEL] [--ready-file PATH] [--control PATH]
+    ulogd status [--json] [--control PATH]
+
+``run`` serves in the foreground.  Readiness (the socket has joined the
+connector group, so the kernel can reach us) is announced by writing
+``--ready-file`` and, under systemd, by ``READY=1`` on ``$NOTIFY_SOCKET``.
+SIGTERM/SIGINT only set a flag; the loop notices it, closes every log (a disk
+log writes its state) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from ulogd.control import DEFAULT_CONTROL_PATH, ControlServer, query
+from ulogd.server import Dispatcher, LogFactory, default_log_factory
+from ulogd.transport import Transport
+
+log = logging.getLogger("ulogd")
+
+
+class Daemon:
+    """The serving loop: one thread, one poll, one batch of datagrams per wakeup.
+
+    A single loop (rather than a thread per log) because the kernel holds each
+    mirror's worker until its reply arrives: the critical path is the round
+    trip, and a thread handoff would only add to it under the GIL.
+    """
+
+    def __init__(self, transport: Transport | None = None, *,
+                 log_factory: LogFactory = default_log_factory,
+                 control_path: str | None = DEFAULT_CONTROL_PATH,
+                 persist_marks: bool = True) -> None:
+        self.transport = transport if transport is not None else Transport()
+        self.dispatcher = Dispatcher(log_factory, portid=self.transport.portid,
+                                     persist_marks=persist_marks)
+        self.control = (ControlServer(control_path, self.status_snapshot)
+                        if control_path else None)
+        self.started = time.time()
+        self._stop = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def request_stop(self, *_: Any) -> None:
+        """Safe from a signal handler: set a flag and wake the loop."""
+        self._stop = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def status_snapshot(self) -> dict[str, Any]:
+        with self.dispatcher.lock:
+            snap = self.dispatcher.snapshot()
+        t = self.transport
+        snap.update({
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "received": t.received,
+            "enobufs": t.enobufs,
+            "foreign_dropped": t.foreign_dropped,
+            "send_errors": t.send_errors,
+        })
+        return snap
+
+    def serve(self, ready: Any = None) -> None:
+        if self.control is not None:
+            self.control.start()
+        if ready is not None:
+            ready()
+        poller = select.poll()
+        fd = self.transport.fileno()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        recv_batch = self.transport.recv_batch
+        send = self.transport.send
+        handle = self.dispatcher.handle_batch
+        lock = self.dispatcher.lock
+        clock = time.perf_counter_ns
+        try:
+            while not self._stop:
+                poller.poll()
+                t0 = clock()
+                batch = recv_batch()
+                if batch:
+                    with lock:
+                        replies = handle(batch, t0)
+                    for r in replies:
+                        send(r)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        with self.dispatcher.lock:
+            self.dispatcher.close_all()
+        self.transport.close()
+        for wfd in (self._wake_r, self._wake_w):
+            try:
+                os.close(wfd)
+            except OSError:
+                pass
+
+
+def sd_notify(message: str) -> None:
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), path)
+        except OSError as e:
+            log.warning("sd_notify failed: %s", e)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s ulogd[%(process)d] %(levelname)s %(name)s: "
+                               "%(message)s")
+    try:
+        daemon = Daemon(control_path=args.control or None,
+                        persist_marks=not args.no_persist_marks)
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+
+    def ready() -> None:
+        log.info("serving dm-log-userspace requests (netlink port %d, control %s)",
+                 daemon.transport.portid, args.control or "none")
+        if args.ready_file:
+            tmp = args.ready_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(tmp, args.ready_file)
+        sd_notify("READY=1")
+
+    daemon.serve(ready)
+    log.info("stopped")
+    return 0
+
+
+def _fmt_status(snap: dict[str, Any]) -> str:
+    lines = [f"ulogd pid {snap.get('pid')} uptime {snap.get('uptime_s')}s requests "
+             f"{snap.get('requests')} errors {snap.get('errors')} dropped "
+             f"{sum(snap.get('dropped', {}).values()) + snap.get('foreign_dropped', 0)} "
+             f"enobufs {snap.get('enobufs')}"]
+    for lg in snap.get("logs", []):
+        lat = lg["latency"]
+        p50 = "-" if lat["p50_us"] is None else f"{lat['p50_us']:.0f}us"
+        p99 = "-" if lat["p99_us"] is None else f"{lat['p99_us']:.0f}us"
+        lines.append(
+            f"{lg['uuid']} luid {lg['luid']:#x} {lg['type']} region_size {lg['region_size']} "
+            f"regions {lg['regions']} in_sync {lg['in_sync']} dirty {lg['dirty']} "
+            f"requests {sum(lg['requests'].values())} p50 {p50} p99 {p99}")
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    try:
+        snap = query(args.control)
+    except OSError as e:
+        print(f"ulogd status: cannot reach the daemon at {args.control}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(snap, indent=2))
+    else:
+        print(_fmt_status(snap))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ulogd", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve in the foreground")
+    run.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error", "critical"])
+    run.add_argument("--ready-file", help="written (with our pid) once the kernel can reach us")
+    run.add_argument("--control", default=DEFAULT_CONTROL_PATH,
+                     help="control socket path ('' for none; default %(default)s)")
+    run.add_argument("--no-persist-marks", action="store_true",
+                     help="make marks durable at FLUSH only, not at MARK (faster disk logs, "
+                          "exposed to the lost-mark hazard if ulogd dies between the two)")
+    run.set_defaults(func=_cmd_run)
+    st = sub.add_parser("status", help="show the logs of a running daemon")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--control", default=DEFAULT_CONTROL_PATH)
+    st.set_defaults(func=_cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

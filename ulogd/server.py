@@ -1,0 +1,385 @@
+"""Dispatch of kernel requests to dirty logs, and the serving loop.
+
+:class:`Dispatcher` is pure (bytes in, bytes out, plus the dirty logs): it keeps
+every log the kernel constructed, keyed by ``(uuid, luid)`` so the live and the
+inactive table of one device (same uuid, different luid) are distinct logs.
+
+Rules
+-----
+* Every request with a usable header gets exactly one reply; undecodable bytes
+  are counted as drops (there is nothing to reply to).
+* A request for an unknown ``(uuid, luid)`` is answered ``-ESRCH``: the kernel
+  then re-sends CTR (with a trailing NUL) and RESUME and retries.  This is how a
+  restarted daemon gets its logs back.  DTR of an unknown log succeeds.
+* An initial CTR for a known key replaces the entry: the old one is an orphan
+  (the kernel never sends DTR when a table constructor fails after our CTR, and
+  luids are kernel addresses that get reused).  A *reconnect* CTR for a known
+  key keeps the entry and its state (the kernel merely lost contact).
+* Marks are made durable before the MARK reply (not only before FLUSH): a daemon
+  killed between MARK and FLUSH would otherwise lose marks the kernel will never
+  repeat (the "lost-mark hazard").  The FLUSH that follows finds nothing to
+  write.  Durability work is coalesced: one ``flush()`` per log per batch of
+  datagrams, after all the batch's requests were applied, before any reply.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dmrepl.errors import UserError
+from ulogd import protocol as p
+from ulogd.protocol import RequestType as RT
+
+log = logging.getLogger("ulogd.server")
+
+LogFactory = Callable[[str, Sequence[str], int], Any]
+
+_LAT_RING = 8192  # latencies kept per log (ns), a power of two
+_NTYPES = 18
+_ZERO8 = p.encode_s64(0)
+_ONE8 = p.encode_s64(1)
+_NO_WORK = p.encode_resync_work(False, 0)
+
+
+def default_log_factory(type_name: str, args: Sequence[str], target_sectors: int) -> Any:
+    from dmrepl.dirtylog import open_dirty_log
+
+    return open_dirty_log(type_name, args, target_sectors)
+
+
+class LogEntry:
+    """One constructed log and its bookkeeping."""
+
+    __slots__ = ("args", "counts", "ctr_string", "dlog", "errors", "lat", "lat_n", "luid",
+                 "resumed", "touched", "type_name", "uuid", "watermark")
+
+    def __init__(self, uuid: bytes, luid: int, dlog: Any, type_name: str, ctr_string: str):
+        self.uuid = uuid
+        self.luid = luid
+        self.dlog = dlog
+        self.type_name = type_name
+        self.ctr_string = ctr_string
+        self.counts = [0] * _NTYPES
+        self.errors = 0
+        self.lat = array("q", bytes(8 * _LAT_RING))
+        self.lat_n = 0
+        self.resumed = False
+        self.touched = False      # marks/clears not yet flushed
+        self.watermark = 0        # regions below it are known in sync
+
+    def in_sync_hint(self) -> int:
+        """How many leading regions are in sync (IS_REMOTE_RECOVERING's hint)."""
+        d = self.dlog
+        n = d.region_count
+        if d.get_sync_count() >= n:
+            return n
+        w = self.watermark
+        in_sync = d.in_sync
+        while w < n and in_sync(w):
+            w += 1
+        self.watermark = w
+        return w
+
+    def latency_percentiles(self) -> dict[str, float | None]:
+        n = min(self.lat_n, _LAT_RING)
+        if not n:
+            return {"p50_us": None, "p99_us": None, "max_us": None}
+        vals = sorted(self.lat[:n])
+        return {"p50_us": vals[n // 2] / 1000, "p99_us": vals[min(n - 1, (n * 99) // 100)] / 1000,
+                "max_us": vals[-1] / 1000}
+
+
+class Dispatcher:
+    """Applies decoded requests to the logs and produces the reply datagrams."""
+
+    def __init__(self, log_factory: LogFactory = default_log_factory, *, portid: int = 0,
+                 persist_marks: bool = True,
+                 clock: Callable[[], int] = time.perf_counter_ns) -> None:
+        self.logs: dict[tuple[bytes, int], LogEntry] = {}
+        self.factory = log_factory
+        self.portid = portid
+        self.persist_marks = persist_marks
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.dropped: dict[str, int] = {}
+        self.unknown_key = 0
+        self.errors = 0
+        self.requests = 0
+        self._handlers: dict[int, Callable[[Any, LogEntry], tuple[int, bytes]]] = {
+            RT.DTR: self._dtr,
+            RT.PRESUSPEND: self._presuspend,
+            RT.POSTSUSPEND: self._postsuspend,
+            RT.RESUME: self._resume,
+            RT.GET_REGION_SIZE: self._get_region_size,
+            RT.IS_CLEAN: self._is_clean,
+            RT.IN_SYNC: self._in_sync,
+            RT.FLUSH: self._flush,
+            RT.MARK_REGION: self._mark,
+            RT.CLEAR_REGION: self._clear,
+            RT.GET_RESYNC_WORK: self._get_resync_work,
+            RT.SET_REGION_SYNC: self._set_region_sync,
+            RT.GET_SYNC_COUNT: self._get_sync_count,
+            RT.STATUS_INFO: self._status_info,
+            RT.STATUS_TABLE: self._status_table,
+            RT.IS_REMOTE_RECOVERING: self._is_remote_recovering,
+        }
+
+    # -- batch entry point ---------------------------------------------------
+
+    def handle_batch(self, datagrams: Sequence[bytes], t0: int | None = None) -> list[bytes]:
+        """Replies to every request in ``datagrams``, durability work done first."""
+        if t0 is None:
+            t0 = self.clock()
+        pending: list[tuple[p.Request, LogEntry | None, int, bytes]] = []
+        to_flush: list[LogEntry] = []
+        for dgram in datagrams:
+            for ev in p.decode_datagram(dgram):
+                if isinstance(ev, p.Dropped):
+                    self.dropped[ev.reason.split(" ")[0]] = \
+                        self.dropped.get(ev.reason.split(" ")[0], 0) + 1
+                    log.warning("dropped message: %s", ev.reason)
+                    continue
+                self.requests += 1
+                entry, err, payload, needs_flush = self._apply(ev)
+                if needs_flush and entry is not None and entry not in to_flush:
+                    to_flush.append(entry)
+                pending.append((ev, entry, err, payload))
+        failed: dict[int, int] = {}
+        for entry in to_flush:
+            err = self._durable(entry)
+            if err:
+                failed[id(entry)] = err
+        replies: list[bytes] = []
+        t1 = self.clock()
+        for req, entry, err, payload in pending:
+            if entry is not None:
+                if failed and not err and id(entry) in failed and req.request_type in (
+                        RT.FLUSH, RT.MARK_REGION):
+                    err, payload = failed[id(entry)], b""
+                i = entry.lat_n
+                entry.lat[i & (_LAT_RING - 1)] = t1 - t0
+                entry.lat_n = i + 1
+                if err:
+                    entry.errors += 1
+            if err:
+                self.errors += 1
+            try:
+                replies.append(p.encode_reply(req, err, payload, self.portid))
+            except p.ReplyTooLarge as e:
+                log.error("%s", e)
+                self.errors += 1
+                replies.append(p.encode_reply(req, -errno.EINVAL, b"", self.portid))
+        return replies
+
+    def _durable(self, entry: LogEntry) -> int:
+        if not entry.touched:
+            return 0
+        try:
+            entry.dlog.flush()
+        except Exception as e:  # LogDeviceError and anything unexpected
+            log.error("flush of log %s/%d failed: %s", _u(entry.uuid), entry.luid, e)
+            return -(getattr(e, "errno", None) or errno.EIO)
+        entry.touched = False
+        return 0
+
+    # -- one request -----------------------------------------------------------
+
+    def _apply(self, req: p.Request) -> tuple[LogEntry | None, int, bytes, bool]:
+        """(entry, error, payload, needs durable flush before the reply)."""
+        rtype = req.request_type
+        if isinstance(req, p.MalformedRequest):
+            log.warning("malformed request type %d seq %d: %s", rtype, req.seq, req.reason)
+            return None, -errno.EINVAL, b"", False
+        if isinstance(req, p.UnknownRequest):
+            log.warning("unknown request type %d (seq %d) answered -EINVAL", rtype, req.seq)
+            return None, -errno.EINVAL, b"", False
+        if rtype == RT.CTR:
+            assert isinstance(req, p.Ctr)
+            return self._ctr(req)
+        entry = self.logs.get((req.uuid, req.luid))
+        if entry is None:
+            if rtype == RT.DTR:
+                return None, 0, b"", False
+            self.unknown_key += 1
+            log.info("request type %d for unknown log %s/%d: -ESRCH (kernel will reconnect)",
+                     rtype, _u(req.uuid), req.luid)
+            return None, -errno.ESRCH, b"", False
+        entry.counts[rtype] += 1
+        try:
+            err, payload = self._handlers[rtype](req, entry)
+        except (UserError, IndexError) as e:
+            log.warning("request type %d on %s/%d rejected: %s", rtype, _u(req.uuid), req.luid, e)
+            return entry, -errno.EINVAL, b"", False
+        except Exception as e:
+            eno = getattr(e, "errno", None)
+            log.error("request type %d on %s/%d failed: %s", rtype, _u(req.uuid), req.luid, e,
+                      exc_info=eno is None)
+            return entry, -(eno or errno.EIO), b"", False
+        needs_flush = rtype == RT.FLUSH or (rtype == RT.MARK_REGION and self.persist_marks)
+        return entry, err, payload, needs_flush
+
+    def _ctr(self, req: p.Ctr) -> tuple[LogEntry | None, int, bytes, bool]:
+        key = (req.uuid, req.luid)
+        old = self.logs.get(key)
+        if old is not None and req.reconnect:
+            log.info("reconnect CTR for known log %s/%d: kept", _u(req.uuid), req.luid)
+            old.counts[RT.CTR] += 1
+            return old, 0, b"", False
+        words = req.args.split()
+        try:
+            if len(words) < 2:
+                raise UserError(f"constructor string {req.args!r}: need <sectors> <type> ...")
+            if not words[0].isdigit():
+                raise UserError(f"constructor string {req.args!r}: bad target length")
+            target_sectors = int(words[0])
+            dlog = self.factory(words[1], words[2:], target_sectors)
+        except Exception as e:
+            log.error("CTR %s/%d %r failed: %s", _u(req.uuid), req.luid, req.args, e)
+            eno = getattr(e, "errno", None) if not isinstance(e, UserError) else None
+            return None, -(eno or errno.EINVAL), b"", False
+        if old is not None:
+            log.warning("CTR for existing log %s/%d: replacing the orphan", _u(req.uuid),
+                        req.luid)
+            self._close(old)
+        entry = LogEntry(req.uuid, req.luid, dlog, words[1], req.args)
+        entry.counts[RT.CTR] += 1
+        self.logs[key] = entry
+        log.info("constructed log %s/%d: %s%s", _u(req.uuid), req.luid, req.args,
+                 " (reconnect)" if req.reconnect else "")
+        payload = b""
+        if (not req.reconnect and req.version >= 2 and getattr(dlog, "type_name", "") == "disk"):
+            name = words[2].encode() + b"\0"
+            if len(name) <= p.DM_NAME_LEN:
+                payload = name
+        return entry, 0, payload, False
+
+    def _close(self, entry: LogEntry) -> None:
+        try:
+            entry.dlog.close()
+        except Exception as e:
+            log.error("closing log %s/%d: %s", _u(entry.uuid), entry.luid, e)
+
+    # -- handlers: (request, entry) -> (error, payload) -------------------------
+
+    def _dtr(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
+        del self.logs[(entry.uuid, entry.luid)]
+        self._close(entry)
+        log.info("destroyed log %s/%d", _u(entry.uuid), entry.luid)
+        return 0, b""
+
+    def _presuspend(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
+        entry.dlog.presuspend()
+        return 0, b""
+
+    def _postsuspend(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
+        entry.dlog.postsuspend()
+        entry.touched = False
+        entry.resumed = False
+        return 0, b""
+
+    def _resume(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
+        entry.dlog.resume()
+        entry.resumed = True
+        entry.watermark = 0
+        return 0, b""
+
+    def _get_region_size(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
+        return 0, p.encode_u64(entry.dlog.region_size)
+
+    def _is_clean(self, req: p.IsClean, entry: LogEntry) -> tuple[int, bytes]:
+        return 0, _ONE8 if entry.dlog.is_clean(req.region) else _ZERO8
+
+    def _in_sync(self, req: p.InSync, entry: LogEntry) -> tuple[int, bytes]:
+        return 0, _ONE8 if entry.dlog.in_sync(req.region) else _ZERO8
+
+    def _flush(self, req: p.Flush, entry: LogEntry) -> tuple[int, bytes]:
+        if req.regions:
+            entry.dlog.mark_regions(req.regions)
+            entry.touched = True
+        return 0, b""
+
+    def _mark(self, req: p.MarkRegion, entry: LogEntry) -> tuple[int, bytes]:
+        entry.dlog.mark_regions(req.regions)
+        entry.touched = True
+        return 0, b""
+
+    def _clear(self, req: p.ClearRegion, entry: LogEntry) -> tuple[int, bytes]:
+        entry.dlog.clear_regions(req.regions)
+        entry.touched = True
+        return 0, b""
+
+    def _get_resync_work(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
+        region = entry.dlog.get_resync_work()
+        if region is None:
+            return 0, _NO_WORK
+        return 0, p.encode_resync_work(True, region)
+
+    def _set_region_sync(self, req: p.SetRegionSync, entry: LogEntry) -> tuple[int, bytes]:
+        entry.dlog.set_region_sync(req.region, req.in_sync)
+        entry.touched = True
+        if not req.in_sync and req.region < entry.watermark:
+            entry.watermark = req.region
+        return 0, b""
+
+    def _get_sync_count(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
+        return 0, p.encode_u64(entry.dlog.get_sync_count())
+
+    def _status_info(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
+        return 0, p.encode_status(entry.dlog.status_info())
+
+    def _status_table(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
+        return 0, p.encode_status(entry.dlog.status_table())
+
+    def _is_remote_recovering(self, req: p.IsRemoteRecovering,
+                              entry: LogEntry) -> tuple[int, bytes]:
+        # One node: nobody else recovers; local recovery is the region hash's job.
+        if req.region >= entry.dlog.region_count:
+            return -errno.EINVAL, b""
+        return 0, p.encode_remote_recovering(False, entry.in_sync_hint())
+
+    # -- status ---------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Status of every log (call with ``self.lock`` held when serving)."""
+        logs = []
+        for entry in self.logs.values():
+            d = entry.dlog
+            counts = d.counts() if hasattr(d, "counts") else None
+            sync_count = counts.sync_count if counts is not None else d.get_sync_count()
+            dirty = counts.dirty_count if counts is not None else None
+            logs.append({
+                "uuid": _u(entry.uuid),
+                "luid": entry.luid,
+                "type": entry.type_name,
+                "region_size": d.region_size,
+                "regions": d.region_count,
+                "in_sync": sync_count,
+                "dirty": dirty,
+                "resumed": entry.resumed,
+                "constructor": entry.ctr_string,
+                "requests": {RT(t).name: n for t, n in enumerate(entry.counts) if n and t},
+                "errors": entry.errors,
+                "latency": entry.latency_percentiles(),
+            })
+        return {
+            "logs": logs,
+            "requests": self.requests,
+            "errors": self.errors,
+            "unknown_log_requests": self.unknown_key,
+            "dropped": dict(self.dropped),
+        }
+
+    def close_all(self) -> None:
+        for entry in list(self.logs.values()):
+            self._close(entry)
+        self.logs.clear()
+
+
+def _u(uuid: bytes) -> str:
+    return uuid.decode("ascii", "replace")
