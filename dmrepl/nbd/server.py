@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from dmrepl.nbd import _proto as p
@@ -74,24 +74,17 @@ class Export:
         return self._suspended
 
 
-class _Exports:
+class _Exports(Mapping[str, p.ExportInfo]):
     """Read-only mapping view name -> ExportInfo for the protocol machine."""
 
     def __init__(self, server: NbdServer) -> None:
         self._server = server
 
-    def get(self, name: str) -> p.ExportInfo | None:
-        export = self._server.exports.get(name)
-        return None if export is None else export.info
-
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._server.exports))
 
     def __getitem__(self, name: str) -> p.ExportInfo:
-        info = self.get(name)
-        if info is None:
-            raise KeyError(name)
-        return info
+        return self._server.exports[name].info
 
     def __len__(self) -> int:
         return len(self._server.exports)

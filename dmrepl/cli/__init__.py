@@ -1,0 +1,1 @@
+"""The dmsetup-style ``dmrepl`` command."""

@@ -1,0 +1,108 @@
+"""What each dmrepl subcommand does: talk to the daemon, print the answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from dmrepl.cli._errors import CliUserError
+from dmrepl.daemon.client import Client
+
+Action = Callable[[argparse.Namespace], int | None]
+
+
+def _client(ns: argparse.Namespace, timeout: float | None = 120) -> Client:
+    return Client(ns.socket, timeout=timeout)
+
+
+def _read_table(ns: argparse.Namespace) -> str:
+    if ns.table is not None:
+        if ns.file is not None:
+            raise CliUserError("give the table either with --table or as FILE, not both")
+        return str(ns.table)
+    if ns.file in (None, "-"):
+        return sys.stdin.read()
+    try:
+        with open(ns.file) as f:
+            return f.read()
+    except OSError as e:
+        raise CliUserError(f"cannot read table file {ns.file}: {e.strerror}") from e
+
+
+def create(ns: argparse.Namespace) -> None:
+    desc = _client(ns).call("create", name=ns.name, table=_read_table(ns))
+    if desc.get("mapper"):
+        print(f"{ns.name}: {desc['mapper']} (over {desc['nbd']})")
+    elif desc.get("type") == "replicator-dev":
+        print(f"{ns.name}: NBD export {desc['export']!r}")
+
+
+def load(ns: argparse.Namespace) -> None:
+    _client(ns).call("load", name=ns.name, table=_read_table(ns))
+
+
+def simple(op: str) -> Action:
+    def action(ns: argparse.Namespace) -> None:
+        _client(ns).call(op, name=ns.name)
+    action.__name__ = op
+    return action
+
+
+def message(ns: argparse.Namespace) -> None:
+    out = _client(ns).call("message", name=ns.name, sector=ns.sector, args=ns.message)
+    if out:
+        print(out)
+
+
+def _targets(desc: dict[str, Any], texts: list[str]) -> list[str]:
+    lines = []
+    for line, text in zip(desc["table"], texts, strict=False):
+        start, length, target = line.split()[:3]
+        lines.append(f"{start} {length} {target} {text}".rstrip())
+    return lines
+
+
+def status(ns: argparse.Namespace) -> None:
+    result = _client(ns).call("status", name=ns.name,
+                              kind="table" if ns.table_status else "info")
+    if ns.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return
+    for desc in result:
+        for line in _targets(desc, desc["status"]):
+            print(f"{desc['name']}: {line}" if ns.name is None else line)
+
+
+def table(ns: argparse.Namespace) -> None:
+    for desc in _client(ns).call("table", name=ns.name):
+        for line in desc["table"]:
+            print(f"{desc['name']}: {line}" if ns.name is None else line)
+
+
+def ls(ns: argparse.Namespace) -> None:
+    result = _client(ns).call("ls")
+    if not result:
+        print("No devices found")
+    for desc in result:
+        extra = ""
+        if desc["type"] == "replicator-dev":
+            where = desc.get("mapper") or f"nbd export {desc['export']}"
+            extra = f"\t{where}\treplicator={desc['replicator']}"
+            if desc.get("suspended"):
+                extra += "\tSUSPENDED"
+        print(f"{desc['name']}\t{desc['type']}{extra}")
+
+
+def wait(ns: argparse.Namespace) -> None:
+    timeout = None if ns.timeout is None else ns.timeout + 30
+    print(_client(ns, timeout=timeout).call("wait", name=ns.name, event_nr=ns.event_nr,
+                                            timeout=ns.timeout))
+
+
+def daemon(ns: argparse.Namespace) -> int:
+    from dmrepl.daemon.daemon import run_daemon
+    return run_daemon(ns.socket, ns.state_dir, ns.ready_file,
+                      kernel_devices=not ns.no_kernel_devices, engine=ns.engine)

@@ -1,0 +1,99 @@
+"""The dmrepl command line, as data (stratis-cli style nested tables)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from dmrepl.cli import _actions as act
+from dmrepl.cli._exit import epilog
+from dmrepl.daemon.client import DEFAULT_SOCKET
+
+Spec = dict[str, Any]
+
+NAME = ("name", {"help": "device name"})
+OPT_NAME = ("name", {"nargs": "?", "help": "device name (all devices if omitted)"})
+
+ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
+    ("create", {
+        "help": "create a replicator or a replicated device from a table",
+        "args": [NAME, ("file", {"nargs": "?", "help": "table file ('-': stdin)"})],
+        "mut_ex_args": [("--table", {"metavar": "TEXT", "help": "the table itself"})],
+        "func": act.create,
+    }),
+    ("load", {
+        "help": "load a table into the inactive slot (applied on resume)",
+        "args": [NAME, ("file", {"nargs": "?", "help": "table file ('-': stdin)"})],
+        "mut_ex_args": [("--table", {"metavar": "TEXT", "help": "the table itself"})],
+        "func": act.load,
+    }),
+    ("suspend", {"help": "suspend I/O (flushing what is in flight)", "args": [NAME],
+                 "func": act.simple("suspend")}),
+    ("resume", {"help": "resume I/O, switching to a loaded table", "args": [NAME],
+                "func": act.simple("resume")}),
+    ("remove", {"help": "remove a device or an unused replicator", "args": [NAME],
+                "func": act.simple("remove")}),
+    ("message", {
+        "help": "send a message to a target",
+        "args": [NAME, ("sector", {"type": int, "help": "sector selecting the target"}),
+                 ("message", {"nargs": "+", "help": "message words"})],
+        "func": act.message,
+    }),
+    ("status", {
+        "help": "show target status",
+        "args": [OPT_NAME, ("--json", {"action": "store_true", "help": "JSON output"}),
+                 ("--table-status", {"action": "store_true",
+                                     "help": "table-kind status (dmsetup status --table)"})],
+        "func": act.status,
+    }),
+    ("table", {"help": "show the tables", "args": [OPT_NAME], "func": act.table}),
+    ("ls", {"help": "list devices", "args": [], "func": act.ls}),
+    ("wait", {
+        "help": "wait for an event newer than EVENT_NR (default: the current one)",
+        "args": [NAME, ("event_nr", {"nargs": "?", "type": int}),
+                 ("--timeout", {"type": float, "default": None,
+                                "help": "give up after this many seconds"})],
+        "func": act.wait,
+    }),
+    ("daemon", {
+        "help": "run the daemon (foreground)",
+        "args": [
+            ("--state-dir", {"default": os.environ.get("DMREPL_STATE_DIR", "/var/lib/dmrepl"),
+                             "help": "where tables are persisted and the NBD socket lives"}),
+            ("--ready-file", {"help": "written with our pid once we serve"}),
+            ("--no-kernel-devices", {"action": "store_true",
+                                     "help": "export over NBD only: no /dev/nbdN, "
+                                             "no /dev/mapper (no kernel needed)"}),
+            ("--engine", {"choices": ["auto", "replicator", "sim"], "default": "auto",
+                          "help": "replicator engine (sim: synchronous stand-in)"}),
+        ],
+        "func": act.daemon,
+    }),
+]
+
+
+def _add_args(parser: argparse.ArgumentParser, spec: Spec) -> None:
+    for name, kwargs in spec.get("args", []):
+        parser.add_argument(name, **kwargs)
+    if spec.get("mut_ex_args"):
+        group = parser.add_mutually_exclusive_group()
+        for name, kwargs in spec["mut_ex_args"]:
+            group.add_argument(name, **kwargs)
+
+
+def gen_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmrepl", description="dmsetup-style control of dmrepl replicated devices",
+        epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--socket", default=DEFAULT_SOCKET,
+                        help=f"daemon control socket (default {DEFAULT_SOCKET}, "
+                             "or $DMREPL_SOCKET)")
+    parser.add_argument("--propagate", action="store_true",
+                        help="let errors propagate (tracebacks, for debugging)")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, spec in ROOT_SUBCOMMANDS:
+        sub = subs.add_parser(name, help=spec["help"], description=spec["help"])
+        _add_args(sub, spec)
+        sub.set_defaults(func=spec["func"])
+    return parser

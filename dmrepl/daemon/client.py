@@ -1,0 +1,55 @@
+"""Blocking client of the daemon's control socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from dmrepl.daemon._proto import ControlError, FrameDecoder, FrameError, encode
+
+DEFAULT_SOCKET = os.environ.get("DMREPL_SOCKET", "/run/dmrepl/control.sock")
+
+
+class DaemonUnreachable(ControlError):
+    """No daemon answers on the control socket."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__("runtime", f"cannot reach the dmrepl daemon at {path}: {reason} "
+                                    "(is `dmrepl daemon` running?)")
+        self.path = path
+
+
+class Client:
+    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float | None = 60) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def call(self, op: str, **args: Any) -> Any:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            try:
+                sock.connect(self.path)
+            except OSError as e:
+                raise DaemonUnreachable(self.path, e.strerror or str(e)) from e
+            sock.sendall(encode({"op": op, **args}))
+            decoder = FrameDecoder()
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    raise DaemonUnreachable(self.path, "daemon closed the connection")
+                frames = decoder.feed(data)
+                if frames:
+                    break
+        except TimeoutError as e:
+            raise ControlError("timeout", f"daemon did not answer {op!r} in time") from e
+        except FrameError as e:
+            raise ControlError("internal", f"bad reply from daemon: {e}") from e
+        finally:
+            sock.close()
+        reply = frames[0]
+        if reply.get("ok"):
+            return reply.get("result")
+        err = reply.get("error") or {}
+        raise ControlError(str(err.get("kind", "internal")), str(err.get("message", reply)))

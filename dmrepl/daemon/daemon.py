@@ -1,0 +1,656 @@
+"""The dmrepl daemon: replicators, their devices, NBD exports and kernel devices.
+
+Objects are named like dm devices.  A *replicator* comes from a one-line
+``replicator`` table; a *device* from one or more ``replicator-dev`` lines that
+tile its sectors (each line becomes one engine device; the export concatenates
+them).  Each device is served over NBD on ``<state-dir>/nbd.sock`` under its
+name and, unless the daemon runs with ``kernel_devices=False``, attached to a
+/dev/nbdN and shown as /dev/mapper/NAME (dm linear over /dev/nbdN).
+
+Every change is written to ``<state-dir>/state.json`` (atomically) before it is
+acknowledged, so a daemon restarted after a crash recreates the same objects in
+the same order; the engine's own log recovery does the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from dmrepl.daemon import _kernel
+from dmrepl.daemon._proto import ControlError, FrameDecoder, FrameError, encode
+from dmrepl.errors import DmreplError, UserError
+from dmrepl.nbd.backend import Backend
+from dmrepl.nbd.server import Export, NbdServer
+
+log = logging.getLogger("dmrepl.daemon")
+
+SECTOR = 512
+STATE_FILE = "state.json"
+
+
+# -- tables ------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    start: int
+    length: int
+    target: str
+    params: list[str]
+    text: str
+
+
+def parse_table(text: str) -> list[Line]:
+    """Split a dmsetup-style table into target lines (blank lines, # comments skipped)."""
+    lines: list[Line] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        raw = raw.split("#", 1)[0].strip()
+        if not raw:
+            continue
+        words = raw.split()
+        if len(words) < 3:
+            raise UserError(f"table line {n}: expected '<start> <length> <target> ...'")
+        try:
+            start, length = int(words[0]), int(words[1])
+        except ValueError:
+            raise UserError(f"table line {n}: start and length must be integers") from None
+        if start < 0 or length <= 0:
+            raise UserError(f"table line {n}: start must be >= 0 and length > 0")
+        lines.append(Line(start, length, words[2], words[3:], " ".join(words)))
+    if not lines:
+        raise UserError("empty table")
+    kinds = {line.target for line in lines}
+    if len(kinds) > 1:
+        raise UserError(f"a table holds one target type, got {', '.join(sorted(kinds))}")
+    kind = lines[0].target
+    if kind not in ("replicator", "replicator-dev"):
+        raise UserError(f"unsupported target type {kind!r} "
+                        "(dmrepl manages 'replicator' and 'replicator-dev')")
+    if kind == "replicator" and len(lines) != 1:
+        raise UserError("a replicator table is exactly one line")
+    if kind == "replicator-dev":
+        pos = 0
+        for line in sorted(lines, key=lambda x: x.start):
+            if line.start != pos:
+                raise UserError(f"replicator-dev lines must tile the device: sector {pos} "
+                                f"expected, line starts at {line.start}")
+            if len(line.params) < 2:
+                raise UserError("replicator-dev needs <replicator_device> <dev_nr> ...")
+            pos += line.length
+    return lines
+
+
+# -- objects -----------------------------------------------------------------
+
+@dataclass
+class ReplicatorObj:
+    name: str
+    lines: list[Line]
+    engine: Any
+    uuid: str
+    kind: str = "replicator"
+    inactive: list[Line] | None = None
+
+
+@dataclass
+class DeviceObj:
+    name: str
+    lines: list[Line]
+    replicator: str
+    devs: list[Any]
+    export: Export
+    uuid: str
+    kind: str = "replicator-dev"
+    nbd: str | None = None
+    mapper: str | None = None
+    inactive: list[Line] | None = None
+    suspended: bool = False
+
+    @property
+    def sectors(self) -> int:
+        return sum(line.length for line in self.lines)
+
+
+class ConcatBackend:
+    """Several engine devices back to back (one per replicator-dev table line)."""
+
+    def __init__(self, parts: list[tuple[int, int, Backend]]) -> None:
+        self.parts = parts  # (start byte, length bytes, backend)
+        self.size_bytes = sum(length for _, length, _ in parts)
+
+    def _split(self, offset: int, length: int) -> Iterator[tuple[Backend, int, int, int]]:
+        for start, size, backend in self.parts:
+            lo, hi = max(offset, start), min(offset + length, start + size)
+            if lo < hi:
+                yield backend, lo - start, hi - lo, lo - offset
+
+    def read(self, offset: int, length: int) -> bytes:
+        return b"".join(b.read(o, n) for b, o, n, _ in self._split(offset, length))
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        view = memoryview(data)
+        for b, o, n, rel in self._split(offset, len(data)):
+            b.write(o, bytes(view[rel:rel + n]), fua)
+
+    def flush(self) -> None:
+        for _, _, b in self.parts:
+            b.flush()
+
+    def trim(self, offset: int, length: int) -> None:
+        for b, o, n, _ in self._split(offset, length):
+            b.trim(o, n)
+
+
+def default_engine(kind: str = "auto") -> Any:
+    if kind == "sim":
+        from dmrepl.daemon.simengine import SimReplicator
+        return SimReplicator
+    try:
+        Replicator = importlib.import_module("dmrepl.replicator").Replicator
+    except (ImportError, AttributeError):
+        if kind == "replicator":
+            raise
+        from dmrepl.daemon.simengine import SimReplicator
+        log.warning("dmrepl.replicator is not available: using the sim engine")
+        return SimReplicator
+    return Replicator
+
+
+def _wrap(e: Exception, what: str) -> ControlError:
+    if isinstance(e, ControlError):
+        return e
+    if isinstance(e, UserError):
+        return ControlError("user", f"{what}: {e}")
+    if isinstance(e, TimeoutError):
+        return ControlError("timeout", f"{what}: {e}")
+    if isinstance(e, DmreplError):
+        return ControlError("runtime", f"{what}: {e}")
+    if isinstance(e, OSError):
+        return ControlError("runtime", f"{what}: {e.strerror or e}")
+    if isinstance(e, ValueError | KeyError):
+        return ControlError("user", f"{what}: {e}")
+    return ControlError("internal", f"{what}: {type(e).__name__}: {e}")
+
+
+# -- the daemon ------------------------------------------------------------------
+
+class Daemon:
+    """Holds the objects and answers control requests (see :meth:`handle`)."""
+
+    def __init__(self, state_dir: str, *, kernel_devices: bool = True,
+                 engine: Any = None, nbd_workers: int = 8) -> None:
+        self.state_dir = state_dir
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.kernel_devices = kernel_devices
+        self.engine = engine if engine is not None else default_engine()
+        self.objects: dict[str, ReplicatorObj | DeviceObj] = {}
+        self.lock = threading.RLock()
+        self.nbd_socket = os.path.join(state_dir, "nbd.sock")
+        self.nbd = NbdServer(self.nbd_socket, workers=nbd_workers).start()
+        self.restore_errors: list[str] = []
+
+    # -- persistence -------------------------------------------------------
+
+    def _save(self) -> None:
+        state = {"version": 1, "objects": [
+            {"name": o.name, "kind": o.kind, "uuid": o.uuid,
+             "table": [line.text for line in o.lines],
+             "nbd": o.nbd if isinstance(o, DeviceObj) else None}
+            for o in self.objects.values()]}
+        path = os.path.join(self.state_dir, STATE_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dirfd = os.open(self.state_dir, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+    def restore(self) -> None:
+        """Recreate the objects of the last run (after a crash or a clean stop)."""
+        path = os.path.join(self.state_dir, STATE_FILE)
+        try:
+            with open(path) as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            return
+        for entry in state.get("objects", []):
+            stale = entry.get("nbd")
+            if stale and self.kernel_devices:
+                _kernel.detach_nbd(stale)   # still bound to the dead daemon's socket
+            try:
+                self._create(entry["name"], "\n".join(entry["table"]), entry.get("uuid"),
+                             save=False)
+            except Exception as e:
+                msg = f"could not recreate {entry['name']}: {_wrap(e, 'restore').message}"
+                log.error("%s", msg)
+                self.restore_errors.append(msg)
+        self._save()
+
+    # -- requests ------------------------------------------------------------
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        func: Callable[..., Any] | None = getattr(self, f"op_{op}", None) \
+            if isinstance(op, str) else None
+        if func is None:
+            return ControlError("user", f"unknown request {op!r}").to_wire()
+        args = {k: v for k, v in request.items() if k != "op"}
+        try:
+            return {"ok": True, "result": func(**args)}
+        except TypeError as e:
+            return ControlError("user", f"{op}: bad arguments: {e}").to_wire()
+        except Exception as e:
+            if not isinstance(e, DmreplError | OSError | ValueError | KeyError):
+                log.exception("%s failed", op)
+            return _wrap(e, str(op)).to_wire()
+
+    def _get(self, name: str) -> ReplicatorObj | DeviceObj:
+        obj = self.objects.get(name)
+        if obj is None:
+            raise ControlError("notfound", f"no device named {name!r}")
+        return obj
+
+    def op_ping(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "engine": getattr(self.engine, "__name__", "?"),
+                "kernel_devices": self.kernel_devices, "nbd_socket": self.nbd_socket,
+                "restore_errors": self.restore_errors}
+
+    def op_create(self, name: str, table: str, uuid: str | None = None) -> dict[str, Any]:
+        with self.lock:
+            obj = self._create(name, table, uuid)
+            return self._describe(obj)
+
+    def _create(self, name: str, table: str, uuid: str | None,
+                save: bool = True) -> ReplicatorObj | DeviceObj:
+        if not name or "/" in name or len(name) > 127 or name.startswith("."):
+            raise UserError(f"invalid device name {name!r}")
+        if name in self.objects:
+            raise ControlError("exists", f"device {name!r} already exists")
+        lines = parse_table(table)
+        uuid = uuid or f"DMREPL-{uuidlib.uuid4().hex}"
+        obj: ReplicatorObj | DeviceObj
+        if lines[0].target == "replicator":
+            engine = self.engine.from_table(lines[0].text)
+            try:
+                engine.start()
+            except BaseException:
+                engine.close()
+                raise
+            obj = ReplicatorObj(name, lines, engine, uuid)
+            self.objects[name] = obj
+        else:
+            obj = self._create_device(name, lines, uuid)
+        if save:
+            try:
+                self._save()
+            except BaseException:
+                self._destroy(obj)
+                raise
+        return obj
+
+    def _replicator_of(self, lines: list[Line]) -> ReplicatorObj:
+        refs = {line.params[0].removeprefix("/dev/mapper/") for line in lines}
+        if len(refs) != 1:
+            raise UserError("all lines of a device must name the same replicator")
+        ref = refs.pop()
+        rep = self.objects.get(ref)
+        if not isinstance(rep, ReplicatorObj):
+            raise ControlError("notfound", f"no replicator named {ref!r}")
+        return rep
+
+    def _add_devs(self, rep: ReplicatorObj, lines: list[Line]) -> list[Any]:
+        devs: list[Any] = []
+        try:
+            for line in lines:
+                devs.append(rep.engine.add_device(line.text))
+        except BaseException:
+            for dev in devs:
+                with contextlib.suppress(Exception):
+                    rep.engine.remove_device(dev.dev_nr)
+            raise
+        return devs
+
+    @staticmethod
+    def _backend(lines: list[Line], devs: list[Any]) -> Backend:
+        if len(devs) == 1 and lines[0].start == 0:
+            return devs[0]
+        return ConcatBackend([(line.start * SECTOR, line.length * SECTOR, dev)
+                              for line, dev in zip(lines, devs, strict=True)])
+
+    def _create_device(self, name: str, lines: list[Line], uuid: str) -> DeviceObj:
+        lines = sorted(lines, key=lambda x: x.start)
+        rep = self._replicator_of(lines)
+        devs = self._add_devs(rep, lines)
+        sectors = sum(line.length for line in lines)
+        export = Export(name, self._backend(lines, devs), size=sectors * SECTOR)
+        obj = DeviceObj(name, lines, rep.name, devs, export, uuid)
+        self.objects[name] = obj
+        self.nbd.add_export(export)
+        if self.kernel_devices:
+            try:
+                busy = {int(o.nbd[8:]) for o in self.objects.values()
+                        if isinstance(o, DeviceObj) and o.nbd}
+                obj.nbd = _kernel.attach_nbd(self.nbd_socket, name, sectors * SECTOR, busy)
+                obj.mapper = _kernel.create_mapper(name, sectors, obj.nbd, uuid)
+            except BaseException:
+                self._destroy(obj)
+                raise
+        return obj
+
+    def _destroy(self, obj: ReplicatorObj | DeviceObj) -> None:
+        """Undo everything an object holds (kernel devices first); no persistence."""
+        if isinstance(obj, DeviceObj):
+            if obj.mapper:
+                _kernel.remove_mapper(obj.name)
+                obj.mapper = None
+            if obj.nbd:
+                _kernel.detach_nbd(obj.nbd)
+                obj.nbd = None
+            self.nbd.remove_export(obj.name)
+            rep = self.objects.get(obj.replicator)
+            for dev in obj.devs:
+                if isinstance(rep, ReplicatorObj):
+                    with contextlib.suppress(Exception):
+                        rep.engine.remove_device(dev.dev_nr)
+        else:
+            with contextlib.suppress(Exception):
+                obj.engine.stop()
+            obj.engine.close()
+        self.objects.pop(obj.name, None)
+
+    def op_remove(self, name: str) -> None:
+        with self.lock:
+            obj = self._get(name)
+            if isinstance(obj, ReplicatorObj):
+                users = [o.name for o in self.objects.values()
+                         if isinstance(o, DeviceObj) and o.replicator == name]
+                if users:
+                    raise ControlError("busy", f"replicator {name!r} still has devices: "
+                                               f"{', '.join(users)}")
+            elif obj.mapper and _mapper_open(name):
+                raise ControlError("busy", f"/dev/mapper/{name} is in use")
+            self._destroy(obj)
+            self._save()
+
+    def op_load(self, name: str, table: str) -> None:
+        with self.lock:
+            obj = self._get(name)
+            lines = parse_table(table)
+            if lines[0].target != obj.kind:
+                raise UserError(f"{name} is a {obj.kind}; cannot load a {lines[0].target} table")
+            if isinstance(obj, ReplicatorObj):
+                raise UserError("reloading a replicator table is not supported; "
+                                "remove its devices and the replicator, then create it again")
+            if sum(line.length for line in lines) != obj.sectors:
+                raise UserError(f"new table has {sum(x.length for x in lines)} sectors, "
+                                f"{name} has {obj.sectors}: resizing is not supported")
+            self._replicator_of(lines)
+            obj.inactive = sorted(lines, key=lambda x: x.start)
+
+    def op_suspend(self, name: str) -> None:
+        with self.lock:
+            for dev in self._devices_of(self._get(name)):
+                if dev.suspended:
+                    continue
+                if dev.mapper:
+                    _kernel.suspend_mapper(dev.name)   # drains the kernel's queue first
+                dev.export.suspend(timeout=60)
+                dev.suspended = True
+
+    def op_resume(self, name: str) -> None:
+        with self.lock:
+            obj = self._get(name)
+            if isinstance(obj, DeviceObj) and obj.inactive is not None:
+                self._swap(obj)
+            for dev in self._devices_of(obj):
+                if not dev.suspended:
+                    continue
+                dev.export.resume()
+                if dev.mapper:
+                    _kernel.resume_mapper(dev.name)
+                dev.suspended = False
+
+    def _swap(self, obj: DeviceObj) -> None:
+        new = obj.inactive
+        assert new is not None
+        was_suspended = obj.suspended
+        if not was_suspended:
+            self.op_suspend(obj.name)
+        rep = self._replicator_of(new)
+        old_rep = self.objects[obj.replicator]
+        assert isinstance(old_rep, ReplicatorObj)
+        for dev in obj.devs:
+            old_rep.engine.remove_device(dev.dev_nr)
+        try:
+            devs = self._add_devs(rep, new)
+        except BaseException:
+            obj.devs = self._add_devs(old_rep, obj.lines)   # put the old table back
+            obj.export.backend = self._backend(obj.lines, obj.devs)
+            obj.inactive = None
+            raise
+        obj.lines, obj.devs, obj.replicator, obj.inactive = new, devs, rep.name, None
+        obj.export.backend = self._backend(new, devs)
+        self._save()
+
+    def _devices_of(self, obj: ReplicatorObj | DeviceObj) -> list[DeviceObj]:
+        if isinstance(obj, DeviceObj):
+            return [obj]
+        return [o for o in self.objects.values()
+                if isinstance(o, DeviceObj) and o.replicator == obj.name]
+
+    def op_message(self, name: str, sector: int, args: list[str]) -> str:
+        with self.lock:
+            obj = self._get(name)
+            if not args:
+                raise UserError("empty message")
+            if isinstance(obj, ReplicatorObj):
+                return str(obj.engine.message(list(args)) or "")
+            index = self._line_at(obj, int(sector))
+            return str(obj.devs[index].message(list(args)) or "")
+
+    @staticmethod
+    def _line_at(obj: DeviceObj, sector: int) -> int:
+        for i, line in enumerate(obj.lines):
+            if line.start <= sector < line.start + line.length:
+                return i
+        raise UserError(f"sector {sector} is outside {obj.name} (0..{obj.sectors - 1})")
+
+    def _names(self, name: str | None) -> list[str]:
+        if name is None:
+            return list(self.objects)
+        self._get(name)
+        return [name]
+
+    def op_status(self, name: str | None = None, kind: str = "info") -> list[dict[str, Any]]:
+        with self.lock:
+            out = []
+            for n in self._names(name):
+                obj = self.objects[n]
+                desc = self._describe(obj)
+                if isinstance(obj, ReplicatorObj):
+                    desc["status"] = [obj.engine.status(kind)]
+                    with contextlib.suppress(AttributeError):
+                        desc["detail"] = obj.engine.status_dict()
+                else:
+                    desc["status"] = [dev.status(kind) for dev in obj.devs]
+                out.append(desc)
+            return out
+
+    def op_table(self, name: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [self._describe(self.objects[n]) for n in self._names(name)]
+
+    def op_ls(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [self._describe(o) for o in self.objects.values()]
+
+    def _describe(self, obj: ReplicatorObj | DeviceObj) -> dict[str, Any]:
+        desc: dict[str, Any] = {
+            "name": obj.name, "type": obj.kind, "uuid": obj.uuid,
+            "table": [line.text for line in obj.lines],
+            "inactive_table": [line.text for line in obj.inactive] if obj.inactive else None,
+        }
+        if isinstance(obj, ReplicatorObj):
+            desc["event_nr"] = getattr(obj.engine, "event_nr", 0)
+        else:
+            desc.update(replicator=obj.replicator, nbd=obj.nbd, mapper=obj.mapper,
+                        export=obj.name, suspended=obj.suspended, size=obj.sectors * SECTOR,
+                        dev_nrs=[getattr(d, "dev_nr", None) for d in obj.devs])
+        return desc
+
+    def op_wait(self, name: str, event_nr: int | None = None,
+                timeout: float | None = None) -> int:
+        with self.lock:
+            obj = self._get(name)
+            rep = obj if isinstance(obj, ReplicatorObj) else self.objects[obj.replicator]
+            assert isinstance(rep, ReplicatorObj)
+            engine = rep.engine
+        after = int(engine.event_nr) if event_nr is None else int(event_nr)
+        got = int(engine.wait_event(after, timeout))
+        if got <= after:
+            raise ControlError("timeout", f"no event on {name} after {after} "
+                                          f"within {timeout}s")
+        return got
+
+    # -- lifetime ----------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Tear down kernel devices and engines; the state file stays for the next start."""
+        with self.lock:
+            for obj in reversed(list(self.objects.values())):
+                try:
+                    if isinstance(obj, DeviceObj):
+                        with contextlib.suppress(Exception):
+                            obj.export.backend.flush()
+                    self._destroy(obj)
+                except Exception as e:
+                    log.error("shutdown: %s: %s", obj.name, e)
+            self.nbd.close()
+
+
+def _mapper_open(name: str) -> bool:
+    try:
+        fd = os.open(f"/dev/mapper/{name}", os.O_RDONLY | os.O_EXCL)
+    except OSError:
+        return True
+    os.close(fd)
+    return False
+
+
+# -- control socket ------------------------------------------------------------
+
+SO_PEERCRED_FMT = "3i"
+
+
+class ControlServer:
+    """Root-only unix socket; one thread per connection, one reply per request."""
+
+    def __init__(self, daemon: Daemon, path: str) -> None:
+        self.daemon = daemon
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        self.sock.listen(32)
+        self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wfd, b"x")
+
+    def serve_forever(self) -> None:
+        try:
+            while True:
+                ready, _, _ = select.select([self.sock.fileno(), self._rfd], [], [])
+                if self._rfd in ready:
+                    return
+                conn, _ = self.sock.accept()
+                threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                 name="control").start()
+        finally:
+            self.sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def _allowed(self, conn: socket.socket) -> bool:
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                               struct.calcsize(SO_PEERCRED_FMT))
+        _, uid, _ = struct.unpack(SO_PEERCRED_FMT, cred)
+        return uid in (0, os.getuid())
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            if not self._allowed(conn):
+                conn.sendall(encode(ControlError("user", "permission denied: root only")
+                                    .to_wire()))
+                return
+            decoder = FrameDecoder()
+            while True:
+                try:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    frames = decoder.feed(data)
+                except (OSError, FrameError) as e:
+                    log.warning("control: dropping connection: %s", e)
+                    return
+                for frame in frames:
+                    reply = self.daemon.handle(frame)
+                    try:
+                        conn.sendall(encode(reply))
+                    except OSError:
+                        return
+
+
+def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, *,
+               kernel_devices: bool = True, engine: str = "auto") -> int:
+    """``dmrepl daemon``: serve until SIGTERM/SIGINT, then shut down cleanly."""
+    logging.basicConfig(level=logging.INFO, format="dmrepl-daemon: %(levelname)s %(message)s")
+    daemon = Daemon(state_dir, kernel_devices=kernel_devices, engine=default_engine(engine))
+    server = ControlServer(daemon, socket_path)
+
+    def on_signal(signum: int, frame: object) -> None:
+        del frame
+        log.info("signal %d: shutting down", signum)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon.restore()
+        if ready_file:
+            tmp = ready_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(tmp, ready_file)
+        log.info("ready: control %s, nbd %s", socket_path, daemon.nbd_socket)
+        server.serve_forever()
+    finally:
+        daemon.shutdown()
+        if ready_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ready_file)
+    return 0

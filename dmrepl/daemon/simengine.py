@@ -1,0 +1,171 @@
+"""A stand-in replicator engine: synchronous copies to every site, no journal.
+
+It implements the part of :class:`dmrepl.replicator.Replicator`'s interface the
+daemon uses, so the daemon and CLI can be exercised without the real engine
+(``dmrepl daemon --engine sim``).  It is not a replicator: there is no log, no
+async site, no resync.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from dmrepl.errors import UserError
+from dmrepl.nbd.backend import FileBackend
+
+
+def _int(word: str, what: str) -> int:
+    try:
+        value = int(word)
+    except ValueError:
+        raise UserError(f"{what} must be an integer, not {word!r}") from None
+    if value < 0:
+        raise UserError(f"{what} must not be negative")
+    return value
+
+
+class SimReplicator:
+    def __init__(self, line: str, slinks: dict[int, list[str]]) -> None:
+        self.line = line
+        self.slinks = slinks
+        self.devices: dict[int, SimDevice] = {}
+        self.event_nr = 0
+        self._cond = threading.Condition()
+
+    @classmethod
+    def from_table(cls, line: str, *, opener: Any = None) -> SimReplicator:
+        del opener
+        words = line.split()
+        if len(words) < 6 or words[2] != "replicator":
+            raise UserError(f"not a replicator table line: {line!r}")
+        if words[3] != "ringbuffer":
+            raise UserError(f"unknown replication log type {words[3]!r}")
+        n = _int(words[4], "#replog_params")
+        i = 5 + n
+        if n not in (2, 4) or len(words) < i:
+            raise UserError("ringbuffer takes 2 or 4 parameters")
+        slinks: dict[int, list[str]] = {}
+        while i < len(words):
+            if words[i] != "blockdev":
+                raise UserError(f"unknown site link type {words[i]!r}")
+            if i + 1 >= len(words):
+                raise UserError("site link parameter count missing")
+            k = _int(words[i + 1], "#slink_params")
+            params = words[i + 2:i + 2 + k]
+            if k not in (1, 2, 4) or len(params) != k:
+                raise UserError(f"site link takes 1, 2 or 4 parameters, got {len(params)}")
+            if k >= 2 and params[1] not in ("sync", "async"):
+                raise UserError(f"site link policy must be sync or async, not {params[1]!r}")
+            slinks[_int(params[0], "slink_nr")] = params
+            i += 2 + k
+        if 0 not in slinks:
+            raise UserError("site link 0 (the local site) is missing")
+        return cls(line, slinks)
+
+    def add_device(self, line: str) -> SimDevice:
+        words = line.split()
+        if len(words) < 5 or words[2] != "replicator-dev":
+            raise UserError(f"not a replicator-dev table line: {line!r}")
+        length = _int(words[1], "length")
+        dev_nr = _int(words[4], "dev_nr")
+        if dev_nr in self.devices:
+            raise UserError(f"device number {dev_nr} is already in use")
+        i, paths = 5, {}
+        while i < len(words):
+            slink = _int(words[i], "slink_nr")
+            if slink not in self.slinks:
+                raise UserError(f"site link {slink} is not defined by the replicator")
+            if words[i + 1:i + 2] != ["1"] or i + 5 > len(words):
+                raise UserError("blockdev devices take exactly 1 parameter")
+            paths[slink] = words[i + 2]
+            dlog = words[i + 3]
+            if dlog not in ("nolog", "core", "disk"):
+                raise UserError(f"unknown dirty log type {dlog!r}")
+            i += 5 + _int(words[i + 4], "#dlog_params")
+        if 0 not in paths:
+            raise UserError("the local device (site link 0) is missing")
+        try:
+            stores = {s: FileBackend(p) for s, p in paths.items()}
+        except OSError as e:
+            raise UserError(f"cannot open {e.filename}: {e.strerror}") from e
+        dev = SimDevice(self, dev_nr, length * 512, stores, line)
+        self.devices[dev_nr] = dev
+        self._bump()
+        return dev
+
+    def remove_device(self, dev_nr: int) -> None:
+        dev = self.devices.pop(dev_nr)
+        for store in dev.stores.values():
+            store.close()
+        self._bump()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        for nr in list(self.devices):
+            self.remove_device(nr)
+
+    def message(self, argv: list[str]) -> str:
+        if argv[:1] == ["ping"]:
+            return "pong"
+        raise UserError(f"unknown replicator message {' '.join(argv)!r}")
+
+    def status(self, kind: str = "info") -> str:
+        del kind
+        return f"sim {len(self.slinks)} sites {len(self.devices)} devices"
+
+    def status_dict(self) -> dict[str, Any]:
+        return {"engine": "sim", "slinks": sorted(self.slinks), "devices": sorted(self.devices)}
+
+    def _bump(self) -> None:
+        with self._cond:
+            self.event_nr += 1
+            self._cond.notify_all()
+
+    def wait_event(self, after: int, timeout: float | None) -> int:
+        with self._cond:
+            self._cond.wait_for(lambda: self.event_nr > after, timeout)
+            return self.event_nr
+
+
+class SimDevice:
+    def __init__(self, rep: SimReplicator, dev_nr: int, size: int,
+                 stores: dict[int, FileBackend], line: str) -> None:
+        self.rep = rep
+        self.dev_nr = dev_nr
+        self.size_bytes = size
+        self.stores = stores
+        self.line = line
+        self.writes = 0
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        for store in self.stores.values():
+            store.write(offset, data, fua)
+        self.writes += 1
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.stores[0].read(offset, length)
+
+    def flush(self) -> None:
+        for store in self.stores.values():
+            store.flush()
+
+    def trim(self, offset: int, length: int) -> None:
+        del offset, length
+
+    def message(self, argv: list[str]) -> str:
+        if argv[:1] == ["ping"]:
+            return "pong"
+        raise UserError(f"unknown device message {' '.join(argv)!r}")
+
+    def status(self, kind: str = "info") -> str:
+        del kind
+        return f"sim writes={self.writes}"
+
+    def table(self) -> str:
+        return self.line
