@@ -21,8 +21,8 @@ from ulogd.transport import Transport
 _counter = itertools.count()
 
 
-def _abstract(tag: str) -> str:
-    return f"\0ulogd-sim-{os.getpid()}-{next(_counter)}-{tag}"
+def _abstract(tag: str) -> bytes:
+    return f"\0ulogd-sim-{os.getpid()}-{next(_counter)}-{tag}".encode()
 
 
 class FakeKernel:
