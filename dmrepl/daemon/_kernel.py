@@ -79,8 +79,8 @@ def detach_nbd(path: str) -> None:
 
 
 def _dm() -> Any:
-    import dmrepl.dm  # imported late: kernel-free daemons never need it
-    return dmrepl.dm.DmControl()  # type: ignore[attr-defined]
+    from dmrepl.dm import DmControl  # imported late: kernel-free daemons never need it
+    return DmControl()
 
 
 def _linear(sectors: int, nbd: str) -> list[Any]:
@@ -88,41 +88,24 @@ def _linear(sectors: int, nbd: str) -> list[Any]:
     return [Target(0, sectors, "linear", f"{nbd} 0")]
 
 
-def dm_exists(name: str) -> bool:
-    try:
-        dm = _dm()
-        dm.info(name)
-        return True
-    except Exception:
-        return os.path.exists(f"/dev/mapper/{name}")
-
-
 def create_mapper(name: str, sectors: int, nbd: str, uuid: str | None = None) -> str:
     """Create (or, when it survived a daemon crash, retarget) /dev/mapper/NAME."""
     dm = _dm()
     try:
-        if _exists(dm, name):
+        if dm.exists(name):
             dm.load(name, _linear(sectors, nbd))
             dm.resume(name)
         else:
-            dm.create_device(name, _linear(sectors, nbd))
+            dm.create_device(name, _linear(sectors, nbd), uuid=uuid)
         dm.ensure_node(name)
     except OSError as e:
-        raise KernelDeviceError(f"device-mapper {name}: {e.strerror or e}") from e
+        raise KernelDeviceError(f"device-mapper {name}: {e}") from e
     return f"/dev/mapper/{name}"
-
-
-def _exists(dm: Any, name: str) -> bool:
-    try:
-        dm.info(name)
-    except Exception:
-        return False
-    return True
 
 
 def remove_mapper(name: str) -> None:
     dm = _dm()
-    if not _exists(dm, name):
+    if not dm.exists(name):
         return
     for attempt in range(50):
         try:
