@@ -1,0 +1,210 @@
+"""A small NBD client used as a replicator block store for remote sites.
+
+``NbdStore("nbd://HOST:PORT/EXPORT")`` (or ``nbd+unix:///EXPORT?socket=PATH``)
+has the :class:`dmrepl.replicator.store.BlockStore` shape: ``size``, ``pread``,
+``pwrite``, ``flush``, ``close``.  Requests are pipelined (many threads may call
+at once; a reader thread matches replies by handle).  Every request has a
+deadline: a peer that does not answer in ``timeout`` seconds (a cut link) fails
+the request with ``OSError(ETIMEDOUT)`` and drops the connection; the next
+request reconnects (``OSError(EHOSTUNREACH/ECONNREFUSED...)`` while the site is
+unreachable), so the engine sees a failed site link, and a restored one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import socket
+import struct
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from urllib.parse import parse_qs, urlparse
+
+from dmrepl.nbd import _proto as p
+
+# Wire error numbers back to host errno (the spec's values are Linux's).
+REPLY_ERRORS = {v: k for k, v in p.ERRORS.items()}
+
+
+def is_nbd_url(path: str) -> bool:
+    return path.startswith(("nbd://", "nbd+unix://"))
+
+
+class NbdStore:
+    def __init__(self, url: str, timeout: float = 5.0, connect_timeout: float = 3.0) -> None:
+        parsed = urlparse(url)
+        self.url = url
+        self.export = parsed.path.lstrip("/")
+        self.address: str | tuple[str, int]
+        if parsed.scheme == "nbd+unix":
+            sockets = parse_qs(parsed.query).get("socket")
+            if not sockets:
+                raise ValueError(f"{url}: nbd+unix URL needs ?socket=PATH")
+            self.address = sockets[0]
+        elif parsed.scheme == "nbd":
+            self.address = (parsed.hostname or "localhost", parsed.port or 10809)
+        else:
+            raise ValueError(f"{url}: not an nbd:// or nbd+unix:// URL")
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._lock = threading.Lock()         # connection state and sending
+        self._sock: socket.socket | None = None
+        self._pending: dict[int, tuple[Future[bytes], int]] = {}
+        self._handles = itertools.count(1)
+        self._closed = False
+        self.size = 0
+        self.flags = 0
+        with self._lock:
+            self._connect()
+
+    # -- connection ----------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        if self._closed:
+            raise OSError(errno.EBADF, "store closed")
+        if self._sock is not None:
+            return self._sock
+        family = socket.AF_UNIX if isinstance(self.address, str) else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(self.connect_timeout)
+        try:
+            sock.connect(self.address)
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._handshake(sock)
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        self._sock = sock
+        threading.Thread(target=self._reader, args=(sock,), daemon=True,
+                         name="nbd-client").start()
+        return sock
+
+    def _handshake(self, sock: socket.socket) -> None:
+        head = _recv(sock, 18)
+        magic, opt, flags = struct.unpack(">QQH", head)
+        if magic != p.NBDMAGIC or opt != p.IHAVEOPT or not flags & p.FLAG_FIXED_NEWSTYLE:
+            raise OSError(errno.EPROTO, f"{self.url}: not a fixed-newstyle NBD server")
+        cflags = p.FLAG_C_FIXED_NEWSTYLE | (p.FLAG_C_NO_ZEROES if flags & p.FLAG_NO_ZEROES else 0)
+        name = self.export.encode()
+        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        sock.sendall(struct.pack(">I", cflags) + struct.pack(">QII", p.IHAVEOPT, p.Opt.GO,
+                                                               len(data)) + data)
+        while True:
+            magic, _, rep, length = struct.unpack(">QIII", _recv(sock, 20))
+            payload = _recv(sock, length)
+            if magic != p.REPLY_MAGIC_OPT:
+                raise OSError(errno.EPROTO, f"{self.url}: bad option reply")
+            if rep == p.Rep.ACK:
+                return
+            if rep == p.Rep.INFO and payload[:2] == b"\0\0":
+                _, self.size, self.flags = struct.unpack(">HQH", payload[:12])
+            elif rep & (1 << 31):
+                raise OSError(errno.ENOENT, f"{self.url}: export refused: "
+                                            f"{payload.decode(errors='replace')}")
+
+    def _drop(self, sock: socket.socket, error: OSError) -> None:
+        """Forget a broken connection and fail everything in flight on it."""
+        with self._lock:
+            if self._sock is sock:
+                self._sock = None
+            pending = [f for f, s in self._pending.values() if s == id(sock)]
+            for h in [h for h, (_, s) in self._pending.items() if s == id(sock)]:
+                del self._pending[h]
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(OSError(error.errno, error.strerror))
+
+    def _reader(self, sock: socket.socket) -> None:
+        try:
+            while True:
+                magic, err, handle = struct.unpack(">IIQ", _recv(sock, 16))
+                if magic != p.SIMPLE_REPLY_MAGIC:
+                    raise OSError(errno.EPROTO, "bad reply magic")
+                with self._lock:
+                    fut, _ = self._pending.get(handle, (None, 0))
+                    length = getattr(fut, "read_length", 0) if fut else 0
+                data = _recv(sock, length) if (length and not err) else b""
+                with self._lock:
+                    self._pending.pop(handle, None)
+                if fut is None:
+                    continue
+                if err:
+                    code = REPLY_ERRORS.get(err, errno.EIO)
+                    fut.set_exception(OSError(code, f"remote: {errno.errorcode.get(code)}"))
+                else:
+                    fut.set_result(data)
+        except OSError as e:
+            self._drop(sock, e)
+
+    def _call(self, cmd: int, offset: int = 0, length: int = 0, data: bytes = b"",
+              flags: int = 0) -> bytes:
+        fut: Future[bytes] = Future()
+        err: OSError | None = None
+        if cmd == p.Cmd.READ:
+            fut.read_length = length  # type: ignore[attr-defined]
+        with self._lock:
+            sock = self._connect()
+            handle = next(self._handles)
+            self._pending[handle] = (fut, id(sock))
+            try:
+                sock.sendall(struct.pack(">IHHQQI", p.REQUEST_MAGIC, flags, cmd, handle,
+                                         offset, length) + data)
+            except OSError as e:
+                self._pending.pop(handle, None)
+                err = e
+        if err is not None:
+            self._drop(sock, err)
+            raise err
+        try:
+            return fut.result(self.timeout)
+        except FutureTimeout:
+            timeout = OSError(errno.ETIMEDOUT, f"{self.url}: no reply in {self.timeout}s")
+            self._drop(sock, timeout)
+            raise timeout from None
+
+    # -- BlockStore ------------------------------------------------------------
+
+    def pread(self, offset: int, length: int) -> bytes:
+        out = []
+        while length > 0:
+            n = min(length, 4 << 20)
+            out.append(self._call(p.Cmd.READ, offset, n))
+            offset, length = offset + n, length - n
+        return b"".join(out)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        view = memoryview(data)
+        step = 4 << 20
+        for i in range(0, len(view), step):
+            chunk = bytes(view[i:i + step])
+            self._call(p.Cmd.WRITE, offset + i, len(chunk), chunk,
+                       p.CMD_FLAG_FUA if fua else 0)
+
+    def flush(self) -> None:
+        self._call(p.Cmd.FLUSH)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.sendall(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.DISC, 0, 0, 0))
+            self._drop(sock, OSError(errno.EBADF, "store closed"))
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise OSError(errno.ECONNRESET, "connection closed by the NBD server")
+        buf += chunk
+    return bytes(buf)

@@ -1,0 +1,78 @@
+"""The NBD client store against our own server (in-process, unix socket and TCP)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from dmrepl.nbd import Export, MemoryBackend, NbdServer
+from dmrepl.nbd.client import NbdStore, is_nbd_url
+
+
+def test_roundtrip_unix_and_tcp(tmp_path: Path) -> None:
+    backend = MemoryBackend(1 << 20)
+    with NbdServer(str(tmp_path / "s")) as srv, NbdServer(("127.0.0.1", 0)) as tcp:
+        srv.add_export(Export("d", backend))
+        tcp.add_export(Export("d", backend))
+        host, port = tcp.address  # type: ignore[misc]
+        for url in (f"nbd+unix:///d?socket={tmp_path / 's'}", f"nbd://{host}:{port}/d"):
+            assert is_nbd_url(url)
+            store = NbdStore(url)
+            assert store.size == 1 << 20
+            data = os.urandom(65536)
+            threads = [threading.Thread(target=store.pwrite, args=(i * 65536, data))
+                       for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            store.pwrite(0, b"x" * 10, fua=True)
+            store.flush()
+            assert store.pread(0, 10) == b"x" * 10
+            assert store.pread(65536, 65536) == data
+            store.close()
+
+
+def test_unknown_export_and_errors(tmp_path: Path) -> None:
+    with NbdServer(str(tmp_path / "s")) as srv:
+        srv.add_export(Export("d", MemoryBackend(4096)))
+        with pytest.raises(OSError) as exc:
+            NbdStore(f"nbd+unix:///nope?socket={tmp_path / 's'}")
+        assert exc.value.errno == errno.ENOENT
+        store = NbdStore(f"nbd+unix:///d?socket={tmp_path / 's'}")
+        with pytest.raises(OSError) as exc:
+            store.pwrite(4000, b"y" * 200)
+        assert exc.value.errno == errno.ENOSPC
+        assert store.pread(0, 4) == bytes(4)      # the connection survived the error
+        store.close()
+
+
+def test_silent_peer_times_out_then_reconnects(tmp_path: Path) -> None:
+    """A peer that stops answering (a cut link) fails requests with ETIMEDOUT."""
+    backend = MemoryBackend(4096)
+    with NbdServer(str(tmp_path / "s")) as srv:
+        export = Export("d", backend)
+        srv.add_export(export)
+        store = NbdStore(f"nbd+unix:///d?socket={tmp_path / 's'}", timeout=0.5)
+        export.suspend()                       # requests now hang in the server
+        with pytest.raises(OSError) as exc:
+            store.pwrite(0, b"z")
+        assert exc.value.errno == errno.ETIMEDOUT
+        export.resume()
+        store.pwrite(0, b"q")                  # a new connection
+        assert store.pread(0, 1) == b"q"
+        store.close()
+
+
+def test_unreachable_site() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(OSError):
+        NbdStore(f"nbd://127.0.0.1:{port}/d")
