@@ -168,6 +168,15 @@ def default_engine(kind: str = "auto") -> Any:
     return Replicator
 
 
+def open_store(path: str) -> Any:
+    """The engine's device opener: nbd:// URLs (remote sites) or files/block devices."""
+    from dmrepl.nbd.client import NbdStore, is_nbd_url
+    if is_nbd_url(path):
+        return NbdStore(path, timeout=float(os.environ.get("DMREPL_NBD_TIMEOUT", "5")))
+    from dmrepl.replicator.store import open_file_store
+    return open_file_store(path)
+
+
 def _wrap(e: Exception, what: str) -> ControlError:
     if isinstance(e, ControlError):
         return e
@@ -287,7 +296,7 @@ class Daemon:
         uuid = uuid or f"DMREPL-{uuidlib.uuid4().hex}"
         obj: ReplicatorObj | DeviceObj
         if lines[0].target == "replicator":
-            engine = self.engine.from_table(lines[0].text)
+            engine = self.engine.from_table(lines[0].text, opener=open_store)
             try:
                 engine.start()
             except BaseException:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from dmrepl.daemon.daemon import open_store
 from dmrepl.errors import UserError
-from dmrepl.nbd.backend import FileBackend
 
 
 def _int(word: str, what: str) -> int:
@@ -26,7 +26,8 @@ def _int(word: str, what: str) -> int:
 
 
 class SimReplicator:
-    def __init__(self, line: str, slinks: dict[int, list[str]]) -> None:
+    def __init__(self, line: str, slinks: dict[int, list[str]], opener: Any = None) -> None:
+        self.opener = opener or open_store
         self.line = line
         self.slinks = slinks
         self.devices: dict[int, SimDevice] = {}
@@ -35,7 +36,6 @@ class SimReplicator:
 
     @classmethod
     def from_table(cls, line: str, *, opener: Any = None) -> SimReplicator:
-        del opener
         words = line.split()
         if len(words) < 6 or words[2] != "replicator":
             raise UserError(f"not a replicator table line: {line!r}")
@@ -61,7 +61,7 @@ class SimReplicator:
             i += 2 + k
         if 0 not in slinks:
             raise UserError("site link 0 (the local site) is missing")
-        return cls(line, slinks)
+        return cls(line, slinks, opener)
 
     def add_device(self, line: str) -> SimDevice:
         words = line.split()
@@ -86,9 +86,9 @@ class SimReplicator:
         if 0 not in paths:
             raise UserError("the local device (site link 0) is missing")
         try:
-            stores = {s: FileBackend(p) for s, p in paths.items()}
+            stores = {s: self.opener(p) for s, p in paths.items()}
         except OSError as e:
-            raise UserError(f"cannot open {e.filename}: {e.strerror}") from e
+            raise UserError(f"cannot open {e.filename or paths}: {e.strerror}") from e
         dev = SimDevice(self, dev_nr, length * 512, stores, line)
         self.devices[dev_nr] = dev
         self._bump()
@@ -135,7 +135,7 @@ class SimReplicator:
 
 class SimDevice:
     def __init__(self, rep: SimReplicator, dev_nr: int, size: int,
-                 stores: dict[int, FileBackend], line: str) -> None:
+                 stores: dict[int, Any], line: str) -> None:
         self.rep = rep
         self.dev_nr = dev_nr
         self.size_bytes = size
@@ -145,11 +145,13 @@ class SimDevice:
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         for store in self.stores.values():
-            store.write(offset, data, fua)
+            store.pwrite(offset, data)
+            if fua:
+                store.flush()
         self.writes += 1
 
     def read(self, offset: int, length: int) -> bytes:
-        return self.stores[0].read(offset, length)
+        return bytes(self.stores[0].pread(offset, length))
 
     def flush(self) -> None:
         for store in self.stores.values():
