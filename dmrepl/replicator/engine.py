@@ -1,0 +1,1404 @@
+"""The replicator engine: devices, site links, copiers, resync, messages, status.
+
+Rules / theory of operation
+---------------------------
+* One ring (:mod:`dmrepl.replicator.ringlog`) per replicator holds every write of
+  every device in one order.  A write is acknowledged once its entry is durable in
+  the ring and every site link that holds acknowledgements (policy ``sync``, or an
+  async one in forced sync after passing its fall-behind threshold) has the data
+  durable on its device.  A site link that is down holds no acknowledgement.
+* Each site link has one copier thread that applies the durable entries in log
+  order (site link 0 = the local devices, written from the ring like any site).
+  It reads each entry once (shared in-memory copy; the ring is re-read only for
+  entries that did not fit the cache), writes batches without waiting per copy,
+  and records progress as one sequence number per site link: *applied* (written),
+  *durable* (device flushed) and *persisted* (in the ring header).
+* Idempotent replay: a copier never applies an entry that overlaps another entry
+  applied since its last persisted position; it first flushes its devices and
+  persists its position.  After a crash the replay from the persisted position
+  therefore only rewrites data the device already holds until it reaches new
+  entries, so each site holds a prefix of the write history at every moment.
+* Ring full: writers wait.  If only async, non-stall remote site links hold the
+  oldest entry (down ones at once, slow ones after ``full_grace`` seconds), their
+  outstanding entries are dropped: the regions are marked out of sync in their
+  devices' dirty logs (flushed first), their position jumps, the ring head moves.
+  Such a site is resynchronised region by region from the local devices once it is
+  up and has no entries outstanding; it is reported inconsistent until done.
+* A failing remote device takes its site link down; it is tested (a 512-byte read)
+  every ``retry_interval`` seconds and the copier resumes where it stopped.  A
+  failing local device fails the writes waiting for it and new writes to it
+  (:class:`LocalIOError`); it is retried the same way.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from dmrepl.errors import UserError
+from dmrepl.replicator import ondisk
+from dmrepl.replicator.errors import (
+    LocalIOError,
+    MessageError,
+    ReplicatorClosed,
+    ReplogIOError,
+    TableError,
+)
+from dmrepl.replicator.ringlog import Entry, RingLog
+from dmrepl.replicator.store import BlockStore, DeviceOpener, open_file_store
+from dmrepl.replicator.table import (
+    DeviceConfig,
+    LegConfig,
+    ReplicatorConfig,
+    SlinkConfig,
+    parse_device,
+    parse_fallbehind,
+    parse_legs,
+    parse_policy,
+    parse_replicator,
+    parse_slinks,
+)
+
+VERSION = "1.0.0"
+SECTOR = 512
+MAX_ENTRY = 8 << 20  # larger writes are split into several entries
+
+_active_lock = threading.Lock()
+_active_logs: set[tuple[str, int]] = set()
+
+
+def _log_key(path: str, start: int) -> tuple[str, int]:
+    return (os.path.realpath(path), start)
+
+
+@dataclass(eq=False)
+class Leg:
+    """A device on one site link (local: slink 0)."""
+
+    slink_nr: int
+    cfg: LegConfig
+    store: BlockStore
+    dlog: Any = None  # dmrepl.dirtylog.DirtyLog for remote legs
+    error: str = ""  # "", "R", "W" or "RW"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cursor: int = 0  # resync scan position
+    resynced: int = 0  # regions copied by resync
+
+    def out_of_sync(self) -> int:
+        if self.dlog is None:
+            return 0
+        with self.lock:
+            return int(self.dlog.region_count - self.dlog.get_sync_count())
+
+
+@dataclass(eq=False)
+class Slink:
+    cfg: SlinkConfig
+    applied: int
+    durable: int
+    persisted: int
+    up: bool = True
+    error: str = ""
+    next_retry: float = 0.0
+    forced: bool = False
+    drop_requested: bool = False
+    drops: int = 0
+    closing: bool = False
+    thread: threading.Thread | None = None
+    window: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    window_n: int = 0
+    touched: set[int] = field(default_factory=set)
+    out_ios: int = 0
+    out_bytes: int = 0
+    want_durable: int = 0
+    last_persist: float = field(default_factory=time.monotonic)
+    copies: int = 0
+    copied_bytes: int = 0
+    batches: int = 0
+    resyncing: bool = False
+    failures: int = 0
+
+    @property
+    def nr(self) -> int:
+        return self.cfg.slink_nr
+
+    def window_overlaps(self, dev: int, start: int, end: int) -> bool:
+        iv = self.window.get(dev)
+        if not iv:
+            return False
+        i = bisect.bisect_left(iv, (start, start))
+        if i < len(iv) and iv[i][0] < end:
+            return True
+        return i > 0 and iv[i - 1][1] > start
+
+    def window_add(self, dev: int, start: int, end: int) -> None:
+        bisect.insort(self.window.setdefault(dev, []), (start, end))
+        self.window_n += 1
+
+
+class Replicator:
+    """A replication log with its site links and devices; see the module docstring.
+
+    Thread-safe.  Copies run only between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, cfg: ReplicatorConfig, *, opener: DeviceOpener | None = None,
+                 retry_interval: float = 15.0, persist_interval: float = 0.5,
+                 full_grace: float = 1.0, cache_bytes: int = 64 << 20,
+                 batch_bytes: int = 16 << 20, batch_entries: int = 512,
+                 window_entries: int = 8192, resync_chunk: int = 1 << 20) -> None:
+        self.cfg = cfg
+        self.opener: DeviceOpener = opener or open_file_store
+        self.retry_interval = retry_interval
+        self.persist_interval = persist_interval
+        self.full_grace = full_grace
+        self.batch_bytes = batch_bytes
+        self.batch_entries = batch_entries
+        self.window_entries = window_entries
+        self.resync_chunk = resync_chunk
+        self._key = _log_key(cfg.replog.dev_path, cfg.replog.dev_start)
+        with _active_lock:
+            if self._key in _active_logs:
+                raise TableError(f"replication log {cfg.replog.dev_path} at "
+                                 f"{cfg.replog.dev_start} is already active")
+            _active_logs.add(self._key)
+        try:
+            try:
+                store = self.opener(cfg.replog.dev_path)
+            except OSError as e:
+                raise TableError(f"cannot open replog device {cfg.replog.dev_path}: "
+                                 f"{e.strerror or e}") from e
+            self.ring = RingLog(store, cfg.replog, cache_bytes=cache_bytes)
+            try:
+                self.ring.open()
+            except BaseException:
+                store.close()
+                raise
+        except BaseException:
+            with _active_lock:
+                _active_logs.discard(self._key)
+            raise
+        self.lock = self.ring.lock
+        self.cond = self.ring.cond
+        self.slinks: dict[int, Slink] = {}
+        for s in cfg.slinks:
+            self._add_slink(s)
+        self.devices: dict[int, ReplicatedDevice] = {}
+        self.running = False
+        self.closed = False
+        self.event_nr = 0
+        self.statistics = False
+        self.stats = {"r": 0, "w": 0, "rs": 0, "ws": 0, "nc": 0, "c": 0}
+        self._space_wanted = False
+        self._full_since: float | None = None
+        self._graveyard: list[BlockStore] = []
+        self.messages: list[str] = []  # recent notable events, newest last
+
+    # -- construction -----------------------------------------------------------
+
+    @classmethod
+    def from_table(cls, line: str, *, opener: DeviceOpener | None = None,
+                   **tuning: Any) -> Replicator:
+        """Build from a ``replicator`` table line (or its parameters only)."""
+        return cls(parse_replicator(line), opener=opener, **tuning)
+
+    def _add_slink(self, s: SlinkConfig) -> Slink:
+        base = self.ring.head_seq - 1
+        pos = self.ring.positions.get(s.slink_nr, base)
+        pos = max(pos, base)
+        sl = Slink(cfg=s, applied=pos, durable=pos, persisted=pos)
+        self.slinks[s.slink_nr] = sl
+        return sl
+
+    def _bump(self, note: str | None = None) -> None:
+        # caller holds the lock
+        self.event_nr += 1
+        if note:
+            self.messages.append(note)
+            del self.messages[:-50]
+        self.cond.notify_all()
+
+    def wait_event(self, after: int, timeout: float | None) -> int:
+        """Block until ``event_nr > after`` (or timeout); return ``event_nr``."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.event_nr > after or self.closed, timeout)
+            return self.event_nr
+
+    # -- devices ------------------------------------------------------------------
+
+    def add_device(self, line: str) -> ReplicatedDevice:
+        """Add a device from a ``replicator-dev`` line (or its parameters)."""
+        self._check_open()
+        cfg = parse_device(line)
+        with self.lock:
+            if cfg.dev_nr in self.devices:
+                raise TableError(f"device number {cfg.dev_nr} is already in use")
+        local = cfg.leg(0)
+        if local is None:
+            raise TableError(f"device {cfg.dev_nr}: the local device (site link 0) is "
+                             "missing")
+        legs = self._open_legs(cfg.dev_nr, cfg.legs, cfg.length, [])
+        try:
+            size = legs[0].store.size if cfg.length is None else cfg.length * SECTOR
+            if size > legs[0].store.size:
+                raise TableError(f"device {cfg.dev_nr}: length {size // SECTOR} sectors "
+                                 f"exceeds local device {local.dev_path} "
+                                 f"({legs[0].store.size // SECTOR} sectors)")
+            for leg in legs.values():
+                if leg.slink_nr and leg.store.size < size:
+                    raise TableError(f"device {cfg.dev_nr}: remote device "
+                                     f"{leg.cfg.dev_path} (site link {leg.slink_nr}) is "
+                                     "smaller than the local device")
+            if cfg.length is None:
+                cfg = replace(cfg, length=size // SECTOR)
+            dev = ReplicatedDevice(self, cfg, legs, size)
+            with self.cond:
+                if cfg.dev_nr in self.devices:
+                    raise TableError(f"device number {cfg.dev_nr} is already in use")
+                self.devices[cfg.dev_nr] = dev
+                self._bump(f"device {cfg.dev_nr} added")
+            return dev
+        except BaseException:
+            for leg in legs.values():
+                self._close_leg(leg)
+            raise
+
+    def _open_legs(self, dev_nr: int, cfgs: Sequence[LegConfig], length: int | None,
+                   existing: Sequence[Leg]) -> dict[int, Leg]:
+        """Validate legs against the replicator and open them (all or none)."""
+        paths: dict[str, tuple[int, int]] = {}
+        with self.lock:
+            region = self._region_size()
+            for d in self.devices.values():
+                for leg in d.legs.values():
+                    paths[os.path.realpath(leg.cfg.dev_path)] = (d.dev_nr, leg.slink_nr)
+        for leg in existing:
+            paths[os.path.realpath(leg.cfg.dev_path)] = (dev_nr, leg.slink_nr)
+        for c in cfgs:
+            if c.slink_nr not in self.slinks:
+                raise TableError(f"device {dev_nr}: site link {c.slink_nr} is not defined by "
+                                 "the replicator")
+            rp = os.path.realpath(c.dev_path)
+            if rp in paths:
+                other = paths[rp]
+                raise TableError(f"device {c.dev_path} is already used by device {other[0]} "
+                                 f"on site link {other[1]}")
+            rs = c.region_size()
+            if rs is not None:
+                if region is not None and rs != region:
+                    raise TableError(f"device {dev_nr}: region size {rs} of {c.dev_path} "
+                                     f"differs from the replicator's region size {region}")
+                region = rs
+        legs: dict[int, Leg] = {}
+        try:
+            for c in cfgs:
+                try:
+                    store = self.opener(c.dev_path)
+                except OSError as e:
+                    raise TableError(f"cannot open device {c.dev_path} (site link "
+                                     f"{c.slink_nr}): {e.strerror or e}") from e
+                leg = Leg(c.slink_nr, c, store)
+                legs[c.slink_nr] = leg
+                if c.slink_nr:
+                    sectors = length if length is not None else store.size // SECTOR
+                    from dmrepl.dirtylog import open_dirty_log
+                    try:
+                        leg.dlog = open_dirty_log(c.dlog_type, c.dlog_args, sectors)
+                        leg.dlog.resume()
+                    except UserError as e:
+                        raise TableError(f"dirty log of {c.dev_path} (site link "
+                                         f"{c.slink_nr}): {e}") from e
+        except BaseException:
+            for leg in legs.values():
+                self._close_leg(leg)
+            raise
+        return legs
+
+    def _region_size(self) -> int | None:
+        for d in self.devices.values():
+            for leg in d.legs.values():
+                rs = leg.cfg.region_size()
+                if rs is not None:
+                    return rs
+        return None
+
+    def _close_leg(self, leg: Leg) -> None:
+        if leg.dlog is not None:
+            try:
+                leg.dlog.postsuspend()
+                leg.dlog.close()
+            except Exception:
+                pass
+        try:
+            leg.store.close()
+        except OSError:
+            pass
+
+    def remove_device(self, dev_nr: int) -> None:
+        """Remove a device; refused while it has entries not yet copied."""
+        with self.cond:
+            dev = self.devices.get(dev_nr)
+            if dev is None:
+                raise UserError(f"no device number {dev_nr}")
+            pending = self._pending_for_dev(dev_nr)
+            if pending:
+                raise UserError(f"device {dev_nr} has {pending} writes not yet copied to all "
+                                "its site links; retry when they drained")
+            del self.devices[dev_nr]
+            dev.closed = True
+            self._bump(f"device {dev_nr} removed")
+        for leg in dev.legs.values():
+            self._close_leg(leg)
+
+    def _pending_for_dev(self, dev_nr: int) -> int:
+        n = 0
+        low = min(s.applied for s in self.slinks.values())
+        for seq in range(low + 1, self.ring.next_seq):
+            e = self.ring.entry(seq)
+            if e is not None and e.dev == dev_nr:
+                for nr in e.slinks:
+                    s = self.slinks.get(nr)
+                    if s is not None and s.applied < seq:
+                        n += 1
+                        break
+        return n
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ReplicatorClosed("replicator is closed")
+
+    def start(self) -> None:
+        """Start (resume) copying to every site link."""
+        self._check_open()
+        with self.cond:
+            self.running = True
+            for s in self.slinks.values():
+                self._ensure_thread(s)
+            self._bump("started")
+
+    def _ensure_thread(self, s: Slink) -> None:
+        if s.thread is None or not s.thread.is_alive():
+            s.closing = False
+            s.thread = threading.Thread(target=self._copier, args=(s,), daemon=True,
+                                        name=f"repl-slink{s.nr}")
+            s.thread.start()
+
+    def stop(self) -> None:
+        """Stop copying (entries stay in the ring); positions are persisted."""
+        with self.cond:
+            if not self.running:
+                return
+            self.running = False
+            self._bump("stopped")
+        self._persist_all()
+
+    def close(self) -> None:
+        """Stop everything, persist progress, close devices and the log."""
+        with self.cond:
+            if self.closed:
+                return
+            self.running = False
+            self.closed = True
+            threads = []
+            for s in self.slinks.values():
+                s.closing = True
+                if s.thread is not None:
+                    threads.append(s.thread)
+            for d in self.devices.values():
+                d.closed = True
+            self._bump("closed")
+        for t in threads:
+            t.join()
+        try:
+            if self.ring.failed is None:
+                self._persist_all()
+        except (OSError, ReplogIOError):
+            pass
+        for d in self.devices.values():
+            for leg in d.legs.values():
+                self._close_leg(leg)
+        for st in self._graveyard:
+            try:
+                st.close()
+            except OSError:
+                pass
+        self.ring.store.close()
+        with _active_lock:
+            _active_logs.discard(self._key)
+
+    def __enter__(self) -> Replicator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- write path -----------------------------------------------------------------
+
+    def _targets(self, dev: ReplicatedDevice) -> frozenset[int]:
+        return frozenset(nr for nr in dev.legs if nr in self.slinks)
+
+    def _holds_ack(self, s: Slink) -> bool:
+        return s.up and (s.cfg.sync or s.forced)
+
+    def _oldest_ts(self, s: Slink) -> float | None:
+        seq = s.applied + 1
+        while seq < self.ring.next_seq:
+            e = self.ring.entry(seq)
+            if e is None:
+                return None
+            if s.nr in e.slinks:
+                return e.ts
+            seq += 1
+        return None
+
+    def _check_fallbehind(self, s: Slink, now: float) -> None:
+        fb = s.cfg.fallbehind
+        if s.cfg.sync or not fb.enabled:
+            over = False
+        elif fb.kind == "ios":
+            over = s.out_ios > fb.value
+        elif fb.kind == "size":
+            over = s.out_bytes > fb.value * SECTOR
+        else:
+            ts = self._oldest_ts(s)
+            over = ts is not None and (now - ts) * 1000 > fb.value
+        if over != s.forced:
+            s.forced = over
+            self._bump(f"{'enforcing' if over else 'releasing'} fallbehind sync on "
+                       f"slink={s.nr}")
+
+    def _write(self, dev: ReplicatedDevice, offset: int, data: bytes | None,
+               length: int) -> None:
+        last: Entry | None = None
+        sync_sets: list[tuple[Entry, frozenset[int]]] = []
+        pos = 0
+        while pos < length:
+            n = min(MAX_ENTRY, length - pos)
+            chunk = None if data is None else (data if n == length else data[pos:pos + n])
+            e, syncs = self._append(dev, offset + pos, chunk, n)
+            self.ring.write_entry(e, chunk)
+            sync_sets.append((e, syncs))
+            last = e
+            pos += n
+        assert last is not None
+        self.ring.commit(last.seq)
+        with self.cond:
+            self.cond.notify_all()
+            for e, syncs in sync_sets:
+                self._wait_sync(dev, e, syncs)
+
+    def _append(self, dev: ReplicatedDevice, offset: int, data: bytes | None,
+                length: int) -> tuple[Entry, frozenset[int]]:
+        with self.cond:
+            waited: float | None = None
+            while True:
+                self._check_io(dev)
+                targets = self._targets(dev)
+                e = self.ring.reserve(dev.dev_nr, offset, length, targets, data,
+                                      zero=data is None)
+                if e is not None:
+                    break
+                now = time.monotonic()
+                if waited is None:
+                    waited = now
+                    self.stats["c"] += 1
+                self._ring_full(now - waited)
+                self.cond.wait(0.05)
+            if waited is None:
+                self.stats["nc"] += 1
+            now = time.monotonic()
+            syncs = []
+            for nr in targets:
+                s = self.slinks[nr]
+                s.out_ios += 1
+                s.out_bytes += length
+                self._check_fallbehind(s, now)
+                if self._holds_ack(s):
+                    syncs.append(nr)
+                    s.want_durable = max(s.want_durable, e.seq)
+            self.stats["ws"] += 1
+            return e, frozenset(syncs)
+
+    def _check_io(self, dev: ReplicatedDevice) -> None:
+        while not dev.running and not dev.closed and not self.closed:
+            self.cond.wait()
+        if dev.closed or self.closed:
+            raise ReplicatorClosed(f"device {dev.dev_nr} is closed")
+        local = dev.legs[0]
+        if local.error:
+            raise LocalIOError(f"device {dev.dev_nr}: local device {local.cfg.dev_path} "
+                               f"failed ({local.error}); write not acknowledged")
+
+    def _wait_sync(self, dev: ReplicatedDevice, e: Entry, syncs: frozenset[int]) -> None:
+        # caller holds the lock
+        def pending() -> list[Slink]:
+            out = []
+            for nr in syncs:
+                s = self.slinks.get(nr)
+                if s is not None and s.durable < e.seq and s.up and not s.closing:
+                    out.append(s)
+            return out
+
+        while True:
+            if 0 in syncs:
+                s0 = self.slinks[0]
+                if s0.durable < e.seq and (not s0.up or dev.legs[0].error):
+                    raise LocalIOError(f"device {dev.dev_nr}: local copy failed "
+                                       f"({s0.error}); write not acknowledged")
+            if not pending() or self.closed:
+                return
+            self.cond.wait(0.5)
+
+    def _ring_full(self, waited: float) -> None:
+        # caller holds the lock
+        self._space_wanted = True
+        self.cond.notify_all()
+        head = self.ring.entries[0] if self.ring.entries else None
+        if head is None:
+            return
+        slow = [s for s in self.slinks.values() if s.applied < head.seq]
+        if not slow or 0 in [s.nr for s in slow] or len(slow) == len(self.slinks):
+            return
+        for s in slow:
+            if s.cfg.sync or s.cfg.stall or s.drop_requested:
+                continue
+            if not s.up or waited >= self.full_grace:
+                s.drop_requested = True
+                self.cond.notify_all()
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _read(self, dev: ReplicatedDevice, offset: int, length: int) -> bytes:
+        for _ in range(10):
+            with self.cond:
+                self._check_io_read(dev)
+                s0 = self.slinks[0]
+                snap: list[tuple[Entry, bytes | None]] = []
+                end = offset + length
+                for seq in range(s0.applied + 1, self.ring.next_seq):
+                    e = self.ring.entry(seq)
+                    if e is None or e.dev != dev.dev_nr or e.end <= offset or e.offset >= end:
+                        continue
+                    if e.data is None and not e.zero and seq in self.ring._unwritten:
+                        continue  # concurrent write not on disk yet: undefined data
+                    snap.append((e, e.data))
+                self.stats["r"] += 1
+            try:
+                buf = bytearray(dev.legs[0].store.pread(offset, length))
+            except OSError as err:
+                raise LocalIOError(f"device {dev.dev_nr}: read failed: {err}") from err
+            try:
+                for e, d in snap:
+                    if d is None:
+                        d = bytes(e.length) if e.zero else self.ring.entry_data(e)
+                    lo, hi = max(offset, e.offset), min(end, e.end)
+                    buf[lo - offset:hi - offset] = d[lo - e.offset:hi - e.offset]
+            except Exception:
+                continue
+            return bytes(buf)
+        raise LocalIOError(f"device {dev.dev_nr}: read kept racing with log release")
+
+    def _check_io_read(self, dev: ReplicatedDevice) -> None:
+        if dev.closed or self.closed:
+            raise ReplicatorClosed(f"device {dev.dev_nr} is closed")
+
+    # -- copiers ------------------------------------------------------------------------
+
+    def _copier(self, s: Slink) -> None:
+        while True:
+            with self.cond:
+                job = self._next_job(s)
+                if job is None:
+                    continue
+                kind, arg = job
+            if kind == "exit":
+                return
+            try:
+                if kind == "batch":
+                    self._do_batch(s, arg)
+                elif kind == "persist":
+                    self._do_persist(s)
+                elif kind == "flush":
+                    self._do_flush(s)
+                elif kind == "drop":
+                    self._do_drop(s)
+                elif kind == "retry":
+                    self._do_retry(s)
+                elif kind == "resync":
+                    self._do_resync(s, *arg)
+            except ReplogIOError as err:
+                with self.cond:
+                    self._bump(f"slink {s.nr}: replication log failed: {err}")
+                    s.closing = True
+                return
+
+    def _next_job(self, s: Slink) -> tuple[str, Any] | None:
+        # caller holds the lock; returns None after waiting
+        now = time.monotonic()
+        if s.closing:
+            return ("exit", None)
+        if s.drop_requested:
+            return ("drop", None)
+        if not s.up:
+            if now >= s.next_retry:
+                return ("retry", None)
+            self.cond.wait(max(0.0, s.next_retry - now))
+            return None
+        if not self.running:
+            if s.applied > s.persisted and now - s.last_persist >= self.persist_interval:
+                return ("persist", None)
+            self.cond.wait(self.persist_interval)
+            return None
+        dirty = s.applied > s.persisted or s.touched
+        if dirty and (self._space_wanted or s.window_n >= self.window_entries
+                      or now - s.last_persist >= self.persist_interval):
+            return ("persist", None)
+        if s.want_durable > s.durable and s.applied > s.durable:
+            return ("flush", None)
+        batch, blocked = self._collect(s)
+        if batch:
+            return ("batch", batch)
+        if blocked == "overlap":
+            return ("persist", None)
+        if s.nr and blocked is None and s.applied >= self.ring.durable_seq:
+            work = self._resync_work(s)
+            if work is not None:
+                return ("resync", work)
+        timeout = self.persist_interval if dirty else 1.0
+        self.cond.wait(timeout)
+        return None
+
+    def _collect(self, s: Slink) -> tuple[list[tuple[Entry, Leg | None]], str | None]:
+        """Entries to apply next (with their leg, None = skip); and why it stopped."""
+        out: list[tuple[Entry, Leg | None]] = []
+        nbytes = 0
+        seq = s.applied + 1
+        new: list[tuple[int, int, int]] = []
+        while seq <= self.ring.durable_seq and len(out) < self.batch_entries:
+            e = self.ring.entry(seq)
+            if e is None:
+                break
+            leg = None
+            if s.nr in e.slinks:
+                dev = self.devices.get(e.dev)
+                leg = dev.legs.get(s.nr) if dev is not None else None
+                if dev is None or leg is None:
+                    if s.nr == 0:
+                        return out, "nodev"  # wait for the local device to be added
+                elif not dev.running:
+                    return out, "stopped"
+                else:
+                    start, end = e.offset, e.end
+                    if s.window_overlaps(e.dev, start, end) or any(
+                            d == e.dev and a < end and start < b for d, a, b in new):
+                        return out, "overlap"
+                    new.append((e.dev, start, end))
+                    nbytes += e.length
+            out.append((e, leg))
+            seq += 1
+            if nbytes >= self.batch_bytes:
+                break
+        return out, None
+
+    def _do_batch(self, s: Slink, batch: list[tuple[Entry, Leg | None]]) -> None:
+        done = s.applied
+        failed: tuple[Leg, OSError] | None = None
+        written: list[Entry] = []
+        for e, leg in batch:
+            if leg is not None:
+                try:
+                    if e.zero:
+                        _write_zeros(leg.store, e.offset, e.length)
+                    else:
+                        leg.store.pwrite(e.offset, self.ring.entry_data(e))
+                except OSError as err:
+                    failed = (leg, err)
+                    break
+                written.append(e)
+            done = e.seq
+        now = time.monotonic()
+        with self.cond:
+            for e in written:
+                s.window_add(e.dev, e.offset, e.end)
+                s.touched.add(e.dev)
+                s.copies += 1
+                s.copied_bytes += e.length
+            for e, _leg in batch:
+                if e.seq > done:
+                    break
+                if s.nr in e.slinks:
+                    s.out_ios -= 1
+                    s.out_bytes -= e.length
+            s.applied = max(s.applied, done)
+            s.batches += 1
+            self._check_fallbehind(s, now)
+            self._drop_cached(batch)
+            if failed is not None:
+                self._leg_failed(s, failed[0], "W", failed[1])
+            self.cond.notify_all()
+
+    def _drop_cached(self, batch: list[tuple[Entry, Leg | None]]) -> None:
+        low = min(sl.applied for sl in self.slinks.values())
+        for e, _ in batch:
+            if e.seq <= low:
+                self.ring.drop_cache(e)
+
+    def _leg_failed(self, s: Slink, leg: Leg, kind: str, err: BaseException) -> None:
+        # caller holds the lock
+        if kind not in leg.error:
+            leg.error = "RW" if leg.error else kind
+        s.up = False
+        s.failures += 1
+        s.error = f"{leg.cfg.dev_path}: {err}"
+        s.next_retry = time.monotonic() + self.retry_interval
+        self._bump(f"slink {s.nr} down: {leg.cfg.dev_path}: {err}")
+
+    def _flush_touched(self, s: Slink) -> bool:
+        with self.cond:
+            devs = [self.devices[d] for d in s.touched if d in self.devices]
+            target = s.applied
+            touched = set(s.touched)
+        for d in devs:
+            leg = d.legs.get(s.nr)
+            if leg is None:
+                continue
+            try:
+                leg.store.flush()
+            except OSError as err:
+                with self.cond:
+                    self._leg_failed(s, leg, "W", err)
+                return False
+        with self.cond:
+            s.touched -= touched
+            s.durable = max(s.durable, target)
+            self.cond.notify_all()
+        return True
+
+    def _do_flush(self, s: Slink) -> None:
+        self._flush_touched(s)
+
+    def _do_persist(self, s: Slink) -> None:
+        if not self._flush_touched(s):
+            return
+        with self.cond:
+            target = s.durable
+        self._persist_all(flush=False)
+        with self.cond:
+            if s.persisted >= target and s.applied == target:
+                s.window.clear()
+                s.window_n = 0
+            s.last_persist = time.monotonic()
+
+    def _persist_all(self, flush: bool = True) -> None:
+        if flush:
+            for s in list(self.slinks.values()):
+                if s.up:
+                    self._flush_touched(s)
+        with self.cond:
+            positions = {nr: s.durable for nr, s in self.slinks.items()}
+            self._space_wanted = False
+        self.ring.persist(positions)
+        with self.cond:
+            for nr, pos in positions.items():
+                sl = self.slinks.get(nr)
+                if sl is not None:
+                    sl.persisted = max(sl.persisted, pos)
+            self.cond.notify_all()
+
+    def _do_drop(self, s: Slink) -> None:
+        with self.cond:
+            upto = self.ring.durable_seq
+            marks: dict[int, tuple[Leg, set[int]]] = {}
+            dropped = 0
+            dbytes = 0
+            for seq in range(s.applied + 1, upto + 1):
+                e = self.ring.entry(seq)
+                if e is None or s.nr not in e.slinks:
+                    continue
+                dropped += 1
+                dbytes += e.length
+                dev = self.devices.get(e.dev)
+                leg = dev.legs.get(s.nr) if dev is not None else None
+                if leg is None or leg.dlog is None:
+                    continue
+                rs = leg.dlog.region_size * SECTOR
+                regions = marks.setdefault(e.dev, (leg, set()))[1]
+                regions.update(range(e.offset // rs, (e.end - 1) // rs + 1))
+        try:
+            for leg, regions in marks.values():
+                with leg.lock:
+                    for r in sorted(regions):
+                        leg.dlog.mark_region(r)
+                        leg.dlog.set_region_sync(r, False)
+                    leg.dlog.flush()
+        except Exception as err:
+            with self.cond:
+                s.drop_requested = False
+                self._bump(f"slink {s.nr}: dirty log flush failed, entries kept: {err}")
+            return
+        with self.cond:
+            s.applied = max(s.applied, upto)
+            s.durable = max(s.durable, upto)
+            s.out_ios -= dropped
+            s.out_bytes -= dbytes
+            s.drop_requested = False
+            s.drops += 1
+            s.forced = False
+            self._bump(f"slink {s.nr}: {dropped} entries dropped to dirty logs "
+                       f"({sum(len(r) for _, r in marks.values())} regions out of sync)")
+        self._do_persist(s)
+
+    def _do_retry(self, s: Slink) -> None:
+        with self.cond:
+            legs = [d.legs[s.nr] for d in self.devices.values()
+                    if s.nr in d.legs and d.legs[s.nr].error]
+        ok = True
+        for leg in legs:
+            try:
+                leg.store.pread(0, SECTOR)
+            except OSError:
+                ok = False
+                continue
+            with self.cond:
+                leg.error = ""
+        with self.cond:
+            if ok:
+                s.up = True
+                s.error = ""
+                self._bump(f"slink {s.nr} up again")
+            else:
+                s.next_retry = time.monotonic() + self.retry_interval
+
+    # -- resync --------------------------------------------------------------------------
+
+    def _resync_work(self, s: Slink) -> tuple[ReplicatedDevice, Leg, int] | None:
+        # caller holds the lock
+        for dev in self.devices.values():
+            leg = dev.legs.get(s.nr)
+            if leg is None or leg.dlog is None or not dev.running:
+                continue
+            with leg.lock:
+                log = leg.dlog
+                if log.get_sync_count() >= log.region_count:
+                    continue
+                n = log.region_count
+                for i in range(n):
+                    r = (leg.cursor + i) % n
+                    if not log.in_sync(r):
+                        break
+                else:
+                    continue
+            rs = log.region_size * SECTOR
+            lo, hi = r * rs, min((r + 1) * rs, dev.size_bytes)
+            if self._local_pending_overlap(dev.dev_nr, lo, hi):
+                continue  # the local copy is not there yet: later
+            return (dev, leg, r)
+        if s.resyncing:
+            s.resyncing = False
+            self._bump(f"slink {s.nr}: resynchronisation complete")
+        return None
+
+    def _local_pending_overlap(self, dev_nr: int, lo: int, hi: int) -> bool:
+        s0 = self.slinks[0]
+        for seq in range(s0.applied + 1, self.ring.next_seq):
+            e = self.ring.entry(seq)
+            if e is not None and e.dev == dev_nr and e.offset < hi and lo < e.end:
+                return True
+        return False
+
+    def _do_resync(self, s: Slink, dev: ReplicatedDevice, leg: Leg, region: int) -> None:
+        with self.cond:
+            if not s.resyncing:
+                s.resyncing = True
+                self._bump(f"slink {s.nr}: resynchronisation started")
+        rs = leg.dlog.region_size * SECTOR
+        lo, hi = region * rs, min((region + 1) * rs, dev.size_bytes)
+        local = dev.legs[0]
+        pos = lo
+        while pos < hi:
+            n = min(self.resync_chunk, hi - pos)
+            try:
+                data = local.store.pread(pos, n)
+            except OSError as err:
+                with self.cond:
+                    self._leg_failed(self.slinks[0], local, "R", err)
+                return
+            try:
+                leg.store.pwrite(pos, data)
+            except OSError as err:
+                with self.cond:
+                    self._leg_failed(s, leg, "W", err)
+                return
+            pos += n
+        try:
+            leg.store.flush()
+        except OSError as err:
+            with self.cond:
+                self._leg_failed(s, leg, "W", err)
+            return
+        with leg.lock:
+            leg.dlog.set_region_sync(region, True)
+            leg.dlog.clear_region(region)
+            leg.dlog.flush()
+            leg.cursor = region + 1
+            leg.resynced += 1
+        with self.cond:
+            self.cond.notify_all()
+
+    # -- messages --------------------------------------------------------------------------
+
+    def message(self, argv: Sequence[str]) -> str:
+        """A replicator target message; raises MessageError changing nothing."""
+        self._check_open()
+        argv = list(argv)
+        if not argv:
+            raise MessageError("too few message arguments")
+        cmd = argv[0]
+        if cmd in ("start", "resume", "stop", "suspend", "postsuspend"):
+            if len(argv) > 2 or (len(argv) == 2 and argv[1] != "all"):
+                raise MessageError(f"invalid {cmd} arguments {argv[1:]!r}: expected "
+                                   "nothing or 'all'")
+            every = len(argv) == 2
+            if cmd in ("start", "resume"):
+                if every:
+                    for d in list(self.devices.values()):
+                        d.resume()
+                self.start()
+            else:
+                self.stop()
+                if every:
+                    for d in list(self.devices.values()):
+                        d.suspend()
+            return ""
+        if cmd == "slink":
+            return self._slink_message(argv[1:])
+        if cmd == "statistics":
+            if len(argv) != 2 or argv[1] not in ("on", "off", "reset"):
+                raise MessageError("usage: statistics on|off|reset")
+            with self.cond:
+                if argv[1] == "on":
+                    self.statistics = True
+                elif argv[1] == "off":
+                    self.statistics = False
+                else:
+                    self.stats = dict.fromkeys(self.stats, 0)
+            return ""
+        if cmd == "replog":
+            return self._replog_message(argv[1:])
+        raise MessageError(f"invalid message {cmd!r}: expected start, resume, stop, suspend, "
+                           "postsuspend, slink, statistics or replog")
+
+    def _slink_message(self, argv: list[str]) -> str:
+        if len(argv) < 2:
+            raise MessageError("too few slink message arguments: slink add|del|message ...")
+        sub = argv[0]
+        if sub == "add":
+            words = argv[1:]
+            if words[0] != "blockdev":
+                words = ["blockdev", str(len(words)), *words]
+            try:
+                new, _used = parse_slinks(words, 0, existing=list(self.slinks))
+            except TableError as e:
+                raise MessageError(f"slink add: {e}") from e
+            if len(new) != 1:
+                raise MessageError("slink add takes exactly one site link")
+            if new[0].slink_nr == 0:
+                raise MessageError("can't add site link 0 via message")
+            with self.cond:
+                if new[0].slink_nr in self.slinks:
+                    raise MessageError(f"site link {new[0].slink_nr} already exists")
+                s = self._add_slink(new[0])
+                s.applied = s.durable = s.persisted = self.ring.next_seq - 1
+                if self.running:
+                    self._ensure_thread(s)
+                self._bump(f"slink {new[0].slink_nr} added")
+            self._persist_all()
+            return ""
+        nr = _msg_int(argv[1], "site link number")
+        if sub == "del":
+            if len(argv) != 2:
+                raise MessageError("usage: slink del <slink_nr>")
+            if nr == 0:
+                raise MessageError("can't delete site link 0 via message")
+            with self.cond:
+                gone = self.slinks.get(nr)
+                if gone is None:
+                    raise MessageError(f"site link {nr} doesn't exist")
+                if any(nr in d.legs for d in self.devices.values()):
+                    raise MessageError(f"site link {nr} still has devices")
+                gone.closing = True
+                del self.slinks[nr]
+                self._bump(f"slink {nr} deleted")
+                t = gone.thread
+            if t is not None:
+                t.join()
+            self._persist_all()
+            return ""
+        if sub == "message":
+            with self.cond:
+                found = self.slinks.get(nr)
+                if found is None:
+                    raise MessageError(f"site link {nr} doesn't exist")
+                s, cfg = found, found.cfg
+            rest = argv[2:]
+            try:
+                if len(rest) == 2 and rest[0] == "policy":
+                    sync, stall = parse_policy(rest[1])
+                    if sync and cfg.fallbehind.enabled:
+                        raise MessageError("a synchronous site link can't keep a "
+                                           "fall-behind threshold; set fallbehind ios 0 first")
+                    new_cfg = replace(cfg, sync=sync, stall=stall)
+                elif rest[:1] == ["fallbehind"] and len(rest) in (2, 3):
+                    if len(rest) == 2:
+                        kind, eq, value = rest[1].partition("=")
+                        if not eq:
+                            raise MessageError("usage: fallbehind <type> <value> or "
+                                               "<type>=<value>")
+                    else:
+                        kind, value = rest[1], rest[2]
+                    fb = parse_fallbehind(kind, value)
+                    if cfg.sync and fb.enabled:
+                        raise MessageError("a fall-behind threshold on a synchronous site "
+                                           "link is meaningless")
+                    new_cfg = replace(cfg, fallbehind=fb)
+                else:
+                    raise MessageError("usage: slink message <nr> policy <policy> | "
+                                       "fallbehind <type> <value>")
+            except TableError as e:
+                raise MessageError(str(e)) from e
+            with self.cond:
+                s.cfg = new_cfg
+                self._check_fallbehind(s, time.monotonic())
+                self._bump(f"slink {nr}: {' '.join(rest)}")
+            return ""
+        raise MessageError(f"invalid slink command {sub!r}: expected add, del or message")
+
+    def _replog_message(self, argv: list[str]) -> str:
+        if len(argv) == 2 and argv[0] == "statistics":
+            return self.message(["statistics", argv[1]])
+        if len(argv) == 2 and argv[0] == "resize":
+            size = _msg_int(argv[1], "replog size (sectors)")
+            try:
+                self.ring.resize(size)
+            except TableError as e:
+                raise MessageError(str(e)) from e
+            with self.cond:
+                self.cfg = replace(self.cfg, replog=replace(
+                    self.cfg.replog, size=size,
+                    mode=self.cfg.replog.mode or "open"))
+                self._bump(f"replog resized to {size} sectors")
+            return ""
+        raise MessageError("usage: replog resize <sectors> | replog statistics on|off|reset")
+
+    # -- status ----------------------------------------------------------------------------
+
+    def table_config(self) -> ReplicatorConfig:
+        with self.lock:
+            return replace(self.cfg, slinks=tuple(
+                self.slinks[n].cfg for n in sorted(self.slinks)))
+
+    def status(self, kind: str = "info") -> str:
+        """``info``: ``[v= r= w= rs= ws= nc= c= ]<S|A>,<ios>,<sectors> ... <entries>/
+        <sectors used>/<log sectors> <slink>:<up|down>[:resync] ...``;
+        ``table``: the parameters, which parse back to the same configuration."""
+        if kind == "table":
+            return self.table_config().params()
+        if kind != "info":
+            raise UserError(f"invalid status type {kind!r}: expected info or table")
+        with self.lock:
+            words = []
+            if self.statistics:
+                st = self.stats
+                words.append(f"v={VERSION} r={st['r']} w={st['w']} rs={st['rs']} "
+                             f"ws={st['ws']} nc={st['nc']} c={st['c']}")
+            for nr in sorted(self.slinks):
+                s = self.slinks[nr]
+                words.append(f"{'S' if s.forced else 'A'},{s.out_ios},"
+                             f"{s.out_bytes // SECTOR}")
+            words.append(f"{len(self.ring.entries)}/{self.ring.used_bytes() // SECTOR}/"
+                         f"{self.ring.log_size}")
+            for nr in sorted(self.slinks):
+                s = self.slinks[nr]
+                words.append(f"{nr}:{'up' if s.up else 'down'}"
+                             + (":resync" if s.resyncing else ""))
+            return " ".join(words)
+
+    def status_dict(self) -> dict[str, Any]:
+        """Machine-readable state (see the keys)."""
+        now = time.monotonic()
+        with self.lock:
+            ring = self.ring
+            out: dict[str, Any] = {
+                "version": VERSION,
+                "running": self.running,
+                "event_nr": self.event_nr,
+                "ring": {
+                    "log_size_sectors": ring.log_size,
+                    "ring_bytes": ring.ring_end - ring.ring_start,
+                    "used_bytes": ring.used_bytes(),
+                    "entries": len(ring.entries),
+                    "next_seq": ring.next_seq,
+                    "durable_seq": ring.durable_seq,
+                    "head_seq": ring.head_seq,
+                    "replayed_at_open": ring.replayed,
+                    "created": ring.created,
+                    "failed": None if ring.failed is None else str(ring.failed),
+                    **ring.stats,
+                },
+                "slinks": {},
+                "devices": {},
+                "stats": dict(self.stats),
+                "notes": list(self.messages[-10:]),
+            }
+            for nr, s in sorted(self.slinks.items()):
+                ts = self._oldest_ts(s)
+                out_of_sync = 0
+                for d in self.devices.values():
+                    leg = d.legs.get(nr)
+                    if leg is not None:
+                        out_of_sync += leg.out_of_sync()
+                out["slinks"][nr] = {
+                    "policy": s.cfg.policy,
+                    "fallbehind": {"type": s.cfg.fallbehind.kind,
+                                   "value": s.cfg.fallbehind.value},
+                    "state": "up" if s.up else "down",
+                    "error": s.error,
+                    "forced_sync": s.forced,
+                    "lag_ios": s.out_ios,
+                    "lag_bytes": s.out_bytes,
+                    "lag_seconds": 0.0 if ts is None else now - ts,
+                    "applied_seq": s.applied,
+                    "durable_seq": s.durable,
+                    "persisted_seq": s.persisted,
+                    "drops": s.drops,
+                    "failures": s.failures,
+                    "copies": s.copies,
+                    "copied_bytes": s.copied_bytes,
+                    "batches": s.batches,
+                    "resyncing": s.resyncing,
+                    "regions_out_of_sync": out_of_sync,
+                    "consistent": out_of_sync == 0,
+                }
+            for nr, d in sorted(self.devices.items()):
+                legs = {}
+                for snr, leg in sorted(d.legs.items()):
+                    info: dict[str, Any] = {"path": leg.cfg.dev_path, "error": leg.error}
+                    if leg.dlog is not None:
+                        with leg.lock:
+                            info["regions"] = leg.dlog.region_count
+                            info["in_sync"] = leg.dlog.get_sync_count()
+                        info["resynced"] = leg.resynced
+                    legs[snr] = info
+                out["devices"][nr] = {"size_bytes": d.size_bytes, "running": d.running,
+                                      "legs": legs}
+            return out
+
+    def drained(self) -> bool:
+        """True if every site link has applied every durable entry and is in sync."""
+        with self.lock:
+            if any(s.applied < self.ring.durable_seq or not s.up
+                   for s in self.slinks.values()):
+                return False
+        for d in list(self.devices.values()):
+            for leg in d.legs.values():
+                if leg.out_of_sync():
+                    return False
+        return True
+
+    def wait_drained(self, timeout: float) -> bool:
+        """Wait (on events and progress) until :meth:`drained`; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while not self.drained():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with self.cond:
+                self.cond.wait(min(left, 0.05))
+        return True
+
+
+def _msg_int(word: str, what: str) -> int:
+    if not word.isascii() or not word.isdigit():
+        raise MessageError(f"invalid {what} {word!r}")
+    return int(word)
+
+
+def _write_zeros(store: BlockStore, offset: int, length: int) -> None:
+    zero = bytes(min(length, 1 << 20))
+    pos = 0
+    while pos < length:
+        n = min(len(zero), length - pos)
+        store.pwrite(offset + pos, zero[:n] if n < len(zero) else zero)
+        pos += n
+
+
+class ReplicatedDevice:
+    """A replicated device (a ``replicator-dev`` target): the I/O entry point.
+
+    ``write`` returns once the write is durable in the log and on every site link
+    holding acknowledgements; ``read`` returns the newest data; ``flush`` is cheap
+    (acknowledged writes are already durable in the log); ``trim`` is a replicated
+    write of zeros (a zero-write entry without data in the log)."""
+
+    def __init__(self, rep: Replicator, cfg: DeviceConfig, legs: dict[int, Leg],
+                 size_bytes: int) -> None:
+        self.rep = rep
+        self.cfg = cfg
+        self.dev_nr = cfg.dev_nr
+        self.size_bytes = size_bytes
+        self.legs = legs
+        self.running = True
+        self.closed = False
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset % SECTOR or length % SECTOR:
+            raise UserError(f"I/O at {offset}+{length}: offset and length must be "
+                            "multiples of 512")
+        if offset + length > self.size_bytes:
+            raise UserError(f"I/O at {offset}+{length} beyond the device end "
+                            f"({self.size_bytes})")
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview,
+              fua: bool = False) -> None:
+        """Write; returns when acknowledged (durable in the log and on sync sites).
+
+        Raises :class:`LocalIOError` (not acknowledged) or ReplogIOError."""
+        del fua  # every acknowledged write is durable in the log already
+        payload = data if isinstance(data, bytes) else bytes(data)
+        self._check(offset, len(payload))
+        if payload:
+            self.rep._write(self, offset, payload, len(payload))
+            with self.rep.lock:
+                self.rep.stats["w"] += 1
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        return self.rep._read(self, offset, length)
+
+    def flush(self) -> None:
+        """Everything acknowledged before is durable (waits for writes in flight)."""
+        ring = self.rep.ring
+        with ring.lock:
+            seq = ring.next_seq - 1
+        if seq > 0:
+            ring.commit(seq)
+
+    def trim(self, offset: int, length: int) -> None:
+        """Discard = a replicated zero-write: reads return zeros, at every site."""
+        self._check(offset, length)
+        if length:
+            self.rep._write(self, offset, None, length)
+
+    def suspend(self) -> None:
+        with self.rep.cond:
+            self.running = False
+            self.rep._bump(f"device {self.dev_nr} suspended")
+
+    def resume(self) -> None:
+        with self.rep.cond:
+            self.running = True
+            self.rep._bump(f"device {self.dev_nr} resumed")
+
+    def message(self, argv: Sequence[str]) -> str:
+        """replicator-dev messages: device add|del, start|resume, stop|suspend|postsuspend."""
+        argv = list(argv)
+        if not argv:
+            raise MessageError("too few message arguments")
+        if argv[0] in ("start", "resume") and len(argv) == 1:
+            self.resume()
+            return ""
+        if argv[0] in ("stop", "suspend", "postsuspend") and len(argv) == 1:
+            self.suspend()
+            return ""
+        if argv[0] == "device" and len(argv) >= 2:
+            if argv[1] == "add":
+                return self._add_legs(argv[2:])
+            if argv[1] == "del":
+                if len(argv) != 3:
+                    raise MessageError("usage: device del <slink_nr>")
+                nr = _msg_int(argv[2], "site link number")
+                if nr < 1:
+                    raise MessageError("invalid site link number argument; must be > 0")
+                return self._del_leg(nr)
+            raise MessageError(f"invalid device command {argv[1]!r}: expected add or del")
+        raise MessageError(f"invalid message {' '.join(argv)!r}: expected device add|del, "
+                           "start|resume or stop|suspend|postsuspend")
+
+    def _add_legs(self, argv: list[str]) -> str:
+        if len(argv) < 2:
+            raise MessageError("usage: device add <replicator> <dev_nr> <tuples>")
+        if _msg_int(argv[1], "device number") != self.dev_nr:
+            raise MessageError(f"device add: device number {argv[1]} is not this device's "
+                               f"({self.dev_nr})")
+        try:
+            cfgs = parse_legs(argv[2:], self.size_bytes // SECTOR)
+            if not cfgs:
+                raise TableError("no device tuple given")
+            for c in cfgs:
+                if c.slink_nr in self.legs:
+                    raise TableError(f"device {self.dev_nr} already has a device on site "
+                                     f"link {c.slink_nr}")
+            legs = self.rep._open_legs(self.dev_nr, cfgs, self.size_bytes // SECTOR,
+                                       list(self.legs.values()))
+        except TableError as e:
+            raise MessageError(f"device add: {e}") from e
+        for leg in legs.values():
+            if leg.store.size < self.size_bytes:
+                for lg in legs.values():
+                    self.rep._close_leg(lg)
+                raise MessageError(f"device add: {leg.cfg.dev_path} is smaller than the "
+                                   "local device")
+        with self.rep.cond:
+            self.legs.update(legs)
+            self.cfg = replace(self.cfg, legs=tuple(lg.cfg for _, lg in
+                                                    sorted(self.legs.items())))
+            self.rep._bump(f"device {self.dev_nr}: legs added on site links "
+                           f"{sorted(legs)}")
+        return ""
+
+    def _del_leg(self, nr: int) -> str:
+        with self.rep.cond:
+            leg = self.legs.get(nr)
+            if leg is None:
+                raise MessageError(f"device {self.dev_nr} has no device on site link {nr}")
+            del self.legs[nr]
+            self.cfg = replace(self.cfg, legs=tuple(lg.cfg for _, lg in
+                                                    sorted(self.legs.items())))
+            self.rep._graveyard.append(leg.store)
+            self.rep._bump(f"device {self.dev_nr}: site link {nr} device deleted")
+        return ""
+
+    def table(self) -> str:
+        """TABLE status: the replicator-dev parameters."""
+        with self.rep.lock:
+            return self.cfg.params()
+
+    def status(self, kind: str = "info") -> str:
+        """``info``: ``<replicator> <dev_nr>`` then per site link ``<R|W|RW|A>,-`` (local)
+        or ``<R|W|RW|A>,<in_sync>[+]/<regions>``; ``table``: as :meth:`table`."""
+        if kind == "table":
+            return self.table()
+        if kind != "info":
+            raise UserError(f"invalid status type {kind!r}: expected info or table")
+        with self.rep.lock:
+            words = [self.cfg.replicator, str(self.dev_nr)]
+            for nr, leg in sorted(self.legs.items()):
+                state = leg.error or "A"
+                if leg.dlog is None:
+                    words.append(f"{state},-")
+                else:
+                    s = self.rep.slinks.get(nr)
+                    with leg.lock:
+                        sync, total = leg.dlog.get_sync_count(), leg.dlog.region_count
+                    plus = "+" if s is not None and s.resyncing and sync < total else ""
+                    words.append(f"{state},{sync}{plus}/{total}")
+            return " ".join(words)
+
+
+__all__ = ["MAX_ENTRY", "Leg", "ReplicatedDevice", "Replicator", "Slink", "ondisk"]

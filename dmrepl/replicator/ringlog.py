@@ -1,0 +1,463 @@
+"""The ringbuffer replication log: placement, group commit, replay, release, resize.
+
+Theory of operation
+-------------------
+* Every write becomes an *entry* (header slot + data) appended at the ring's tail,
+  with the next sequence number.  Writers reserve space under the lock, write
+  header and data with one ``pwritev`` outside it, and then *commit*: one
+  ``flush()`` (fdatasync) of the log store covers every entry written so far (group
+  commit).  ``durable_seq`` is the longest prefix of entries known durable; only
+  those are acknowledged and only those are copied to site links, so no site ever
+  holds a write the log could lose.
+* Copy progress is one sequence number per site link (``positions``), persisted in
+  the ring header, never by rewriting entry headers.  The head (space release)
+  moves to the first entry some site link still needs, and the freed space is
+  reused only after the ring header recording that head is durable: a scan from
+  the recorded head always finds the entries that were live.
+* Open scans from the recorded head: an entry is accepted only with the expected
+  sequence number, its own position, this log's id, a non-decreasing epoch not
+  newer than the header's, valid CRCs of header and data.  The scan stops at the
+  first entry that fails (a torn, never acknowledged write).  The epoch is bumped
+  and persisted by every open before anything is written, so an entry left over
+  from before a crash can never be taken for a newer one with the same number.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dmrepl.replicator import ondisk
+from dmrepl.replicator.crc import crc32c
+from dmrepl.replicator.errors import ReplogCorrupt, ReplogIOError, TableError
+from dmrepl.replicator.ondisk import (
+    ENTRY_FLAG_ZERO,
+    ENTRY_HEADER_SIZE,
+    RING_HEADER_OFFSETS,
+    RING_OFFSET,
+    SECTOR,
+    FormatError,
+)
+from dmrepl.replicator.store import BlockStore, FileStore, pwritev
+from dmrepl.replicator.table import LOG_SIZE_MIN, ReplogConfig
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    """One logged write (in memory)."""
+
+    seq: int
+    dev: int
+    offset: int  # bytes on the device
+    length: int  # bytes
+    pos: int  # bytes from the log start
+    size: int  # bytes occupied in the ring
+    slinks: frozenset[int]  # site links the copy was outstanding for when written
+    flags: int = 0
+    data: bytes | None = None  # cached data (None: read it from the ring)
+    ts: float = field(default_factory=time.monotonic)
+
+    @property
+    def zero(self) -> bool:
+        return bool(self.flags & ENTRY_FLAG_ZERO)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+class RingLog:
+    """A ringbuffer log on ``store`` at ``cfg.dev_start``; see the module docstring."""
+
+    def __init__(self, store: BlockStore, cfg: ReplogConfig, *,
+                 cache_bytes: int = 64 << 20) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.base = cfg.dev_start * SECTOR
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.cache_budget = cache_bytes
+        self.cached = 0
+        self.entries: deque[Entry] = deque()  # live: not durably released
+        self.log_id = 0
+        self.epoch = 0
+        self.generation = 0
+        self.log_size = 0  # sectors
+        self.next_seq = 1
+        self.tail_pos = RING_OFFSET
+        self.durable_seq = 0
+        self.positions: dict[int, int] = {}  # persisted per slink
+        self.failed: BaseException | None = None
+        self._unwritten: set[int] = set()
+        self._syncing = False
+        self._persist_lock = threading.Lock()
+        self.created = False
+        self.replayed = 0
+        self.stats = {"entries": 0, "bytes": 0, "header_writes": 0, "log_flushes": 0,
+                      "data_reads": 0}
+
+    # -- geometry -----------------------------------------------------------------
+
+    @property
+    def ring_start(self) -> int:
+        return RING_OFFSET
+
+    @property
+    def ring_end(self) -> int:
+        return self.log_size * SECTOR
+
+    @property
+    def head_seq(self) -> int:
+        return self.entries[0].seq if self.entries else self.next_seq
+
+    def used_bytes(self) -> int:
+        if not self.entries:
+            return 0
+        head = self.entries[0].pos
+        if self.tail_pos > head:
+            return self.tail_pos - head
+        return self.ring_end - head + self.tail_pos - self.ring_start
+
+    def _place(self, size: int) -> int | None:
+        start, end, tail = self.ring_start, self.ring_end, self.tail_pos
+        if not self.entries:
+            return tail if tail + size <= end else start
+        head = self.entries[0].pos
+        if tail > head:
+            if tail + size <= end:
+                return tail
+            return start if start + size <= head else None
+        if tail < head and tail + size <= head:
+            return tail
+        return None
+
+    def fits_ever(self, length: int) -> bool:
+        return ondisk.entry_size(length) <= self.ring_end - self.ring_start
+
+    # -- create / open ------------------------------------------------------------
+
+    def _read(self, off: int, length: int) -> bytes:
+        return self.store.pread(self.base + off, length)
+
+    def _write(self, off: int, data: bytes) -> None:
+        self.store.pwrite(self.base + off, data)
+
+    def _ensure_size(self, sectors: int) -> None:
+        need = self.base + sectors * SECTOR
+        if self.store.size < need:
+            if isinstance(self.store, FileStore) and not self.store.is_blockdev:
+                self.store.grow(need)
+            else:
+                raise TableError(f"replog device {self.cfg.dev_path} too small: needs "
+                                 f"{need} bytes for dev_start {self.cfg.dev_start} and size "
+                                 f"{sectors} sectors, has {self.store.size}")
+
+    def open(self) -> None:
+        """create/open/auto per the table, then bump the epoch (persisted)."""
+        mode = self.cfg.open_mode
+        if mode == "create":
+            self._create()
+        else:
+            try:
+                self._load()
+            except FormatError as e:
+                if mode == "open":
+                    raise ReplogCorrupt(f"replog {self.cfg.dev_path}@{self.cfg.dev_start}: "
+                                        f"{e}; not opened") from e
+                self._create()
+        self.epoch += 1
+        self._write_ring_header(self.positions, self.head_seq_pos())
+
+    def _create(self) -> None:
+        size = self.cfg.size or LOG_SIZE_MIN
+        self._ensure_size(size)
+        self.log_id = int.from_bytes(os.urandom(8), "little") or 1
+        self.log_size = size
+        self.epoch = 0
+        self.generation = 0
+        self.next_seq = 1
+        self.tail_pos = RING_OFFSET
+        self.positions = {}
+        self._write(ondisk.LOG_HEADER_OFFSET, ondisk.build_log_header(self.log_id,
+                                                                      self.cfg.dev_start))
+        self._write(RING_HEADER_OFFSETS[1], bytes(ondisk.SLOT))
+        self.store.flush()
+        self.created = True
+
+    def _load(self) -> None:
+        if self.store.size < self.base + RING_OFFSET:
+            raise FormatError("device too small for a log")
+        lh = ondisk.parse_log_header(self._read(ondisk.LOG_HEADER_OFFSET, ondisk.SLOT))
+        if lh["dev_start"] != self.cfg.dev_start:
+            raise FormatError(f"log header: written for dev_start {lh['dev_start']}")
+        self.log_id = lh["log_id"]
+        best: dict | None = None
+        errors = []
+        for off in RING_HEADER_OFFSETS:
+            try:
+                rh = ondisk.parse_ring_header(self._read(off, ondisk.SLOT), self.log_id)
+            except FormatError as e:
+                errors.append(str(e))
+                continue
+            if best is None or rh["generation"] > best["generation"]:
+                best = rh
+        if best is None:
+            raise ReplogCorrupt(f"replog {self.cfg.dev_path}: valid log header but no valid "
+                                f"ring header ({'; '.join(errors)}); not opened")
+        if best["log_size"] < LOG_SIZE_MIN or \
+                self.base + best["log_size"] * SECTOR > self.store.size:
+            raise ReplogCorrupt(f"replog {self.cfg.dev_path}: ring header log size "
+                                f"{best['log_size']} does not fit the device")
+        self.generation = best["generation"]
+        self.epoch = best["epoch"]
+        self.log_size = best["log_size"]
+        self.positions = dict(best["slinks"])
+        self._scan(best["head_pos"], best["head_seq"])
+
+    def _try_entry(self, pos: int, seq: int, min_epoch: int) -> Entry | None:
+        if pos < self.ring_start or pos + ENTRY_HEADER_SIZE > self.ring_end:
+            return None
+        try:
+            h = ondisk.parse_entry_header(self._read(pos, ENTRY_HEADER_SIZE), self.log_id)
+        except FormatError:
+            return None
+        if h["seq"] != seq or h["pos"] != pos or not min_epoch <= h["epoch"] <= self.epoch:
+            return None
+        size = ondisk.entry_size(h["length"], h["flags"])
+        if pos + size > self.ring_end:
+            return None
+        e = Entry(seq=seq, dev=h["dev"], offset=h["offset"], length=h["length"], pos=pos,
+                  size=size, slinks=ondisk.slinks_of_bitmap(h["slinks"]), flags=h["flags"])
+        e.ts = h["epoch"]  # temporarily: the epoch (reset below)
+        if not e.zero:
+            data = self._read(pos + ENTRY_HEADER_SIZE, h["length"])
+            if crc32c(data) != h["data_crc"]:
+                return None
+        return e
+
+    def _scan(self, head_pos: int, head_seq: int) -> None:
+        pos, seq, min_epoch, total = head_pos, head_seq, 0, 0
+        capacity = self.ring_end - self.ring_start
+        now = time.monotonic()
+        while True:
+            e = self._try_entry(pos, seq, min_epoch)
+            if e is None and pos != self.ring_start:
+                e = self._try_entry(self.ring_start, seq, min_epoch)
+            if e is None or total + e.size > capacity:
+                break
+            min_epoch = int(e.ts)
+            e.ts = now
+            total += e.size
+            self.entries.append(e)
+            pos, seq = e.pos + e.size, seq + 1
+        self.next_seq = seq
+        self.durable_seq = seq - 1
+        self.tail_pos = pos if self.entries else head_pos
+        if self.tail_pos > self.ring_end or self.tail_pos < self.ring_start:
+            self.tail_pos = self.ring_start
+        self.replayed = len(self.entries)
+
+    def head_seq_pos(self) -> tuple[int, int]:
+        if self.entries:
+            return self.entries[0].pos, self.entries[0].seq
+        return self.tail_pos, self.next_seq
+
+    # -- appending -----------------------------------------------------------------
+
+    def reserve(self, dev: int, offset: int, length: int, slinks: frozenset[int],
+                data: bytes | None, *, zero: bool = False) -> Entry | None:
+        """Reserve the next entry (call with ``self.lock`` held); None: no space."""
+        if self.failed is not None:
+            raise ReplogIOError(f"replication log failed earlier: {self.failed}")
+        flags = ENTRY_FLAG_ZERO if zero else 0
+        size = ondisk.entry_size(length, flags)
+        pos = self._place(size)
+        if pos is None:
+            return None
+        e = Entry(seq=self.next_seq, dev=dev, offset=offset, length=length, pos=pos,
+                  size=size, slinks=slinks, flags=flags)
+        if data is not None and self.cached + length <= self.cache_budget:
+            e.data = data
+            self.cached += length
+        self.next_seq += 1
+        self.tail_pos = pos + size
+        self.entries.append(e)
+        self._unwritten.add(e.seq)
+        return e
+
+    def write_entry(self, e: Entry, data: bytes | memoryview | None) -> None:
+        """Write header and data of a reserved entry (no lock held)."""
+        crc = 0 if e.zero or data is None else crc32c(data)
+        hdr = ondisk.build_entry_header(
+            log_id=self.log_id, epoch=self.epoch, seq=e.seq, pos=e.pos, dev=e.dev,
+            offset=e.offset, length=e.length, data_crc=crc,
+            bitmap=ondisk.slink_bitmap(e.slinks), flags=e.flags)
+        bufs: list[bytes | memoryview] = [hdr]
+        if not e.zero and data is not None:
+            bufs.append(data)
+            pad = -e.length % SECTOR
+            if pad:
+                bufs.append(bytes(pad))
+        try:
+            pwritev(self.store, self.base + e.pos, bufs)
+        except OSError as err:
+            self._fail(err)
+            raise ReplogIOError(f"replication log write failed: {err}") from err
+        with self.cond:
+            self._unwritten.discard(e.seq)
+            self.stats["entries"] += 1
+            self.stats["bytes"] += e.length
+            self.cond.notify_all()
+
+    def _fail(self, err: BaseException) -> None:
+        with self.cond:
+            if self.failed is None:
+                self.failed = err
+            self.cond.notify_all()
+
+    def _contiguous(self) -> int:
+        return (min(self._unwritten) - 1) if self._unwritten else self.next_seq - 1
+
+    def commit(self, seq: int, on_durable: Callable[[], None] | None = None) -> None:
+        """Return once entries up to ``seq`` are durable (group commit)."""
+        while True:
+            with self.cond:
+                while (self.durable_seq < seq and self.failed is None
+                       and (self._syncing or self._contiguous() < seq)):
+                    self.cond.wait()
+                if self.failed is not None and self.durable_seq < seq:
+                    raise ReplogIOError(f"replication log failed: {self.failed}")
+                if self.durable_seq >= seq:
+                    return
+                self._syncing = True
+                target = self._contiguous()
+            try:
+                self.store.flush()
+            except OSError as err:
+                self._fail(err)
+                raise ReplogIOError(f"replication log flush failed: {err}") from err
+            finally:
+                with self.cond:
+                    self._syncing = False
+                    self.cond.notify_all()
+            with self.cond:
+                self.stats["log_flushes"] += 1
+                if target > self.durable_seq:
+                    self.durable_seq = target
+                self.cond.notify_all()
+            if on_durable is not None:
+                on_durable()
+
+    # -- reading ------------------------------------------------------------------
+
+    def entry_data(self, e: Entry) -> bytes:
+        """The entry's data (cached, or read from the ring and checked)."""
+        d = e.data
+        if d is not None:
+            return d
+        if e.zero:
+            return bytes(e.length)
+        raw = self.store.pread(self.base + e.pos, ENTRY_HEADER_SIZE + e.length)
+        try:
+            h = ondisk.parse_entry_header(raw[:ENTRY_HEADER_SIZE], self.log_id)
+        except FormatError as err:
+            raise ReplogCorrupt(f"entry {e.seq} unreadable: {err}") from err
+        data = raw[ENTRY_HEADER_SIZE:]
+        if h["seq"] != e.seq or crc32c(data) != h["data_crc"]:
+            raise ReplogCorrupt(f"entry {e.seq}: data CRC mismatch on re-read")
+        self.stats["data_reads"] += 1
+        with self.lock:
+            if e.data is None and self.cached + e.length <= self.cache_budget:
+                e.data = data
+                self.cached += e.length
+        return data
+
+    def drop_cache(self, e: Entry) -> None:
+        """Forget cached data (call with the lock held)."""
+        if e.data is not None:
+            self.cached -= e.length
+            e.data = None
+
+    def entry(self, seq: int) -> Entry | None:
+        if not self.entries:
+            return None
+        i = seq - self.entries[0].seq
+        if 0 <= i < len(self.entries):
+            return self.entries[i]
+        return None
+
+    # -- progress, release ----------------------------------------------------------
+
+    def _write_ring_header(self, positions: dict[int, int], head: tuple[int, int],
+                           log_size: int | None = None) -> None:
+        gen = self.generation + 1
+        raw = ondisk.build_ring_header(
+            log_id=self.log_id, epoch=self.epoch, generation=gen,
+            log_size=log_size or self.log_size, head_pos=head[0], head_seq=head[1],
+            slinks=positions)
+        try:
+            self._write(RING_HEADER_OFFSETS[gen % 2], raw)
+            self.store.flush()
+        except OSError as err:
+            self._fail(err)
+            raise ReplogIOError(f"ring header write failed: {err}") from err
+        self.generation = gen
+        self.stats["header_writes"] += 1
+
+    def persist(self, positions: dict[int, int]) -> int:
+        """Persist per-slink positions and release the entries all of them passed.
+
+        ``positions`` must only hold progress already durable on the devices.
+        Returns the number of entries released."""
+        with self._persist_lock:
+            with self.lock:
+                release = min(positions.values()) if positions else self.durable_seq
+                release = min(release, self.durable_seq)
+                head = None
+                for e in self.entries:
+                    if e.seq > release:
+                        head = (e.pos, e.seq)
+                        break
+                if head is None:
+                    head = (self.tail_pos, self.next_seq)
+                    # every live entry is released: keep the durable ones only
+                    release = min(release, self.next_seq - 1)
+                pos_copy = dict(positions)
+            self._write_ring_header(pos_copy, head)
+            n = 0
+            with self.cond:
+                self.positions = pos_copy
+                while self.entries and self.entries[0].seq <= release \
+                        and self.entries[0].seq not in self._unwritten:
+                    e = self.entries.popleft()
+                    self.drop_cache(e)
+                    n += 1
+                self.cond.notify_all()
+            return n
+
+    def resize(self, sectors: int) -> None:
+        """``replog resize``: grow always; shrink only if the live entries fit."""
+        if sectors < LOG_SIZE_MIN:
+            raise TableError(f"replog resize {sectors}: below the minimum {LOG_SIZE_MIN}")
+        with self._persist_lock:
+            with self.lock:
+                end = sectors * SECTOR
+                if end < self.ring_end:
+                    if any(e.pos + e.size > end for e in self.entries) or \
+                            (self.entries and self.tail_pos > end):
+                        raise TableError(f"replog resize {sectors}: live entries lie beyond "
+                                         "the new end; retry when the log has drained")
+            self._ensure_size(sectors)
+            with self.lock:
+                head = self.head_seq_pos()
+                positions = dict(self.positions)
+            self._write_ring_header(positions, head, sectors)
+            with self.cond:
+                self.log_size = sectors
+                if self.tail_pos > self.ring_end:
+                    self.tail_pos = self.ring_start
+                self.cond.notify_all()
