@@ -1,0 +1,215 @@
+"""Fakes for testing the replicator (and what is built on it): in-memory block
+stores that delay, fail on demand, and record every write in one global order.
+
+The recorder models what survives a crash: per store, writes before that store's
+last ``flush`` are durable; later ones may each be lost, applied, or torn at
+sector granularity (:meth:`Recorder.crash_image`).
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dmrepl.replicator import ondisk
+
+SECTOR = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    store: str
+    kind: str  # "write" | "flush" | "mark"
+    offset: int = 0
+    data: bytes = b""
+    note: object = None
+
+
+class Recorder:
+    """A global, ordered log of writes and flushes to named stores."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ops: list[Op] = []
+
+    def mark(self, note: object) -> None:
+        """Record an event (e.g. a write acknowledgement) in the same order."""
+        with self.lock:
+            self.ops.append(Op("", "mark", note=note))
+
+    def image(self, name: str, size: int, cut: int, base: bytes | None = None) -> bytearray:
+        """The store's content after ops[:cut], all applied (no crash)."""
+        img = bytearray(base if base is not None else bytes(size))
+        for op in self.ops[:cut]:
+            if op.store == name and op.kind == "write":
+                img[op.offset:op.offset + len(op.data)] = op.data
+        return img
+
+    def crash_image(self, name: str, size: int, cut: int, rng: random.Random,
+                    base: bytes | None = None) -> bytearray:
+        """The store's content after a crash at ``cut``: durable writes plus a random
+        choice of the unflushed ones (each lost, applied, or torn by sectors)."""
+        ops = [op for op in self.ops[:cut] if op.store == name]
+        last_flush = max((i for i, op in enumerate(ops) if op.kind == "flush"), default=-1)
+        img = bytearray(base if base is not None else bytes(size))
+        for i, op in enumerate(ops):
+            if op.kind != "write":
+                continue
+            if i < last_flush:
+                img[op.offset:op.offset + len(op.data)] = op.data
+                continue
+            fate = rng.randrange(3)
+            if fate == 1:
+                img[op.offset:op.offset + len(op.data)] = op.data
+            elif fate == 2:
+                for s in range(0, len(op.data), SECTOR):
+                    if rng.random() < 0.5:
+                        img[op.offset + s:op.offset + s + SECTOR] = op.data[s:s + SECTOR]
+        return img
+
+
+class FakeStore:
+    """An in-memory BlockStore with latency, fault injection and recording."""
+
+    def __init__(self, size: int, *, name: str = "mem", data: bytes | None = None,
+                 recorder: Recorder | None = None,
+                 delay: Callable[[], float] | None = None) -> None:
+        self.size = size
+        self.name = name
+        self.data = bytearray(data if data is not None else bytes(size))
+        if len(self.data) < size:
+            self.data.extend(bytes(size - len(self.data)))
+        self.recorder = recorder
+        self.delay = delay
+        self.fail_writes = False
+        self.fail_reads = False
+        self.gate = threading.Event()  # cleared: writes block until set
+        self.gate.set()
+        self.lock = threading.Lock()
+        self.writes = 0
+        self.flushes = 0
+        self.closed = False
+
+    def _io_error(self, what: str) -> OSError:
+        return OSError(errno.EIO, f"{self.name}: injected {what} error")
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if self.fail_reads:
+            raise self._io_error("read")
+        if offset < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, f"{self.name}: read beyond end")
+        with self.lock:
+            return bytes(self.data[offset:offset + length])
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.delay is not None:
+            d = self.delay()
+            if d > 0:
+                time.sleep(d)  # simulated device latency
+        self.gate.wait()
+        if self.fail_writes:
+            raise self._io_error("write")
+        b = bytes(data)
+        if offset < 0 or offset + len(b) > self.size:
+            raise OSError(errno.ENOSPC, f"{self.name}: write beyond end")
+        rec = self.recorder
+        if rec is not None:
+            with rec.lock:
+                with self.lock:
+                    self.data[offset:offset + len(b)] = b
+                rec.ops.append(Op(self.name, "write", offset, b))
+        else:
+            with self.lock:
+                self.data[offset:offset + len(b)] = b
+        self.writes += 1
+
+    def flush(self) -> None:
+        if self.fail_writes:
+            raise self._io_error("flush")
+        if self.recorder is not None:
+            with self.recorder.lock:
+                self.recorder.ops.append(Op(self.name, "flush"))
+        self.flushes += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+    def snapshot(self) -> bytes:
+        with self.lock:
+            return bytes(self.data)
+
+
+class StoreSet:
+    """An opener over named FakeStores (``opener=stores.open``)."""
+
+    def __init__(self) -> None:
+        self.stores: dict[str, FakeStore] = {}
+
+    def add(self, store: FakeStore) -> FakeStore:
+        self.stores[store.name] = store
+        return store
+
+    def open(self, path: str) -> FakeStore:
+        try:
+            store = self.stores[path]
+        except KeyError:
+            raise OSError(errno.ENOENT, f"no such device {path}") from None
+        store.closed = False
+        return store
+
+
+def history_from_ring(recorder: Recorder, log_name: str, log_id: int | None = None,
+                      base: int = 0) -> list[tuple[int, int, bytes]]:
+    """Rebuild the write history (dev, offset, data) in log order from the recorded
+    writes to the log store, by parsing the entry headers written there."""
+    found: dict[int, tuple[int, int, bytes]] = {}
+    for op in recorder.ops:
+        if op.store != log_name or op.kind != "write" or len(op.data) < SECTOR:
+            continue
+        try:
+            h = ondisk.EntryHeader.parse(op.data[:SECTOR])
+        except Exception:  # noqa: S112 - not an entry (a ring header or log header)
+            continue
+        v = h.body.value
+        if log_id is not None and v.log_id != log_id:
+            continue
+        if v.flags & ondisk.ENTRY_FLAG_ZERO:
+            data = bytes(v.length)
+        else:
+            data = bytes(op.data[SECTOR:SECTOR + v.length])
+        found[v.seq] = (v.dev, v.offset, data)
+    return [found[s] for s in sorted(found)]
+
+
+class PrefixChecker:
+    """Checks that a sequence of multi-device states are prefix states of a history.
+
+    ``history`` is [(dev, offset, data)] in log order; ``devs`` maps dev -> size."""
+
+    def __init__(self, history: list[tuple[int, int, bytes]], devs: dict[int, int],
+                 initial: dict[int, bytes] | None = None) -> None:
+        self.history = history
+        self.state = {d: bytearray(initial[d] if initial else bytes(n))
+                      for d, n in devs.items()}
+        self.j = 0  # states[j] = after history[:j]
+
+    def _advance(self) -> None:
+        dev, off, data = self.history[self.j]
+        if dev in self.state:
+            self.state[dev][off:off + len(data)] = data
+        self.j += 1
+
+    def match(self, remote: dict[int, bytes | bytearray]) -> int:
+        """Advance to the first prefix state equal to ``remote``; return its index,
+        or raise AssertionError if no prefix state from the current one matches."""
+        while True:
+            if all(self.state[d] == remote[d] for d in self.state):
+                return self.j
+            if self.j >= len(self.history):
+                raise AssertionError("remote state is not a prefix of the write history "
+                                     f"(checked up to {self.j} writes)")
+            self._advance()
