@@ -39,7 +39,8 @@ def setup(n_dev: int, slinks: str, legs: list[tuple[int, str]], *, log_sectors: 
             dl = None
             if delay is not None:
                 r2 = random.Random(rng.random())
-                dl = (lambda r=r2: delay(r))
+                def dl(r=r2):
+                    return (delay(r))
             stores.add(FakeStore(dev_size, name=f"r{nr}_{d}", recorder=rec, delay=dl))
     tuning.setdefault("retry_interval", 0.01)
     tuning.setdefault("persist_interval", 0.01)
@@ -165,7 +166,7 @@ def _wait(cond, timeout: float = 20.0, what: str = "condition") -> None:
 
 
 def test_ring_full_drops_failed_async_slink_then_resyncs() -> None:
-    rep, devs, stores, rec = setup(
+    rep, devs, stores, _rec = setup(
         2, "blockdev 2 0 async blockdev 2 1 async", [(1, "core 2 8 nosync")],
         log_sectors=4096, dev_size=1 << 20)
     for d in range(2):
@@ -193,7 +194,7 @@ def test_ring_full_drops_failed_async_slink_then_resyncs() -> None:
 
 
 def test_ring_full_drops_lagging_slink_after_grace() -> None:
-    rep, devs, stores, rec = setup(
+    rep, devs, stores, _rec = setup(
         1, "blockdev 2 0 async blockdev 2 1 async", [(1, "core 2 8 nosync")],
         log_sectors=4096, dev_size=1 << 20, delay=lambda r: 0.004, full_grace=0.05)
     rep.start()
@@ -227,7 +228,7 @@ def test_stall_policy_blocks_writer_instead_of_dropping() -> None:
 
 
 def test_initial_sync_of_new_remote_device() -> None:
-    rep, devs, stores, rec = setup(1, "blockdev 2 0 async blockdev 2 1 async",
+    rep, _devs, stores, _rec = setup(1, "blockdev 2 0 async blockdev 2 1 async",
                                    [(1, "core 2 8 sync")])
     local = stores.stores["l0"]
     local.data[:] = random.Random(1).randbytes(DEV_SIZE)
