@@ -129,8 +129,9 @@ class MemoryStorage:
         self.name = name
         self.size = size
         self.logical_block_size = logical_block_size
-        self.durable = bytearray(data if data is not None else bytes(size))
-        self.durable.extend(bytes(max(0, size - len(self.durable))))
+        self.durable = bytearray(size)
+        if data is not None:
+            self.durable[:len(data)] = data[:size]
         self.volatile = bytearray(self.durable)
         self.writes: list[tuple[int, int]] = []  # (offset, length) of each write
         self.flushes = 0
