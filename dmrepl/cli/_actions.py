@@ -104,5 +104,14 @@ def wait(ns: argparse.Namespace) -> None:
 
 def daemon(ns: argparse.Namespace) -> int:
     from dmrepl.daemon.daemon import run_daemon
+    tuning: dict[str, float] = {}
+    for item in ns.tuning:
+        key, sep, value = item.partition("=")
+        try:
+            tuning[key] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key:
+            raise CliUserError(f"--tuning wants KEY=NUMBER, not {item!r}")
     return run_daemon(ns.socket, ns.state_dir, ns.ready_file,
-                      kernel_devices=not ns.no_kernel_devices, engine=ns.engine)
+                      kernel_devices=not ns.no_kernel_devices, engine=ns.engine, tuning=tuning)

@@ -65,6 +65,8 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
             ("--no-kernel-devices", {"action": "store_true",
                                      "help": "export over NBD only: no /dev/nbdN, "
                                              "no /dev/mapper (no kernel needed)"}),
+            ("--tuning", {"action": "append", "default": [], "metavar": "KEY=VALUE",
+                          "help": "engine tuning, e.g. retry_interval=1 (repeatable)"}),
             ("--engine", {"choices": ["auto", "replicator", "sim"], "default": "auto",
                           "help": "replicator engine (sim: synchronous stand-in)"}),
         ],

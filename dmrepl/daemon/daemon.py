@@ -199,7 +199,9 @@ class Daemon:
     """Holds the objects and answers control requests (see :meth:`handle`)."""
 
     def __init__(self, state_dir: str, *, kernel_devices: bool = True,
-                 engine: Any = None, nbd_workers: int = 8) -> None:
+                 engine: Any = None, nbd_workers: int = 8,
+                 tuning: dict[str, float] | None = None) -> None:
+        self.tuning = dict(tuning or {})
         self.state_dir = state_dir
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.kernel_devices = kernel_devices
@@ -296,7 +298,7 @@ class Daemon:
         uuid = uuid or f"DMREPL-{uuidlib.uuid4().hex}"
         obj: ReplicatorObj | DeviceObj
         if lines[0].target == "replicator":
-            engine = self.engine.from_table(lines[0].text, opener=open_store)
+            engine = self.engine.from_table(lines[0].text, opener=open_store, **self.tuning)
             try:
                 engine.start()
             except BaseException:
@@ -635,10 +637,12 @@ class ControlServer:
 
 
 def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, *,
-               kernel_devices: bool = True, engine: str = "auto") -> int:
+               kernel_devices: bool = True, engine: str = "auto",
+               tuning: dict[str, float] | None = None) -> int:
     """``dmrepl daemon``: serve until SIGTERM/SIGINT, then shut down cleanly."""
     logging.basicConfig(level=logging.INFO, format="dmrepl-daemon: %(levelname)s %(message)s")
-    daemon = Daemon(state_dir, kernel_devices=kernel_devices, engine=default_engine(engine))
+    daemon = Daemon(state_dir, kernel_devices=kernel_devices, engine=default_engine(engine),
+                    tuning=tuning)
     server = ControlServer(daemon, socket_path)
 
     def on_signal(signum: int, frame: object) -> None:

@@ -35,7 +35,7 @@ class SimReplicator:
         self._cond = threading.Condition()
 
     @classmethod
-    def from_table(cls, line: str, *, opener: Any = None) -> SimReplicator:
+    def from_table(cls, line: str, *, opener: Any = None, **tuning: Any) -> SimReplicator:
         words = line.split()
         if len(words) < 6 or words[2] != "replicator":
             raise UserError(f"not a replicator table line: {line!r}")

@@ -13,11 +13,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 class DaemonProcess:
     def __init__(self, workdir: str | Path, *, kernel_devices: bool = True,
-                 engine: str = "auto", log_name: str = "daemon.log") -> None:
+                 engine: str = "auto", log_name: str = "daemon.log",
+                 tuning: dict[str, float] | None = None) -> None:
+        self.tuning = dict(tuning or {})
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(self.workdir / "control.sock")
@@ -40,6 +43,8 @@ class DaemonProcess:
                 "--engine", self.engine]
         if not self.kernel_devices:
             argv.append("--no-kernel-devices")
+        for key, value in self.tuning.items():
+            argv += ["--tuning", f"{key}={value}"]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -90,3 +95,180 @@ class DaemonProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- kernel lab: loop-backed dm disks and remote sites in network namespaces -----
+
+class KernelLab:
+    """Creates what kernel tests and the demo need, and removes it all on close().
+
+    * :meth:`disk`: a dm ``linear`` device over a loop device over a file in $TMPDIR.
+    * :meth:`site`: a remote site in its own network namespace, joined by a veth
+      pair with netem on it, exporting a disk over NBD/TCP with qemu-nbd.
+    """
+
+    def __init__(self, tag: str | None = None) -> None:
+        self.tag = tag or f"{os.getpid() % 100000}"
+        self._cleanup: list[tuple[str, object]] = []
+        self._sites = 0
+
+    def _push(self, what: str, fn: object) -> None:
+        self._cleanup.append((what, fn))
+
+    def close(self) -> None:
+        errors = []
+        while self._cleanup:
+            what, fn = self._cleanup.pop()
+            try:
+                fn()  # type: ignore[operator]
+            except Exception as e:   # keep cleaning up; report at the end
+                errors.append(f"{what}: {e}")
+        if errors:
+            raise RuntimeError("cleanup failed: " + "; ".join(errors))
+
+    def __enter__(self) -> KernelLab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def disk(self, name: str, size_mb: int) -> str:
+        from dmrepl.dm import DmControl, Target
+        tmp = os.environ.get("TMPDIR", "/tmp")
+        backing = os.path.join(tmp, f"{name}.img")
+        with open(backing, "wb") as f:
+            f.truncate(size_mb << 20)
+        self._push(f"unlink {backing}", lambda: os.unlink(backing))
+        loop = subprocess.run(["losetup", "--find", "--show", backing], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        self._push(f"losetup -d {loop}",
+                   lambda: subprocess.run(["losetup", "-d", loop], check=True))
+        dm = DmControl()
+        dm.create_device(name, [Target(0, (size_mb << 20) // 512, "linear", f"{loop} 0")])
+        self._push(f"dm remove {name}", lambda: _dm_remove(name))
+        return dm.ensure_node(name)
+
+    def site(self, disk: str, *, delay_ms: float = 20, loss: float = 0) -> RemoteSite:
+        self._sites += 1
+        site = RemoteSite(f"{self.tag}-{self._sites}", self._sites, disk, delay_ms, loss)
+        self._push(f"site {site.ns}", site.close)
+        site.start()
+        return site
+
+
+def _dm_remove(name: str) -> None:
+    from dmrepl.dm import DmControl
+    dm = DmControl()
+    for _ in range(100):
+        try:
+            if dm.exists(name):
+                dm.remove(name)
+            break
+        except OSError:
+            time.sleep(0.1)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"/dev/mapper/{name}")
+
+
+class RemoteSite:
+    """A second site: netns + veth (netem on the link) + qemu-nbd exporting ``disk``."""
+
+    PORT = 10809
+
+    def __init__(self, tag: str, index: int, disk: str, delay_ms: float, loss: float) -> None:
+        self.ns = f"dmrepl-site-{tag}"
+        self.host_if = f"drh{tag}"[:15]
+        self.site_if = f"drs{tag}"[:15]
+        self.host_ip = f"10.77.{index}.1"
+        self.site_ip = f"10.77.{index}.2"
+        self.disk = disk
+        self.delay_ms = delay_ms
+        self.loss = loss
+        self.pid_file = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"{self.ns}.pid")
+        self.export = "remote"
+
+    @property
+    def url(self) -> str:
+        return f"nbd://{self.site_ip}:{self.PORT}/{self.export}"
+
+    def _in_ns(self) -> Any:
+        """An IPRoute socket opened inside the site's namespace (setns in this thread;
+        pyroute2's NetNS forks a helper, which is too slow under TCG)."""
+        from pyroute2 import IPRoute, netns
+        netns.pushns(self.ns)
+        try:
+            return IPRoute()
+        finally:
+            netns.popns()
+
+    def start(self) -> None:
+        import pyroute2.config
+        from pyroute2 import IPRoute, netns
+        pyroute2.config.default_communicate_timeout = 60
+        netns.create(self.ns)
+        with IPRoute() as ip:
+            ip.link("add", ifname=self.host_if, kind="veth", peer=self.site_if)
+            host = ip.link_lookup(ifname=self.host_if)[0]
+            site = ip.link_lookup(ifname=self.site_if)[0]
+            ip.link("set", index=site, net_ns_fd=self.ns)
+            ip.addr("add", index=host, address=self.host_ip, prefixlen=24)
+            ip.link("set", index=host, state="up")
+        with self._in_ns() as nsip:
+            lo = nsip.link_lookup(ifname="lo")[0]
+            nsip.link("set", index=lo, state="up")
+            site = nsip.link_lookup(ifname=self.site_if)[0]
+            nsip.addr("add", index=site, address=self.site_ip, prefixlen=24)
+            nsip.link("set", index=site, state="up")
+        self.netem(self.delay_ms, self.loss, add=True)
+        subprocess.run(["ip", "netns", "exec", self.ns, "qemu-nbd", "--fork", "--persistent",
+                        "--shared=8", "-f", "raw", "--cache=none", "-x", self.export,
+                        "-b", self.site_ip, "-p", str(self.PORT), "--pid-file", self.pid_file,
+                        self.disk], check=True, capture_output=True, timeout=60)
+
+    def netem(self, delay_ms: float, loss: float = 0, add: bool = False) -> None:
+        """Delay (one way, host -> site and back) and loss (percent) on the link."""
+        from pyroute2 import IPRoute
+        self.delay_ms, self.loss = delay_ms, loss
+        half = int(delay_ms * 1000 / 2)
+        with IPRoute() as ip:
+            idx = ip.link_lookup(ifname=self.host_if)[0]
+            ip.tc("add" if add else "change", "netem", idx, delay=half, loss=loss)
+        with self._in_ns() as nsip:
+            idx = nsip.link_lookup(ifname=self.site_if)[0]
+            nsip.tc("add" if add else "change", "netem", idx, delay=half)
+
+    def _set_link(self, state: str) -> None:
+        from pyroute2 import IPRoute
+        with IPRoute() as ip:
+            idx = ip.link_lookup(ifname=self.host_if)[0]
+            ip.link("set", index=idx, state=state)
+            if state == "up":
+                with contextlib.suppress(Exception):
+                    ip.addr("add", index=idx, address=self.host_ip, prefixlen=24)
+
+    def cut(self) -> None:
+        self._set_link("down")
+
+    def restore(self) -> None:
+        self._set_link("up")
+        # the route comes back with the link; wait until the site answers TCP
+        import socket
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection((self.site_ip, self.PORT), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        from pyroute2 import IPRoute, netns
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+            with open(self.pid_file) as f:
+                os.kill(int(f.read().strip()), signal.SIGTERM)
+        with IPRoute() as ip:
+            for idx in ip.link_lookup(ifname=self.host_if):
+                ip.link("del", index=idx)
+        netns.remove(self.ns)

@@ -105,7 +105,8 @@ ERRORS = {
 MAX_REQUEST = 32 * 1024 * 1024
 # Largest option payload (export names are at most 4096 bytes by the spec).
 MAX_OPTION = 64 * 1024
-MIN_BLOCK, PREFERRED_BLOCK = 1, 4096
+# The replicator works in 512-byte sectors: clients must align (qemu, libnbd do).
+MIN_BLOCK, PREFERRED_BLOCK = 512, 4096
 
 # -- structs ---------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+from dmrepl.errors import UserError
 from dmrepl.nbd import _proto as p
 from dmrepl.nbd.backend import Backend
 
@@ -234,6 +235,10 @@ class _Connection:
         except OSError as e:
             log.warning("nbd: %s failed: %s", p.Cmd(req.command).name, e)
             error = e.errno or errno.EIO
+        except (UserError, ValueError) as e:
+            # the backend refused the request (e.g. unaligned I/O): the client's fault
+            log.info("nbd: %s refused: %s", p.Cmd(req.command).name, e)
+            error = errno.EINVAL
         except Exception:
             log.exception("nbd: %s failed", req.command)
             error = errno.EIO

@@ -158,10 +158,10 @@ def test_errors_are_one_line_with_stable_codes_and_devices_unaffected(
 def test_suspend_resume_load_swap_remove(
         replicated: tuple[DaemonProcess, list[str]], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     d, _ = replicated
-    local2, remote2 = files(tmp_path, "local2", "remote2")
+    la, ra, lb, rb = files(tmp_path, "la", "ra", "lb", "rb", size=4 * MB)
     half = SECTORS // 2
-    two_lines = (dev_table("rep", 1, local2, remote2, 0, half) + "\n"
-                          + dev_table("rep", 2, local2, remote2, half, half))
+    two_lines = (dev_table("rep", 1, la, ra, 0, half) + "\n"
+                 + dev_table("rep", 2, lb, rb, half, half))
     table_file = tmp_path / "t"
     table_file.write_text(two_lines)
     assert cli(d, "suspend", "vol") == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dmrepl.cli._error_reporting import interpret
@@ -31,6 +31,7 @@ def test_roundtrip_whole_bytewise_trailing() -> None:
     assert dec.feed(raw + encode(FRAMES[0])[:3]) == FRAMES and dec.pending == 3
 
 
+@settings(deadline=None)
 @given(st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=20), max_size=5))
 def test_any_object_roundtrips(obj: dict[str, object]) -> None:
     assert FrameDecoder().feed(encode(obj)) == [obj]

@@ -6,7 +6,7 @@ import errno
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dmrepl.nbd import _proto as p
@@ -167,6 +167,7 @@ def test_requests_one_byte_at_a_time() -> None:
     assert got == EXPECTED
 
 
+@settings(deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=64), max_size=40))
 def test_requests_any_fragmentation(cuts: list[int]) -> None:
     conn = transmitting()
