@@ -45,6 +45,11 @@ _NTYPES = 18
 _ZERO8 = p.encode_s64(0)
 _ONE8 = p.encode_s64(1)
 _NO_WORK = p.encode_resync_work(False, 0)
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+_U64_FROM = p.U64_S.unpack_from
+_FAST_TYPES = frozenset({RT.IN_SYNC, RT.IS_REMOTE_RECOVERING, RT.FLUSH, RT.MARK_REGION,
+                         RT.CLEAR_REGION})
+_FLUSHING = frozenset({RT.FLUSH, RT.MARK_REGION})
 
 
 def default_log_factory(type_name: str, args: Sequence[str], target_sectors: int) -> Any:
@@ -99,12 +104,15 @@ class Dispatcher:
     """Applies decoded requests to the logs and produces the reply datagrams."""
 
     def __init__(self, log_factory: LogFactory = default_log_factory, *, portid: int = 0,
-                 persist_marks: bool = True,
+                 persist_marks: bool = True, fast_path: bool = True,
                  clock: Callable[[], int] = time.perf_counter_ns) -> None:
         self.logs: dict[tuple[bytes, int], LogEntry] = {}
+        # the same entries keyed by the raw 129-byte uuid field (as the kernel sends it)
+        self._fastkeys: dict[tuple[bytes, int], LogEntry] = {}
         self.factory = log_factory
         self.portid = portid
         self.persist_marks = persist_marks
+        self.fast_path = fast_path
         self.clock = clock
         self.lock = threading.Lock()
         self.dropped: dict[str, int] = {}
@@ -136,46 +144,124 @@ class Dispatcher:
         """Replies to every request in ``datagrams``, durability work done first."""
         if t0 is None:
             t0 = self.clock()
-        pending: list[tuple[p.Request, LogEntry | None, int, bytes]] = []
+        # (entry, error, payload, typed request | None, raw header tuple | None, type)
+        pending: list[tuple[LogEntry | None, int, bytes, p.Request | None,
+                            tuple[Any, ...] | None, int]] = []
         to_flush: list[LogEntry] = []
+        fast = self._fast if self.fast_path else _never
         for dgram in datagrams:
+            item = fast(dgram)
+            if item is not None:
+                self.requests += 1
+                entry = item[0]
+                if item[5] in _FLUSHING and (self.persist_marks or item[5] == RT.FLUSH) \
+                        and entry not in to_flush:
+                    to_flush.append(entry)
+                pending.append(item)
+                continue
             for ev in p.decode_datagram(dgram):
                 if isinstance(ev, p.Dropped):
-                    self.dropped[ev.reason.split(" ")[0]] = \
-                        self.dropped.get(ev.reason.split(" ")[0], 0) + 1
+                    reason = ev.reason.split(" ")[0]
+                    self.dropped[reason] = self.dropped.get(reason, 0) + 1
                     log.warning("dropped message: %s", ev.reason)
                     continue
                 self.requests += 1
-                entry, err, payload, needs_flush = self._apply(ev)
-                if needs_flush and entry is not None and entry not in to_flush:
-                    to_flush.append(entry)
-                pending.append((ev, entry, err, payload))
+                ent, err, payload, needs_flush = self._apply(ev)
+                if needs_flush and ent is not None and ent not in to_flush:
+                    to_flush.append(ent)
+                pending.append((ent, err, payload, ev, None, ev.request_type))
         failed: dict[int, int] = {}
-        for entry in to_flush:
-            err = self._durable(entry)
+        for ent in to_flush:
+            err = self._durable(ent)
             if err:
-                failed[id(entry)] = err
+                failed[id(ent)] = err
         replies: list[bytes] = []
+        append = replies.append
         t1 = self.clock()
-        for req, entry, err, payload in pending:
-            if entry is not None:
-                if failed and not err and id(entry) in failed and req.request_type in (
-                        RT.FLUSH, RT.MARK_REGION):
-                    err, payload = failed[id(entry)], b""
-                i = entry.lat_n
-                entry.lat[i & (_LAT_RING - 1)] = t1 - t0
-                entry.lat_n = i + 1
+        lat = t1 - t0
+        portid = self.portid
+        pack = p.HEADERS.pack
+        for ent, err, payload, req, hdr, rtype in pending:
+            if ent is not None:
+                if failed and not err and id(ent) in failed and rtype in _FLUSHING:
+                    err, payload = failed[id(ent)], b""
+                i = ent.lat_n
+                ent.lat[i & (_LAT_RING - 1)] = lat
+                ent.lat_n = i + 1
                 if err:
-                    entry.errors += 1
-            if err:
+                    ent.errors += 1
+                    self.errors += 1
+            elif err:
                 self.errors += 1
+            if hdr is not None:
+                # fast path: echo the raw header fields (payload sizes are fixed and legal)
+                n = len(payload)
+                nl_len = p.HEADERS_LEN + n
+                append(pack(nl_len, 3, 0, hdr[16], portid, 7, 1, hdr[16], 0, p.ULOG_HDRLEN + n,
+                            0, hdr[11], hdr[12], b"", hdr[14], err, hdr[16], hdr[17], n)
+                       + payload + _PAD[nl_len & 3])
+                continue
+            assert req is not None
             try:
-                replies.append(p.encode_reply(req, err, payload, self.portid))
+                append(p.encode_reply(req, err, payload, portid))
             except p.ReplyTooLarge as e:
                 log.error("%s", e)
                 self.errors += 1
-                replies.append(p.encode_reply(req, -errno.EINVAL, b"", self.portid))
+                append(p.encode_reply(req, -errno.EINVAL, b"", portid))
         return replies
+
+    def _fast(self, dgram: bytes) -> tuple[LogEntry, int, bytes, None, tuple[Any, ...], int] | None:
+        """The hot requests of a resumed log, without building event objects.
+
+        Only a datagram holding exactly one well-formed message of a hot type for
+        a known log qualifies; anything else (or any exception) takes the typed
+        path, which is the reference behaviour.
+        """
+        size = len(dgram)
+        if size < p.HEADERS_LEN:
+            return None
+        hdr = p.HEADERS.unpack_from(dgram)
+        nl_len = hdr[0]
+        data_size = hdr[18]
+        if ((nl_len + 3) & ~3) != size or nl_len > size or hdr[1] != 3 or hdr[5] != 7 \
+                or hdr[6] != 1 or hdr[9] != p.ULOG_HDRLEN + data_size \
+                or nl_len != p.HEADERS_LEN + data_size:
+            return None
+        rtype = hdr[17] & 0xFF
+        if rtype not in _FAST_TYPES:
+            return None
+        entry = self._fastkeys.get((hdr[12], hdr[11]))
+        if entry is None:
+            return None
+        dlog = entry.dlog
+        try:
+            if rtype == 8:  # IN_SYNC
+                if data_size != 8:
+                    return None
+                region = _U64_FROM(dgram, p.HEADERS_LEN)[0]
+                payload = _ONE8 if dlog.in_sync(region) else _ZERO8
+            elif rtype == 17:  # IS_REMOTE_RECOVERING
+                if data_size != 8:
+                    return None
+                region = _U64_FROM(dgram, p.HEADERS_LEN)[0]
+                if region >= dlog.region_count:
+                    return None
+                payload = p.encode_remote_recovering(False, entry.in_sync_hint())
+            else:  # FLUSH, MARK_REGION, CLEAR_REGION
+                if data_size & 7:
+                    return None
+                payload = b""
+                if data_size:
+                    regions = p._u64_array(data_size >> 3).unpack_from(dgram, p.HEADERS_LEN)
+                    if rtype == 11:
+                        dlog.clear_regions(regions)
+                    else:
+                        dlog.mark_regions(regions)
+                    entry.touched = True
+        except Exception:
+            return None  # the typed path will produce the proper error reply
+        entry.counts[rtype] += 1
+        return entry, 0, payload, None, hdr, rtype
 
     def _durable(self, entry: LogEntry) -> int:
         if not entry.touched:
@@ -250,6 +336,7 @@ class Dispatcher:
         entry = LogEntry(req.uuid, req.luid, dlog, words[1], req.args)
         entry.counts[RT.CTR] += 1
         self.logs[key] = entry
+        self._fastkeys[(req.uuid.ljust(p.DM_UUID_LEN, b"\0"), req.luid)] = entry
         log.info("constructed log %s/%d: %s%s", _u(req.uuid), req.luid, req.args,
                  " (reconnect)" if req.reconnect else "")
         payload = b""
@@ -269,6 +356,7 @@ class Dispatcher:
 
     def _dtr(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
         del self.logs[(entry.uuid, entry.luid)]
+        self._fastkeys.pop((entry.uuid.ljust(p.DM_UUID_LEN, b"\0"), entry.luid), None)
         self._close(entry)
         log.info("destroyed log %s/%d", _u(entry.uuid), entry.luid)
         return 0, b""
@@ -379,6 +467,11 @@ class Dispatcher:
         for entry in list(self.logs.values()):
             self._close(entry)
         self.logs.clear()
+        self._fastkeys.clear()
+
+
+def _never(dgram: bytes) -> None:
+    return None
 
 
 def _u(uuid: bytes) -> str:

@@ -137,3 +137,29 @@ def test_lifecycle_sequences_keep_invariants() -> None:
         assert 0 <= struct.unpack("=Q", count.data)[0] <= 64
 
     body()
+
+
+def test_fast_path_replies_equal_typed_path() -> None:
+    """The allocation-free hot path answers byte for byte like the typed path."""
+    fast, typed = Dispatcher(safe_factory), Dispatcher(safe_factory, fast_path=False)
+    u = b"EQ"
+    setup = [p.encode_request(0, 1, u, p.RequestType.CTR, b"4096 core 64"),
+             p.encode_request(1, 1, u, p.RequestType.RESUME)]
+    assert fast.handle_batch(setup) == typed.handle_batch(setup)
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.lists(st.tuples(st.sampled_from([8, 9, 10, 11, 17, 13, 12, 99]),
+                              st.lists(st.integers(0, 70), max_size=4),
+                              st.sampled_from([1, 2]), st.booleans()), max_size=12))
+    def body(ops: list[tuple[int, list[int], int, bool]]) -> None:
+        batch = []
+        for i, (rtype, regions, luid, raw) in enumerate(ops):
+            if rtype in (8, 17, 13) and not raw:
+                payload = struct.pack("=Qq", regions[0] if regions else 0, 1)[
+                    :16 if rtype == 13 else 8]
+            else:
+                payload = struct.pack(f"={len(regions)}Q", *regions)
+            batch.append(p.encode_request(i, luid, u, rtype, payload))
+        assert fast.handle_batch(batch) == typed.handle_batch(batch)
+
+    body()
