@@ -148,10 +148,15 @@ class Replicator:
 
     def __init__(self, cfg: ReplicatorConfig, *, opener: DeviceOpener | None = None,
                  retry_interval: float = 15.0, persist_interval: float = 0.5,
-                 full_grace: float = 1.0, cache_bytes: int = 64 << 20,
+                 full_grace: float = 1.0, cache_bytes: int = 128 << 20,
                  batch_bytes: int = 16 << 20, batch_entries: int = 512,
-                 window_entries: int = 8192, resync_chunk: int = 1 << 20) -> None:
+                 window_entries: int = 8192, resync_chunk: int = 1 << 20,
+                 durable_acks: bool = True) -> None:
         self.cfg = cfg
+        # durable_acks=False: a write is acknowledged once written to the log store
+        # (like a disk with a volatile write cache); flush() and FUA writes make it
+        # durable.  Copies are still made only of durable entries.
+        self.durable_acks = durable_acks
         self.opener: DeviceOpener = opener or open_file_store
         self.retry_interval = retry_interval
         self.persist_interval = persist_interval
@@ -474,7 +479,7 @@ class Replicator:
                        f"slink={s.nr}")
 
     def _write(self, dev: ReplicatedDevice, offset: int, data: bytes | None,
-               length: int) -> None:
+               length: int, fua: bool = False) -> None:
         last: Entry | None = None
         sync_sets: list[tuple[Entry, frozenset[int]]] = []
         pos = 0
@@ -487,7 +492,8 @@ class Replicator:
             last = e
             pos += n
         assert last is not None
-        self.ring.commit(last.seq)
+        if self.durable_acks or fua or any(syncs for _, syncs in sync_sets):
+            self.ring.commit(last.seq)
         with self.cond:
             self.cond.notify_all()
             for e, syncs in sync_sets:
@@ -626,6 +632,8 @@ class Replicator:
                     self._do_persist(s)
                 elif kind == "flush":
                     self._do_flush(s)
+                elif kind == "commit":
+                    self.ring.commit(arg)
                 elif kind == "drop":
                     self._do_drop(s)
                 elif kind == "retry":
@@ -661,6 +669,10 @@ class Replicator:
             return ("persist", None)
         if s.want_durable > s.durable and s.applied > s.durable:
             return ("flush", None)
+        ring = self.ring
+        if ring.durable_seq < ring.next_seq - 1 and not ring._syncing and \
+                ring._contiguous() > ring.durable_seq:
+            return ("commit", ring._contiguous())
         batch, blocked = self._collect(s)
         if batch:
             return ("batch", batch)
@@ -1241,10 +1253,11 @@ def _write_zeros(store: BlockStore, offset: int, length: int) -> None:
 class ReplicatedDevice:
     """A replicated device (a ``replicator-dev`` target): the I/O entry point.
 
-    ``write`` returns once the write is durable in the log and on every site link
-    holding acknowledgements; ``read`` returns the newest data; ``flush`` is cheap
-    (acknowledged writes are already durable in the log); ``trim`` is a replicated
-    write of zeros (a zero-write entry without data in the log)."""
+    ``write`` returns once the write is durable in the log (with ``durable_acks``,
+    the default; else once written to the log store, durable after ``flush`` or
+    with ``fua``) and on every site link holding acknowledgements; ``read`` returns
+    the newest data; ``flush`` makes every acknowledged write durable; ``trim`` is
+    a replicated write of zeros (a zero-write entry without data in the log)."""
 
     def __init__(self, rep: Replicator, cfg: DeviceConfig, legs: dict[int, Leg],
                  size_bytes: int) -> None:
@@ -1266,14 +1279,13 @@ class ReplicatedDevice:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview,
               fua: bool = False) -> None:
-        """Write; returns when acknowledged (durable in the log and on sync sites).
+        """Write; returns when acknowledged (see the class docstring).
 
         Raises :class:`LocalIOError` (not acknowledged) or ReplogIOError."""
-        del fua  # every acknowledged write is durable in the log already
         payload = data if isinstance(data, bytes) else bytes(data)
         self._check(offset, len(payload))
         if payload:
-            self.rep._write(self, offset, payload, len(payload))
+            self.rep._write(self, offset, payload, len(payload), fua)
             with self.rep.lock:
                 self.rep.stats["w"] += 1
 

@@ -371,7 +371,9 @@ class RingLog:
             raise ReplogCorrupt(f"entry {e.seq}: data CRC mismatch on re-read")
         self.stats["data_reads"] += 1
         with self.lock:
-            if e.data is None and self.cached + e.length <= self.cache_budget:
+            # Re-read data may overshoot the budget (up to twice) so the other site
+            # links find it in memory instead of reading the log again.
+            if e.data is None and self.cached + e.length <= 2 * self.cache_budget:
                 e.data = data
                 self.cached += e.length
         return data
