@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import sys
@@ -29,9 +28,12 @@ from ulogd.transport import Transport
 
 log = logging.getLogger("ulogd")
 
+#: How long a stop request (SIGTERM) may go unnoticed by a blocked receive.
+STOP_POLL_SECONDS = 0.2
+
 
 class Daemon:
-    """The serving loop: one thread, one poll, one batch of datagrams per wakeup.
+    """The serving loop: one thread, one blocking receive and one reply per request.
 
     A single loop (rather than a thread per log) because the kernel holds each
     mirror's worker until its reply arrives: the critical path is the round
@@ -49,17 +51,10 @@ class Daemon:
                         if control_path else None)
         self.started = time.time()
         self._stop = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
 
     def request_stop(self, *_: Any) -> None:
-        """Safe from a signal handler: set a flag and wake the loop."""
+        """The signal handler: only sets a flag (the loop polls it every 0.2 s)."""
         self._stop = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
 
     def status_snapshot(self) -> dict[str, Any]:
         with self.dispatcher.lock:
@@ -80,25 +75,23 @@ class Daemon:
             self.control.start()
         if ready is not None:
             ready()
-        poller = select.poll()
-        fd = self.transport.fileno()
-        poller.register(fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        recv_batch = self.transport.recv_batch
-        send = self.transport.send
+        transport = self.transport
+        transport.use_blocking_receive(STOP_POLL_SECONDS)
+        recv_one = transport.recv_one
+        send = transport.send
         handle = self.dispatcher.handle_batch
         lock = self.dispatcher.lock
         clock = time.perf_counter_ns
         try:
             while not self._stop:
-                poller.poll()
+                data = recv_one()
+                if data is None:
+                    continue
                 t0 = clock()
-                batch = recv_batch()
-                if batch:
-                    with lock:
-                        replies = handle(batch, t0)
-                    for r in replies:
-                        send(r)
+                with lock:
+                    replies = handle((data,), t0)
+                for r in replies:
+                    send(r)
         finally:
             self.close()
 
@@ -109,11 +102,6 @@ class Daemon:
         with self.dispatcher.lock:
             self.dispatcher.close_all()
         self.transport.close()
-        for wfd in (self._wake_r, self._wake_w):
-            try:
-                os.close(wfd)
-            except OSError:
-                pass
 
 
 def sd_notify(message: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 from typing import Any
 
 from cdefs.connector import SOL_NETLINK, lib
@@ -102,6 +103,39 @@ class Transport:
             out.append(data)
         self.received += len(out)
         return out
+
+    def use_blocking_receive(self, timeout: float) -> None:
+        """Blocking receives that give up after ``timeout`` (SO_RCVTIMEO).
+
+        The serving loop then costs one ``recvfrom`` and one ``sendto`` per request:
+        no ``poll`` and no failing ``recvfrom`` (an exception in Python) to notice an
+        empty queue.  The timeout bounds how long a stop request goes unnoticed.
+        """
+        self.sock.setblocking(True)
+        sec = int(timeout)
+        usec = int((timeout - sec) * 1e6)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             struct.pack("@ll", sec, usec))
+
+    def recv_one(self) -> bytes | None:
+        """One kernel datagram, or None (timeout, dropped foreign datagram, ENOBUFS)."""
+        try:
+            data, addr = self.sock.recvfrom(RECV_SIZE)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return None
+        except OSError as e:
+            if e.errno == errno.ENOBUFS:
+                self.enobufs += 1
+                log.warning("receive buffer overflowed (ENOBUFS #%d): the kernel will "
+                            "reconnect the logs whose requests were lost", self.enobufs)
+                return None
+            raise
+        if not self._from_kernel(addr):
+            self.foreign_dropped += 1
+            log.warning("dropped a datagram from %r: not the kernel", addr)
+            return None
+        self.received += 1
+        return data
 
     def send(self, data: bytes) -> None:
         try:
