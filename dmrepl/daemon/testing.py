@@ -148,9 +148,11 @@ class KernelLab:
         self._push(f"dm remove {name}", lambda: _dm_remove(name))
         return dm.ensure_node(name)
 
-    def site(self, disk: str, *, delay_ms: float = 20, loss: float = 0) -> RemoteSite:
+    def site(self, disks: str | list[str], *, delay_ms: float = 20,
+             loss: float = 0) -> RemoteSite:
         self._sites += 1
-        site = RemoteSite(f"{self.tag}-{self._sites}", self._sites, disk, delay_ms, loss)
+        site = RemoteSite(f"{self.tag}-{self._sites}", self._sites,
+                          [disks] if isinstance(disks, str) else disks, delay_ms, loss)
         self._push(f"site {site.ns}", site.close)
         site.start()
         return site
@@ -175,21 +177,27 @@ class RemoteSite:
 
     PORT = 10809
 
-    def __init__(self, tag: str, index: int, disk: str, delay_ms: float, loss: float) -> None:
+    def __init__(self, tag: str, index: int, disks: list[str], delay_ms: float,
+                 loss: float) -> None:
         self.ns = f"dmrepl-site-{tag}"
         self.host_if = f"drh{tag}"[:15]
         self.site_if = f"drs{tag}"[:15]
         self.host_ip = f"10.77.{index}.1"
         self.site_ip = f"10.77.{index}.2"
-        self.disk = disk
+        self.disks = disks
         self.delay_ms = delay_ms
         self.loss = loss
-        self.pid_file = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"{self.ns}.pid")
+        tmp = os.environ.get("TMPDIR", "/tmp")
+        self.pid_files = [os.path.join(tmp, f"{self.ns}-{i}.pid") for i in range(len(disks))]
         self.export = "remote"
+
+    def url_of(self, i: int) -> str:
+        """The nbd:// URL of the i-th disk (qemu-nbd on port PORT+i)."""
+        return f"nbd://{self.site_ip}:{self.PORT + i}/{self.export}"
 
     @property
     def url(self) -> str:
-        return f"nbd://{self.site_ip}:{self.PORT}/{self.export}"
+        return self.url_of(0)
 
     def _in_ns(self) -> Any:
         """An IPRoute socket opened inside the site's namespace (setns in this thread;
@@ -220,10 +228,12 @@ class RemoteSite:
             nsip.addr("add", index=site, address=self.site_ip, prefixlen=24)
             nsip.link("set", index=site, state="up")
         self.netem(self.delay_ms, self.loss, add=True)
-        subprocess.run(["ip", "netns", "exec", self.ns, "qemu-nbd", "--fork", "--persistent",
-                        "--shared=8", "-f", "raw", "--cache=none", "-x", self.export,
-                        "-b", self.site_ip, "-p", str(self.PORT), "--pid-file", self.pid_file,
-                        self.disk], check=True, capture_output=True, timeout=60)
+        for i, disk in enumerate(self.disks):
+            subprocess.run(["ip", "netns", "exec", self.ns, "qemu-nbd", "--fork",
+                            "--persistent", "--shared=8", "-f", "raw", "--cache=none",
+                            "-x", self.export, "-b", self.site_ip, "-p", str(self.PORT + i),
+                            "--pid-file", self.pid_files[i], disk],
+                           check=True, capture_output=True, timeout=60)
 
     def netem(self, delay_ms: float, loss: float = 0, add: bool = False) -> None:
         """Delay (one way, host -> site and back) and loss (percent) on the link."""
@@ -265,10 +275,84 @@ class RemoteSite:
 
     def close(self) -> None:
         from pyroute2 import IPRoute, netns
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
-            with open(self.pid_file) as f:
-                os.kill(int(f.read().strip()), signal.SIGTERM)
+        for pid_file in self.pid_files:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+                with open(pid_file) as f:
+                    pid = int(f.read().strip())
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(100):       # wait until it let go of the disk
+                    os.kill(pid, 0)
+                    time.sleep(0.05)
         with IPRoute() as ip:
             for idx in ip.link_lookup(ifname=self.host_if):
                 ip.link("del", index=idx)
         netns.remove(self.ns)
+
+
+# -- a replicated setup: log/local/remote disks, a site, a replicator, devices ---
+
+class Replicated:
+    """``ndev`` devices NAME-0.. in replicator NAME-rep, local + remote (site link 1)."""
+
+    def __init__(self, lab: KernelLab, daemon: DaemonProcess, name: str, *,
+                 size_mb: int = 64, log_mb: int = 32, remote_policy: str = "async ios 1000",
+                 delay_ms: float = 20, ndev: int = 1, region_sectors: int = 1024) -> None:
+        self.lab, self.daemon, self.name = lab, daemon, name
+        self.size_mb = size_mb
+        self.log = lab.disk(f"{name}-log", log_mb)
+        self.locals = [lab.disk(f"{name}-l{i}", size_mb) for i in range(ndev)]
+        self.remotes = [lab.disk(f"{name}-r{i}", size_mb) for i in range(ndev)]
+        self.site = lab.site(self.remotes, delay_ms=delay_ms)
+        self.rep = f"{name}-rep"
+        self.devs = [f"{name}-{i}" for i in range(ndev)]
+        policy = remote_policy.split()
+        self.rep_table = (f"0 1 replicator ringbuffer 4 {self.log} 0 auto "
+                          f"{(log_mb << 20) // 512 - 8} blockdev 2 0 sync "
+                          f"blockdev {1 + len(policy)} 1 {remote_policy}")
+        self.check(daemon.cli("create", self.rep, "--table", self.rep_table))
+        sectors = (size_mb << 20) // 512
+        self.dev_tables = [
+            f"0 {sectors} replicator-dev {self.rep} {i} 0 1 {self.locals[i]} nolog 0 "
+            f"1 1 {self.site.url_of(i)} core 2 {region_sectors} nosync"
+            for i in range(ndev)]
+        for dev, table in zip(self.devs, self.dev_tables, strict=True):
+            self.check(daemon.cli("create", dev, "--table", table))
+
+    def check(self, proc: subprocess.CompletedProcess[str]) -> str:
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(map(str, proc.args))} -> {proc.returncode}: "
+                                 f"{proc.stderr}\n{self.daemon.log()}")
+        return proc.stdout
+
+    def mapper(self, i: int = 0) -> str:
+        return f"/dev/mapper/{self.devs[i]}"
+
+    def status(self) -> dict[str, Any]:
+        import json
+        out = json.loads(self.check(self.daemon.cli("status", self.rep, "--json")))
+        return out[0]["detail"]
+
+    def slink(self, nr: int = 1) -> dict[str, Any]:
+        return self.status()["slinks"][str(nr)]
+
+    def wait_for(self, what: str, pred: Any, timeout: float = 120,
+                 interval: float = 0.2) -> dict[str, Any]:
+        """Poll the replicator status until ``pred(status)``; fail with the last status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if pred(st):
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {st['slinks']}")
+            time.sleep(interval)
+
+    def wait_converged(self, timeout: float = 180) -> dict[str, Any]:
+        return self.wait_for("remote in sync", lambda st: all(
+            s["state"] == "up" and s["lag_ios"] == 0 and s["consistent"]
+            and not s["resyncing"] for s in st["slinks"].values()), timeout)
+
+    def remove(self) -> None:
+        for dev in self.devs:
+            self.daemon.cli("remove", dev)
+        self.daemon.cli("remove", self.rep)
