@@ -812,10 +812,12 @@ class Replicator:
             for s in list(self.slinks.values()):
                 if s.up:
                     self._flush_touched(s)
-        with self.cond:
-            positions = {nr: s.durable for nr, s in self.slinks.items()}
+        def snapshot() -> dict[int, int]:
+            # called by the ring under the lock, in header-write order
             self._space_wanted = False
-        self.ring.persist(positions)
+            return {nr: s.durable for nr, s in self.slinks.items()}
+
+        _, positions = self.ring.persist(snapshot)
         with self.cond:
             for nr, pos in positions.items():
                 sl = self.slinks.get(nr)

@@ -410,13 +410,18 @@ class RingLog:
         self.generation = gen
         self.stats["header_writes"] += 1
 
-    def persist(self, positions: dict[int, int]) -> int:
+    def persist(self, positions: dict[int, int] | Callable[[], dict[int, int]]
+                ) -> tuple[int, dict[int, int]]:
         """Persist per-slink positions and release the entries all of them passed.
 
-        ``positions`` must only hold progress already durable on the devices.
-        Returns the number of entries released."""
+        ``positions`` (or the function giving them, called with the lock held and
+        in the same order as the header writes, so that positions on disk never go
+        back) must only hold progress already durable on the devices.  Returns the
+        number of entries released and the positions written."""
         with self._persist_lock:
             with self.lock:
+                if callable(positions):
+                    positions = positions()
                 release = min(positions.values()) if positions else self.durable_seq
                 release = min(release, self.durable_seq)
                 head = None
@@ -439,7 +444,7 @@ class RingLog:
                     self.drop_cache(e)
                     n += 1
                 self.cond.notify_all()
-            return n
+            return n, pos_copy
 
     def resize(self, sectors: int) -> None:
         """``replog resize``: grow always; shrink only if the live entries fit."""

@@ -22,6 +22,7 @@ LOG_SECTORS = 4096
 N_DEV = 2
 REMOTES = (1, 2)
 SLINKS = "blockdev 2 0 async blockdev 4 1 async ios 20 blockdev 2 2 sync"
+ASYNC_SLINKS = "blockdev 2 0 async blockdev 4 1 async ios 20 blockdev 2 2 async"
 
 
 def dev_line(d: int) -> str:
@@ -36,15 +37,15 @@ def names() -> list[str]:
     return out
 
 
-def run_workload(seed: int, n: int):
+def run_workload(seed: int, n: int, durable_acks: bool = True, slinks: str = SLINKS):
     rec = Recorder()
     stores = StoreSet()
     stores.add(FakeStore((LOG_SECTORS + 8) * 512, name="log", recorder=rec))
     for name in names()[1:]:
         stores.add(FakeStore(DEV, name=name, recorder=rec))
     rep = Replicator.from_table(f"0 1 replicator ringbuffer 4 log 0 create {LOG_SECTORS} "
-                                f"{SLINKS}", opener=stores.open, persist_interval=0.002,
-                                retry_interval=0.01)
+                                f"{slinks}", opener=stores.open, persist_interval=0.002,
+                                retry_interval=0.01, durable_acks=durable_acks)
     devs = [rep.add_device(dev_line(d)) for d in range(N_DEV)]
     rep.start()
     rec.mark("created")
@@ -59,7 +60,12 @@ def run_workload(seed: int, n: int):
         history.append((d, off, data))
         rec.mark(("submit", i))
         devs[d].write(off, data)
-        rec.mark(("ack", i))
+        if durable_acks:
+            rec.mark(("ack", i))
+        elif i % 7 == 6:
+            devs[d].flush()  # write-cache mode: a flush makes all earlier writes durable
+            for k in range(i - 6, i + 1):
+                rec.mark(("ack", k))
     assert rep.wait_drained(30)
     rep.close()
     return rec, history
@@ -137,6 +143,14 @@ def test_crash_at_random_cut_points(seed: int) -> None:
                for op in rec.ops) > 5, "ring headers were rewritten (space released)"
     for cut in cut_points(rec, 25, random.Random(seed)):
         crash_and_check(rec, history, cut, seed)
+
+
+def test_crash_with_write_cache_acks_and_flushes() -> None:
+    """durable_acks=False: only writes followed by a completed flush must survive;
+    the site links still only ever receive durable entries (prefix property)."""
+    rec, history = run_workload(13, 200, durable_acks=False, slinks=ASYNC_SLINKS)
+    for cut in cut_points(rec, 25, random.Random(13)):
+        crash_and_check(rec, history, cut, 13)
 
 
 @pytest.mark.slow
