@@ -65,11 +65,12 @@ class Rig(contextlib.ExitStack):
         self.prefix = f"dmrepl-dl-{uuid.uuid4().hex[:8]}"
         self.tmp = self.enter_context(tempfile.TemporaryDirectory())
 
-    def loop(self, size: int) -> str:
+    def loop(self, size: int, sector_size: int = 512) -> str:
         path = os.path.join(self.tmp, f"f{len(os.listdir(self.tmp))}")
         with open(path, "wb") as f:
             f.truncate(size)
-        dev = run("losetup", "--find", "--show", path).strip()
+        dev = run("losetup", "--find", "--show", "--sector-size", str(sector_size),
+                  path).strip()
         self.callback(run, "losetup", "-d", dev)
         return dev
 
@@ -344,3 +345,38 @@ def test_kernel_resyncs_exactly_the_regions_our_log_left_dirty() -> None:
 def logdev_devnum(dev: str) -> str:
     st = os.stat(dev)
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def test_kernel_reads_our_smaller_log_on_4k_sectors_as_grown() -> None:
+    """A log we wrote for 100 regions on a 4 KiB-sector device: the kernel, with
+    130 regions, keeps our 100 clean bits and resyncs exactly the 30 new regions."""
+    with Rig() as rig:
+        legs = [rig.loop(LEG_BYTES), rig.loop(LEG_BYTES)]
+        logdev = rig.loop(MIB, sector_size=4096)
+        small_target = 100 * REGION
+        log = open_dirty_log("disk", [logdev, str(REGION), "nosync"], small_target)
+        assert isinstance(log, DiskLog)
+        try:
+            assert log.storage.logical_block_size == 4096
+            assert log.area_size == 4096
+            log.resume()
+            log.postsuspend()
+        finally:
+            log.close()
+
+        gate = rig.dm("gate", f"0 {TARGET} linear {legs[1]} 0")
+        run("dmsetup", "suspend", "--noudevsync", gate)
+        name = rig.dm("m", f"0 {TARGET} mirror disk 2 {logdev} {REGION} "
+                           f"2 {legs[0]} 0 {devnum(gate)} 0")
+        rig.callback(subprocess.run, ["dmsetup", "resume", "--noudevsync", gate],
+                     capture_output=True)
+        assert mirror_status(name).sync_count == 100
+        run("dmsetup", "resume", "--noudevsync", gate)
+        wait_for("resync to finish",
+                 lambda: mirror_status(name).sync_count == NREGIONS, 120)
+        rig.remove(name)
+
+        area = read_area(logdev, 4096)
+        assert parse_header(area).nr_regions == NREGIONS
+        ours = our_view(area)
+        assert ours.get_sync_count() == NREGIONS
