@@ -433,7 +433,7 @@ class Replicator:
                 st.close()
             except OSError:
                 pass
-        self.ring.store.close()
+        self.ring.close()
         with _active_lock:
             _active_logs.discard(self._key)
 
@@ -557,8 +557,11 @@ class Replicator:
                 if s0.durable < e.seq and (not s0.up or dev.legs[0].error):
                     raise LocalIOError(f"device {dev.dev_nr}: local copy failed "
                                        f"({s0.error}); write not acknowledged")
-            if not pending() or self.closed:
+            if not pending():
                 return
+            if self.closed:
+                raise ReplicatorClosed(f"device {dev.dev_nr}: closed before the synchronous "
+                                       "site links acknowledged the write (it is in the log)")
             self.cond.wait(0.5)
 
     def _ring_full(self, waited: float) -> None:

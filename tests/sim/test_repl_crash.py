@@ -154,7 +154,9 @@ def test_crash_with_write_cache_acks_and_flushes() -> None:
 
 
 @pytest.mark.slow
-def test_crash_at_many_cut_points() -> None:
-    rec, history = run_workload(21, 300)
-    for cut in cut_points(rec, 600, random.Random(21)):
-        crash_and_check(rec, history, cut, 21)
+@pytest.mark.parametrize(("durable", "slinks"), [(True, SLINKS), (False, ASYNC_SLINKS)])
+def test_crash_at_many_cut_points(durable: bool, slinks: str) -> None:
+    for seed in (21, 22, 23):
+        rec, history = run_workload(seed, 300, durable_acks=durable, slinks=slinks)
+        for cut in cut_points(rec, 400, random.Random(seed)):
+            crash_and_check(rec, history, cut, seed)

@@ -268,3 +268,16 @@ def test_random_corruption_never_yields_wrong_data(flips: list[tuple[int, int]])
         return
     got = contents(r2)
     assert got == written[:len(got)]  # a prefix, byte for byte
+
+
+def test_large_entries_write_data_and_crc_in_parallel() -> None:
+    store = FakeStore((LOG_SECTORS + 16) * 512, name="log")
+    ring = open_ring(store, "create")
+    rng = random.Random(4)
+    big = [rng.randbytes(256 << 10) for _ in range(3)]
+    written = [(append(ring, 0, i << 18, b), 0, i << 18, b) for i, b in enumerate(big)]
+    ring.close()
+    r2 = open_ring(store)
+    assert contents(r2) == written
+    store.data[r2.entries[1].pos + 512 + 5000] ^= 1  # data of the 2nd entry
+    assert [e.seq for e in open_ring(store).entries] == [1]
