@@ -483,8 +483,13 @@ class Replicator:
         last: Entry | None = None
         sync_sets: list[tuple[Entry, frozenset[int]]] = []
         pos = 0
+        ring = self.ring
+        # an entry never needs more than a quarter of the ring (else it could wait
+        # for space forever)
+        limit = min(MAX_ENTRY, max(SECTOR, ((ring.ring_end - ring.ring_start) // 4
+                                            - ondisk.ENTRY_HEADER_SIZE) // SECTOR * SECTOR))
         while pos < length:
-            n = min(MAX_ENTRY, length - pos)
+            n = min(limit, length - pos)
             chunk = None if data is None else (data if n == length else data[pos:pos + n])
             e, syncs = self._append(dev, offset + pos, chunk, n)
             self.ring.write_entry(e, chunk)

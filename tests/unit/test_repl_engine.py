@@ -385,3 +385,21 @@ def test_concurrent_writers_all_land(env) -> None:
     assert e.rep.wait_drained(10)
     for d in range(2):
         assert e.devs[d].read(0, DEV) == e.s(f"l{d}").snapshot() == e.s(f"r1_{d}").snapshot()
+
+
+def test_write_larger_than_the_log_is_split_and_lands() -> None:
+    stores = StoreSet()
+    for name, size in (("log", 3 << 20), ("l", 4 << 20), ("r", 4 << 20)):
+        stores.add(FakeStore(size, name=name))
+    rep = Replicator.from_table("ringbuffer 4 log 0 create 4096 blockdev 2 0 async "
+                                "blockdev 2 1 async", opener=stores.open)
+    try:
+        dev = rep.add_device("rep 0 0 1 l nolog 0 1 1 r core 2 2048 nosync")
+        rep.start()
+        data = bytes(range(256)) * (12 << 10)  # 3 MiB through a 2 MiB log
+        dev.write(512, data)
+        assert dev.read(512, len(data)) == data
+        assert rep.wait_drained(10)
+        assert stores.stores["r"].snapshot()[512:512 + len(data)] == data
+    finally:
+        rep.close()
