@@ -358,8 +358,11 @@ class Daemon:
             try:
                 busy = {int(o.nbd[8:]) for o in self.objects.values()
                         if isinstance(o, DeviceObj) and o.nbd}
+                log.info("%s: attaching the export to an nbd device", name)
                 obj.nbd = _kernel.attach_nbd(self.nbd_socket, name, sectors * SECTOR, busy)
+                log.info("%s: %s attached; creating /dev/mapper/%s", name, obj.nbd, name)
                 obj.mapper = _kernel.create_mapper(name, sectors, obj.nbd, uuid)
+                log.info("%s: %s ready", name, obj.mapper)
             except BaseException:
                 self._destroy(obj)
                 raise

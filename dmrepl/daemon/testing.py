@@ -26,7 +26,9 @@ class DaemonProcess:
         self.socket = str(self.workdir / "control.sock")
         self.state_dir = str(self.workdir / "state")
         self.ready_file = str(self.workdir / "ready")
-        self.log_path = self.workdir / log_name
+        logdir = os.environ.get("DMREPL_DAEMON_LOG_DIR")   # e.g. a host-visible dir in the VM
+        self.log_path = (Path(logdir) / f"{os.getpid()}-{self.workdir.name}-{log_name}"
+                         if logdir else self.workdir / log_name)
         self.kernel_devices = kernel_devices
         self.engine = engine
         self.proc: subprocess.Popen[bytes] | None = None
@@ -99,6 +101,12 @@ class DaemonProcess:
 
 # -- kernel lab: loop-backed dm disks and remote sites in network namespaces -----
 
+def trace(msg: str) -> None:
+    """Progress lines for slow VM runs (DMREPL_TRACE=1, pytest -s)."""
+    if os.environ.get("DMREPL_TRACE"):
+        print(f"[trace {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 class KernelLab:
     """Creates what kernel tests and the demo need, and removes it all on close().
 
@@ -143,6 +151,7 @@ class KernelLab:
                               capture_output=True, text=True).stdout.strip()
         self._push(f"losetup -d {loop}",
                    lambda: subprocess.run(["losetup", "-d", loop], check=True))
+        trace(f"disk {name}: {loop}")
         dm = DmControl()
         dm.create_device(name, [Target(0, (size_mb << 20) // 512, "linear", f"{loop} 0")])
         self._push(f"dm remove {name}", lambda: _dm_remove(name))
@@ -154,7 +163,9 @@ class KernelLab:
         site = RemoteSite(f"{self.tag}-{self._sites}", self._sites,
                           [disks] if isinstance(disks, str) else disks, delay_ms, loss)
         self._push(f"site {site.ns}", site.close)
+        trace(f"site {site.ns} starting")
         site.start()
+        trace(f"site {site.ns} up at {site.url}")
         return site
 
 
@@ -309,6 +320,7 @@ class Replicated:
         self.rep_table = (f"0 1 replicator ringbuffer 4 {self.log} 0 auto "
                           f"{(log_mb << 20) // 512 - 8} blockdev 2 0 sync "
                           f"blockdev {1 + len(policy)} 1 {remote_policy}")
+        trace(f"create {self.rep}")
         self.check(daemon.cli("create", self.rep, "--table", self.rep_table))
         sectors = (size_mb << 20) // 512
         self.dev_tables = [
@@ -316,7 +328,9 @@ class Replicated:
             f"1 1 {self.site.url_of(i)} core 2 {region_sectors} nosync"
             for i in range(ndev)]
         for dev, table in zip(self.devs, self.dev_tables, strict=True):
+            trace(f"create {dev}")
             self.check(daemon.cli("create", dev, "--table", table))
+            trace(f"created {dev}")
 
     def check(self, proc: subprocess.CompletedProcess[str]) -> str:
         if proc.returncode != 0:
@@ -343,6 +357,7 @@ class Replicated:
             st = self.status()
             if pred(st):
                 return st
+            trace(f"waiting for {what}: {st['slinks']}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}: {st['slinks']}")
             time.sleep(interval)

@@ -21,7 +21,7 @@ def sh(*argv: str, timeout: float = 300) -> str:
     return proc.stdout
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def replicated() -> Iterator[tuple[DaemonProcess, KernelLab, str, str]]:
     with KernelLab("fs") as lab, tempfile.TemporaryDirectory() as work:
         log = lab.disk("dmrepl-test-fs-log", 64)
@@ -76,3 +76,44 @@ def test_mkfs_files_and_fio_verify(replicated: tuple[DaemonProcess, KernelLab, s
     assert out.strip(), "fio printed nothing"
     status = d.cli("status", "dmrepl-test-fs")
     assert status.returncode == 0 and "replicator-dev" in status.stdout
+
+
+def test_bad_tables_and_messages_leave_running_devices_alone(
+        replicated: tuple[DaemonProcess, KernelLab, str, str]) -> None:
+    d, _, local, _ = replicated
+    dev = "/dev/mapper/dmrepl-test-fs"
+    before = d.cli("table").stdout
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)     # the device is in use meanwhile
+    try:
+        cases = [
+            (["create", "dmrepl-test-bad", "--table", "0 8 replicator ringbuffer 4 /nonexistent "
+              "0 auto 64 blockdev 2 0 sync"], 3),
+            (["create", "dmrepl-test-bad", "--table", "0 8 replicator-dev dmrepl-test-fs-rep 0 "
+              f"0 1 {local} nolog 0"], 3),                          # local already in use
+            (["create", "dmrepl-test-bad", "--table", "0 x linear /dev/null 0"], 3),
+            (["create", "dmrepl-test-bad", "--table", "0 8 replicator-dev nosuch 9 "
+              "0 1 /dev/null nolog 0"], 4),
+            (["message", "dmrepl-test-fs-rep", "0", "slink", "99", "policy", "sync"], 3),
+            (["message", "dmrepl-test-fs", "0", "device", "del", "0"], 3),
+            (["message", "dmrepl-test-fs", "0", "explode"], 3),
+            (["remove", "dmrepl-test-fs"], 6),                      # open: busy
+            (["remove", "dmrepl-test-fs-rep"], 6),                  # has a device
+            (["load", "dmrepl-test-fs", "--table", "0 8 replicator-dev dmrepl-test-fs-rep 0 "
+              f"0 1 {local} nolog 0"], 3),                          # size change
+        ]
+        for argv, code in cases:
+            r = d.cli(*argv)
+            assert r.returncode == code, (argv, r.returncode, r.stderr)
+            assert r.stderr.startswith("dmrepl: error: ") and r.stderr.count("\n") == 1, r.stderr
+        block = os.urandom(4096)
+        import mmap
+        buf = mmap.mmap(-1, 4096)
+        buf[:] = block
+        assert os.pwrite(fd, buf, 4096 * 100) == 4096
+        back = mmap.mmap(-1, 4096)
+        assert os.preadv(fd, [back], 4096 * 100) == 4096
+        assert bytes(back) == block
+    finally:
+        os.close(fd)
+    assert d.cli("table").stdout == before
+    assert "dmrepl-test-bad" not in d.cli("ls").stdout
