@@ -41,6 +41,7 @@ def test_structure_sizes() -> None:
 
 
 @given(st.sets(st.integers(0, 2047), max_size=20))
+@settings(deadline=None)
 def test_slink_bitmap_round_trip(slinks: set[int]) -> None:
     assert ondisk.slinks_of_bitmap(ondisk.slink_bitmap(slinks)) == slinks
 
@@ -72,7 +73,7 @@ STRUCTS = {
 
 @pytest.mark.parametrize("name", sorted(STRUCTS))
 @given(data=st.data())
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 def test_any_bit_flip_in_a_header_is_detected(name: str, data: st.DataObject) -> None:
     build, parse, covered = STRUCTS[name]
     raw = bytearray(build())

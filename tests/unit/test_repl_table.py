@@ -163,7 +163,7 @@ def replicator_configs(draw: st.DrawFn) -> ReplicatorConfig:
 
 
 @given(replicator_configs())
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_table_output_parses_back_to_the_same_config(cfg: ReplicatorConfig) -> None:
     assert parse_replicator(cfg.params()) == cfg
     full = parse_replicator(cfg.line())
@@ -176,7 +176,7 @@ WORDS = ["ringbuffer", "blockdev", "0", "1", "2", "4", "4096", "auto", "open", "
 
 
 @given(st.lists(st.sampled_from(WORDS), max_size=14))
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 def test_random_token_soup_parses_or_raises_table_error(words: list[str]) -> None:
     try:
         cfg = parse_replicator(" ".join(words))
@@ -187,7 +187,7 @@ def test_random_token_soup_parses_or_raises_table_error(words: list[str]) -> Non
 
 @given(st.lists(st.sampled_from(["0", "1", "2", "3", "8", "/a", "/b", "/c", "nolog",
                                  "core", "disk", "sync", "nosync", "r"]), max_size=16))
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 def test_random_device_lines_parse_or_raise_table_error(words: list[str]) -> None:
     try:
         cfg = parse_device(["0", "64", "replicator-dev", *words])
