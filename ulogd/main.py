@@ -30,6 +30,7 @@ log = logging.getLogger("ulogd")
 
 #: How long a stop request (SIGTERM) may go unnoticed by a blocked receive.
 STOP_POLL_SECONDS = 0.2
+DEFAULT_STATE_DIR = "/run/ulogd/state"
 
 
 class Daemon:
@@ -43,10 +44,11 @@ class Daemon:
     def __init__(self, transport: Transport | None = None, *,
                  log_factory: LogFactory = default_log_factory,
                  control_path: str | None = DEFAULT_CONTROL_PATH,
+                 state_dir: str | None = None,
                  persist_marks: bool = True) -> None:
         self.transport = transport if transport is not None else Transport()
         self.dispatcher = Dispatcher(log_factory, portid=self.transport.portid,
-                                     persist_marks=persist_marks)
+                                     persist_marks=persist_marks, state_dir=state_dir)
         self.control = (ControlServer(control_path, self.status_snapshot)
                         if control_path else None)
         self.started = time.time()
@@ -123,6 +125,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                "%(message)s")
     try:
         daemon = Daemon(control_path=args.control or None,
+                        state_dir=args.state_dir or None,
                         persist_marks=not args.no_persist_marks)
     except OSError as e:
         log.error("cannot start: %s", e)
@@ -184,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ready-file", help="written (with our pid) once the kernel can reach us")
     run.add_argument("--control", default=DEFAULT_CONTROL_PATH,
                      help="control socket path ('' for none; default %(default)s)")
+    run.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                     help="where the sync state of live logs is kept across daemon restarts "
+                          "(must be a tmpfs: it must not outlive the kernel; default "
+                          "%(default)s; '' for none)")
     run.add_argument("--no-persist-marks", action="store_true",
                      help="make marks durable at FLUSH only, not at MARK (faster disk logs, "
                           "exposed to the lost-mark hazard if ulogd dies between the two)")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from array import array
@@ -62,7 +63,8 @@ class LogEntry:
     """One constructed log and its bookkeeping."""
 
     __slots__ = ("args", "counts", "ctr_string", "dlog", "errors", "lat", "lat_n", "luid",
-                 "resumed", "touched", "type_name", "uuid", "watermark")
+                 "restore_pending", "resumed", "sync_bits", "touched", "type_name", "uuid",
+                 "watermark")
 
     def __init__(self, uuid: bytes, luid: int, dlog: Any, type_name: str, ctr_string: str):
         self.uuid = uuid
@@ -77,6 +79,8 @@ class LogEntry:
         self.resumed = False
         self.touched = False      # marks/clears not yet flushed
         self.watermark = 0        # regions below it are known in sync
+        self.sync_bits = bytearray()  # our copy of the sync bits (for the state file)
+        self.restore_pending = False  # reconnect CTR: restore the sync bits at RESUME
 
     def in_sync_hint(self) -> int:
         """How many leading regions are in sync (IS_REMOTE_RECOVERING's hint)."""
@@ -100,11 +104,70 @@ class LogEntry:
                 "max_us": vals[-1] / 1000}
 
 
+class SyncStateStore:
+    """The sync bits of every live log, in files under a runtime directory.
+
+    Why: after a daemon restart the kernel reconnects (CTR + RESUME) but keeps its
+    ``in_sync_hint``, which after a completed resync equals the region count, so
+    it never asks for resync work again until the next real resume.  A log that
+    came back with fewer in-sync regions than the kernel believes would send
+    writes to those regions to the default leg only, and nothing would ever copy
+    them.  So the sync bits the kernel last saw are kept here (a tmpfs such as
+    /run lives exactly as long as the kernel's belief) and restored on reconnect.
+    Clean/dirty bits need no such care: ``disk`` logs keep them on the log device.
+    """
+
+    MAGIC = b"ULOGD-SYNC 1\n"
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def _path(self, entry: LogEntry) -> str:
+        return os.path.join(self.directory, f"{entry.uuid.hex()}-{entry.luid:x}.sync")
+
+    def save(self, entry: LogEntry) -> None:
+        path = self._path(entry)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(self.MAGIC + entry.ctr_string.encode() + b"\n" + bytes(entry.sync_bits))
+        os.replace(tmp, path)
+
+    def load(self, entry: LogEntry) -> bytes | None:
+        try:
+            with open(self._path(entry), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        head = self.MAGIC + entry.ctr_string.encode() + b"\n"
+        if not data.startswith(head):
+            return None
+        bits = data[len(head):]
+        return bits if len(bits) == (entry.dlog.region_count + 7) // 8 else None
+
+    def delete(self, entry: LogEntry) -> None:
+        try:
+            os.unlink(self._path(entry))
+        except FileNotFoundError:
+            pass
+
+
+def _read_sync_bits(dlog: Any) -> bytearray:
+    n = dlog.region_count
+    bits = bytearray((n + 7) // 8)
+    in_sync = dlog.in_sync
+    for r in range(n):
+        if in_sync(r):
+            bits[r >> 3] |= 1 << (r & 7)
+    return bits
+
+
 class Dispatcher:
     """Applies decoded requests to the logs and produces the reply datagrams."""
 
     def __init__(self, log_factory: LogFactory = default_log_factory, *, portid: int = 0,
                  persist_marks: bool = True, fast_path: bool = True,
+                 state_dir: str | None = None,
                  clock: Callable[[], int] = time.perf_counter_ns) -> None:
         self.logs: dict[tuple[bytes, int], LogEntry] = {}
         # the same entries keyed by the raw 129-byte uuid field (as the kernel sends it)
@@ -113,6 +176,7 @@ class Dispatcher:
         self.portid = portid
         self.persist_marks = persist_marks
         self.fast_path = fast_path
+        self.state = SyncStateStore(state_dir) if state_dir else None
         self.clock = clock
         self.lock = threading.Lock()
         self.dropped: dict[str, int] = {}
@@ -334,6 +398,9 @@ class Dispatcher:
                         req.luid)
             self._close(old)
         entry = LogEntry(req.uuid, req.luid, dlog, words[1], req.args)
+        entry.restore_pending = req.reconnect
+        if self.state is not None and not req.reconnect:
+            self.state.delete(entry)
         entry.counts[RT.CTR] += 1
         self.logs[key] = entry
         self._fastkeys[(req.uuid.ljust(p.DM_UUID_LEN, b"\0"), req.luid)] = entry
@@ -357,6 +424,8 @@ class Dispatcher:
     def _dtr(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
         del self.logs[(entry.uuid, entry.luid)]
         self._fastkeys.pop((entry.uuid.ljust(p.DM_UUID_LEN, b"\0"), entry.luid), None)
+        if self.state is not None:
+            self.state.delete(entry)
         self._close(entry)
         log.info("destroyed log %s/%d", _u(entry.uuid), entry.luid)
         return 0, b""
@@ -372,9 +441,30 @@ class Dispatcher:
         return 0, b""
 
     def _resume(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
-        entry.dlog.resume()
+        dlog = entry.dlog
+        dlog.resume()
         entry.resumed = True
         entry.watermark = 0
+        if self.state is None:
+            return 0, b""
+        if entry.restore_pending:
+            entry.restore_pending = False
+            saved = self.state.load(entry)
+            if saved is None:
+                log.warning("log %s/%d reconnected without saved sync state: regions out of "
+                            "sync now may not be resynced before the next resume",
+                            _u(entry.uuid), entry.luid)
+            else:
+                changed = 0
+                for r in range(dlog.region_count):
+                    want = bool(saved[r >> 3] >> (r & 7) & 1)
+                    if dlog.in_sync(r) != want:
+                        dlog.set_region_sync(r, want)
+                        changed += 1
+                log.info("log %s/%d: restored the sync state the kernel knows (%d regions "
+                         "changed)", _u(entry.uuid), entry.luid, changed)
+        entry.sync_bits = _read_sync_bits(dlog)
+        self.state.save(entry)
         return 0, b""
 
     def _get_region_size(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
@@ -413,6 +503,14 @@ class Dispatcher:
         entry.touched = True
         if not req.in_sync and req.region < entry.watermark:
             entry.watermark = req.region
+        bits = entry.sync_bits
+        if self.state is not None and bits:
+            byte, mask = req.region >> 3, 1 << (req.region & 7)
+            old = bits[byte]
+            new = old | mask if req.in_sync else old & ~mask
+            if new != old:
+                bits[byte] = new
+                self.state.save(entry)
         return 0, b""
 
     def _get_sync_count(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:

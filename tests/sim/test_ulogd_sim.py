@@ -25,10 +25,10 @@ U = b"SIM-UUID-0001"
 
 
 class Running:
-    def __init__(self, kernel: FakeKernel, control: str) -> None:
+    def __init__(self, kernel: FakeKernel, control: str, state_dir: str | None = None) -> None:
         self.kernel = kernel
         self.control = control
-        self.daemon = Daemon(kernel.transport(), control_path=control)
+        self.daemon = Daemon(kernel.transport(), control_path=control, state_dir=state_dir)
         self.thread = threading.Thread(target=self.daemon.serve, daemon=True)
         self.thread.start()
 
@@ -260,3 +260,50 @@ def test_daemon_process_ready_status_and_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def resync_all(k: FakeKernel, uuid: bytes, luid: int) -> int:
+    done = 0
+    while True:
+        i, r = struct.unpack("=qQ", k.simple(uuid, luid, RT.GET_RESYNC_WORK).data)
+        if not i:
+            return done
+        assert k.request(uuid, luid, RT.SET_REGION_SYNC, struct.pack("=Qq", r, 1)).error == 0
+        done += 1
+
+
+def test_restart_restores_the_sync_state_the_kernel_knows(tmp_path: Path) -> None:
+    """After a restart the kernel reconnects but never re-asks for resync work if it had
+    seen the mirror in sync; the restored log must agree with what the kernel saw."""
+    state = str(tmp_path / "state")
+    args = "2048 clustered-core 64"  # 32 regions, default sync: all need resync
+    k1 = FakeKernel()
+    first = Running(k1, str(tmp_path / "c1"), state)
+    try:
+        construct(k1, U, 5, args)
+        assert resync_all(k1, U, 5) == 32
+        assert k1.request(U, 5, RT.SET_REGION_SYNC, struct.pack("=Qq", 3, 0)).error == 0
+        assert u64(k1.simple(U, 5, RT.GET_SYNC_COUNT).data) == 31
+    finally:
+        first.daemon.dispatcher.logs.clear()  # killed: no DTR, no close
+        first.stop()
+        k1.close()
+    k2 = FakeKernel()
+    second = Running(k2, str(tmp_path / "c2"), state)
+    try:
+        assert k2.region(U, 5, RT.IN_SYNC, 0).error == -errno.ESRCH
+        assert k2.ctr(U, 5, args, reconnect=True).error == 0
+        assert k2.simple(U, 5, RT.RESUME).error == 0
+        assert u64(k2.simple(U, 5, RT.GET_SYNC_COUNT).data) == 31
+        assert s64(k2.region(U, 5, RT.IN_SYNC, 3).data) == 0
+        assert s64(k2.region(U, 5, RT.IN_SYNC, 4).data) == 1
+        # a new table (initial CTR) for the same key starts afresh
+        assert k2.simple(U, 5, RT.DTR).error == 0
+        construct(k2, U, 5, args)
+        assert u64(k2.simple(U, 5, RT.GET_SYNC_COUNT).data) == 0
+        assert os.listdir(state) != []
+        assert k2.simple(U, 5, RT.DTR).error == 0
+        assert os.listdir(state) == []
+    finally:
+        second.stop()
+        k2.close()
