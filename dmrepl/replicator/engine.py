@@ -33,6 +33,7 @@ Rules / theory of operation
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import threading
 import time
@@ -151,8 +152,9 @@ class Replicator:
                  full_grace: float = 1.0, cache_bytes: int = 128 << 20,
                  batch_bytes: int = 16 << 20, batch_entries: int = 512,
                  window_entries: int = 8192, resync_chunk: int = 1 << 20,
-                 durable_acks: bool = True) -> None:
+                 durable_acks: bool = True, copier_nice: int = 0) -> None:
         self.cfg = cfg
+        self.copier_nice = copier_nice
         # durable_acks=False: a write is acknowledged once written to the log store
         # (like a disk with a volatile write cache); flush() and FUA writes make it
         # durable.  Copies are still made only of durable entries.
@@ -625,6 +627,14 @@ class Replicator:
     # -- copiers ------------------------------------------------------------------------
 
     def _copier(self, s: Slink) -> None:
+        if self.copier_nice:
+            # Background copies yield the CPU to the application's writers (Linux:
+            # per-thread nice value); synchronous acknowledgements are unaffected
+            # when the CPU is idle.
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                               min(19, os.getpriority(os.PRIO_PROCESS, 0)
+                                   + self.copier_nice))
         while True:
             with self.cond:
                 job = self._next_job(s)
