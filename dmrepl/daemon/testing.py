@@ -37,7 +37,7 @@ class DaemonProcess:
     def nbd_socket(self) -> str:
         return os.path.join(self.state_dir, "nbd.sock")
 
-    def start(self, timeout: float = 60) -> DaemonProcess:
+    def start(self, timeout: float = 180) -> DaemonProcess:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.ready_file)
         argv = [sys.executable, "-m", "dmrepl.cli.main", "--socket", self.socket, "daemon",
@@ -66,11 +66,29 @@ class DaemonProcess:
         except FileNotFoundError:
             return ""
 
-    def cli(self, *argv: str, input: str | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """``dmrepl --socket S ARGV...`` run in this process (``run()(argv)``): a new
+        Python per command costs a minute in a loaded TCG VM.  Not thread-safe
+        (stdout/stderr are redirected)."""
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        from dmrepl.cli.main import run
+        full = ["--socket", self.socket, *argv]
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = run()(full)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 2
+        return subprocess.CompletedProcess(["dmrepl", *full], code, out.getvalue(),
+                                           err.getvalue())
+
+    def cli_process(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """The same through a real ``python -m dmrepl.cli.main`` process."""
         return subprocess.run([sys.executable, "-m", "dmrepl.cli.main", "--socket",
                                self.socket, *argv], capture_output=True, text=True,
-                              input=input, timeout=timeout)
+                              timeout=timeout)
 
     def kill(self) -> None:
         """SIGKILL: the crash case."""
@@ -183,6 +201,27 @@ def _dm_remove(name: str) -> None:
         os.unlink(f"/dev/mapper/{name}")
 
 
+def _create_netns(name: str) -> None:
+    """``netns.create`` without pyroute2's helper process (slow under TCG): a forked
+    child unshares its network namespace and pyroute2 ``netns.attach`` pins it."""
+    import ctypes
+
+    from pyroute2 import netns
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = os.fork()
+    if pid == 0:   # child: no Python-level cleanup, just the two syscalls
+        code = 1
+        try:
+            if libc.unshare(0x40000000) == 0:   # CLONE_NEWNET
+                netns.attach(name, os.getpid())
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OSError(f"cannot create network namespace {name}")
+
+
 class RemoteSite:
     """A second site: netns + veth (netem on the link) + qemu-nbd exporting ``disk``."""
 
@@ -222,9 +261,9 @@ class RemoteSite:
 
     def start(self) -> None:
         import pyroute2.config
-        from pyroute2 import IPRoute, netns
+        from pyroute2 import IPRoute
         pyroute2.config.default_communicate_timeout = 60
-        netns.create(self.ns)
+        _create_netns(self.ns)
         with IPRoute() as ip:
             ip.link("add", ifname=self.host_if, kind="veth", peer=self.site_if)
             host = ip.link_lookup(ifname=self.host_if)[0]
