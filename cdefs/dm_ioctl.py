@@ -22,7 +22,8 @@ import cffi
 
 from cdefs import abi_ffi
 
-INCLUDES = "#include <linux/dm-ioctl.h>"
+# <sys/ioctl.h> for ioctl(2) itself (and the _IOWR macro the dm header uses).
+INCLUDES = "#include <sys/ioctl.h>\n#include <linux/dm-ioctl.h>"
 
 CDEF = """
 #define DM_MAX_TYPE_NAME 16
@@ -122,9 +123,16 @@ struct dm_target_msg {
     uint64_t sector;
     char message[];
 };
+
+/* Called through cffi, which releases the GIL for the call: fcntl.ioctl keeps it
+   while the kernel works on a buffer larger than 1 KiB, so a suspend or a
+   DM_DEV_WAIT would stall every thread (and deadlock a dirty-log server living
+   in the same process). */
+int ioctl(int fd, unsigned long request, ...);
 """
 
 ffi: cffi.FFI = abi_ffi(CDEF)
+#: Constants, and libc's ioctl (dlopen(None) is the C library of this process).
 lib = ffi.dlopen(None)
 
 #: The command names of the header's anonymous enum, in ioctl-number order.

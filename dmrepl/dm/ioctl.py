@@ -21,9 +21,10 @@ any ioctl is issued.
 from __future__ import annotations
 
 import errno as errno_mod
-import fcntl
 import os
+import select
 import stat
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -152,6 +153,21 @@ class TargetVersion:
 
 
 IoctlFn = Callable[[int, int, bytearray, bool], Any]
+
+
+def libc_ioctl(fd: int, request: int, buf: bytearray, mutate: bool = True) -> int:
+    """ioctl(2) on ``buf`` in place, without holding the GIL (``fcntl.ioctl``'s signature).
+
+    ``fcntl.ioctl`` keeps the GIL while the kernel works on buffers over 1 KiB, so a
+    blocking DM_DEV_WAIT or a slow suspend would stop every other thread.
+    """
+    while True:
+        ret = int(lib.ioctl(fd, request, ffi.cast("void *", ffi.from_buffer(buf))))
+        if ret >= 0:
+            return ret
+        code = ffi.errno
+        if code != errno_mod.EINTR:
+            raise OSError(code, os.strerror(code))
 
 
 def check_name(name: str) -> bytes:
@@ -336,14 +352,16 @@ class DmControl:
 
     ``DmControl()`` opens ``/dev/mapper/control``; ``DmControl(fd=n)`` uses an open
     descriptor (not closed by us).  ``ioctl`` replaces ``fcntl.ioctl`` (a fake
-    kernel in tests) and ``mapper_dir`` the directory of the device nodes.
+    kernel in tests; default ``libc_ioctl``) and ``mapper_dir`` the directory of the
+    device nodes.
     Methods are safe to call from several threads (each call has its own buffer).
     """
 
     def __init__(self, path: str = CONTROL_PATH, fd: int | None = None, *,
                  ioctl: IoctlFn | None = None, mapper_dir: str = MAPPER_DIR) -> None:
         self.mapper_dir = mapper_dir
-        self._ioctl: IoctlFn = ioctl if ioctl is not None else fcntl.ioctl
+        self.path = path
+        self._ioctl: IoctlFn = ioctl if ioctl is not None else libc_ioctl
         if fd is not None:
             self.fd, self._owns_fd = fd, False
         else:
@@ -358,6 +376,11 @@ class DmControl:
         if self._owns_fd and self.fd >= 0:
             os.close(self.fd)
         self.fd = -1
+
+    def __del__(self) -> None:
+        # Callers that make a DmControl per operation should not leak descriptors.
+        if getattr(self, "_owns_fd", False) and getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
 
     def __enter__(self) -> DmControl:
         return self
@@ -553,14 +576,34 @@ class DmControl:
         payload = bytes(ffi.buffer(msg, ffi.sizeof("struct dm_target_msg")))
         return self._call("DM_TARGET_MSG", name, payload=payload + text.encode() + b"\0").text()
 
-    def wait_event(self, name: str, event_nr: int) -> DeviceInfo:
+    def wait_event(self, name: str, event_nr: int, timeout: float | None = None) -> DeviceInfo:
         """Block until the device's event counter differs from ``event_nr`` (``dmsetup wait``).
 
         Returns at once if it already differs, so read ``info().event_nr`` before
-        doing what will cause the event.  Events: a table swap on resume, and
-        target events (a mirror finishing resync or losing a leg, ...).
+        doing what will cause the event.  Events: target events (a mirror finishing
+        resync or losing a leg, ...) and table changes.  Without ``timeout`` this is
+        one blocking DM_DEV_WAIT; with one, it polls a private control descriptor
+        armed with DM_DEV_ARM_POLL and raises ``TimeoutError`` when time runs out.
         """
-        return self._call("DM_DEV_WAIT", name, event_nr=event_nr, retry_full=False).info(name)
+        if timeout is None:
+            return self._call("DM_DEV_WAIT", name, event_nr=event_nr,
+                              retry_full=False).info(name)
+        deadline = time.monotonic() + timeout
+        # Arming is per open file: a descriptor of our own cannot be re-armed (and
+        # its wake-up lost) by another thread's wait.
+        with DmControl(self.path, ioctl=self._ioctl, mapper_dir=self.mapper_dir) as own:
+            poller = select.poll()
+            poller.register(own.fd, select.POLLIN)
+            while True:
+                own._call("DM_DEV_ARM_POLL")
+                info = own._call("DM_DEV_STATUS", name).info(name)
+                if info.event_nr != event_nr:
+                    return info
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no event on dm device {name!r} within {timeout} s "
+                                       f"(event_nr still {event_nr})")
+                poller.poll(left * 1000)
 
     # -- device nodes -----------------------------------------------------------
 

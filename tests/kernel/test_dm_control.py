@@ -200,7 +200,7 @@ def test_mirror_resync_event_status_and_messages(dm: DmControl, dmsetup, loop_de
     for _ in range(20):
         if mirror_in_sync(dm.status(name)):
             break
-        seen = dm.wait_event(name, seen).event_nr
+        seen = dm.wait_event(name, seen, timeout=60).event_nr
     assert mirror_in_sync(dm.status(name))
     assert dm.info(name).event_nr > before, "the resync completion is an event"
 
@@ -232,8 +232,21 @@ def test_wait_event_returns_at_once_when_counter_already_moved(dm: DmControl, dm
     assert dm.wait_event(name, info.event_nr + 1).event_nr == info.event_nr
 
 
+def test_wait_event_times_out_without_an_event(dm: DmControl, dm_name) -> None:
+    name = dm_name("quiet")
+    dm.create_device(name, [Target(0, 8, "zero")])
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=repr(name)):
+        dm.wait_event(name, dm.info(name).event_nr, timeout=0.5)
+    assert time.monotonic() - started >= 0.5
+
+
 def test_wait_event_blocks_until_mirror_event(dm: DmControl, loop_device, dm_name) -> None:
-    """A waiter started before resume is woken by the resync-complete event."""
+    """A blocking DM_DEV_WAIT started before resume is woken by the resync event.
+
+    The waiter blocks in the kernel while this thread resumes the device: the ioctl
+    must not hold the GIL.
+    """
     legs = [loop_device(8), loop_device(8)]
     name = dm_name("waiter")
     dm.create(name)

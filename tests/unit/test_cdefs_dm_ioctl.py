@@ -35,9 +35,7 @@ def header() -> Any:
     """(ffi, lib) of our CDEF compiled against the real header, plus the ioctl macros."""
     # Ask the compiler for every request number too: "..." lets it supply the value.
     macros = "".join(f"#define {name} ...\n" for name in dm_ioctl.COMMANDS)
-    # The header uses _IOWR without including the header that defines it.
-    includes = "#include <linux/ioctl.h>\n" + dm_ioctl.INCLUDES
-    return verify_against_headers(dm_ioctl.CDEF + macros, includes,
+    return verify_against_headers(dm_ioctl.CDEF + macros, dm_ioctl.INCLUDES,
                                   module_name="_dmrepl_verify_dm_ioctl")
 
 

@@ -365,3 +365,16 @@ def test_rename_set_uuid_clear_wait_and_remove(dm: DmControl, kernel: FakeKernel
     assert dm.set_uuid("new", "NEW-UUID").uuid == "NEW-UUID"
     assert dm.remove("new") is True
     assert kernel.devices == {}
+
+
+def test_libc_ioctl_reports_errno() -> None:
+    from dmrepl.dm.ioctl import libc_ioctl
+    fd = os.open("/dev/null", os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as excinfo:
+            libc_ioctl(fd, IOCTLS["DM_VERSION"], bytearray(HEADER))
+        assert excinfo.value.errno == errno.ENOTTY
+        with pytest.raises(DmIoctlError, match=r"DM_VERSION failed: .*ENOTTY.*not a device-mapper"):
+            DmControl(fd=fd).version()
+    finally:
+        os.close(fd)
