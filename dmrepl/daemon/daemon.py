@@ -15,6 +15,7 @@ the same order; the engine's own log recovery does the rest.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import importlib
 import json
 import logging
@@ -655,6 +656,7 @@ def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # thread dump on demand
     try:
         daemon.restore()
         if ready_file:

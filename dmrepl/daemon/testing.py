@@ -404,7 +404,8 @@ class Replicated:
     def wait_converged(self, timeout: float = 180) -> dict[str, Any]:
         return self.wait_for("remote in sync", lambda st: all(
             s["state"] == "up" and s["lag_ios"] == 0 and s["consistent"]
-            and not s["resyncing"] for s in st["slinks"].values()), timeout)
+            and not s["resyncing"] and s["durable_seq"] == s["applied_seq"]
+            for s in st["slinks"].values()), timeout)
 
     def remove(self) -> None:
         for dev in self.devs:

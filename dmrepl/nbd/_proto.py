@@ -103,6 +103,9 @@ ERRORS = {
 # Largest payload we accept in one request.  The kernel client sends at most
 # max_sectors_kb (usually far below this); qemu and libnbd default to 32 MiB.
 MAX_REQUEST = 32 * 1024 * 1024
+# Largest request we ask clients to send (we still accept up to MAX_REQUEST): one
+# write becomes one replication log entry, and an entry must fit the ring.
+MAX_BLOCK = 1024 * 1024
 # Largest option payload (export names are at most 4096 bytes by the spec).
 MAX_OPTION = 64 * 1024
 # The replicator works in 512-byte sectors: clients must align (qemu, libnbd do).
@@ -374,7 +377,7 @@ class ServerConnection:
         self._opt_reply(option, Rep.INFO, INFO_EXPORT.build(
             {"size": info.size, "flags": self._tflags(info)}))
         self._opt_reply(option, Rep.INFO, INFO_BLOCK_SIZE.build(
-            {"minimum": MIN_BLOCK, "preferred": PREFERRED_BLOCK, "maximum": MAX_REQUEST}))
+            {"minimum": MIN_BLOCK, "preferred": PREFERRED_BLOCK, "maximum": MAX_BLOCK}))
         self._opt_reply(option, Rep.ACK)
         if option == Opt.GO:
             return self._start(name, info)
