@@ -345,13 +345,20 @@ class Replicator:
         except OSError:
             pass
 
-    def remove_device(self, dev_nr: int) -> None:
-        """Remove a device; refused while it has entries not yet copied."""
+    def remove_device(self, dev_nr: int, timeout: float = 0.0) -> None:
+        """Remove a device; waits up to ``timeout`` seconds for its writes to reach
+        every site link, then refuses (UserError) while some are not copied."""
+        deadline = time.monotonic() + timeout
         with self.cond:
             dev = self.devices.get(dev_nr)
             if dev is None:
                 raise UserError(f"no device number {dev_nr}")
-            pending = self._pending_for_dev(dev_nr)
+            while True:
+                pending = self._pending_for_dev(dev_nr)
+                left = deadline - time.monotonic()
+                if not pending or left <= 0:
+                    break
+                self.cond.wait(min(left, 0.05))
             if pending:
                 raise UserError(f"device {dev_nr} has {pending} writes not yet copied to all "
                                 "its site links; retry when they drained")
@@ -1262,7 +1269,9 @@ def _msg_int(word: str, what: str) -> int:
 
 
 def _write_zeros(store: BlockStore, offset: int, length: int) -> None:
-    zero = bytes(min(length, 1 << 20))
+    # one write per entry (entries are at most MAX_ENTRY): a zero-write reaches the
+    # device whole, like any other entry
+    zero = bytes(min(length, MAX_ENTRY))
     pos = 0
     while pos < length:
         n = min(len(zero), length - pos)
@@ -1277,7 +1286,12 @@ class ReplicatedDevice:
     the default; else once written to the log store, durable after ``flush`` or
     with ``fua``) and on every site link holding acknowledgements; ``read`` returns
     the newest data; ``flush`` makes every acknowledged write durable; ``trim`` is
-    a replicated write of zeros (a zero-write entry without data in the log)."""
+    a replicated write of zeros (a zero-write entry without data in the log).
+
+    Writes wait (by design, like a suspended dm device) while the device is
+    suspended, while the log is full and only site link 0, sync or ``stall`` site
+    links hold its oldest entry, and for sync/forced-sync site links that are up
+    but not copying because the replicator is stopped."""
 
     def __init__(self, rep: Replicator, cfg: DeviceConfig, legs: dict[int, Leg],
                  size_bytes: int) -> None:
