@@ -68,6 +68,7 @@ from dmrepl.replicator.table import (
 VERSION = "1.0.0"
 SECTOR = 512
 MAX_ENTRY = 8 << 20  # larger writes are split into several entries
+INDEX_BUCKET = 1 << 20  # bytes per bucket of the pending-entry index
 
 _active_lock = threading.Lock()
 _active_logs: set[tuple[str, int]] = set()
@@ -191,6 +192,11 @@ class Replicator:
             raise
         self.lock = self.ring.lock
         self.cond = self.ring.cond
+        # entries not yet on the local devices, by device and 1 MiB bucket (reads
+        # and resync look only at the buckets they touch)
+        self._index: dict[int, dict[int, dict[int, Entry]]] = {}
+        for entry in self.ring.entries:
+            self._index_add(entry)
         self.slinks: dict[int, Slink] = {}
         for s in cfg.slinks:
             self._add_slink(s)
@@ -523,6 +529,7 @@ class Replicator:
                 e = self.ring.reserve(dev.dev_nr, offset, length, targets, data,
                                       zero=data is None)
                 if e is not None:
+                    self._index_add(e)
                     break
                 now = time.monotonic()
                 if waited is None:
@@ -601,14 +608,10 @@ class Replicator:
         for _ in range(10):
             with self.cond:
                 self._check_io_read(dev)
-                s0 = self.slinks[0]
                 snap: list[tuple[Entry, bytes | None]] = []
                 end = offset + length
-                for seq in range(s0.applied + 1, self.ring.next_seq):
-                    e = self.ring.entry(seq)
-                    if e is None or e.dev != dev.dev_nr or e.end <= offset or e.offset >= end:
-                        continue
-                    if e.data is None and not e.zero and seq in self.ring._unwritten:
+                for e in self._pending_local(dev.dev_nr, offset, end):
+                    if e.data is None and not e.zero and e.seq in self.ring._unwritten:
                         continue  # concurrent write not on disk yet: undefined data
                     snap.append((e, e.data))
                 self.stats["r"] += 1
@@ -774,6 +777,10 @@ class Replicator:
                     s.out_bytes -= e.length
             s.applied = max(s.applied, done)
             s.batches += 1
+            if s.nr == 0:
+                for e, _leg in batch:
+                    if e.seq <= done:
+                        self._index_drop(e)
             self._check_fallbehind(s, now)
             self._drop_cached(batch)
             if failed is not None:
@@ -944,12 +951,44 @@ class Replicator:
         return None
 
     def _local_pending_overlap(self, dev_nr: int, lo: int, hi: int) -> bool:
-        s0 = self.slinks[0]
-        for seq in range(s0.applied + 1, self.ring.next_seq):
-            e = self.ring.entry(seq)
-            if e is not None and e.dev == dev_nr and e.offset < hi and lo < e.end:
-                return True
-        return False
+        return bool(self._pending_local(dev_nr, lo, hi))
+
+    # -- index of entries not yet on the local devices (caller holds the lock) ------
+
+    def _index_add(self, e: Entry) -> None:
+        buckets = self._index.setdefault(e.dev, {})
+        for b in range(e.offset // INDEX_BUCKET, (max(e.end, e.offset + 1) - 1)
+                       // INDEX_BUCKET + 1):
+            buckets.setdefault(b, {})[e.seq] = e
+
+    def _index_drop(self, e: Entry) -> None:
+        buckets = self._index.get(e.dev)
+        if buckets is None:
+            return
+        for b in range(e.offset // INDEX_BUCKET, (max(e.end, e.offset + 1) - 1)
+                       // INDEX_BUCKET + 1):
+            bucket = buckets.get(b)
+            if bucket is not None:
+                bucket.pop(e.seq, None)
+                if not bucket:
+                    del buckets[b]
+
+    def _pending_local(self, dev_nr: int, lo: int, hi: int) -> list[Entry]:
+        """Entries overlapping [lo, hi) of a device not yet applied locally, in log
+        order."""
+        buckets = self._index.get(dev_nr)
+        if not buckets or hi <= lo:
+            return []
+        applied = self.slinks[0].applied
+        found: dict[int, Entry] = {}
+        for b in range(lo // INDEX_BUCKET, (hi - 1) // INDEX_BUCKET + 1):
+            bucket = buckets.get(b)
+            if not bucket:
+                continue
+            for seq, e in bucket.items():
+                if seq > applied and e.offset < hi and lo < e.end:
+                    found[seq] = e
+        return [found[k] for k in sorted(found)]
 
     def _do_resync(self, s: Slink, dev: ReplicatedDevice, leg: Leg, region: int) -> None:
         with self.cond:

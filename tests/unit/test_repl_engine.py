@@ -403,3 +403,32 @@ def test_write_larger_than_the_log_is_split_and_lands() -> None:
         assert stores.stores["r"].snapshot()[512:512 + len(data)] == data
     finally:
         rep.close()
+
+
+def test_reads_across_index_buckets_before_and_after_copies() -> None:
+    import random as _random
+    stores = StoreSet()
+    for name, size in (("log", 72 << 20), ("l", 4 << 20), ("r", 4 << 20)):
+        stores.add(FakeStore(size, name=name))
+    rep = Replicator.from_table("ringbuffer 4 log 0 create 140000 blockdev 2 0 async "
+                                "blockdev 2 1 async", opener=stores.open)
+    try:
+        dev = rep.add_device("rep 0 0 1 l nolog 0 1 1 r core 2 2048 nosync")
+        model = bytearray(4 << 20)
+        rng = _random.Random(8)
+        for i in range(40):  # fits the log: no copies before start()
+            n = rng.choice([1, 8, 300, 3000, 5000]) * 512
+            off = rng.randrange(0, (4 << 20) - n + 1) // 512 * 512
+            data = bytes([i + 1]) * n
+            dev.write(off, data)
+            model[off:off + n] = data
+            lo = rng.randrange(0, 4 << 20, 512)
+            k = min(rng.choice([512, 1 << 20, 3 << 20]), (4 << 20) - lo)
+            assert dev.read(lo, k) == model[lo:lo + k]
+        assert dev.read(0, 4 << 20) == model
+        rep.start()
+        assert rep.wait_drained(10)
+        assert dev.read(0, 4 << 20) == model == stores.stores["r"].snapshot()
+        assert not any(rep._index.get(0, {}).values())
+    finally:
+        rep.close()
