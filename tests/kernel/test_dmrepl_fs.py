@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dmrepl.daemon.testing import DaemonProcess, KernelLab
+from dmrepl.daemon.testing import DaemonProcess, KernelLab, trace
 
 ENGINE = os.environ.get("DMREPL_ENGINE", "auto")
 MB = 1 << 20
@@ -24,18 +24,18 @@ def sh(*argv: str, timeout: float = 300) -> str:
 @pytest.fixture(scope="module")
 def replicated() -> Iterator[tuple[DaemonProcess, KernelLab, str, str]]:
     with KernelLab("fs") as lab, tempfile.TemporaryDirectory() as work:
-        log = lab.disk("dmrepl-test-fs-log", 64)
-        local = lab.disk("dmrepl-test-fs-local", 128)
-        remote = lab.disk("dmrepl-test-fs-remote", 128)
+        log = lab.disk("dmrepl-test-fs-log", 32)
+        local = lab.disk("dmrepl-test-fs-local", 64)
+        remote = lab.disk("dmrepl-test-fs-remote", 64)
         site = lab.site(remote, delay_ms=20)
         d = DaemonProcess(work, engine=ENGINE).start()
         try:
             r = d.cli("create", "dmrepl-test-fs-rep", "--table",
-                      f"0 1 replicator ringbuffer 4 {log} 0 auto {63 * MB // 512} "
+                      f"0 1 replicator ringbuffer 4 {log} 0 auto {31 * MB // 512} "
                       "blockdev 2 0 sync blockdev 4 1 async ios 10000")
             assert r.returncode == 0, r.stderr + d.log()
             r = d.cli("create", "dmrepl-test-fs", "--table",
-                      f"0 {128 * MB // 512} replicator-dev dmrepl-test-fs-rep 0 "
+                      f"0 {64 * MB // 512} replicator-dev dmrepl-test-fs-rep 0 "
                       f"0 1 {local} nolog 0 1 1 {site.url} core 2 1024 sync")
             assert r.returncode == 0, r.stderr + d.log()
             assert r.stdout.startswith("dmrepl-test-fs: /dev/mapper/dmrepl-test-fs (over /dev/nbd")
@@ -51,17 +51,20 @@ def test_mkfs_files_and_fio_verify(replicated: tuple[DaemonProcess, KernelLab, s
     d, _, _, _ = replicated
     dev = "/dev/mapper/dmrepl-test-fs"
     assert os.path.exists(dev)
-    sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", dev)
+    trace("mkfs.ext4")
+    sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", dev)
+    trace("mount + files")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sh("mount", dev, str(mnt))
     try:
-        payload = os.urandom(3 * MB)
+        payload = os.urandom(1 * MB)
         for i in range(5):
             (mnt / f"file{i}").write_bytes(payload[i:] + payload[:i])
         os.sync()
     finally:
         sh("umount", str(mnt))
+    trace("fsck")
     sh("fsck.ext4", "-n", "-f", dev)
     sh("mount", dev, str(mnt))
     try:
@@ -69,8 +72,9 @@ def test_mkfs_files_and_fio_verify(replicated: tuple[DaemonProcess, KernelLab, s
             assert (mnt / f"file{i}").read_bytes() == payload[i:] + payload[:i]
     finally:
         sh("umount", str(mnt))
+    trace("fio --verify")
     out = sh("fio", "--name=verify", f"--filename={dev}", "--rw=randwrite", "--bs=4k",
-             "--size=24M", "--offset=96M", "--direct=1", "--ioengine=libaio", "--iodepth=16",
+             "--size=8M", "--offset=48M", "--direct=1", "--ioengine=libaio", "--iodepth=16",
              "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=terse",
              timeout=400)
     assert out.strip(), "fio printed nothing"
@@ -110,6 +114,7 @@ def test_bad_tables_and_messages_leave_running_devices_alone(
         buf = mmap.mmap(-1, 4096)
         buf[:] = block
         assert os.pwrite(fd, buf, 4096 * 100) == 4096
+        trace('cli errors checked, device still writable')
         back = mmap.mmap(-1, 4096)
         assert os.preadv(fd, [back], 4096 * 100) == 4096
         assert bytes(back) == block

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dmrepl.daemon.testing import DaemonProcess, KernelLab, Replicated
+from dmrepl.daemon.testing import DaemonProcess, KernelLab, Replicated, trace
 
 ENGINE = os.environ.get("DMREPL_ENGINE", "auto")
 MB = 1 << 20
@@ -41,6 +41,36 @@ def cmp_devices(a: str, b: str) -> None:
     assert proc.returncode == 0, f"cmp {a} {b}: {proc.stdout}{proc.stderr}"
 
 
+def test_cut_link_writes_continue_dirty_regions_resync(
+        lab: tuple[KernelLab, DaemonProcess]) -> None:
+    klab, d = lab
+    # a small log: while the link is cut the ring fills, entries for the down site
+    # are dropped to its dirty log (regions out of sync), writers carry on
+    r = Replicated(klab, d, "dmrepl-test-cut", size_mb=32, log_mb=4,
+                   remote_policy="async ios 100000", delay_ms=20, region_sectors=512)
+    try:
+        dd_write(r.mapper(), 0, 2, bs="64k")
+        r.wait_converged()
+        trace("cutting the link")
+        r.site.cut()
+        dd_write(r.mapper(), 2, 12, bs="256k", timeout=240)   # must not block on the cut link
+        trace("12 MiB written with the link cut")
+        st = r.wait_for("the cut site link to be down with regions out of sync",
+                        lambda st: st["slinks"]["1"]["state"] == "down"
+                        and st["slinks"]["1"]["regions_out_of_sync"] > 0, timeout=120)
+        assert not st["slinks"]["1"]["consistent"]
+        # the local copy is complete already
+        dd_write(r.mapper(), 20, 2)
+        trace("restoring the link")
+        r.site.restore()
+        r.wait_converged(timeout=300)
+        subprocess.run(["sync"], check=True)
+        cmp_devices(r.mapper(), r.remotes[0])
+        cmp_devices(r.locals[0], r.remotes[0])
+    finally:
+        r.remove()
+
+
 def test_async_link_falls_behind_forced_sync_and_returns(
         lab: tuple[KernelLab, DaemonProcess]) -> None:
     klab, d = lab
@@ -61,32 +91,5 @@ def test_async_link_falls_behind_forced_sync_and_returns(
         assert not st["slinks"]["1"]["forced_sync"]
         assert st["slinks"]["1"]["lag_ios"] == 0
         cmp_devices(r.mapper(), r.remotes[0])
-    finally:
-        r.remove()
-
-
-def test_cut_link_writes_continue_dirty_regions_resync(
-        lab: tuple[KernelLab, DaemonProcess]) -> None:
-    klab, d = lab
-    # a small log: while the link is cut the ring fills, entries for the down site
-    # are dropped to its dirty log (regions out of sync), writers carry on
-    r = Replicated(klab, d, "dmrepl-test-cut", size_mb=48, log_mb=8,
-                   remote_policy="async ios 100000", delay_ms=20, region_sectors=512)
-    try:
-        dd_write(r.mapper(), 0, 4, bs="64k")
-        r.wait_converged()
-        r.site.cut()
-        dd_write(r.mapper(), 4, 24, bs="256k", timeout=240)   # must not block on the cut link
-        st = r.wait_for("the cut site link to be down with regions out of sync",
-                        lambda st: st["slinks"]["1"]["state"] == "down"
-                        and st["slinks"]["1"]["regions_out_of_sync"] > 0, timeout=120)
-        assert not st["slinks"]["1"]["consistent"]
-        # the local copy is complete already
-        dd_write(r.mapper(), 40, 2)
-        r.site.restore()
-        r.wait_converged(timeout=300)
-        subprocess.run(["sync"], check=True)
-        cmp_devices(r.mapper(), r.remotes[0])
-        cmp_devices(r.locals[0], r.remotes[0])
     finally:
         r.remove()
