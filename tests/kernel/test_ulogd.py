@@ -156,8 +156,22 @@ def write(path: str, mb: int, seek_mb: int = 0, src: str = "/dev/urandom") -> No
 
 
 def legs_identical(a: str, b: str) -> None:
+    # drop the block devices' page cache: cmp must see what dm wrote underneath it
+    run("blockdev", "--flushbufs", a, b)
     proc = subprocess.run(["cmp", a, b], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"legs differ: {proc.stdout}{proc.stderr}"
+    if proc.returncode != 0:
+        diag = subprocess.run("dmsetup status; dmsetup table; dmesg | tail -40", shell=True,
+                              capture_output=True, text=True, timeout=60).stdout
+        raise AssertionError(f"legs differ: {proc.stdout}{proc.stderr}\n{diag}")
+
+
+def delayed(dm_name: Any, device: str, write_ms: int) -> str:
+    """``device`` behind dm-delay (writes only): makes a resync slow enough to watch."""
+    name = dm_name("udelay")
+    n = sectors(device)
+    run("dmsetup", "create", name, "--table",
+        f"0 {n} delay {device} 0 0 {device} 0 {write_ms}")
+    return dev(name)
 
 
 def new_uuid() -> str:
@@ -204,9 +218,10 @@ def test_core_sync_resync_progress_to_completion(ulogd: Ulogd, dm_name: Any,
     a, b = loop_device(16), loop_device(16)
     write(a, 16)  # leg A random, leg B zero: the resync must copy everything
     n = sectors(a)
+    slow_b = delayed(dm_name, b, 10)  # 256 region copies of >= 10 ms: seconds to watch
     name, uid = dm_name("usync"), new_uuid()
     run("dmsetup", "create", name, "--table",
-        userspace_table(n, uid, ["clustered-core", "128", "sync"], [a, b]))
+        userspace_table(n, uid, ["clustered-core", "128", "sync"], [a, slow_b]))
     seen = []
     deadline = time.monotonic() + 180
     while True:
@@ -377,13 +392,15 @@ def test_kernel_disk_log_and_ulogd_disk_log_read_each_other(
     a, b = loop_device(32), loop_device(32)
     n = sectors(a)
     total = n // REGION
+    slow_b = delayed(dm_name, b, 40)  # a full resync takes >= 64 * 40 ms
     for first, second in (("kernel", "ulogd"), ("ulogd", "kernel")):
         log = loop_device(4)  # fresh and zeroed: the first mirror must resync all
 
         def table(who: str, log: str = log) -> str:
             if who == "kernel":
-                return f"0 {n} mirror disk 2 {log} {REGION} 2 {a} 0 {b} 0"
-            return userspace_table(n, new_uuid(), ["clustered-disk", log, str(REGION)], [a, b])
+                return f"0 {n} mirror disk 2 {log} {REGION} 2 {a} 0 {slow_b} 0"
+            return userspace_table(n, new_uuid(), ["clustered-disk", log, str(REGION)],
+                                   [a, slow_b])
 
         name1 = dm_name("uxa")
         run("dmsetup", "create", name1, "--table", table(first))
