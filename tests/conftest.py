@@ -13,6 +13,13 @@ import platform
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Wall-clock deadlines measure the machine, not the code: CI hosts and the TCG VM are
+# loaded and slow, so no per-example deadline; the example counts stay as written.
+settings.register_profile(
+    "dmrepl", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dmrepl"))
 
 TIERS = ("unit", "sim", "kernel")
 
