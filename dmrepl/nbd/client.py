@@ -77,7 +77,9 @@ class NbdStore:
         except BaseException:
             sock.close()
             raise
-        sock.settimeout(None)
+        # Sends and receives wake up at least every ``timeout`` seconds: a cut link
+        # must not leave sendall() blocked forever on a full send buffer.
+        sock.settimeout(self.timeout)
         self._sock = sock
         threading.Thread(target=self._reader, args=(sock,), daemon=True,
                          name="nbd-client").start()
@@ -124,7 +126,13 @@ class NbdStore:
     def _reader(self, sock: socket.socket) -> None:
         try:
             while True:
-                magic, err, handle = struct.unpack(">IIQ", _recv(sock, 16))
+                try:
+                    head = _recv(sock, 16)
+                except TimeoutError:
+                    if self._sock is not sock:
+                        return
+                    continue           # idle; request deadlines are enforced in _call
+                magic, err, handle = struct.unpack(">IIQ", head)
                 if magic != p.SIMPLE_REPLY_MAGIC:
                     raise OSError(errno.EPROTO, "bad reply magic")
                 with self._lock:
@@ -156,9 +164,10 @@ class NbdStore:
             try:
                 sock.sendall(struct.pack(">IHHQQI", p.REQUEST_MAGIC, flags, cmd, handle,
                                          offset, length) + data)
-            except OSError as e:
+            except OSError as e:   # including TimeoutError: the peer stopped reading
                 self._pending.pop(handle, None)
-                err = e
+                err = e if not isinstance(e, TimeoutError) else OSError(
+                    errno.ETIMEDOUT, f"{self.url}: send timed out after {self.timeout}s")
         if err is not None:
             self._drop(sock, err)
             raise err
@@ -203,7 +212,12 @@ class NbdStore:
 def _recv(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
+        try:
+            chunk = sock.recv(n - len(buf))
+        except TimeoutError:
+            if not buf:
+                raise      # nothing read: the caller decides (idle reader)
+            continue       # mid-message: keep the framing; a dead peer is dropped by _call
         if not chunk:
             raise OSError(errno.ECONNRESET, "connection closed by the NBD server")
         buf += chunk

@@ -5,12 +5,15 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from dmrepl.nbd import Export, MemoryBackend, NbdServer
+from dmrepl.nbd import _proto as p
 from dmrepl.nbd.client import NbdStore, is_nbd_url
 
 
@@ -76,3 +79,38 @@ def test_unreachable_site() -> None:
     s.close()
     with pytest.raises(OSError):
         NbdStore(f"nbd://127.0.0.1:{port}/d")
+
+
+def test_peer_that_stops_reading_fails_writes_with_etimedout(tmp_path: Path) -> None:
+    """A cut link: the peer neither reads nor answers; sendall must not block forever."""
+    path = str(tmp_path / "dead.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conns.append(conn)
+        conn.sendall(struct.pack(">QQH", p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE))
+        conn.recv(4)
+        head = conn.recv(16)
+        conn.recv(struct.unpack(">QII", head)[2])
+        info = struct.pack(">HQH", 0, 64 << 20, 1)
+        conn.sendall(struct.pack(">QIII", p.REPLY_MAGIC_OPT, p.Opt.GO, p.Rep.INFO, len(info))
+                     + info + struct.pack(">QIII", p.REPLY_MAGIC_OPT, p.Opt.GO, p.Rep.ACK, 0))
+        # ... and never read again
+
+    t = threading.Thread(target=serve)
+    t.start()
+    store = NbdStore(f"nbd+unix:///x?socket={path}", timeout=0.5)
+    t.join()
+    start = time.monotonic()
+    with pytest.raises(OSError) as exc:
+        store.pwrite(0, bytes(16 << 20))
+    assert exc.value.errno == errno.ETIMEDOUT
+    assert time.monotonic() - start < 10
+    store.close()
+    for c in conns:
+        c.close()
+    listener.close()
