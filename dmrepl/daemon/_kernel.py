@@ -103,6 +103,15 @@ def create_mapper(name: str, sectors: int, nbd: str, uuid: str | None = None) ->
     return f"/dev/mapper/{name}"
 
 
+def mapper_open_count(name: str) -> int:
+    """How many openers /dev/mapper/NAME has (0 when it does not exist).
+
+    An ``O_EXCL`` probe open is not enough: it only conflicts with other exclusive
+    openers (mounts), not with a plain ``open(O_RDWR)``."""
+    info = _dm().info(name)
+    return int(info.open_count) if info.exists else 0
+
+
 def remove_mapper(name: str) -> None:
     dm = _dm()
     if not dm.exists(name):

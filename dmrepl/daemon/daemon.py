@@ -24,7 +24,9 @@ import select
 import signal
 import socket
 import struct
+import sys
 import threading
+import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ log = logging.getLogger("dmrepl.daemon")
 
 SECTOR = 512
 STATE_FILE = "state.json"
+SHUTDOWN_DEADLINE = 60.0   # seconds a SIGTERM shutdown may take before a forced exit
 
 
 # -- tables ------------------------------------------------------------------
@@ -399,7 +402,7 @@ class Daemon:
                 if users:
                     raise ControlError("busy", f"replicator {name!r} still has devices: "
                                                f"{', '.join(users)}")
-            elif obj.mapper and _mapper_open(name):
+            elif obj.mapper and _kernel.mapper_open_count(name) > 0:
                 raise ControlError("busy", f"/dev/mapper/{name} is in use")
             self._destroy(obj)
             self._save()
@@ -550,6 +553,7 @@ class Daemon:
         """Tear down kernel devices and engines; the state file stays for the next start."""
         with self.lock:
             for obj in reversed(list(self.objects.values())):
+                started = time.monotonic()
                 try:
                     if isinstance(obj, DeviceObj):
                         with contextlib.suppress(Exception):
@@ -557,16 +561,8 @@ class Daemon:
                     self._destroy(obj)
                 except Exception as e:
                     log.error("shutdown: %s: %s", obj.name, e)
+                log.info("shutdown: %s closed in %.1fs", obj.name, time.monotonic() - started)
             self.nbd.close()
-
-
-def _mapper_open(name: str) -> bool:
-    try:
-        fd = os.open(f"/dev/mapper/{name}", os.O_RDONLY | os.O_EXCL)
-    except OSError:
-        return True
-    os.close(fd)
-    return False
 
 
 # -- control socket ------------------------------------------------------------
@@ -667,8 +663,19 @@ def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, 
         log.info("ready: control %s, nbd %s", socket_path, daemon.nbd_socket)
         server.serve_forever()
     finally:
+        # A shutdown that cannot finish (a request stuck in a wedged kernel or
+        # engine) must not keep SIGTERM waiting forever: dump the threads and exit.
+        faulthandler.dump_traceback_later(SHUTDOWN_DEADLINE, exit=True)
+        started = time.monotonic()
         daemon.shutdown()
+        faulthandler.cancel_dump_traceback_later()
         if ready_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(ready_file)
-    return 0
+        log.info("shut down in %.1fs", time.monotonic() - started)
+    # NBD worker threads may still sit in requests of connections that ended with
+    # the kernel devices; the interpreter would wait for them at exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
