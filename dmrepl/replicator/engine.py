@@ -199,7 +199,13 @@ class Replicator:
             self._index_add(entry)
         self.slinks: dict[int, Slink] = {}
         for s in cfg.slinks:
-            self._add_slink(s)
+            sl = self._add_slink(s)
+            # the lag counters cover the replayed entries this site link still
+            # needs (else they go negative as the replay applies them)
+            for entry in self.ring.entries:
+                if entry.seq > sl.applied and sl.nr in entry.slinks:
+                    sl.out_ios += 1
+                    sl.out_bytes += entry.length
         self.devices: dict[int, ReplicatedDevice] = {}
         self.running = False
         self.closed = False
@@ -592,13 +598,20 @@ class Replicator:
         head = self.ring.entries[0] if self.ring.entries else None
         if head is None:
             return
-        slow = [s for s in self.slinks.values() if s.applied < head.seq]
-        if not slow or 0 in [s.nr for s in slow] or len(slow) == len(self.slinks):
+        # The head is held by the site links' *durable* positions (see persist): a
+        # link holds it while its durable position is below the head, whatever it
+        # has applied.  Local devices behind: writers wait for them (nothing to
+        # drop).  A link that is up and has applied the head but not flushed it
+        # yet releases it by itself (the copier persists when space is wanted).
+        s0 = self.slinks.get(0)
+        if s0 is not None and s0.applied < head.seq:
             return
-        for s in slow:
+        for s in self.slinks.values():
+            if s.nr == 0 or s.durable >= head.seq:
+                continue
             if s.cfg.sync or s.cfg.stall or s.drop_requested:
                 continue
-            if not s.up or waited >= self.full_grace:
+            if not s.up or (s.applied < head.seq and waited >= self.full_grace):
                 s.drop_requested = True
                 self.cond.notify_all()
 
@@ -863,12 +876,15 @@ class Replicator:
             marks: dict[int, tuple[Leg, set[int]]] = {}
             dropped = 0
             dbytes = 0
-            for seq in range(s.applied + 1, upto + 1):
+            # from the durable position: entries applied but not flushed may be lost
+            # at the site (it is down, or its flush fails), so they are marked too
+            for seq in range(min(s.applied, s.durable) + 1, upto + 1):
                 e = self.ring.entry(seq)
                 if e is None or s.nr not in e.slinks:
                     continue
-                dropped += 1
-                dbytes += e.length
+                if seq > s.applied:  # still counted as outstanding
+                    dropped += 1
+                    dbytes += e.length
                 dev = self.devices.get(e.dev)
                 leg = dev.legs.get(s.nr) if dev is not None else None
                 if leg is None or leg.dlog is None:
@@ -898,7 +914,18 @@ class Replicator:
             s.forced = False
             self._bump(f"slink {s.nr}: {dropped} entries dropped to dirty logs "
                        f"({sum(len(r) for _, r in marks.values())} regions out of sync)")
-        self._do_persist(s)
+            up = s.up
+        # Persist the new position (releasing the ring head) even if this site's
+        # devices can't be flushed (it is down): what it may lack is in its dirty
+        # logs.  Nobody else may persist soon (the others can be idle, their
+        # positions persisted, the writers waiting for space).
+        flushed = self._flush_touched(s) if up else False
+        self._persist_all(flush=False)
+        with self.cond:
+            if flushed and s.persisted >= s.durable and s.applied == s.durable:
+                s.window.clear()
+                s.window_n = 0
+            s.last_persist = time.monotonic()
 
     def _do_retry(self, s: Slink) -> None:
         with self.cond:
