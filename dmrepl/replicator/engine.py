@@ -741,7 +741,13 @@ class Replicator:
             if s.nr in e.slinks:
                 dev = self.devices.get(e.dev)
                 leg = dev.legs.get(s.nr) if dev is not None else None
-                if dev is None or leg is None:
+                if dev is None:
+                    # wait for the device to be added (after a reopen the copiers may
+                    # start before the devices are back: skipping would lose the
+                    # replayed entries at that site); a removed device has no
+                    # entries left (remove_device waits for them)
+                    return out, "nodev"
+                if leg is None:
                     if s.nr == 0:
                         return out, "nodev"  # wait for the local device to be added
                 elif not dev.running:

@@ -117,12 +117,9 @@ def test_kill_9_no_acked_write_lost_remote_prefix_then_converged(
             assert present(local.read_bytes()) == final
             at_remote = present(remote.read_bytes())
             assert at_remote >= set(range(acked + 1)), "remote lost acknowledged writes"
-            if at_remote != final:
-                # Known engine bug (reported): the write in flight at the crash can reach
-                # the remote site yet be missing locally after recovery.
-                pytest.xfail(f"engine: remote/local differ after recovery: remote extra "
-                             f"{sorted(at_remote - final)}, missing {sorted(final - at_remote)}")
-            assert at_remote == final
+            assert at_remote == final, (f"remote/local differ after recovery: remote extra "
+                                        f"{sorted(at_remote - final)}, missing "
+                                        f"{sorted(final - at_remote)}")
         finally:
             assert d.stop() == 0, d.log()
             backend.close()
