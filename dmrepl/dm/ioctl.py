@@ -468,15 +468,27 @@ class DmControl:
             flags |= lib.DM_SKIP_LOCKFS_FLAG
         return self._call("DM_DEV_SUSPEND", name, flags=flags).info(name)
 
-    def remove(self, name: str, deferred: bool = False) -> bool:
-        """Remove the device (``dmsetup remove [--deferred]``) and the node we may have made.
+    def remove(self, name: str, deferred: bool = False, retry_busy: float = 0.0) -> bool:
+        """Remove the device (``dmsetup remove [--deferred] [--retry]``) and our node.
 
         Returns True when the device is gone; False when ``deferred`` left an open
-        device in place, to disappear at its last close.
+        device in place, to disappear at its last close.  ``retry_busy`` seconds: keep
+        retrying while the device is busy, as ``dmsetup --retry`` does, because udev's
+        probe of a new device (blkid) holds it open for a moment after creation.
         """
         before = self.info(name)
         flags = lib.DM_DEFERRED_REMOVE if deferred else 0
-        self._call("DM_DEV_REMOVE", name, flags=flags)
+        deadline = time.monotonic() + retry_busy
+        pause = 0.05
+        while True:
+            try:
+                self._call("DM_DEV_REMOVE", name, flags=flags)
+                break
+            except DmIoctlError as err:
+                if err.errno != errno_mod.EBUSY or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)  # nothing to wait on: udev's open is invisible to us
+            pause = min(pause * 2, 0.5)
         # The kernel echoes DM_DEFERRED_REMOVE either way: ask whether it is gone.
         gone = not deferred or not self.info(name).exists
         if gone:

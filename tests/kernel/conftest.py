@@ -70,7 +70,7 @@ def remove_test_device(dm: DmControl, name: str) -> None:
         if dm.info(name).suspended:
             dm.resume(name)  # a suspended device with queued I/O cannot go otherwise
     try:
-        dm.remove(name)
+        dm.remove(name, retry_busy=10.0)
     except DmIoctlError as err:
         if err.errno != errno.ENXIO:
             raise

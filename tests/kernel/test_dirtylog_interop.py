@@ -82,11 +82,11 @@ class Rig(contextlib.ExitStack):
 
     @staticmethod
     def remove_quietly(name: str) -> None:
-        subprocess.run(["dmsetup", "remove", "--noudevsync", name], capture_output=True)
+        subprocess.run(["dmsetup", "remove", "--retry", "--noudevsync", name], capture_output=True)
 
     @staticmethod
     def remove(name: str) -> None:
-        run("dmsetup", "remove", "--noudevsync", name)
+        run("dmsetup", "remove", "--retry", "--noudevsync", name)
 
 
 def devnum(name: str) -> str:

@@ -209,7 +209,7 @@ def test_core_nosync_writes_and_status(ulogd: Ulogd, dm_name: Any, loop_device: 
     assert lg["region_size"] == REGION and lg["in_sync"] == n // REGION
     assert lg["requests"].get("MARK_REGION", 0) + lg["requests"].get("FLUSH", 0) > 0
     assert lg["latency"]["p50_us"] > 0
-    run("dmsetup", "remove", name)
+    run("dmsetup", "remove", "--retry", name)
     assert ulogd.logs(uid) == []
 
 
@@ -407,10 +407,10 @@ def test_kernel_disk_log_and_ulogd_disk_log_read_each_other(
         assert mirror_status(name1)[0] < total, f"{first}: a fresh log cannot be in sync"
         wait_in_sync(name1)
         write(dev(name1), 4)
-        run("dmsetup", "remove", name1)
+        run("dmsetup", "remove", "--retry", name1)
         name2 = dm_name("uxb")
         run("dmsetup", "create", name2, "--table", table(second))
         synced, tot, _health, _ = mirror_status(name2)
         assert (synced, tot) == (total, total), f"{second} did not read {first}'s log"
-        run("dmsetup", "remove", name2)
+        run("dmsetup", "remove", "--retry", name2)
     legs_identical(a, b)

@@ -378,3 +378,26 @@ def test_libc_ioctl_reports_errno() -> None:
             DmControl(fd=fd).version()
     finally:
         os.close(fd)
+
+
+def test_remove_retries_a_transiently_busy_device_only_when_asked(kernel: FakeKernel,
+                                                                   tmp_path: Any) -> None:
+    busy_left = [2]
+
+    def udev_probing(fd: int, request: int, buf: bytearray, mutate: bool) -> int:
+        if OPERATIONS[request] == "DM_DEV_REMOVE" and busy_left[0] > 0:
+            busy_left[0] -= 1
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return kernel(fd, request, buf, mutate)
+
+    dm = DmControl(fd=-1, ioctl=udev_probing, mapper_dir=str(tmp_path / "mapper"))
+    dm.create("probed")
+    with pytest.raises(DmIoctlError) as excinfo:
+        dm.remove("probed")
+    assert excinfo.value.errno == errno.EBUSY and dm.exists("probed")
+    assert dm.remove("probed", retry_busy=5.0)
+    assert busy_left == [0] and not dm.exists("probed")
+    kernel.fail["DM_DEV_REMOVE"] = errno.EBUSY  # really open: the retry gives up
+    dm.create("held")
+    with pytest.raises(DmIoctlError):
+        dm.remove("held", retry_busy=0.2)
