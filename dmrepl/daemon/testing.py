@@ -264,6 +264,7 @@ class RemoteSite:
         from pyroute2 import IPRoute
         pyroute2.config.default_communicate_timeout = 60
         _create_netns(self.ns)
+        trace(f"site {self.ns}: namespace created")
         with IPRoute() as ip:
             ip.link("add", ifname=self.host_if, kind="veth", peer=self.site_if)
             host = ip.link_lookup(ifname=self.host_if)[0]
@@ -278,12 +279,22 @@ class RemoteSite:
             nsip.addr("add", index=site, address=self.site_ip, prefixlen=24)
             nsip.link("set", index=site, state="up")
         self.netem(self.delay_ms, self.loss, add=True)
-        for i, disk in enumerate(self.disks):
-            subprocess.run(["ip", "netns", "exec", self.ns, "qemu-nbd", "--fork",
-                            "--persistent", "--shared=8", "-f", "raw", "--cache=none",
-                            "-x", self.export, "-b", self.site_ip, "-p", str(self.PORT + i),
-                            "--pid-file", self.pid_files[i], disk],
-                           check=True, capture_output=True, timeout=60)
+        trace(f"site {self.ns}: link up; starting qemu-nbd")
+        # one qemu-nbd per disk, started together (each takes seconds under TCG);
+        # with --fork each parent exits once its server listens
+        procs = [subprocess.Popen(["ip", "netns", "exec", self.ns, "qemu-nbd", "--fork",
+                                   "--persistent", "--shared=8", "-f", "raw", "--cache=none",
+                                   "-x", self.export, "-b", self.site_ip,
+                                   "-p", str(self.PORT + i), "--pid-file", self.pid_files[i],
+                                   disk], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for i, disk in enumerate(self.disks)]
+        failed = []
+        for i, proc in enumerate(procs):
+            out, _ = proc.communicate(timeout=120)
+            if proc.returncode != 0:
+                failed.append(f"disk {self.disks[i]}: {out.decode(errors='replace').strip()}")
+        if failed:
+            raise RuntimeError("qemu-nbd failed: " + "; ".join(failed))
 
     def netem(self, delay_ms: float, loss: float = 0, add: bool = False) -> None:
         """Delay (one way, host -> site and back) and loss (percent) on the link."""

@@ -118,9 +118,9 @@ def test_kill_9_during_writes_no_acked_write_lost(lab: tuple[KernelLab, str]) ->
     klab, work = lab
     d = DaemonProcess(work, engine=ENGINE, tuning={"retry_interval": 1}).start()
     try:
-        r = Replicated(klab, d, "dmrepl-test-crash", size_mb=16, log_mb=32,
+        r = Replicated(klab, d, "dmrepl-test-crash", size_mb=8, log_mb=32,
                        remote_policy="async ios 100000", delay_ms=20)
-        blocks = (16 << 20) // BLOCK
+        blocks = (8 << 20) // BLOCK
         w = Writer([(r.mapper(), i) for i in range(blocks)]).start()
         w.wait_acked(200)
         d.kill()                                   # SIGKILL mid-stream
@@ -155,10 +155,10 @@ def test_two_devices_keep_cross_device_order_at_remote(lab: tuple[KernelLab, str
                        remote_policy="async ios 100000", delay_ms=30)
         per_dev = (8 << 20) // BLOCK
         # write i goes to device i % 2 (pseudo-random block order inside each device)
-        total = 800    # the remote copier pays a round trip per write: keep it short
+        total = 400    # the remote copier pays a round trip per write: keep it short
         targets = [(r.mapper(i % 2), (i // 2 * 7919) % per_dev) for i in range(total)]
         w = Writer(targets).start()
-        w.wait_acked(300)
+        w.wait_acked(150)
         # freeze the remote site mid-copy, then look at both of its disks
         r.site.cut()
         w.thread.join(300)
