@@ -75,7 +75,8 @@ def test_mkfs_files_and_fio_verify(replicated: tuple[DaemonProcess, KernelLab, s
     trace("fio --verify")
     out = sh("fio", "--name=verify", f"--filename={dev}", "--rw=randwrite", "--bs=4k",
              "--size=4M", "--offset=48M", "--direct=1", "--ioengine=libaio", "--iodepth=16",
-             "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=terse",
+             "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0",
+             "--do_verify=1", "--output-format=terse",
              timeout=400)
     assert out.strip(), "fio printed nothing"
     status = d.cli("status", "dmrepl-test-fs")
