@@ -1311,10 +1311,16 @@ class Replicator:
             return out
 
     def drained(self) -> bool:
-        """True if every site link has applied every durable entry and is in sync."""
+        """True if every site link has applied every logged entry and is in sync.
+
+        Every entry counts, not only the durable ones: without durable_acks a write
+        returns before its entries are committed (a copier commits them later), and
+        the copiers apply only committed entries -- comparing with ``durable_seq``
+        would call the log drained while the last writes are at no site yet."""
         with self.lock:
-            if any(s.applied < self.ring.durable_seq or not s.up
-                   for s in self.slinks.values()):
+            last = self.ring.next_seq - 1
+            if self.ring.durable_seq < last or any(
+                    s.applied < last or not s.up for s in self.slinks.values()):
                 return False
         for d in list(self.devices.values()):
             for leg in d.legs.values():
