@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from dmrepl.unixsock import listen_root_only
+
 log = logging.getLogger("ulogd.control")
 
 DEFAULT_CONTROL_PATH = "/run/ulogd/control"
@@ -27,18 +29,7 @@ class ControlServer:
     def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.path = path
         self.snapshot = snapshot
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket from a killed daemon
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        self.sock.listen(8)
+        self.sock = listen_root_only(path, 8, dir_mode=0o700)
         self._stop = False
         self._thread = threading.Thread(target=self._serve, name="ulogd-control", daemon=True)
 

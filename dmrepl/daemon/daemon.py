@@ -37,6 +37,7 @@ from dmrepl.daemon._proto import ControlError, FrameDecoder, FrameError, encode
 from dmrepl.errors import DmreplError, UserError
 from dmrepl.nbd.backend import Backend
 from dmrepl.nbd.server import Export, NbdServer
+from dmrepl.unixsock import listen_root_only
 
 log = logging.getLogger("dmrepl.daemon")
 
@@ -576,16 +577,7 @@ class ControlServer:
     def __init__(self, daemon: Daemon, path: str) -> None:
         self.daemon = daemon
         self.path = path
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
-        self.sock.listen(32)
+        self.sock = listen_root_only(path, 32)
         self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def stop(self) -> None:
