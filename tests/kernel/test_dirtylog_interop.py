@@ -228,14 +228,17 @@ def test_kernel_partial_resync_is_read_back_as_dirty_regions() -> None:
 
 def test_kernel_write_in_flight_leaves_its_region_dirty_on_disk() -> None:
     """Marks reach the disk before the data write: the 'crash image' during the
-    write shows the region dirty, and after the write it is clean again."""
+    write shows the region dirty, and after the write it is clean again.
+
+    The second leg is a linear device suspended with --noflush, so the kernel
+    queues the leg write for as long as we look: no race against a delay."""
     target_region = 77
     with Rig() as rig:
         legs = [rig.loop(LEG_BYTES), rig.loop(LEG_BYTES)]
         logdev = rig.loop(MIB)
-        slow = rig.dm("slow", f"0 {TARGET} delay {legs[1]} 0 0 {legs[1]} 0 3000")
+        held = rig.dm("held", f"0 {TARGET} linear {legs[1]} 0")
         name = rig.dm("m", f"0 {TARGET} mirror disk 3 {logdev} {REGION} nosync "
-                           f"2 {legs[0]} 0 {devnum(slow)} 0")
+                           f"2 {legs[0]} 0 {devnum(held)} 0")
         size = area_size(NREGIONS)
         node = dm_node(name)
         errors: list[BaseException] = []
@@ -252,6 +255,8 @@ def test_kernel_write_in_flight_leaves_its_region_dirty_on_disk() -> None:
             except BaseException as e:  # reported by the main thread
                 errors.append(e)
 
+        run("dmsetup", "suspend", "--noflush", held)
+        resumed = False
         thread = threading.Thread(target=writer)
         thread.start()
         try:
@@ -259,11 +264,16 @@ def test_kernel_write_in_flight_leaves_its_region_dirty_on_disk() -> None:
                 area = read_area(logdev, size)
                 byte = area[LOG_OFFSET + target_region // 8]
                 return None if byte & (1 << (target_region % 8)) else area
-            crash_image = wait_for("the mark on disk", dirty_on_disk, 2.5)
+            crash_image = wait_for("the mark on disk", dirty_on_disk, 60)
             assert isinstance(crash_image, bytes)
-            assert thread.is_alive(), "the delayed write finished too early to tell"
+            assert thread.is_alive(), "the write finished with one leg's I/O held"
+            run("dmsetup", "resume", held)
+            resumed = True
         finally:
-            thread.join(timeout=30)
+            if not resumed:
+                subprocess.run(["dmsetup", "resume", held], capture_output=True)
+            thread.join(timeout=60)
+        assert not thread.is_alive(), "the write did not finish after the leg resumed"
         assert not errors, errors
 
         log = our_view(crash_image)
