@@ -51,6 +51,11 @@ def simple(op: str) -> Action:
     return action
 
 
+def remove(ns: argparse.Namespace) -> None:
+    wait = max(0.0, ns.wait)
+    _client(ns, timeout=120 + wait).call("remove", name=ns.name, wait=wait)
+
+
 def message(ns: argparse.Namespace) -> None:
     out = _client(ns).call("message", name=ns.name, sector=ns.sector, args=ns.message)
     if out:

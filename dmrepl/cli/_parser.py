@@ -32,8 +32,17 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
                  "func": act.simple("suspend")}),
     ("resume", {"help": "resume I/O, switching to a loaded table", "args": [NAME],
                 "func": act.simple("resume")}),
-    ("remove", {"help": "remove a device or an unused replicator", "args": [NAME],
-                "func": act.simple("remove")}),
+    ("remove", {
+        "help": "remove a device or an unused replicator",
+        "description": "remove a device or an unused replicator.  A busy one (open, with "
+                       "writes not yet copied to all its site links, or a replicator "
+                       "with devices) is refused with exit code 6 and left as it was, "
+                       "unless --wait is given",
+        "args": [NAME, ("--wait", {"type": float, "default": 0, "metavar": "SECONDS",
+                                   "help": "while busy, retry for up to SECONDS (like "
+                                           "dmsetup remove --retry)"})],
+        "func": act.remove,
+    }),
     ("message", {
         "help": "send a message to a target",
         "args": [NAME, ("sector", {"type": int, "help": "sector selecting the target"}),
@@ -95,7 +104,8 @@ def gen_parser() -> argparse.ArgumentParser:
                         help="let errors propagate (tracebacks, for debugging)")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, spec in ROOT_SUBCOMMANDS:
-        sub = subs.add_parser(name, help=spec["help"], description=spec["help"])
+        sub = subs.add_parser(name, help=spec["help"],
+                              description=spec.get("description", spec["help"]))
         _add_args(sub, spec)
         sub.set_defaults(func=spec["func"])
     return parser

@@ -44,6 +44,7 @@ log = logging.getLogger("dmrepl.daemon")
 SECTOR = 512
 STATE_FILE = "state.json"
 SHUTDOWN_DEADLINE = 60.0   # seconds a SIGTERM shutdown may take before a forced exit
+REMOVE_RETRY_INTERVAL = 0.2  # seconds between the attempts of a waiting remove
 
 
 # -- tables ------------------------------------------------------------------
@@ -394,19 +395,83 @@ class Daemon:
             obj.engine.close()
         self.objects.pop(obj.name, None)
 
-    def op_remove(self, name: str) -> None:
-        with self.lock:
-            obj = self._get(name)
-            if isinstance(obj, ReplicatorObj):
-                users = [o.name for o in self.objects.values()
-                         if isinstance(o, DeviceObj) and o.replicator == name]
-                if users:
-                    raise ControlError("busy", f"replicator {name!r} still has devices: "
-                                               f"{', '.join(users)}")
-            elif obj.mapper and _kernel.mapper_open_count(name) > 0:
-                raise ControlError("busy", f"/dev/mapper/{name} is in use")
+    def op_remove(self, name: str, wait: float = 0) -> None:
+        """Remove a device or an unused replicator.
+
+        A busy object is refused with a "busy" error and left as it was: a device
+        that is open, or whose writes the engine has not yet copied to all its
+        site links (it refuses to drop them), or a replicator that still has
+        devices.  With ``wait`` > 0 the removal is retried until it succeeds or
+        ``wait`` seconds have passed (like ``dmsetup remove --retry``); the daemon
+        lock is released between attempts, so the device keeps serving I/O and
+        other requests are answered meanwhile."""
+        deadline = time.monotonic() + max(0.0, float(wait))
+        while True:
+            try:
+                with self.lock:
+                    self._remove(self._get(name))
+                return
+            except ControlError as e:
+                if e.kind != "busy" or time.monotonic() >= deadline:
+                    raise
+            time.sleep(REMOVE_RETRY_INTERVAL)
+
+    def _remove(self, obj: ReplicatorObj | DeviceObj) -> None:
+        if isinstance(obj, ReplicatorObj):
+            users = [o.name for o in self.objects.values()
+                     if isinstance(o, DeviceObj) and o.replicator == obj.name]
+            if users:
+                raise ControlError("busy", f"replicator {obj.name!r} still has devices: "
+                                           f"{', '.join(users)}")
             self._destroy(obj)
             self._save()
+            return
+        if obj.mapper and _kernel.mapper_open_count(obj.name) > 0:
+            raise ControlError("busy", f"/dev/mapper/{obj.name} is in use")
+        rep = self.objects[obj.replicator]
+        assert isinstance(rep, ReplicatorObj)
+        # The engine devices go first: it is the engine that may refuse (writes not
+        # yet at every site link), and then the kernel devices must still be there.
+        obj.export.suspend(timeout=60)     # no request reaches a device while it goes
+        try:
+            self._remove_engine_devs(obj, rep)
+        except BaseException:
+            obj.export.resume()
+            raise
+        self.nbd.remove_export(obj.name)   # requests from here on: ESHUTDOWN
+        obj.export.resume()                # (and those that waited fail, not hang)
+        try:
+            self._destroy(obj)
+        except BaseException:
+            # the kernel devices are still there (e.g. opened meanwhile): keep the
+            # device whole rather than leave /dev/mapper/NAME over nothing
+            self._readd_engine_devs(obj, rep)
+            self.nbd.add_export(obj.export)
+            raise
+        self._save()
+
+    def _remove_engine_devs(self, obj: DeviceObj, rep: ReplicatorObj,
+                            what: str = "remove") -> None:
+        """Remove ``obj``'s engine devices, all or none: if the engine refuses one,
+        the ones already removed are added back and "busy" is raised."""
+        removed = 0
+        try:
+            for dev in obj.devs:
+                rep.engine.remove_device(dev.dev_nr)
+                removed += 1
+        except UserError as e:
+            if removed:
+                self._readd_engine_devs(obj, rep, upto=removed)
+            hint = " (or: dmrepl remove --wait SECONDS)" if what == "remove" else ""
+            raise ControlError("busy", f"cannot {what} {obj.name} yet: {e}{hint}") from e
+        obj.devs = []
+
+    def _readd_engine_devs(self, obj: DeviceObj, rep: ReplicatorObj,
+                           upto: int | None = None) -> None:
+        n = len(obj.lines) if upto is None else upto
+        devs = self._add_devs(rep, obj.lines[:n])
+        obj.devs = devs + obj.devs[n:]
+        obj.export.backend = self._backend(obj.lines, obj.devs)
 
     def op_load(self, name: str, table: str) -> None:
         with self.lock:
@@ -438,13 +503,16 @@ class Daemon:
             obj = self._get(name)
             if isinstance(obj, DeviceObj) and obj.inactive is not None:
                 self._swap(obj)
-            for dev in self._devices_of(obj):
-                if not dev.suspended:
-                    continue
-                dev.export.resume()
-                if dev.mapper:
-                    _kernel.resume_mapper(dev.name)
-                dev.suspended = False
+            self._resume_devices(obj)
+
+    def _resume_devices(self, obj: ReplicatorObj | DeviceObj) -> None:
+        for dev in self._devices_of(obj):
+            if not dev.suspended:
+                continue
+            dev.export.resume()
+            if dev.mapper:
+                _kernel.resume_mapper(dev.name)
+            dev.suspended = False
 
     def _swap(self, obj: DeviceObj) -> None:
         new = obj.inactive
@@ -452,16 +520,21 @@ class Daemon:
         was_suspended = obj.suspended
         if not was_suspended:
             self.op_suspend(obj.name)
-        rep = self._replicator_of(new)
-        old_rep = self.objects[obj.replicator]
-        assert isinstance(old_rep, ReplicatorObj)
-        for dev in obj.devs:
-            old_rep.engine.remove_device(dev.dev_nr)
+        try:
+            rep = self._replicator_of(new)
+            old_rep = self.objects[obj.replicator]
+            assert isinstance(old_rep, ReplicatorObj)
+            # busy (writes not yet at every site link): nothing changed, the loaded
+            # table stays for a later resume
+            self._remove_engine_devs(obj, old_rep, "switch the table of")
+        except BaseException:
+            if not was_suspended:
+                self._resume_devices(obj)
+            raise
         try:
             devs = self._add_devs(rep, new)
         except BaseException:
-            obj.devs = self._add_devs(old_rep, obj.lines)   # put the old table back
-            obj.export.backend = self._backend(obj.lines, obj.devs)
+            self._readd_engine_devs(obj, old_rep)   # put the old table back
             obj.inactive = None
             raise
         obj.lines, obj.devs, obj.replicator, obj.inactive = new, devs, rep.name, None

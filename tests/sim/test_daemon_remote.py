@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dmrepl.cli._exit import ExitCode
 from dmrepl.daemon.testing import DaemonProcess
 from dmrepl.nbd import Export, FileBackend, NbdServer
 
@@ -99,3 +100,33 @@ def test_cut_link_dirty_regions_resync(setup: tuple[DaemonProcess, Export, list[
     export.resume()                                    # restored
     wait_slink(d, "resync", converged, timeout=120)
     assert local.read_bytes() == remote.read_bytes()
+
+
+def test_remove_is_busy_while_writes_are_not_at_the_remote_then_succeeds(
+        setup: tuple[DaemonProcess, Export, list[Path]]) -> None:
+    d, export, (_, local, remote) = setup
+    copy_in(d, 0, 1 * MB)
+    wait_slink(d, "first copy", converged)
+    export.suspend()                                   # the link is cut
+    copy_in(d, 1 * MB, 1 * MB)              # held in the 4 MiB log for the remote
+    for argv in (["remove", "vol"], ["remove", "vol", "--wait", "0.5"]):
+        r = d.cli(*argv)
+        assert r.returncode == ExitCode.BUSY, (argv, r.returncode, r.stderr, d.log())
+        assert r.stderr.startswith("dmrepl: error: cannot remove vol yet: ")
+        assert r.stderr.count("\n") == 1 and "not yet copied" in r.stderr, r.stderr
+    # the device is untouched: listed, and it reads and writes through its export
+    assert "vol\treplicator-dev" in d.cli("ls").stdout
+    copy_in(d, 2 * MB, 256 * 1024)
+    url = f"nbd+unix:///vol?socket={d.nbd_socket}"
+    back = subprocess.run(["qemu-io", "-f", "raw", "-c",
+                           f"read -P {(2 * MB // (256 * 1024) * 37) % 251 + 1} "
+                           f"{2 * MB} {256 * 1024}", url],
+                          capture_output=True, text=True, timeout=120)
+    assert back.returncode == 0 and "error" not in back.stdout.lower() \
+        and "fail" not in back.stdout.lower(), back.stdout + back.stderr
+    export.resume()                                    # restored: the log drains
+    r = d.cli("remove", "vol", "--wait", "120")
+    assert r.returncode == 0, r.stderr + d.log()
+    assert local.read_bytes() == remote.read_bytes()
+    assert d.cli("remove", "rep").returncode == 0
+    assert d.cli("ls").stdout.strip() == "No devices found"

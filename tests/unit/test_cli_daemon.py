@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dmrepl.daemon.daemon import ConcatBackend, Daemon
+from dmrepl.daemon.daemon import ConcatBackend, Daemon, DeviceObj, ReplicatorObj
 from dmrepl.daemon.simengine import SimReplicator
+from dmrepl.errors import UserError
 from dmrepl.nbd import MemoryBackend
 
 MB = 1 << 20
@@ -80,3 +83,89 @@ def test_state_is_persisted_and_restored(tmp_path: Path) -> None:
         assert d2.restore_errors == []
     finally:
         d2.shutdown()
+
+
+class PendingSim(SimReplicator):
+    """The sim engine refusing, like the real one, to remove a device with writes
+    not yet at every site link (``pending[dev_nr]`` of them); each refusal drains
+    one, so a waiting remove gets through after a few attempts."""
+
+    pending: dict[int, int] = {}
+    refusals = 0
+
+    def remove_device(self, dev_nr: int) -> None:
+        n = PendingSim.pending.get(dev_nr, 0)
+        if n:
+            PendingSim.refusals += 1
+            PendingSim.pending[dev_nr] = n - 1
+            raise UserError(f"device {dev_nr} has {n} writes not yet copied to all its "
+                            "site links; retry when they drained")
+        super().remove_device(dev_nr)
+
+
+@pytest.fixture
+def pending_daemon(tmp_path: Path) -> Iterator[tuple[Daemon, list[str]]]:
+    PendingSim.pending, PendingSim.refusals = {}, 0
+    d = Daemon(str(tmp_path / "state"), kernel_devices=False, engine=PendingSim)
+    log, la, ra, lb, rb = files(tmp_path, "log", "la", "ra", "lb", "rb")
+    assert d.handle({"op": "create", "name": "r", "table":
+                     f"0 1 replicator ringbuffer 4 {log} 0 auto 64 blockdev 2 0 sync "
+                     "blockdev 2 1 async"})["ok"]
+    # two table lines: two engine devices behind one export
+    table = (f"0 2048 replicator-dev r 0 0 1 {la} nolog 0 1 1 {ra} core 2 64 sync\n"
+             f"2048 2048 replicator-dev r 1 0 1 {lb} nolog 0 1 1 {rb} core 2 64 sync")
+    assert d.handle({"op": "create", "name": "v", "table": table})["ok"]
+    yield d, [la, lb]
+    d.shutdown()
+
+
+def test_remove_with_pending_writes_is_busy_and_leaves_the_device_whole(
+        pending_daemon: tuple[Daemon, list[str]]) -> None:
+    d, (la, lb) = pending_daemon
+    PendingSim.pending = {1: 1}          # the second engine device refuses
+    reply = d.handle({"op": "remove", "name": "v"})
+    assert reply["error"]["kind"] == "busy", reply
+    message = reply["error"]["message"]
+    assert "1 writes not yet copied" in message and "\n" not in message
+    # nothing changed: both engine devices there (the first one added back), the
+    # export serves I/O across both of them, the state file still lists v
+    rep = d.objects["r"]
+    assert isinstance(rep, ReplicatorObj) and sorted(rep.engine.devices) == [0, 1]
+    assert [o["name"] for o in d.handle({"op": "ls"})["result"]] == ["r", "v"]
+    export = d.nbd.exports["v"]
+    assert not export.suspended
+    with export.io() as backend:
+        backend.write(MB - 512, b"a" * 1024)
+        assert backend.read(MB - 512, 1024) == b"a" * 1024
+    assert Path(la).read_bytes()[-512:] == b"a" * 512
+    assert Path(lb).read_bytes()[:512] == b"a" * 512
+    state = json.loads((Path(d.state_dir) / "state.json").read_text())
+    assert [o["name"] for o in state["objects"]] == ["r", "v"]
+    # drained: the same remove succeeds
+    assert d.handle({"op": "remove", "name": "v"})["ok"]
+    assert "v" not in d.nbd.exports and rep.engine.devices == {}
+    assert d.handle({"op": "remove", "name": "r"})["ok"]
+
+
+def test_remove_wait_retries_until_drained(pending_daemon: tuple[Daemon, list[str]]) -> None:
+    d, _ = pending_daemon
+    PendingSim.pending = {0: 3}
+    assert d.handle({"op": "remove", "name": "v", "wait": 60})["ok"]
+    assert PendingSim.refusals == 3 and "v" not in d.objects
+
+
+def test_resume_into_a_new_table_with_pending_writes_is_busy_and_keeps_serving(
+        pending_daemon: tuple[Daemon, list[str]], tmp_path: Path) -> None:
+    d, _ = pending_daemon
+    lc, rc = files(tmp_path, "lc", "rc")
+    new = f"0 4096 replicator-dev r 2 0 1 {lc} nolog 0 1 1 {rc} core 2 64 sync"
+    assert d.handle({"op": "load", "name": "v", "table": new})["ok"]
+    PendingSim.pending = {0: 1}
+    reply = d.handle({"op": "resume", "name": "v"})
+    assert reply["error"]["kind"] == "busy", reply
+    obj = d.objects["v"]
+    assert isinstance(obj, DeviceObj)
+    assert not obj.suspended and not obj.export.suspended
+    assert [dev.dev_nr for dev in obj.devs] == [0, 1] and obj.inactive is not None
+    assert d.handle({"op": "resume", "name": "v"})["ok"]       # drained: switches
+    assert [dev.dev_nr for dev in obj.devs] == [2] and obj.inactive is None
