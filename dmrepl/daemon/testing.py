@@ -353,12 +353,16 @@ class RemoteSite:
 def converged(st: dict[str, Any]) -> bool:
     """Every site link up, in sync, and has applied and flushed every logged write.
 
-    Judged by sequence numbers, not by ``lag_ios`` (which the engine can get wrong
-    after a crash replay, see the report)."""
-    ring_seq = st["ring"]["durable_seq"]
-    return all(s["state"] == "up" and s["consistent"] and not s["resyncing"]
-               and s["applied_seq"] >= ring_seq and s["durable_seq"] >= ring_seq
-               for s in st["slinks"].values())
+    As the engine's own ``drained()``: every logged entry counts, up to the ring's
+    ``next_seq - 1``, not only the committed ones (``durable_seq``): without
+    durable acks a write returns before its entry is committed, and the copiers
+    apply only committed entries.  ``lag_ios`` must be 0 too (the engine rebuilds
+    it from the replayed entries when a log is reopened after a crash)."""
+    last = st["ring"]["next_seq"] - 1
+    return st["ring"]["durable_seq"] >= last and all(
+        s["state"] == "up" and s["consistent"] and not s["resyncing"]
+        and s["applied_seq"] >= last and s["durable_seq"] >= last and s["lag_ios"] == 0
+        for s in st["slinks"].values())
 
 
 # -- a replicated setup: log/local/remote disks, a site, a replicator, devices ---
