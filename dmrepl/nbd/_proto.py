@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import enum
 import errno
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from construct import Bytes, Const, Int16ub, Int32ub, Int64ub, Struct
 
@@ -140,6 +142,22 @@ SIMPLE_REPLY = Struct("magic" / Const(SIMPLE_REPLY_MAGIC, Int32ub), "error" / In
 NAME_PREFIX = Struct("length" / Int32ub)
 ZEROES = Bytes(124)
 
+
+def _packer(st: Struct) -> struct.Struct:
+    """The ``struct`` format of a construct Struct of big-endian integer fields (for
+    the per-request hot path: construct's parse/build cost ~50 us a call)."""
+    fmt = ">"
+    for sc in st.subcons:
+        field: Any = sc.subcon
+        while not hasattr(field, "fmtstr"):      # Const(...) and the like wrap it
+            field = field.subcon
+        assert field.fmtstr[0] == ">", field.fmtstr
+        fmt += field.fmtstr[1:]
+    return struct.Struct(fmt)
+
+
+REQUEST_S = _packer(REQUEST)
+SIMPLE_REPLY_S = _packer(SIMPLE_REPLY)
 REQUEST_SIZE = REQUEST.sizeof()
 OPTION_SIZE = OPTION.sizeof()
 
@@ -228,6 +246,10 @@ class ServerConnection:
     def __init__(self, exports: Mapping[str, ExportInfo]) -> None:
         self._exports = exports
         self._in = bytearray()
+        # a write whose header is parsed, waiting for its payload; the payload when
+        # it arrived as one piece (kept as received: no copy)
+        self._write_head: tuple[int, int, int, int] | None = None
+        self._payload: bytes | None = None
         self._out = bytearray(GREETING.build({"flags": FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES}))
         self._eof = False
         self.state = State.CLIENT_FLAGS
@@ -239,10 +261,23 @@ class ServerConnection:
 
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes from the peer; ``b""`` means the peer closed."""
-        if data:
-            self._in += data
-        else:
+        if not data:
             self._eof = True
+        elif (self._write_head is not None and not self._in and self._payload is None
+              and len(data) == self._write_head[3]):
+            self._payload = data      # exactly the awaited write payload: no copy
+        else:
+            self._in += data
+
+    def bytes_wanted(self) -> int:
+        """How many bytes complete the message being received, when known (the
+        rest of a request header or of a write payload), else 0.  Reading exactly
+        that many (e.g. ``recv(n, MSG_WAITALL)``) hands a payload over uncopied."""
+        if self.state is not State.TRANSMISSION:
+            return 0
+        if self._write_head is not None:
+            return max(0, self._write_head[3] - len(self._in))
+        return max(0, REQUEST_SIZE - len(self._in))
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -253,15 +288,23 @@ class ServerConnection:
         """Build a simple reply; ``error`` is a host errno (mapped to the wire)."""
         if self.state is not State.TRANSMISSION:
             raise LocalProtocolError(f"cannot reply in state {self.state.value}")
+        head, data = self.reply_parts(handle, error, data)
+        return head + data
+
+    def reply_parts(self, handle: int, error: int = 0, data: bytes = b"") -> tuple[bytes, bytes]:
+        """:meth:`reply` as (header, payload), to be sent without joining them."""
+        if self.state is not State.TRANSMISSION:
+            raise LocalProtocolError(f"cannot reply in state {self.state.value}")
         wire = 0 if not error else ERRORS.get(error, ERRORS[errno.EIO])
-        return SIMPLE_REPLY.build({"error": wire, "handle": handle}) + (b"" if wire else data)
+        return SIMPLE_REPLY_S.pack(SIMPLE_REPLY_MAGIC, wire, handle), b"" if wire else data
 
     # -- parsing ---------------------------------------------------------
 
     def _take(self, n: int) -> bytes | None:
         if len(self._in) < n:
             return None
-        chunk = bytes(self._in[:n])
+        with memoryview(self._in) as view:
+            chunk = bytes(view[:n])              # one copy (a slice would be two)
         del self._in[:n]
         return chunk
 
@@ -292,9 +335,10 @@ class ServerConnection:
 
     def _eof_or_need(self) -> Event:
         if self._eof:
-            clean = not self._in and self.state is State.TRANSMISSION
+            partial = bool(self._in) or self._write_head is not None
+            clean = not partial and self.state is State.TRANSMISSION
             self.state = State.CLOSED
-            if self._in:
+            if partial:
                 raise RemoteProtocolError("peer closed in the middle of a message")
             return Disconnect(clean=clean)
         return NEED_DATA
@@ -394,25 +438,30 @@ class ServerConnection:
         return ExportSelected(name)
 
     def _request(self) -> Event | None:
-        if len(self._in) < REQUEST_SIZE:
-            return self._eof_or_need()
-        head = REQUEST.parse(bytes(self._in[:REQUEST_SIZE]))
-        if head.magic != REQUEST_MAGIC:
-            raise RemoteProtocolError(f"bad request magic {head.magic:#x}")
-        payload = 0
-        if head.type == Cmd.WRITE:
-            if head.length > MAX_REQUEST:
+        if self._write_head is None:
+            if len(self._in) < REQUEST_SIZE:
+                return self._eof_or_need()
+            magic, flags, cmd, handle, offset, length = REQUEST_S.unpack_from(self._in)
+            if magic != REQUEST_MAGIC:
+                raise RemoteProtocolError(f"bad request magic {magic:#x}")
+            if cmd == Cmd.WRITE and length > MAX_REQUEST:
                 # We cannot even skip the payload safely: drop the connection.
-                raise RemoteProtocolError(f"write of {head.length} bytes exceeds {MAX_REQUEST}")
-            payload = head.length
-        if len(self._in) < REQUEST_SIZE + payload:
-            return self._eof_or_need()
-        del self._in[:REQUEST_SIZE]
-        data = self._take(payload) if payload else b""
-        if head.type == Cmd.DISC:
-            self.state = State.CLOSED
-            return Disconnect(clean=True)
-        return Request(head.type, head.flags, head.handle, head.offset, head.length, data or b"")
+                raise RemoteProtocolError(f"write of {length} bytes exceeds {MAX_REQUEST}")
+            del self._in[:REQUEST_SIZE]
+            if cmd == Cmd.DISC:
+                self.state = State.CLOSED
+                return Disconnect(clean=True)
+            if cmd != Cmd.WRITE or not length:
+                return Request(cmd, flags, handle, offset, length)
+            self._write_head = (flags, handle, offset, length)
+        flags, handle, offset, length = self._write_head
+        data = self._payload
+        if data is None:
+            data = self._take(length)
+            if data is None:
+                return self._eof_or_need()
+        self._write_head = self._payload = None
+        return Request(Cmd.WRITE, flags, handle, offset, length, data)
 
     def check(self, request: Request) -> int:
         """Return 0 if ``request`` may be executed, else the errno to reply with."""

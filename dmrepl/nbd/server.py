@@ -2,10 +2,16 @@
 
 Requests of one connection run concurrently on a small worker pool (many in
 flight, replies in completion order, as the protocol allows).  A FLUSH waits
-until every write received before it has completed, then flushes the backend,
-so "flush makes all completed writes durable" holds even with workers racing.
-An export can be paused (:meth:`Export.suspend`): new requests wait, requests
-in flight drain, then the backend is flushed.
+(in its worker, the reader goes on) until every write received before it has
+completed, then flushes the backend, so "flush makes all completed writes
+durable" holds even with workers racing.  An export can be paused
+(:meth:`Export.suspend`): new requests wait, requests in flight drain, then the
+backend is flushed.
+
+The reader takes a request header, then a write's payload, each with one
+``recv(n, MSG_WAITALL)`` of exactly the bytes the protocol wants: the payload
+goes to the backend as received (no copy), and a reply's data is sent with its
+header by one ``sendmsg`` (no join).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from dmrepl.nbd import _proto as p
 from dmrepl.nbd.backend import Backend
 
 log = logging.getLogger(__name__)
+
+WRITES = (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM)
 
 
 class Export:
@@ -182,13 +190,28 @@ class _Connection:
         self.proto = p.ServerConnection(_Exports(server))
         self.send_lock = threading.Lock()
         self.export: Export | None = None
+        # writes in flight by ticket, for FLUSH barriers
         self.pending = threading.Condition()
-        self.writes_inflight = 0
+        self.write_tickets: set[int] = set()
+        self.next_ticket = 0
 
     def send(self, data: bytes) -> None:
         if data:
             with self.send_lock:
                 self.sock.sendall(data)
+
+    def send_reply(self, head: bytes, data: bytes) -> None:
+        if not data:
+            self.send(head)
+            return
+        with self.send_lock:
+            sent = self.sock.sendmsg([head, data])
+            if sent < len(head):
+                self.sock.sendall(head[sent:])
+                sent = len(head)
+            if sent - len(head) < len(data):
+                with memoryview(data) as view:
+                    self.sock.sendall(view[sent - len(head):])
 
     def run(self) -> None:
         self.send(self.proto.data_to_send())
@@ -203,7 +226,11 @@ class _Connection:
             event = self.proto.next_event()
             self.send(self.proto.data_to_send())
             if event is p.NEED_DATA:
-                data = self.sock.recv(1 << 20)
+                want = self.proto.bytes_wanted()
+                if want:
+                    data = self.sock.recv(want, socket.MSG_WAITALL)
+                else:
+                    data = self.sock.recv(65536)
                 self.proto.receive_data(data)
                 continue
             if isinstance(event, p.Disconnect):
@@ -212,18 +239,21 @@ class _Connection:
                 self.export = self.server.exports[event.name]
                 continue
             assert isinstance(event, p.Request)
-            if event.command == p.Cmd.FLUSH:
-                # Wait for the writes received before this flush, then run it.
+            ticket = self.next_ticket
+            if event.command in WRITES:
                 with self.pending:
-                    self.pending.wait_for(lambda: self.writes_inflight == 0)
-            elif event.command in (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM):
-                with self.pending:
-                    self.writes_inflight += 1
-            pool.submit(self._execute, event)
+                    self.write_tickets.add(ticket)
+                self.next_ticket += 1
+            pool.submit(self._execute, event, ticket)
 
-    def _execute(self, req: p.Request) -> None:
+    def _execute(self, req: p.Request, ticket: int) -> None:
         error, data = 0, b""
         try:
+            if req.command == p.Cmd.FLUSH:
+                # the writes received before this flush complete first
+                with self.pending:
+                    self.pending.wait_for(lambda: not self.write_tickets
+                                          or min(self.write_tickets) >= ticket)
             error = self.proto.check(req)
             export = self.export
             if export is None or self.server.exports.get(export.name) is not export:
@@ -243,12 +273,12 @@ class _Connection:
             log.exception("nbd: %s failed", req.command)
             error = errno.EIO
         finally:
-            if req.command in (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM):
+            if req.command in WRITES:
                 with self.pending:
-                    self.writes_inflight -= 1
+                    self.write_tickets.discard(ticket)
                     self.pending.notify_all()
         with contextlib.suppress(OSError):
-            self.send(self.proto.reply(req.handle, error, data))
+            self.send_reply(*self.proto.reply_parts(req.handle, error, data))
 
     @staticmethod
     def _do(backend: Backend, req: p.Request, export: Export) -> bytes:

@@ -159,3 +159,44 @@ def test_suspended_export_holds_requests_until_resume(
     assert struct.unpack(">IIQ", recv_exact(s, 16))[1:] == (0, 1)
     assert bytes(backend.data[:4]) == b"abcd"
     s.close()
+
+
+class GatedBackend(MemoryBackend):
+    """Writes wait for ``gate``; records the order of completed writes and flushes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        import threading
+        self.gate = threading.Event()
+        self.order: list[str] = []
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        assert self.gate.wait(30), "gate never opened"
+        super().write(offset, data, fua)
+        self.order.append(f"write {offset}")
+
+    def flush(self) -> None:
+        super().flush()
+        self.order.append("flush")
+
+
+def test_flush_waits_for_earlier_writes_without_holding_up_other_requests(
+        tmp_path: Path) -> None:
+    sock = str(tmp_path / "nbd.sock")
+    backend = GatedBackend(SIZE)
+    with NbdServer(sock) as srv:
+        srv.add_export(Export("disk", backend))
+        s = handshake(sock)
+        s.sendall(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 1, 0, 4) + b"abcd"
+                  + struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.FLUSH, 2, 0, 0)
+                  + struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.READ, 3, 512, 4))
+        # the read behind the flush is answered while the write (and so the
+        # flush) still waits: the reader is not blocked by the flush
+        assert struct.unpack(">IIQ", recv_exact(s, 16))[1:] == (0, 3)
+        assert recv_exact(s, 4) == bytes(4)
+        assert backend.order == []
+        backend.gate.set()
+        replies = [struct.unpack(">IIQ", recv_exact(s, 16))[1:] for _ in range(2)]
+        assert sorted(replies) == [(0, 1), (0, 2)]
+        assert backend.order == ["write 0", "flush"]
+        s.close()

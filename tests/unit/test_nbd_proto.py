@@ -228,3 +228,40 @@ def test_check_and_reply() -> None:
 def test_reply_before_transmission_is_a_local_error() -> None:
     with pytest.raises(p.LocalProtocolError):
         new_conn().reply(1)
+
+
+def test_hot_path_structs_match_their_construct_declarations() -> None:
+    fields = {"magic": p.REQUEST_MAGIC, "flags": 1, "type": 2, "handle": 3, "offset": 4,
+              "length": 5}
+    assert p.REQUEST_S.size == p.REQUEST.sizeof() == p.REQUEST_SIZE
+    assert p.REQUEST_S.pack(*fields.values()) == p.REQUEST.build(fields)
+    assert p.SIMPLE_REPLY_S.size == p.SIMPLE_REPLY.sizeof()
+    assert p.SIMPLE_REPLY_S.pack(p.SIMPLE_REPLY_MAGIC, 22, 7) == \
+        p.SIMPLE_REPLY.build({"error": 22, "handle": 7})
+
+
+def test_bytes_wanted_reads_header_then_payload_uncopied() -> None:
+    conn = transmitting()
+    assert conn.bytes_wanted() == p.REQUEST_SIZE
+    head = request(p.Cmd.WRITE, 9, 4096, 8192)
+    conn.receive_data(head[:10])
+    assert conn.next_event() is p.NEED_DATA and conn.bytes_wanted() == p.REQUEST_SIZE - 10
+    conn.receive_data(head[10:])
+    assert conn.next_event() is p.NEED_DATA and conn.bytes_wanted() == 8192
+    payload = bytes(range(256)) * 32
+    conn.receive_data(payload)
+    ev = conn.next_event()
+    assert ev == p.Request(p.Cmd.WRITE, 0, 9, 4096, 8192, payload)
+    assert isinstance(ev, p.Request) and ev.data is payload      # handed over as received
+    assert conn.bytes_wanted() == p.REQUEST_SIZE
+    # a payload that comes in pieces is assembled as before
+    conn.receive_data(head + payload[:100])
+    assert conn.next_event() is p.NEED_DATA and conn.bytes_wanted() == 8192 - 100
+    conn.receive_data(payload[100:] + request(p.Cmd.FLUSH, 10))
+    assert events(conn) == [p.Request(p.Cmd.WRITE, 0, 9, 4096, 8192, payload),
+                            p.Request(p.Cmd.FLUSH, 0, 10, 0, 0)]
+    # EOF after a write header, before its payload: mid-message
+    conn.receive_data(head)
+    conn.receive_data(b"")
+    with pytest.raises(p.RemoteProtocolError, match="middle"):
+        conn.next_event()
