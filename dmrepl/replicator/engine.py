@@ -13,6 +13,14 @@ Rules / theory of operation
   entries that did not fit the cache), writes batches without waiting per copy,
   and records progress as one sequence number per site link: *applied* (written),
   *durable* (device flushed) and *persisted* (in the ring header).
+* Epochs: the entries one log flush made durable (a group commit) were in flight
+  together at the primary, none acknowledged before another was submitted, so
+  their order is free; a copier writes the copies of one epoch together (up to
+  ``copy_inflight`` in flight, on the site link's I/O threads) and starts the
+  next epoch only when all of them completed.  So each site holds, at every
+  moment, all epochs before some epoch k plus a part of epoch k: a state the
+  primary's devices could have held (a crash of the primary shows the same).
+  Entries replayed at open are one epoch each.
 * Idempotent replay: a copier never applies an entry that overlaps another entry
   applied since its last persisted position; it first flushes its devices and
   persists its position.  After a crash the replay from the persisted position
@@ -38,6 +46,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -98,6 +107,9 @@ class Leg:
             return int(self.dlog.region_count - self.dlog.get_sync_count())
 
 
+Copy = tuple[Entry, "Leg | None", int]  # an entry, its leg (None: skip), its epoch end
+
+
 @dataclass(eq=False)
 class Slink:
     cfg: SlinkConfig
@@ -124,23 +136,29 @@ class Slink:
     batches: int = 0
     resyncing: bool = False
     failures: int = 0
+    pool: ThreadPoolExecutor | None = None  # copies of one epoch in flight together
+    inflight_max: int = 0  # most copies seen in flight at once
 
     @property
     def nr(self) -> int:
         return self.cfg.slink_nr
 
     def window_overlaps(self, dev: int, start: int, end: int) -> bool:
-        iv = self.window.get(dev)
-        if not iv:
-            return False
-        i = bisect.bisect_left(iv, (start, start))
-        if i < len(iv) and iv[i][0] < end:
-            return True
-        return i > 0 and iv[i - 1][1] > start
+        return _overlaps(self.window.get(dev), start, end)
 
     def window_add(self, dev: int, start: int, end: int) -> None:
         bisect.insort(self.window.setdefault(dev, []), (start, end))
         self.window_n += 1
+
+
+def _overlaps(iv: list[tuple[int, int]] | None, start: int, end: int) -> bool:
+    """Does [start, end) overlap an interval of ``iv`` (sorted, non-overlapping)?"""
+    if not iv:
+        return False
+    i = bisect.bisect_left(iv, (start, start))
+    if i < len(iv) and iv[i][0] < end:
+        return True
+    return i > 0 and iv[i - 1][1] > start
 
 
 class Replicator:
@@ -153,8 +171,10 @@ class Replicator:
                  full_grace: float = 1.0, cache_bytes: int = 128 << 20,
                  batch_bytes: int = 16 << 20, batch_entries: int = 512,
                  window_entries: int = 8192, resync_chunk: int = 1 << 20,
-                 durable_acks: bool = True, copier_nice: int = 0) -> None:
+                 durable_acks: bool = True, copier_nice: int = 0,
+                 copy_inflight: int = 8) -> None:
         self.cfg = cfg
+        self.copy_inflight = copy_inflight
         self.copier_nice = copier_nice
         # durable_acks=False: a write is acknowledged once written to the log store
         # (like a disk with a volatile write cache); flush() and FUA writes make it
@@ -650,6 +670,14 @@ class Replicator:
     # -- copiers ------------------------------------------------------------------------
 
     def _copier(self, s: Slink) -> None:
+        try:
+            self._copier_loop(s)
+        finally:
+            pool, s.pool = s.pool, None
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def _set_nice(self) -> None:
         if self.copier_nice:
             # Background copies yield the CPU to the application's writers (Linux:
             # per-thread nice value); synchronous acknowledgements are unaffected
@@ -658,6 +686,9 @@ class Replicator:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
                                min(19, os.getpriority(os.PRIO_PROCESS, 0)
                                    + self.copier_nice))
+
+    def _copier_loop(self, s: Slink) -> None:
+        self._set_nice()
         while True:
             with self.cond:
                 job = self._next_job(s)
@@ -727,14 +758,16 @@ class Replicator:
         self.cond.wait(timeout)
         return None
 
-    def _collect(self, s: Slink) -> tuple[list[tuple[Entry, Leg | None]], str | None]:
-        """Entries to apply next (with their leg, None = skip); and why it stopped."""
-        out: list[tuple[Entry, Leg | None]] = []
+    def _collect(self, s: Slink) -> tuple[list[Copy], str | None]:
+        """Entries to apply next (with their leg, None = skip, and the last sequence
+        number of their epoch); and why it stopped."""
+        out: list[Copy] = []
         nbytes = 0
         seq = s.applied + 1
-        new: list[tuple[int, int, int]] = []
-        while seq <= self.ring.durable_seq and len(out) < self.batch_entries:
-            e = self.ring.entry(seq)
+        new: dict[int, list[tuple[int, int]]] = {}  # this batch's ranges by device
+        ring = self.ring
+        while seq <= ring.durable_seq and len(out) < self.batch_entries:
+            e = ring.entry(seq)
             if e is None:
                 break
             leg = None
@@ -754,33 +787,42 @@ class Replicator:
                     return out, "stopped"
                 else:
                     start, end = e.offset, e.end
-                    if s.window_overlaps(e.dev, start, end) or any(
-                            d == e.dev and a < end and start < b for d, a, b in new):
+                    if s.window_overlaps(e.dev, start, end) or \
+                            _overlaps(new.get(e.dev), start, end):
                         return out, "overlap"
-                    new.append((e.dev, start, end))
+                    bisect.insort(new.setdefault(e.dev, []), (start, end))
                     nbytes += e.length
-            out.append((e, leg))
+            out.append((e, leg, ring.epoch_end(seq)))
             seq += 1
             if nbytes >= self.batch_bytes:
                 break
         return out, None
 
-    def _do_batch(self, s: Slink, batch: list[tuple[Entry, Leg | None]]) -> None:
+    def _do_batch(self, s: Slink, batch: list[Copy]) -> None:
+        """Apply a batch epoch by epoch: the copies of one epoch are in flight
+        together (up to ``copy_inflight``), the next epoch starts when all of them
+        completed.  Entries of a batch never overlap each other nor anything applied
+        since the last persisted position (_collect), so their order within an
+        epoch does not matter, and a crash replay stays idempotent."""
         done = s.applied
         failed: tuple[Leg, OSError] | None = None
         written: list[Entry] = []
-        for e, leg in batch:
-            if leg is not None:
-                try:
-                    if e.zero:
-                        _write_zeros(leg.store, e.offset, e.length)
-                    else:
-                        leg.store.pwrite(e.offset, self.ring.entry_data(e))
-                except OSError as err:
-                    failed = (leg, err)
-                    break
-                written.append(e)
-            done = e.seq
+        i = 0
+        while i < len(batch) and failed is None:
+            j = i
+            while j < len(batch) and batch[j][2] == batch[i][2]:
+                j += 1
+            group = batch[i:j]
+            errors = self._apply_epoch(s, group)
+            for e, leg, _ep in group:
+                if leg is not None:
+                    err = errors.get(e.seq)
+                    if err is not None:
+                        failed = (leg, err)
+                        break
+                    written.append(e)
+                done = e.seq
+            i = j
         now = time.monotonic()
         with self.cond:
             for e in written:
@@ -788,7 +830,7 @@ class Replicator:
                 s.touched.add(e.dev)
                 s.copies += 1
                 s.copied_bytes += e.length
-            for e, _leg in batch:
+            for e, _leg, _ep in batch:
                 if e.seq > done:
                     break
                 if s.nr in e.slinks:
@@ -797,7 +839,7 @@ class Replicator:
             s.applied = max(s.applied, done)
             s.batches += 1
             if s.nr == 0:
-                for e, _leg in batch:
+                for e, _leg, _ep in batch:
                     if e.seq <= done:
                         self._index_drop(e)
             self._check_fallbehind(s, now)
@@ -806,9 +848,45 @@ class Replicator:
                 self._leg_failed(s, failed[0], "W", failed[1])
             self.cond.notify_all()
 
-    def _drop_cached(self, batch: list[tuple[Entry, Leg | None]]) -> None:
+    def _apply_epoch(self, s: Slink, group: list[Copy]) -> dict[int, OSError]:
+        """Write the copies of one epoch; returns the failures by sequence number.
+
+        One copy is written inline; several go to the site link's I/O threads and
+        all of them are waited for (the epoch barrier)."""
+        todo = [(e, leg) for e, leg, _ep in group if leg is not None]
+        errors: dict[int, OSError] = {}
+        if len(todo) <= 1 or self.copy_inflight <= 1:
+            for e, leg in todo:
+                try:
+                    self._copy_one(e, leg)
+                except OSError as err:
+                    errors[e.seq] = err
+                    break
+            return errors
+        pool = s.pool
+        if pool is None:
+            pool = s.pool = ThreadPoolExecutor(max_workers=self.copy_inflight,
+                                               thread_name_prefix=f"repl-slink{s.nr}-io",
+                                               initializer=self._set_nice)
+        futs = [(e, pool.submit(self._copy_one, e, leg)) for e, leg in todo]
+        with self.cond:
+            s.inflight_max = max(s.inflight_max, min(len(futs), self.copy_inflight))
+        for e, fut in futs:
+            try:
+                fut.result()
+            except OSError as err:
+                errors[e.seq] = err
+        return errors
+
+    def _copy_one(self, e: Entry, leg: Leg) -> None:
+        if e.zero:
+            _write_zeros(leg.store, e.offset, e.length)
+        else:
+            leg.store.pwrite(e.offset, self.ring.entry_data(e))
+
+    def _drop_cached(self, batch: list[Copy]) -> None:
         low = min(sl.applied for sl in self.slinks.values())
-        for e, _ in batch:
+        for e, _leg, _ep in batch:
             if e.seq <= low:
                 self.ring.drop_cache(e)
 
@@ -1292,6 +1370,7 @@ class Replicator:
                     "copies": s.copies,
                     "copied_bytes": s.copied_bytes,
                     "batches": s.batches,
+                    "copies_in_flight_max": s.inflight_max,
                     "resyncing": s.resyncing,
                     "regions_out_of_sync": out_of_sync,
                     "consistent": out_of_sync == 0,

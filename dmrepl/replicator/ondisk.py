@@ -24,12 +24,15 @@ site-link bitmap of the copies outstanding when they were written.
 
 from __future__ import annotations
 
+import struct
+
 from construct import (
     Bytes,
     Checksum,
     ChecksumError,
     Const,
     ConstructError,
+    FormatField,
     Int16ul,
     Int32ul,
     Int64ul,
@@ -199,9 +202,60 @@ def slinks_of_bitmap(bitmap: bytes) -> frozenset[int]:
     return frozenset(out)
 
 
+class FlatPacker:
+    """A ``struct.Struct`` derived from a flat construct ``Struct`` of named
+    fixed-size fields (little-endian integers, ``Const`` and ``Bytes``), for the
+    write hot path.
+
+    The construct declaration stays the one definition of the layout: this packer is
+    generated from it (nothing is retyped) and the unit tests check that both build
+    the same bytes.  construct's build costs ~100 us per entry header, the packer
+    ~2 us: with 4 KiB writes that was most of the engine's per-write CPU."""
+
+    def __init__(self, body: Struct) -> None:
+        fmt = ["<"]
+        self.fields: list[str] = []
+        self.consts: dict[str, bytes] = {}
+        for sc in body.subcons:
+            inner = sc.subcon
+            if isinstance(inner, FormatField):
+                if inner.fmtstr[0] != "<":
+                    raise TypeError(f"{sc.name}: not a little-endian integer")
+                fmt.append(inner.fmtstr[1:])
+            elif isinstance(inner, Const) and isinstance(inner.value, bytes):
+                fmt.append(f"{len(inner.value)}s")
+                self.consts[sc.name] = inner.value
+            elif isinstance(inner, Bytes) and isinstance(inner.length, int):
+                fmt.append(f"{inner.length}s")
+            else:
+                raise TypeError(f"{sc.name}: {type(inner).__name__} has no flat packing")
+            self.fields.append(sc.name)
+        self.struct = struct.Struct("".join(fmt))
+        if self.struct.size != body.sizeof():
+            raise TypeError("flat packing size differs from the declaration")
+
+    def pack(self, **values: int | bytes) -> bytes:
+        values.update(self.consts)
+        return self.struct.pack(*(values[f] for f in self.fields))
+
+
+_ENTRY_PACKER = FlatPacker(EntryHeaderBody)
+_ENTRY_PAD = bytes(ENTRY_HEADER_SIZE - EntryHeaderBody.sizeof() - 4)
+
+
 def build_entry_header(*, log_id: int, epoch: int, seq: int, pos: int, dev: int,
                        offset: int, length: int, data_crc: int, bitmap: bytes,
                        flags: int = 0) -> bytes:
+    body = _ENTRY_PACKER.pack(
+        major=FORMAT_MAJOR, flags=flags, epoch=epoch, log_id=log_id, seq=seq, pos=pos,
+        dev=dev, length=length, offset=offset, data_crc=data_crc, slinks=bitmap)
+    return body + crc32c(body).to_bytes(4, "little") + _ENTRY_PAD
+
+
+def build_entry_header_construct(*, log_id: int, epoch: int, seq: int, pos: int,
+                                 dev: int, offset: int, length: int, data_crc: int,
+                                 bitmap: bytes, flags: int = 0) -> bytes:
+    """The same header built by construct from the declaration (tests compare)."""
     raw = EntryHeader.build(dict(body=dict(value=dict(
         major=FORMAT_MAJOR, flags=flags, epoch=epoch, log_id=log_id, seq=seq, pos=pos,
         dev=dev, length=length, offset=offset, data_crc=data_crc, slinks=bitmap))))

@@ -24,12 +24,12 @@ Theory of operation
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from dmrepl.replicator import ondisk
@@ -45,8 +45,6 @@ from dmrepl.replicator.ondisk import (
 )
 from dmrepl.replicator.store import BlockStore, FileStore, pwritev
 from dmrepl.replicator.table import LOG_SIZE_MIN, ReplogConfig
-
-PARALLEL_DATA_WRITE = 128 << 10  # bytes: from here on, data and CRC overlap
 
 
 @dataclass(eq=False, slots=True)
@@ -93,12 +91,16 @@ class RingLog:
         self.next_seq = 1
         self.tail_pos = RING_OFFSET
         self.durable_seq = 0
+        # Epochs (see epoch_end): the durable_seq values reached by each log flush,
+        # ascending; entries up to _strict_upto (replayed at open) are one epoch each
+        self._bounds: list[int] = []
+        self._strict_upto = 0
+        self.epoch_listener: Callable[[int], None] | None = None  # tests: boundaries
         self.positions: dict[int, int] = {}  # persisted per slink
         self.failed: BaseException | None = None
         self._unwritten: set[int] = set()
         self._syncing = False
         self._persist_lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
         self.created = False
         self.replayed = 0
         self.stats = {"entries": 0, "bytes": 0, "header_writes": 0, "log_flushes": 0,
@@ -260,6 +262,7 @@ class RingLog:
             pos, seq = e.pos + e.size, seq + 1
         self.next_seq = seq
         self.durable_seq = seq - 1
+        self._strict_upto = self.durable_seq  # their epochs are unknown: one each
         self.tail_pos = pos if self.entries else head_pos
         if self.tail_pos > self.ring_end or self.tail_pos < self.ring_start:
             self.tail_pos = self.ring_start
@@ -294,27 +297,10 @@ class RingLog:
         return e
 
     def write_entry(self, e: Entry, data: bytes | memoryview | None) -> None:
-        """Write header and data of a reserved entry (no lock held).
-
-        Large entries write their data from a helper thread while the CRC is being
-        computed here, then the header: the CRC costs no extra latency."""
-        if (not e.zero and data is not None and len(data) >= PARALLEL_DATA_WRITE
-                and e.length % SECTOR == 0):
-            fut = self._pool().submit(self.store.pwrite, self.base + e.pos + ENTRY_HEADER_SIZE,
-                                      data)
-            crc = crc32c(data)
-            hdr = ondisk.build_entry_header(
-                log_id=self.log_id, epoch=self.epoch, seq=e.seq, pos=e.pos, dev=e.dev,
-                offset=e.offset, length=e.length, data_crc=crc,
-                bitmap=ondisk.slink_bitmap(e.slinks), flags=e.flags)
-            try:
-                self.store.pwrite(self.base + e.pos, hdr)
-                fut.result()
-            except OSError as err:
-                self._fail(err)
-                raise ReplogIOError(f"replication log write failed: {err}") from err
-            self._written(e)
-            return
+        """Write header and data of a reserved entry (no lock held), with one
+        ``pwritev``: the CRC32C first (about 0.06 ms per MiB), then one system call
+        for the contiguous header + data.  (A helper thread writing the data while
+        the CRC was computed cost more in thread hand-offs than it saved.)"""
         crc = 0 if e.zero or data is None else crc32c(data)
         hdr = ondisk.build_entry_header(
             log_id=self.log_id, epoch=self.epoch, seq=e.seq, pos=e.pos, dev=e.dev,
@@ -333,17 +319,8 @@ class RingLog:
             raise ReplogIOError(f"replication log write failed: {err}") from err
         self._written(e)
 
-    def _pool(self) -> ThreadPoolExecutor:
-        with self.lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=4,
-                                                    thread_name_prefix="replog-data")
-            return self._executor
-
     def close(self) -> None:
-        """Stop the helper threads and close the store."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        """Close the store."""
         self.store.close()
 
     def _written(self, e: Entry) -> None:
@@ -388,6 +365,9 @@ class RingLog:
                 self.stats["log_flushes"] += 1
                 if target > self.durable_seq:
                     self.durable_seq = target
+                    self._bounds.append(target)
+                    if self.epoch_listener is not None:
+                        self.epoch_listener(target)
                 self.cond.notify_all()
             if on_durable is not None:
                 on_durable()
@@ -423,6 +403,20 @@ class RingLog:
         if e.data is not None:
             self.cached -= e.length
             e.data = None
+
+    def epoch_end(self, seq: int) -> int:
+        """The last sequence number of the epoch of durable entry ``seq``.
+
+        An epoch is the set of entries one log flush made durable (group commit):
+        they were in flight together, none was acknowledged (nor covered by a
+        completed flush) before another one was submitted, so no caller can depend
+        on their relative order and a site may apply them in any order (DRBD's
+        epochs).  Entries found by the replay at open are one epoch each (their
+        groups are not recorded).  Call with the lock held."""
+        if seq <= self._strict_upto:
+            return seq
+        i = bisect.bisect_left(self._bounds, seq)
+        return self._bounds[i] if i < len(self._bounds) else seq
 
     def entry(self, seq: int) -> Entry | None:
         if not self.entries:
@@ -483,6 +477,9 @@ class RingLog:
                     e = self.entries.popleft()
                     self.drop_cache(e)
                     n += 1
+                gone = bisect.bisect_left(self._bounds, self.head_seq)
+                if gone:
+                    del self._bounds[:gone]
                 self.cond.notify_all()
             return n, pos_copy
 

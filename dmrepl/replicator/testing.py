@@ -93,6 +93,9 @@ class FakeStore:
         self.writes = 0
         self.flushes = 0
         self.closed = False
+        self.in_flight = 0  # pwrite calls under way now
+        self.max_in_flight = 0  # most pwrite calls seen under way at once
+        self.on_write: Callable[[int, bytes], None] | None = None  # after each write
 
     def _io_error(self, what: str) -> OSError:
         return OSError(errno.EIO, f"{self.name}: injected {what} error")
@@ -106,6 +109,16 @@ class FakeStore:
             return bytes(self.data[offset:offset + length])
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self._pwrite(offset, data)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.delay is not None:
             d = self.delay()
             if d > 0:
@@ -126,6 +139,8 @@ class FakeStore:
             with self.lock:
                 self.data[offset:offset + len(b)] = b
         self.writes += 1
+        if self.on_write is not None:
+            self.on_write(offset, b)
 
     def flush(self) -> None:
         if self.fail_writes:
@@ -188,13 +203,27 @@ def history_from_ring(recorder: Recorder, log_name: str, log_id: int | None = No
 class PrefixChecker:
     """Checks that a sequence of multi-device states are prefix states of a history.
 
-    ``history`` is [(dev, offset, data)] in log order; ``devs`` maps dev -> size."""
+    ``history`` is [(dev, offset, data)] in log order; ``devs`` maps dev -> size.
+
+    ``need`` relaxes the order for writes that may be applied in any order (DRBD
+    style epochs): entry ``t`` may be applied once every entry before ``need[t]``
+    is (``need[t] <= t``, non-decreasing).  A valid state is then the entries ``[0, j)`` plus any
+    subset of the entries ``t >= j`` with ``need[t] <= j``, applied in log order.
+    Without ``need`` (``need[t] == t``) only the strict prefixes are valid.  The
+    subset is found from the state itself: an entry counts as applied when the
+    state holds its data on the bytes no later candidate also writes."""
 
     def __init__(self, history: list[tuple[int, int, bytes]], devs: dict[int, int],
-                 initial: dict[int, bytes] | None = None) -> None:
+                 initial: dict[int, bytes] | None = None,
+                 need: list[int] | None = None) -> None:
         self.history = history
         self.state = {d: bytearray(initial[d] if initial else bytes(n))
                       for d, n in devs.items()}
+        self.need = need
+        if need is not None:
+            assert len(need) >= len(history) and all(
+                0 <= need[t] <= t and (t == 0 or need[t - 1] <= need[t])
+                for t in range(len(history))), "bad need list"
         self.j = 0  # states[j] = after history[:j]
 
     def _advance(self) -> None:
@@ -203,13 +232,70 @@ class PrefixChecker:
             self.state[dev][off:off + len(data)] = data
         self.j += 1
 
+    def _relaxed(self, remote: dict[int, bytes | bytearray]) -> bool:
+        """Does ``remote`` equal prefix j plus a subset of the free entries?"""
+        need = self.need
+        assert need is not None
+        j, hist = self.j, self.history
+        cands = []
+        for t in range(j, len(hist)):
+            if need[t] > j:
+                break  # need is non-decreasing: no later entry is free either
+            cands.append(t)
+        if not cands:
+            return False
+        trial = {d: bytearray(b) for d, b in self.state.items()}
+        for k, t in enumerate(cands):
+            dev, off, data = hist[t]
+            if dev not in trial:
+                continue
+            # bytes of t that no later candidate on the same device writes
+            end = off + len(data)
+            covered = sorted((max(off, o2), min(end, o2 + len(x2)))
+                             for d2, o2, x2 in (hist[u] for u in cands[k + 1:])
+                             if d2 == dev and o2 < end and off < o2 + len(x2))
+            free, pos = [], off
+            for lo, hi in covered:
+                if lo > pos:
+                    free.append((pos, lo))
+                pos = max(pos, hi)
+            if pos < end:
+                free.append((pos, end))
+            have = remote[dev]
+            if not free:
+                free = [(off, end)]
+            applied = all(have[lo:hi] == data[lo - off:hi - off] for lo, hi in free)
+            if applied:
+                trial[dev][off:off + len(data)] = data
+        return all(trial[d] == remote[d] for d in trial)
+
     def match(self, remote: dict[int, bytes | bytearray]) -> int:
-        """Advance to the first prefix state equal to ``remote``; return its index,
-        or raise AssertionError if no prefix state from the current one matches."""
+        """Advance to the first valid state equal to ``remote``; return its prefix
+        length, or raise AssertionError if no valid state from the current one
+        matches."""
         while True:
             if all(self.state[d] == remote[d] for d in self.state):
+                return self.j
+            if self.need is not None and self._relaxed(remote):
                 return self.j
             if self.j >= len(self.history):
                 raise AssertionError("remote state is not a prefix of the write history "
                                      f"(checked up to {self.j} writes)")
             self._advance()
+
+
+def need_from_epochs(bounds: list[int], n: int, first_seq: int = 1) -> list[int]:
+    """``need`` for :class:`PrefixChecker` from epoch boundaries (the last sequence
+    number of each epoch, ascending) over a history of ``n`` entries starting at
+    ``first_seq``: an entry needs every entry of the earlier epochs.  Entries past
+    the last boundary are one epoch each."""
+    need = []
+    start = 0
+    bi = 0
+    for t in range(n):
+        seq = first_seq + t
+        while bi < len(bounds) and bounds[bi] < seq:
+            start = bounds[bi] - first_seq + 1
+            bi += 1
+        need.append(max(0, min(start, t)) if bi < len(bounds) else t)
+    return need

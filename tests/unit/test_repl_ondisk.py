@@ -282,3 +282,26 @@ def test_large_entries_write_data_and_crc_in_parallel() -> None:
     assert contents(r2) == written
     store.data[r2.entries[1].pos + 512 + 5000] ^= 1  # data of the 2nd entry
     assert [e.seq for e in open_ring(store).entries] == [1]
+
+
+u16, u32, u64 = (st.integers(0, 2**b - 1) for b in (16, 32, 64))
+
+
+@settings(max_examples=200)
+@given(flags=u16, epoch=u32, log_id=u64, seq=u64, pos=u64, dev=u32, length=u32,
+       offset=u64, crc=u32, slinks=st.frozensets(st.integers(0, 2047), max_size=8))
+def test_fast_entry_header_is_the_declared_layout(flags, epoch, log_id, seq, pos, dev,
+                                                  length, offset, crc, slinks) -> None:
+    """The hot-path packer (generated from the construct declaration) builds the
+    same bytes as construct, and construct parses them back."""
+    kw = dict(log_id=log_id, epoch=epoch, seq=seq, pos=pos, dev=dev, offset=offset,
+              length=length, data_crc=crc, bitmap=ondisk.slink_bitmap(slinks), flags=flags)
+    fast = ondisk.build_entry_header(**kw)
+    assert fast == ondisk.build_entry_header_construct(**kw)
+    h = ondisk.parse_entry_header(fast, log_id)
+    assert (h["seq"], h["offset"], h["flags"], h["data_crc"]) == (seq, offset, flags, crc)
+
+
+def test_flat_packer_refuses_what_it_cannot_pack() -> None:
+    with pytest.raises(TypeError):
+        ondisk.FlatPacker(ondisk.RingHeaderBody)  # a prefixed array: not flat
