@@ -45,7 +45,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -66,10 +66,12 @@ from dmrepl.replicator.table import (
     LegConfig,
     ReplicatorConfig,
     SlinkConfig,
+    format_rate,
     parse_device,
     parse_fallbehind,
     parse_legs,
     parse_policy,
+    parse_rate,
     parse_replicator,
     parse_slinks,
 )
@@ -137,6 +139,9 @@ class Slink:
     resyncing: bool = False
     failures: int = 0
     pool: ThreadPoolExecutor | None = None  # copies of one epoch in flight together
+    resync_next: float = 0.0  # resync rate limit: next region not before (clock)
+    resync_throttled: bool = False  # waiting for the rate limit now
+    resync_bytes: int = 0
     inflight_max: int = 0  # most copies seen in flight at once
 
     @property
@@ -172,9 +177,11 @@ class Replicator:
                  batch_bytes: int = 16 << 20, batch_entries: int = 512,
                  window_entries: int = 8192, resync_chunk: int = 1 << 20,
                  durable_acks: bool = True, copier_nice: int = 0,
-                 copy_inflight: int = 8) -> None:
+                 copy_inflight: int = 8,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.copy_inflight = copy_inflight
+        self.clock = clock  # the resync rate limiter's time (tests: a fake one)
         self.copier_nice = copier_nice
         # durable_acks=False: a write is acknowledged once written to the log store
         # (like a disk with a volatile write cache); flush() and FUA writes make it
@@ -753,7 +760,16 @@ class Replicator:
         if s.nr and blocked is None and s.applied >= self.ring.durable_seq:
             work = self._resync_work(s)
             if work is not None:
-                return ("resync", work)
+                wait = s.resync_next - self.clock() if s.cfg.resync_rate else 0.0
+                if wait <= 0:
+                    s.resync_throttled = False
+                    return ("resync", work)
+                # rate limited: new writes still go first (they wake us up)
+                if not s.resync_throttled:
+                    s.resync_throttled = True
+                    self._bump()
+                self.cond.wait(min(wait, 0.1))
+                return None
         timeout = self.persist_interval if dirty else 1.0
         self.cond.wait(timeout)
         return None
@@ -1138,6 +1154,12 @@ class Replicator:
             leg.cursor = region + 1
             leg.resynced += 1
         with self.cond:
+            s.resync_bytes += hi - lo
+            rate = s.cfg.resync_rate
+            if rate:
+                # one region at a time: the average rate is the limit, a burst is
+                # at most one region (resync_next never lies in the past)
+                s.resync_next = max(self.clock(), s.resync_next) + (hi - lo) / rate
             self.cond.notify_all()
 
     # -- messages --------------------------------------------------------------------------
@@ -1256,13 +1278,18 @@ class Replicator:
                         raise MessageError("a fall-behind threshold on a synchronous site "
                                            "link is meaningless")
                     new_cfg = replace(cfg, fallbehind=fb)
+                elif len(rest) == 2 and rest[0] == "resync_rate":
+                    new_cfg = replace(cfg, resync_rate=parse_rate(rest[1]))
                 else:
                     raise MessageError("usage: slink message <nr> policy <policy> | "
-                                       "fallbehind <type> <value>")
+                                       "fallbehind <type> <value> | resync_rate "
+                                       "<N>[k|m|g]")
             except TableError as e:
                 raise MessageError(str(e)) from e
             with self.cond:
                 s.cfg = new_cfg
+                if new_cfg.resync_rate != cfg.resync_rate:
+                    s.resync_next = self.clock()  # the new rate applies from now
                 self._check_fallbehind(s, time.monotonic())
                 self._bump(f"slink {nr}: {' '.join(rest)}")
             return ""
@@ -1294,7 +1321,7 @@ class Replicator:
 
     def status(self, kind: str = "info") -> str:
         """``info``: ``[v= r= w= rs= ws= nc= c= ]<S|A>,<ios>,<sectors> ... <entries>/
-        <sectors used>/<log sectors> <slink>:<up|down>[:resync] ...``;
+        <sectors used>/<log sectors> <slink>:<up|down>[:resync][:rate=<N>k|m|g] ...``;
         ``table``: the parameters, which parse back to the same configuration."""
         if kind == "table":
             return self.table_config().params()
@@ -1315,7 +1342,9 @@ class Replicator:
             for nr in sorted(self.slinks):
                 s = self.slinks[nr]
                 words.append(f"{nr}:{'up' if s.up else 'down'}"
-                             + (":resync" if s.resyncing else ""))
+                             + (":resync" if s.resyncing else "")
+                             + (f":rate={format_rate(s.cfg.resync_rate)}"
+                                if s.cfg.resync_rate else ""))
             return " ".join(words)
 
     def status_dict(self) -> dict[str, Any]:
@@ -1372,6 +1401,9 @@ class Replicator:
                     "batches": s.batches,
                     "copies_in_flight_max": s.inflight_max,
                     "resyncing": s.resyncing,
+                    "resync_rate": s.cfg.resync_rate,
+                    "resync_throttled": s.resync_throttled,
+                    "resync_bytes": s.resync_bytes,
                     "regions_out_of_sync": out_of_sync,
                     "consistent": out_of_sync == 0,
                 }

@@ -8,7 +8,8 @@ with ``+stall``, fall-behind values with the largest exact unit).
 
     <start> <length> replicator ringbuffer <#p 2..4> <dev_path> <dev_start>
         [auto|create|open [<size>]]
-        [blockdev <#p 1..4> <slink_nr> [<policy> [<fb_type> <value>]]]{1..N}
+        [blockdev <#p 1..6> <slink_nr> [<policy> [<fb_type> <value>]]
+                  [resync_rate <rate>]]{1..N}
 
 ``replicator-dev``::
 
@@ -18,6 +19,11 @@ with ``+stall``, fall-behind values with the largest exact unit).
 Units (the documented meaning, not the original's off-by-one table): size ``s``
 sectors (the default), ``k`` KiB, ``m`` MiB, ``g``, ``t``, ``p``, ``e``; timeout
 ``t`` milliseconds (the default), ``s``, ``m`` minutes, ``h``, ``d``.
+
+``resync_rate <N>[k|m|g]`` (an extension, after the policy and fall-behind, or set
+by ``slink message <nr> resync_rate <rate>``) caps the site link's resynchronisation
+from the dirty logs at N KiB/s (the default unit, as DRBD's resync-rate), MiB/s or
+GiB/s; 0 (the default) is unlimited.  Replication of new writes is not limited.
 """
 
 from __future__ import annotations
@@ -147,14 +153,38 @@ def parse_fallbehind(kind: str, value: str) -> FallBehind:
     return FallBehind("ios", 0) if total == 0 else FallBehind(kind, total)
 
 
+RATE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}  # -> bytes per second
+
+
+def parse_rate(value: str) -> int:
+    """``<N>[k|m|g]`` (KiB/s without a unit) -> bytes per second; 0 = unlimited."""
+    m = _VALUE.match(value) if value.isascii() else None
+    unit = m.group(2).lower() if m else ""
+    if m is None or (unit and unit not in RATE_UNITS):
+        raise TableError(f"invalid resync rate {value!r}: expected <N>[k|m|g] (KiB/s, "
+                         "MiB/s, GiB/s; 0 = unlimited)")
+    total = int(m.group(1)) * RATE_UNITS[unit or "k"]
+    if total >= 1 << 63:
+        raise TableError(f"resync rate {value!r} too large")
+    return total
+
+
+def format_rate(rate: int) -> str:
+    for unit in ("g", "m", "k"):
+        if rate % RATE_UNITS[unit] == 0:
+            return f"{rate // RATE_UNITS[unit]}{unit}"
+    raise AssertionError("rates are whole KiB/s")  # pragma: no cover
+
+
 @dataclass(frozen=True, slots=True)
 class SlinkConfig:
-    """``blockdev <#p> <slink_nr> [<policy> [<fb_type> <value>]]``."""
+    """``blockdev <#p> <slink_nr> [<policy> [<fb_type> <value>]] [resync_rate <r>]``."""
 
     slink_nr: int
     sync: bool = False
     stall: bool = False
     fallbehind: FallBehind = FallBehind()
+    resync_rate: int = 0  # bytes per second; 0: unlimited
 
     @property
     def policy(self) -> str:
@@ -164,6 +194,8 @@ class SlinkConfig:
         out = [str(self.slink_nr), self.policy]
         if self.fallbehind.enabled:
             out += self.fallbehind.format()
+        if self.resync_rate:
+            out += ["resync_rate", format_rate(self.resync_rate)]
         return out
 
     def table(self) -> str:
@@ -190,8 +222,18 @@ def parse_policy(word: str) -> tuple[bool, bool]:
 
 def parse_slink(args: Sequence[str]) -> SlinkConfig:
     """Parse blockdev site link parameters (after ``<#params>``)."""
+    args = list(args)
+    rate = 0
+    if "resync_rate" in args[1:]:
+        k = args.index("resync_rate", 1)
+        if k != len(args) - 2:
+            raise TableError("resync_rate <rate> must be the last two site link "
+                             "parameters")
+        rate = parse_rate(args[k + 1])
+        del args[k:]
     if not 1 <= len(args) <= 4:
-        raise TableError(f"blockdev takes 1..4 parameters, got {len(args)}")
+        raise TableError(f"blockdev takes 1..4 parameters (and resync_rate <rate>), got "
+                         f"{len(args)}")
     nr = _int(args[0], "site link number", hi=MAX_SLINKS - 1)
     sync = stall = False
     fb = FallBehind()
@@ -208,7 +250,7 @@ def parse_slink(args: Sequence[str]) -> SlinkConfig:
     if sync and fb.enabled:
         raise TableError(f"site link {nr}: a fall-behind threshold on a synchronous "
                          "site link is meaningless")
-    return SlinkConfig(nr, sync, stall, fb)
+    return SlinkConfig(nr, sync, stall, fb, rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +286,7 @@ def parse_slinks(words: Sequence[str], i: int, *,
                              "expected 'blockdev'")
         if i + 1 >= len(words):
             raise TableError("site link parameter count missing after 'blockdev'")
-        n = _int(words[i + 1], "site link parameter count", lo=1, hi=4)
+        n = _int(words[i + 1], "site link parameter count", lo=1, hi=6)
         if i + 2 + n > len(words):
             raise TableError(f"site link needs {n} parameters, only {len(words) - i - 2} "
                              "given")

@@ -79,7 +79,7 @@ BAD_REPLICATOR = [
     ("ringbuffer 2 /l 0 blockdev 1 1", "first site link must be 0"),
     ("ringbuffer 2 /l 0 blockdev 1 0 blockdev 1 0", "given twice"),
     ("ringbuffer 2 /l 0 net 1 0", "site link type 'net'"),
-    ("ringbuffer 2 /l 0 blockdev 5 0 a b c d", "site link parameter count"),
+    ("ringbuffer 2 /l 0 blockdev 7 0 a b c d e f", "site link parameter count"),
     ("ringbuffer 2 /l 0 blockdev 2 0", "only 1 given"),
     ("ringbuffer 2 /l 0 blockdev 2 0 fast", "policy 'fast'"),
     ("ringbuffer 2 /l 0 blockdev 2 0 sync+async", "sync and async together"),
