@@ -146,9 +146,9 @@ class ConcatBackend:
         return b"".join(b.read(o, n) for b, o, n, _ in self._split(offset, length))
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        view = memoryview(data)
         for b, o, n, rel in self._split(offset, len(data)):
-            b.write(o, bytes(view[rel:rel + n]), fua)
+            # the engine wants bytes: copy only the pieces of a write across parts
+            b.write(o, data if n == len(data) else data[rel:rel + n], fua)
 
     def flush(self) -> None:
         for _, _, b in self.parts:
