@@ -52,6 +52,18 @@ from typing import Any
 
 from dmrepl.errors import UserError
 from dmrepl.replicator import ondisk
+from dmrepl.replicator._state import (
+    AckEvent,
+    AckState,
+    DeviceEvent,
+    DeviceState,
+    LinkEvent,
+    LinkState,
+    ResyncEvent,
+    ResyncState,
+    StateMachine,
+    machine,
+)
 from dmrepl.replicator.errors import (
     LocalIOError,
     MessageError,
@@ -118,10 +130,8 @@ class Slink:
     applied: int
     durable: int
     persisted: int
-    up: bool = True
     error: str = ""
     next_retry: float = 0.0
-    forced: bool = False
     drop_requested: bool = False
     drops: int = 0
     closing: bool = False
@@ -136,8 +146,11 @@ class Slink:
     copies: int = 0
     copied_bytes: int = 0
     batches: int = 0
-    resyncing: bool = False
     failures: int = 0
+    # the state machines of _state.py (link up/down, ack mode, resync)
+    link: StateMachine = field(default_factory=lambda: machine("site link: link"))
+    ack: StateMachine = field(default_factory=lambda: machine("site link: ack mode"))
+    resync: StateMachine = field(default_factory=lambda: machine("site link: resync"))
     pool: ThreadPoolExecutor | None = None  # copies of one epoch in flight together
     resync_next: float = 0.0  # resync rate limit: next region not before (clock)
     resync_throttled: bool = False  # waiting for the rate limit now
@@ -147,6 +160,18 @@ class Slink:
     @property
     def nr(self) -> int:
         return self.cfg.slink_nr
+
+    @property
+    def up(self) -> bool:
+        return self.link.state is LinkState.UP
+
+    @property
+    def forced(self) -> bool:
+        return self.ack.state is AckState.FORCED_SYNC
+
+    @property
+    def resyncing(self) -> bool:
+        return self.resync.state is ResyncState.RESYNCING
 
     def window_overlaps(self, dev: int, start: int, end: int) -> bool:
         return _overlaps(self.window.get(dev), start, end)
@@ -402,7 +427,7 @@ class Replicator:
                 raise UserError(f"device {dev_nr} has {pending} writes not yet copied to all "
                                 "its site links; retry when they drained")
             del self.devices[dev_nr]
-            dev.closed = True
+            dev.sm.fire(DeviceEvent.REMOVE)
             self._bump(f"device {dev_nr} removed")
         for leg in dev.legs.values():
             self._close_leg(leg)
@@ -464,7 +489,7 @@ class Replicator:
                 if s.thread is not None:
                     threads.append(s.thread)
             for d in self.devices.values():
-                d.closed = True
+                d.sm.fire(DeviceEvent.REMOVE)
             self._bump("closed")
         for t in threads:
             t.join()
@@ -522,7 +547,7 @@ class Replicator:
             ts = self._oldest_ts(s)
             over = ts is not None and (now - ts) * 1000 > fb.value
         if over != s.forced:
-            s.forced = over
+            s.ack.fire(AckEvent.OVER_THRESHOLD if over else AckEvent.UNDER_THRESHOLD)
             self._bump(f"{'enforcing' if over else 'releasing'} fallbehind sync on "
                        f"slink={s.nr}")
 
@@ -910,7 +935,7 @@ class Replicator:
         # caller holds the lock
         if kind not in leg.error:
             leg.error = "RW" if leg.error else kind
-        s.up = False
+        s.link.fire(LinkEvent.IO_ERROR)
         s.failures += 1
         s.error = f"{leg.cfg.dev_path}: {err}"
         s.next_retry = time.monotonic() + self.retry_interval
@@ -1011,7 +1036,7 @@ class Replicator:
             s.out_bytes -= dbytes
             s.drop_requested = False
             s.drops += 1
-            s.forced = False
+            s.ack.fire(AckEvent.DROPPED)
             self._bump(f"slink {s.nr}: {dropped} entries dropped to dirty logs "
                        f"({sum(len(r) for _, r in marks.values())} regions out of sync)")
             up = s.up
@@ -1042,7 +1067,7 @@ class Replicator:
                 leg.error = ""
         with self.cond:
             if ok:
-                s.up = True
+                s.link.fire(LinkEvent.RETRY_OK)
                 s.error = ""
                 self._bump(f"slink {s.nr} up again")
             else:
@@ -1073,7 +1098,7 @@ class Replicator:
                 continue  # the local copy is not there yet: later
             return (dev, leg, r)
         if s.resyncing:
-            s.resyncing = False
+            s.resync.fire(ResyncEvent.ALL_IN_SYNC)
             self._bump(f"slink {s.nr}: resynchronisation complete")
         return None
 
@@ -1120,7 +1145,7 @@ class Replicator:
     def _do_resync(self, s: Slink, dev: ReplicatedDevice, leg: Leg, region: int) -> None:
         with self.cond:
             if not s.resyncing:
-                s.resyncing = True
+                s.resync.fire(ResyncEvent.REGION_STARTED)
                 self._bump(f"slink {s.nr}: resynchronisation started")
         rs = leg.dlog.region_size * SECTOR
         lo, hi = region * rs, min((region + 1) * rs, dev.size_bytes)
@@ -1489,8 +1514,15 @@ class ReplicatedDevice:
         self.dev_nr = cfg.dev_nr
         self.size_bytes = size_bytes
         self.legs = legs
-        self.running = True
-        self.closed = False
+        self.sm = machine("device")  # running / suspended / removed (_state.py)
+
+    @property
+    def running(self) -> bool:
+        return self.sm.state is DeviceState.RUNNING
+
+    @property
+    def closed(self) -> bool:
+        return self.sm.state is DeviceState.REMOVED
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset % SECTOR or length % SECTOR:
@@ -1532,13 +1564,19 @@ class ReplicatedDevice:
 
     def suspend(self) -> None:
         with self.rep.cond:
-            self.running = False
+            self._fire(DeviceEvent.SUSPEND)
             self.rep._bump(f"device {self.dev_nr} suspended")
 
     def resume(self) -> None:
         with self.rep.cond:
-            self.running = True
+            self._fire(DeviceEvent.RESUME)
             self.rep._bump(f"device {self.dev_nr} resumed")
+
+    def _fire(self, event: DeviceEvent) -> None:
+        # caller holds the lock
+        if self.closed:
+            raise ReplicatorClosed(f"device {self.dev_nr} is removed")
+        self.sm.fire(event)
 
     def message(self, argv: Sequence[str]) -> str:
         """replicator-dev messages: device add|del, start|resume, stop|suspend|postsuspend."""
