@@ -24,6 +24,10 @@ from urllib.parse import parse_qs, urlparse
 
 from dmrepl.nbd import _proto as p
 
+# Payloads from this size on are sent after their header (two sends) instead of
+# being copied behind it (one send).
+SEND_COPY_LIMIT = 64 << 10
+
 # Wire error numbers back to host errno (the spec's values are Linux's).
 REPLY_ERRORS = {v: k for k, v in p.ERRORS.items()}
 
@@ -151,8 +155,8 @@ class NbdStore:
         except OSError as e:
             self._drop(sock, e)
 
-    def _call(self, cmd: int, offset: int = 0, length: int = 0, data: bytes = b"",
-              flags: int = 0) -> bytes:
+    def _call(self, cmd: int, offset: int = 0, length: int = 0,
+              data: bytes | memoryview = b"", flags: int = 0) -> bytes:
         fut: Future[bytes] = Future()
         err: OSError | None = None
         if cmd == p.Cmd.READ:
@@ -162,8 +166,13 @@ class NbdStore:
             handle = next(self._handles)
             self._pending[handle] = (fut, id(sock))
             try:
-                sock.sendall(struct.pack(">IHHQQI", p.REQUEST_MAGIC, flags, cmd, handle,
-                                         offset, length) + data)
+                head = struct.pack(">IHHQQI", p.REQUEST_MAGIC, flags, cmd, handle,
+                                   offset, length)
+                if len(data) < SEND_COPY_LIMIT:
+                    sock.sendall(head + data)  # one system call
+                else:
+                    sock.sendall(head)  # no copy of a large payload to prepend it
+                    sock.sendall(data)
             except OSError as e:   # including TimeoutError: the peer stopped reading
                 self._pending.pop(handle, None)
                 err = e if not isinstance(e, TimeoutError) else OSError(
@@ -192,7 +201,7 @@ class NbdStore:
         view = memoryview(data)
         step = 4 << 20
         for i in range(0, len(view), step):
-            chunk = bytes(view[i:i + step])
+            chunk = view[i:i + step]  # sent from the caller's buffer, not copied
             self._call(p.Cmd.WRITE, offset + i, len(chunk), chunk,
                        p.CMD_FLAG_FUA if fua else 0)
 

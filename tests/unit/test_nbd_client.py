@@ -38,6 +38,11 @@ def test_roundtrip_unix_and_tcp(tmp_path: Path) -> None:
             store.flush()
             assert store.pread(0, 10) == b"x" * 10
             assert store.pread(65536, 65536) == data
+            big = bytearray(os.urandom(512 << 10))  # header and payload sent apart
+            store.pwrite(512 << 10, memoryview(big)[:256 << 10])
+            store.pwrite(768 << 10, memoryview(big)[256 << 10:])
+            assert store.pread(512 << 10, 512 << 10) == big
+            assert store.pread(0, 10) == b"x" * 10  # the framing held
             store.close()
 
 
