@@ -45,8 +45,9 @@ import contextlib
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -92,6 +93,7 @@ VERSION = "1.0.0"
 SECTOR = 512
 MAX_ENTRY = 8 << 20  # larger writes are split into several entries
 INDEX_BUCKET = 1 << 20  # bytes per bucket of the pending-entry index
+INLINE_COPY_LATENCY = 0.0005  # s: faster copies are not worth an I/O thread
 
 _active_lock = threading.Lock()
 _active_logs: set[tuple[str, int]] = set()
@@ -156,6 +158,7 @@ class Slink:
     resync_throttled: bool = False  # waiting for the rate limit now
     resync_bytes: int = 0
     inflight_max: int = 0  # most copies seen in flight at once
+    copy_latency: float = 0.0  # moving average of one copy's write, seconds
 
     @property
     def nr(self) -> int:
@@ -892,38 +895,63 @@ class Replicator:
     def _apply_epoch(self, s: Slink, group: list[Copy]) -> dict[int, OSError]:
         """Write the copies of one epoch; returns the failures by sequence number.
 
-        One copy is written inline; several go to the site link's I/O threads and
-        all of them are waited for (the epoch barrier)."""
+        Copies are written inline, one after the other, while the site's writes are
+        fast (a page cache, a local disk: handing them to threads would cost more
+        than it overlaps); once they take ``INLINE_COPY_LATENCY`` or more (a remote
+        site's round trip), the rest of the epoch goes to the site link's I/O
+        threads, up to ``copy_inflight`` at once, and all of them are waited for
+        (the epoch barrier)."""
         todo = [(e, leg) for e, leg, _ep in group if leg is not None]
         errors: dict[int, OSError] = {}
-        if len(todo) <= 1 or self.copy_inflight <= 1:
-            for e, leg in todo:
-                try:
-                    self._copy_one(e, leg)
-                except OSError as err:
-                    errors[e.seq] = err
-                    break
+        k = 0
+        while k < len(todo) and (len(todo) - k == 1 or self.copy_inflight <= 1
+                                 or s.copy_latency < INLINE_COPY_LATENCY):
+            e, leg = todo[k]
+            try:
+                self._copy_one(s, e, leg)
+            except OSError as err:
+                errors[e.seq] = err
+                return errors
+            k += 1
+        todo = todo[k:]
+        if not todo:
             return errors
         pool = s.pool
         if pool is None:
             pool = s.pool = ThreadPoolExecutor(max_workers=self.copy_inflight,
                                                thread_name_prefix=f"repl-slink{s.nr}-io",
                                                initializer=self._set_nice)
-        futs = [(e, pool.submit(self._copy_one, e, leg)) for e, leg in todo]
-        with self.cond:
-            s.inflight_max = max(s.inflight_max, min(len(futs), self.copy_inflight))
-        for e, fut in futs:
+        # at most copy_inflight submitted at once, and none after a failure: a dead
+        # site costs one round of time-outs, not one per copy of the epoch
+        inflight: deque[tuple[Entry, Future[None]]] = deque()
+        most = 0
+        for e, leg in todo:
+            if len(inflight) >= self.copy_inflight:
+                e0, f0 = inflight.popleft()
+                try:
+                    f0.result()
+                except OSError as err:
+                    errors[e0.seq] = err
+                    break
+            inflight.append((e, pool.submit(self._copy_one, s, e, leg)))
+            most = max(most, len(inflight))
+        for e0, f0 in inflight:
             try:
-                fut.result()
+                f0.result()
             except OSError as err:
-                errors[e.seq] = err
+                errors[e0.seq] = err
+        with self.cond:
+            s.inflight_max = max(s.inflight_max, most)
         return errors
 
-    def _copy_one(self, e: Entry, leg: Leg) -> None:
+    def _copy_one(self, s: Slink, e: Entry, leg: Leg) -> None:
+        t0 = time.monotonic()
         if e.zero:
             _write_zeros(leg.store, e.offset, e.length)
         else:
             leg.store.pwrite(e.offset, self.ring.entry_data(e))
+        # moving average of the write latency (unlocked: an estimate)
+        s.copy_latency += (time.monotonic() - t0 - s.copy_latency) / 4
 
     def _drop_cached(self, batch: list[Copy]) -> None:
         low = min(sl.applied for sl in self.slinks.values())
@@ -1425,6 +1453,7 @@ class Replicator:
                     "copied_bytes": s.copied_bytes,
                     "batches": s.batches,
                     "copies_in_flight_max": s.inflight_max,
+                    "copy_latency_ms": round(s.copy_latency * 1000, 3),
                     "resyncing": s.resyncing,
                     "resync_rate": s.cfg.resync_rate,
                     "resync_throttled": s.resync_throttled,

@@ -99,10 +99,13 @@ def test_one_epoch_is_copied_with_several_writes_in_flight() -> None:
     rep.start()
     assert rep.wait_drained(30), rep.status_dict()
     st = rep.status_dict()["slinks"][1]
+    st0 = rep.status_dict()["slinks"][0]
     rep.close()
     assert bounds[0] == 48 and len(bounds) == 17, bounds
     assert remote.max_in_flight > 1
     assert st["copies_in_flight_max"] > 1
+    # the local store is fast (no delay): written inline, one copy at a time
+    assert stores.stores["l0"].max_in_flight == 1 and st0["copies_in_flight_max"] == 0
     assert remote.snapshot() == stores.stores["l0"].snapshot()
     history = history_from_ring(rec, "log")
     assert len(history) == 64
@@ -178,3 +181,33 @@ def test_random_epochs_prefix_with_concurrent_writers() -> None:
             checker.match({0: image})
     assert bytes(image) == stores.stores["l0"].snapshot()
     assert remote.max_in_flight > 1
+
+
+def test_a_failing_site_gets_at_most_copy_inflight_copies_of_an_epoch() -> None:
+    """Once a copy of an epoch fails, no more of it are sent: a dead site costs one
+    round of (possibly slow) failures, not one per copy."""
+    rep, dev, _stores, remote = make(durable_acks=False, copy_inflight=4)
+    rep.retry_interval = 3600.0  # no retry during the test
+    attempts = []
+    orig = remote._pwrite
+
+    def pwrite(offset: int, data) -> None:
+        attempts.append(offset)
+        orig(offset, data)
+
+    remote._pwrite = pwrite  # type: ignore[method-assign]
+    for i in range(64):
+        dev.write(i * 8192, block(i))
+    dev.flush()  # one epoch of 64 copies
+    remote.fail_writes = True
+    rep.slinks[1].copy_latency = 1.0  # a slow site: the epoch goes to the I/O threads
+    rep.start()
+    ev = 0
+    for _ in range(200):
+        if rep.status_dict()["slinks"][1]["state"] != "up":
+            break
+        ev = rep.wait_event(ev, 0.1)
+    st = rep.status_dict()["slinks"][1]
+    rep.close()
+    assert st["state"] == "down"
+    assert 1 <= len(attempts) <= 4, f"{len(attempts)} copies sent to a failing site"
