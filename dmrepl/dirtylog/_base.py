@@ -230,6 +230,43 @@ class DirtyLog(abc.ABC):
         for region in regions:
             self.clear_region(region)
 
+    # -- the sync bits as a whole ------------------------------------------------
+    # Bitset layout of these three: bit ``r % 8`` of byte ``r // 8`` is region r,
+    # ``(region_count + 7) // 8`` bytes, bits past the last region zero.  The
+    # defaults go region by region; implementations override them with bulk code.
+
+    def get_sync_bits(self) -> bytes:
+        """Every region's sync bit, as one bitset."""
+        bits = bytearray((self.region_count + 7) // 8)
+        for region in range(self.region_count):
+            if self.in_sync(region):
+                bits[region >> 3] |= 1 << (region & 7)
+        return bytes(bits)
+
+    def set_sync_bits(self, bits: bytes | bytearray | memoryview) -> int:
+        """Make every region's sync bit what ``bits`` says; returns how many changed.
+
+        The same as ``set_region_sync(r, bit)`` for each region ``r`` whose bit
+        differs (so only those stop being 'recovering').  Bits past the last region
+        are ignored.  Raises ValueError if ``bits`` is shorter than the bitset.
+        """
+        if len(bits) < (self.region_count + 7) // 8:
+            raise ValueError(f"{len(bits)} bytes of sync bits for {self.region_count} regions")
+        changed = 0
+        for region in range(self.region_count):
+            want = bool(bits[region >> 3] >> (region & 7) & 1)
+            if self.in_sync(region) != want:
+                self.set_region_sync(region, want)
+                changed += 1
+        return changed
+
+    def first_out_of_sync(self, start: int = 0) -> int | None:
+        """The lowest region >= ``start`` that is not in sync, or None."""
+        for region in range(max(start, 0), self.region_count):
+            if not self.in_sync(region):
+                return region
+        return None
+
     def region_of_sector(self, sector: int) -> int:
         """The region holding a target sector (region_size is a power of two)."""
         return sector // self.region_size

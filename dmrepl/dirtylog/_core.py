@@ -192,10 +192,36 @@ class BitmapLog(DirtyLog):
         regions still waiting for get_resync_work since the last resume."""
         return self._sync_search
 
-    def first_out_of_sync(self) -> int | None:
-        """Lowest region not in sync, or None (for IS_REMOTE_RECOVERING hints)."""
-        region = self._next_out_of_sync(0)
+    def first_out_of_sync(self, start: int = 0) -> int | None:
+        """Lowest region >= ``start`` not in sync, or None (for IS_REMOTE_RECOVERING
+        hints)."""
+        region = self._next_out_of_sync(max(start, 0))
         return None if region >= self.region_count else region
+
+    def get_sync_bits(self) -> bytes:
+        n = self.region_count
+        nbytes = (n + 7) // 8
+        # _sync_bits is padded to unsigned longs (set past the end under nosync)
+        bits = int.from_bytes(self._sync_bits[:nbytes], "little") & ((1 << n) - 1)
+        return bits.to_bytes(nbytes, "little")
+
+    def set_sync_bits(self, bits: bytes | bytearray | memoryview) -> int:
+        n = self.region_count
+        nbytes = (n + 7) // 8
+        if len(bits) < nbytes:
+            raise ValueError(f"{len(bits)} bytes of sync bits for {n} regions")
+        mask = (1 << n) - 1
+        new = int.from_bytes(bits[:nbytes], "little") & mask
+        current = int.from_bytes(self._sync_bits[:nbytes], "little")
+        diff = (current & mask) ^ new
+        if not diff:
+            return 0
+        if self._recovering:
+            self._recovering = {r for r in self._recovering if not diff >> r & 1}
+        # the padding bits past the last region stay as they were
+        self._sync_bits[:nbytes] = (new | (current & ~mask)).to_bytes(nbytes, "little")
+        self._sync_count = new.bit_count()
+        return diff.bit_count()
 
     def recovering_regions(self) -> frozenset[int]:
         return frozenset(self._recovering)
