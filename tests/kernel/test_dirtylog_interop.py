@@ -17,10 +17,10 @@ import os
 import subprocess
 import tempfile
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
+
+from _util import run, wait_for
 
 from dmrepl.dirtylog import DiskLog, FileStorage, MemoryStorage, open_dirty_log
 from dmrepl.dirtylog.format import (
@@ -38,23 +38,6 @@ REGION = 1024  # sectors = 512 KiB
 NREGIONS = 130  # not a multiple of 64: the kernel pads the bitset to unsigned longs
 TARGET = NREGIONS * REGION
 LEG_BYTES = TARGET * 512
-
-
-def run(*argv: str) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"{argv}: rc={proc.returncode} {proc.stderr.strip()}"
-    return proc.stdout
-
-
-def wait_for(what: str, cond: Callable[[], object], timeout: float) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Rig(contextlib.ExitStack):
@@ -264,7 +247,7 @@ def test_kernel_write_in_flight_leaves_its_region_dirty_on_disk() -> None:
                 area = read_area(logdev, size)
                 byte = area[LOG_OFFSET + target_region // 8]
                 return None if byte & (1 << (target_region % 8)) else area
-            crash_image = wait_for("the mark on disk", dirty_on_disk, 60)
+            crash_image = wait_for("the mark on disk", dirty_on_disk, 60, interval=0.05)
             assert isinstance(crash_image, bytes)
             assert thread.is_alive(), "the write finished with one leg's I/O held"
             run("dmsetup", "resume", held)

@@ -16,11 +16,12 @@ import subprocess
 import sys
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _util import run, wait_for
 
 from ulogd import protocol as p
 from ulogd.control import query
@@ -29,23 +30,6 @@ from ulogd.protocol import RequestType as RT
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 REGION = 1024  # sectors: 512 KiB
-
-
-def run(*argv: str, timeout: float = 120) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{argv}: rc={proc.returncode} {proc.stderr.strip()}"
-    return proc.stdout
-
-
-def wait_for(what: str, cond: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 class Ulogd:
