@@ -24,7 +24,7 @@ from typing import Any
 
 from ulogd.control import DEFAULT_CONTROL_PATH, ControlServer, query
 from ulogd.server import Dispatcher, LogFactory, default_log_factory
-from ulogd.transport import Transport
+from ulogd.transport import RECV_SIZE, Transport
 
 log = logging.getLogger("ulogd")
 
@@ -35,6 +35,9 @@ DEFAULT_STATE_DIR = "/run/ulogd/state"
 
 class Daemon:
     """The serving loop: one thread, one blocking receive and one reply per request.
+
+    Two system calls per request (``recvfrom_into``, ``sendto``), no ``poll``: an
+    idle daemon wakes every :data:`STOP_POLL_SECONDS` to notice a stop request.
 
     A single loop (rather than a thread per log) because the kernel holds each
     mirror's worker until its reply arrives: the critical path is the round
@@ -79,22 +82,32 @@ class Daemon:
             ready()
         transport = self.transport
         transport.use_blocking_receive(STOP_POLL_SECONDS)
-        recv_one = transport.recv_one
+        recv_into = transport.recv_into
         send = transport.send
+        handle_into = self.dispatcher.handle_into
         handle = self.dispatcher.handle_batch
         lock = self.dispatcher.lock
         clock = time.perf_counter_ns
+        # One buffer for every request: the hot requests are answered in place in it.
+        buf = bytearray(RECV_SIZE)
+        view = memoryview(buf)
         try:
             while not self._stop:
-                data = recv_one()
-                if data is None:
+                size = recv_into(buf)
+                if size < 0:
                     continue
                 t0 = clock()
                 with lock:
-                    replies = handle((data,), t0)
+                    reply_len = handle_into(buf, size, t0)
+                    if reply_len < 0:
+                        replies = handle((bytes(view[:size]),), t0)
+                if reply_len >= 0:
+                    send(view[:reply_len])
+                    continue
                 for r in replies:
                     send(r)
         finally:
+            view.release()
             self.close()
 
     def close(self) -> None:

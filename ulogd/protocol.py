@@ -114,6 +114,22 @@ def _native(*parts: Construct) -> struct.Struct:
     return struct.Struct("=" + "".join(struct_format(p) for p in parts))
 
 
+def _fields_format(st: Any, keep: frozenset[str]) -> str:
+    """The format of struct ``st`` with the fields not in ``keep`` as pad bytes."""
+    return "".join(struct_format(sc) if sc.name in keep else f"{sc.sizeof()}x"
+                   for sc in st.subcons)
+
+
+def field_offset(st: Any, name: str) -> int:
+    """Byte offset of field ``name`` in the fixed-size construct struct ``st``."""
+    off = 0
+    for sc in st.subcons:
+        if sc.name == name:
+            return off
+        off += sc.sizeof()
+    raise KeyError(name)
+
+
 NLMSG_HDR: Final = _native(NlMsgHdr)
 CN_MSG: Final = _native(CnMsg)
 ULOG_REQUEST: Final = _native(DmUlogRequest)
@@ -124,6 +140,19 @@ REGION_SYNC: Final = _native(RegionSync)
 REMOTE_RECOVERING: Final = _native(RemoteRecovering)
 U64_S: Final = _native(U64)
 S64_S: Final = _native(S64)
+
+#: The header fields the hot path reads, in one unpack (the others are skipped):
+#: nlmsg_len, nlmsg_type, idx, val, len, luid, version, seq, request_type, data_size.
+HOT_FIELDS: Final = struct.Struct("=" + "".join((
+    _fields_format(NlMsgHdr, frozenset({"nlmsg_len", "nlmsg_type"})),
+    _fields_format(CnMsg, frozenset({"idx", "val", "len"})),
+    _fields_format(DmUlogRequest, frozenset({"luid", "version", "seq", "request_type",
+                                             "data_size"})))))
+#: nlmsghdr + cn_msg, written as a whole into an in-place reply.
+NL_CN: Final = _native(NlMsgHdr, CnMsg)
+#: dm_ulog_request from ``padding`` to ``data_size``, written into an in-place reply.
+ULOG_TAIL: Final = struct.Struct("=" + "".join(
+    struct_format(sc) for sc in DmUlogRequest.subcons[2:]))
 
 NLMSG_HDRLEN: Final = NLMSG_HDR.size
 CN_HDRLEN: Final = CN_MSG.size
@@ -139,6 +168,9 @@ DM_UUID_LEN: Final = int(lib.DM_UUID_LEN)
 DM_NAME_LEN: Final = 128
 #: DM_ULOG_PREALLOCED_SIZE - cn_msg - dm_ulog_request: the largest kernel payload.
 MAX_KERNEL_PAYLOAD: Final = 512 - 20 - 160
+#: Offsets in a whole message (nlmsghdr + cn_msg + dm_ulog_request).
+UUID_OFFSET: Final = NLMSG_HDRLEN + CN_HDRLEN + field_offset(DmUlogRequest, "uuid")
+ULOG_TAIL_OFFSET: Final = NLMSG_HDRLEN + CN_HDRLEN + field_offset(DmUlogRequest, "padding")
 
 
 class RequestType(IntEnum):
@@ -207,85 +239,30 @@ class Ctr(Request):
 
 
 @dataclass(frozen=True, slots=True)
-class Dtr(Request):
-    pass
+class NoPayload(Request):
+    """DTR, PRESUSPEND, POSTSUSPEND, RESUME, GET_REGION_SIZE, GET_RESYNC_WORK,
+    GET_SYNC_COUNT, STATUS_INFO, STATUS_TABLE: the header says it all."""
 
 
 @dataclass(frozen=True, slots=True)
-class Presuspend(Request):
-    pass
+class OneRegion(Request):
+    """IS_CLEAN, IN_SYNC, IS_REMOTE_RECOVERING: about one region."""
 
-
-@dataclass(frozen=True, slots=True)
-class Postsuspend(Request):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Resume(Request):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class GetRegionSize(Request):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class IsClean(Request):
     region: int
 
 
 @dataclass(frozen=True, slots=True)
-class InSync(Request):
-    region: int
+class RegionList(Request):
+    """MARK_REGION, CLEAR_REGION (up to 32 regions), and FLUSH: empty, or the
+    regions to mark first (integrated_flush)."""
 
-
-@dataclass(frozen=True, slots=True)
-class Flush(Request):
-    #: regions to mark before flushing (integrated_flush); usually empty.
     regions: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class MarkRegion(Request):
-    regions: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ClearRegion(Request):
-    regions: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class GetResyncWork(Request):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
 class SetRegionSync(Request):
     region: int
     in_sync: bool
-
-
-@dataclass(frozen=True, slots=True)
-class GetSyncCount(Request):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class StatusInfo(Request):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class StatusTable(Request):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class IsRemoteRecovering(Request):
-    region: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,27 +288,14 @@ class Dropped:
 
 Event = Request | Dropped
 
-_NO_PAYLOAD: dict[int, type[Request]] = {
-    RequestType.DTR: Dtr,
-    RequestType.PRESUSPEND: Presuspend,
-    RequestType.POSTSUSPEND: Postsuspend,
-    RequestType.RESUME: Resume,
-    RequestType.GET_REGION_SIZE: GetRegionSize,
-    RequestType.GET_RESYNC_WORK: GetResyncWork,
-    RequestType.GET_SYNC_COUNT: GetSyncCount,
-    RequestType.STATUS_INFO: StatusInfo,
-    RequestType.STATUS_TABLE: StatusTable,
-}
-_ONE_REGION: dict[int, type[Any]] = {
-    RequestType.IS_CLEAN: IsClean,
-    RequestType.IN_SYNC: InSync,
-    RequestType.IS_REMOTE_RECOVERING: IsRemoteRecovering,
-}
-_REGION_LIST: dict[int, type[Any]] = {
-    RequestType.FLUSH: Flush,
-    RequestType.MARK_REGION: MarkRegion,
-    RequestType.CLEAR_REGION: ClearRegion,
-}
+_NO_PAYLOAD: Final = frozenset({
+    RequestType.DTR, RequestType.PRESUSPEND, RequestType.POSTSUSPEND, RequestType.RESUME,
+    RequestType.GET_REGION_SIZE, RequestType.GET_RESYNC_WORK, RequestType.GET_SYNC_COUNT,
+    RequestType.STATUS_INFO, RequestType.STATUS_TABLE})
+_ONE_REGION: Final = frozenset({
+    RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.IS_REMOTE_RECOVERING})
+_REGION_LIST: Final = frozenset({
+    RequestType.FLUSH, RequestType.MARK_REGION, RequestType.CLEAR_REGION})
 _u64_arrays: dict[int, struct.Struct] = {}
 
 
@@ -385,21 +349,17 @@ def _decode_message(data: bytes, off: int, nl_len: int, nl_type: int) -> Event:
     if data_size > cn_len - ULOG_HDRLEN:
         return MalformedRequest(*head, reason=f"data_size {data_size} exceeds cn_msg.len {cn_len}")
     p = off + HEADERS_LEN
-    cls = _REGION_LIST.get(rtype)
-    if cls is not None:
+    if rtype in _REGION_LIST:
         if data_size % 8:
             return MalformedRequest(*head, reason=f"region list of {data_size} bytes")
         n = data_size >> 3
-        regions = _u64_array(n).unpack_from(data, p) if n else ()
-        return cls(*head, regions)
-    cls = _ONE_REGION.get(rtype)
-    if cls is not None:
+        return RegionList(*head, _u64_array(n).unpack_from(data, p) if n else ())
+    if rtype in _ONE_REGION:
         if data_size != 8:
             return MalformedRequest(*head, reason=f"region argument of {data_size} bytes")
-        return cls(*head, U64_S.unpack_from(data, p)[0])
-    ncls = _NO_PAYLOAD.get(rtype)
-    if ncls is not None:
-        return ncls(*head)
+        return OneRegion(*head, U64_S.unpack_from(data, p)[0])
+    if rtype in _NO_PAYLOAD:
+        return NoPayload(*head)
     if rtype == RequestType.CTR:
         raw = bytes(data[p:p + data_size])
         reconnect = raw.endswith(b"\0")

@@ -42,15 +42,26 @@ log = logging.getLogger("ulogd.server")
 LogFactory = Callable[[str, Sequence[str], int], Any]
 
 _LAT_RING = 8192  # latencies kept per log (ns), a power of two
+_LAT_MASK = _LAT_RING - 1
 _NTYPES = 18
 _ZERO8 = p.encode_s64(0)
 _ONE8 = p.encode_s64(1)
 _NO_WORK = p.encode_resync_work(False, 0)
-_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
-_U64_FROM = p.U64_S.unpack_from
-_FAST_TYPES = frozenset({RT.IN_SYNC, RT.IS_REMOTE_RECOVERING, RT.FLUSH, RT.MARK_REGION,
-                         RT.CLEAR_REGION})
 _FLUSHING = frozenset({RT.FLUSH, RT.MARK_REGION})
+
+# the in-place hot path (Dispatcher.handle_into)
+_HOT = p.HOT_FIELDS.unpack_from
+_NL_CN_INTO = p.NL_CN.pack_into
+_TAIL_INTO = p.ULOG_TAIL.pack_into
+_U64_FROM = p.U64_S.unpack_from
+_S64_INTO = p.S64_S.pack_into
+_RR_INTO = p.REMOTE_RECOVERING.pack_into
+_HDRS = p.HEADERS_LEN
+_ULOG = p.ULOG_HDRLEN
+_UUID_AT = p.UUID_OFFSET
+_TAIL_AT = p.ULOG_TAIL_OFFSET
+_IN_SYNC, _FLUSH, _MARK, _CLEAR, _IRR = (int(RT.IN_SYNC), int(RT.FLUSH), int(RT.MARK_REGION),
+                                         int(RT.CLEAR_REGION), int(RT.IS_REMOTE_RECOVERING))
 
 
 def default_log_factory(type_name: str, args: Sequence[str], target_sectors: int) -> Any:
@@ -63,11 +74,12 @@ class LogEntry:
     """One constructed log and its bookkeeping."""
 
     __slots__ = ("args", "counts", "ctr_string", "dlog", "errors", "lat", "lat_n", "luid",
-                 "restore_pending", "resumed", "sync_bits", "touched", "type_name", "uuid",
-                 "watermark")
+                 "raw_uuid", "restore_pending", "resumed", "sync_bits", "touched", "type_name",
+                 "uuid", "watermark")
 
     def __init__(self, uuid: bytes, luid: int, dlog: Any, type_name: str, ctr_string: str):
         self.uuid = uuid
+        self.raw_uuid = uuid.ljust(p.DM_UUID_LEN, b"\0")  # the uuid field as the kernel sends it
         self.luid = luid
         self.dlog = dlog
         self.type_name = type_name
@@ -88,12 +100,9 @@ class LogEntry:
         n = d.region_count
         if d.get_sync_count() >= n:
             return n
-        w = self.watermark
-        in_sync = d.in_sync
-        while w < n and in_sync(w):
-            w += 1
-        self.watermark = w
-        return w
+        first = d.first_out_of_sync(self.watermark)
+        self.watermark = n if first is None else first
+        return self.watermark
 
     def latency_percentiles(self) -> dict[str, float | None]:
         n = min(self.lat_n, _LAT_RING)
@@ -152,16 +161,6 @@ class SyncStateStore:
             pass
 
 
-def _read_sync_bits(dlog: Any) -> bytearray:
-    n = dlog.region_count
-    bits = bytearray((n + 7) // 8)
-    in_sync = dlog.in_sync
-    for r in range(n):
-        if in_sync(r):
-            bits[r >> 3] |= 1 << (r & 7)
-    return bits
-
-
 class Dispatcher:
     """Applies decoded requests to the logs and produces the reply datagrams."""
 
@@ -170,8 +169,8 @@ class Dispatcher:
                  state_dir: str | None = None,
                  clock: Callable[[], int] = time.perf_counter_ns) -> None:
         self.logs: dict[tuple[bytes, int], LogEntry] = {}
-        # the same entries keyed by the raw 129-byte uuid field (as the kernel sends it)
-        self._fastkeys: dict[tuple[bytes, int], LogEntry] = {}
+        # the newest entry per luid, for the hot path (which then checks the uuid)
+        self._by_luid: dict[int, LogEntry] = {}
         self.factory = log_factory
         self.portid = portid
         self.persist_marks = persist_marks
@@ -205,24 +204,16 @@ class Dispatcher:
     # -- batch entry point ---------------------------------------------------
 
     def handle_batch(self, datagrams: Sequence[bytes], t0: int | None = None) -> list[bytes]:
-        """Replies to every request in ``datagrams``, durability work done first."""
+        """Replies to every request in ``datagrams``, durability work done first.
+
+        The reference path: every message is decoded into a typed event.  The
+        serving loop calls it for whatever :meth:`handle_into` declines.
+        """
         if t0 is None:
             t0 = self.clock()
-        # (entry, error, payload, typed request | None, raw header tuple | None, type)
-        pending: list[tuple[LogEntry | None, int, bytes, p.Request | None,
-                            tuple[Any, ...] | None, int]] = []
+        pending: list[tuple[LogEntry | None, int, bytes, p.Request]] = []
         to_flush: list[LogEntry] = []
-        fast = self._fast if self.fast_path else _never
         for dgram in datagrams:
-            item = fast(dgram)
-            if item is not None:
-                self.requests += 1
-                entry = item[0]
-                if item[5] in _FLUSHING and (self.persist_marks or item[5] == RT.FLUSH) \
-                        and entry not in to_flush:
-                    to_flush.append(entry)
-                pending.append(item)
-                continue
             for ev in p.decode_datagram(dgram):
                 if isinstance(ev, p.Dropped):
                     reason = ev.reason.split(" ")[0]
@@ -233,99 +224,102 @@ class Dispatcher:
                 ent, err, payload, needs_flush = self._apply(ev)
                 if needs_flush and ent is not None and ent not in to_flush:
                     to_flush.append(ent)
-                pending.append((ent, err, payload, ev, None, ev.request_type))
+                pending.append((ent, err, payload, ev))
         failed: dict[int, int] = {}
         for ent in to_flush:
             err = self._durable(ent)
             if err:
                 failed[id(ent)] = err
         replies: list[bytes] = []
-        append = replies.append
-        t1 = self.clock()
-        lat = t1 - t0
+        lat = self.clock() - t0
         portid = self.portid
-        pack = p.HEADERS.pack
-        for ent, err, payload, req, hdr, rtype in pending:
+        for ent, err, payload, req in pending:
             if ent is not None:
-                if failed and not err and id(ent) in failed and rtype in _FLUSHING:
+                if failed and not err and id(ent) in failed and req.request_type in _FLUSHING:
                     err, payload = failed[id(ent)], b""
                 i = ent.lat_n
-                ent.lat[i & (_LAT_RING - 1)] = lat
+                ent.lat[i & _LAT_MASK] = lat
                 ent.lat_n = i + 1
                 if err:
                     ent.errors += 1
                     self.errors += 1
             elif err:
                 self.errors += 1
-            if hdr is not None:
-                # fast path: echo the raw header fields (payload sizes are fixed and legal)
-                n = len(payload)
-                nl_len = p.HEADERS_LEN + n
-                append(pack(nl_len, 3, 0, hdr[16], portid, 7, 1, hdr[16], 0, p.ULOG_HDRLEN + n,
-                            0, hdr[11], hdr[12], b"", hdr[14], err, hdr[16], hdr[17], n)
-                       + payload + _PAD[nl_len & 3])
-                continue
-            assert req is not None
             try:
-                append(p.encode_reply(req, err, payload, portid))
+                replies.append(p.encode_reply(req, err, payload, portid))
             except p.ReplyTooLarge as e:
                 log.error("%s", e)
                 self.errors += 1
-                append(p.encode_reply(req, -errno.EINVAL, b"", portid))
+                replies.append(p.encode_reply(req, -errno.EINVAL, b"", portid))
         return replies
 
-    def _fast(self, dgram: bytes) -> tuple[LogEntry, int, bytes, None, tuple[Any, ...], int] | None:
-        """The hot requests of a resumed log, without building event objects.
+    def handle_into(self, buf: bytearray, size: int, t0: int) -> int:
+        """The hot path: answer the request in ``buf[:size]`` in place.
 
-        Only a datagram holding exactly one well-formed message of a hot type for
-        a known log qualifies; anything else (or any exception) takes the typed
-        path, which is the reference behaviour.
+        Takes a datagram holding exactly one well-formed IN_SYNC,
+        IS_REMOTE_RECOVERING, FLUSH, MARK_REGION or CLEAR_REGION for a known log,
+        applies it (marks durable first, as in :meth:`handle_batch`), overwrites
+        the request with its reply and returns the reply's length.  Nothing is
+        allocated but the region tuples: the headers are echoed in place, the way
+        the kernel laid them out.  Anything else (and any exception) returns -1
+        with ``buf`` unchanged: the caller then hands the bytes to
+        :meth:`handle_batch`, the reference behaviour (a unit test checks that
+        both answer byte for byte alike).
         """
-        size = len(dgram)
-        if size < p.HEADERS_LEN:
-            return None
-        hdr = p.HEADERS.unpack_from(dgram)
-        nl_len = hdr[0]
-        data_size = hdr[18]
-        if ((nl_len + 3) & ~3) != size or nl_len > size or hdr[1] != 3 or hdr[5] != 7 \
-                or hdr[6] != 1 or hdr[9] != p.ULOG_HDRLEN + data_size \
-                or nl_len != p.HEADERS_LEN + data_size:
-            return None
-        rtype = hdr[17] & 0xFF
-        if rtype not in _FAST_TYPES:
-            return None
-        entry = self._fastkeys.get((hdr[12], hdr[11]))
-        if entry is None:
-            return None
+        if size < _HDRS or not self.fast_path:
+            return -1
+        nl_len, nl_type, idx, val, cn_len, luid, version, seq, raw_type, dsize = _HOT(buf)
+        if nl_type != 3 or idx != 7 or val != 1 or nl_len != _HDRS + dsize \
+                or cn_len != _ULOG + dsize or (nl_len + 3) & ~3 != size:
+            return -1
+        entry = self._by_luid.get(luid)
+        if entry is None or not buf.startswith(entry.raw_uuid, _UUID_AT):
+            return -1
+        rtype = raw_type & 0xFF
         dlog = entry.dlog
         try:
-            if rtype == 8:  # IN_SYNC
-                if data_size != 8:
-                    return None
-                region = _U64_FROM(dgram, p.HEADERS_LEN)[0]
-                payload = _ONE8 if dlog.in_sync(region) else _ZERO8
-            elif rtype == 17:  # IS_REMOTE_RECOVERING
-                if data_size != 8:
-                    return None
-                region = _U64_FROM(dgram, p.HEADERS_LEN)[0]
-                if region >= dlog.region_count:
-                    return None
-                payload = p.encode_remote_recovering(False, entry.in_sync_hint())
-            else:  # FLUSH, MARK_REGION, CLEAR_REGION
-                if data_size & 7:
-                    return None
-                payload = b""
-                if data_size:
-                    regions = p._u64_array(data_size >> 3).unpack_from(dgram, p.HEADERS_LEN)
-                    if rtype == 11:
+            if rtype == _IN_SYNC:
+                if dsize != 8:
+                    return -1
+                answer = 1 if dlog.in_sync(_U64_FROM(buf, _HDRS)[0]) else 0
+                _S64_INTO(buf, _HDRS, answer)
+                n = 8
+            elif rtype == _FLUSH or rtype == _MARK or rtype == _CLEAR:
+                if dsize & 7:
+                    return -1
+                if dsize:
+                    regions = (_U64_FROM(buf, _HDRS) if dsize == 8
+                               else p._u64_array(dsize >> 3).unpack_from(buf, _HDRS))
+                    if rtype == _CLEAR:
                         dlog.clear_regions(regions)
                     else:
                         dlog.mark_regions(regions)
                     entry.touched = True
+                n = 0
+            elif rtype == _IRR:
+                if dsize != 8 or _U64_FROM(buf, _HDRS)[0] >= dlog.region_count:
+                    return -1
+                _RR_INTO(buf, _HDRS, 0, entry.in_sync_hint())
+                n = 16
+            else:
+                return -1
         except Exception:
-            return None  # the typed path will produce the proper error reply
+            return -1  # the typed path will produce the proper error reply
+        err = 0
+        if entry.touched and (rtype == _FLUSH or (rtype == _MARK and self.persist_marks)):
+            err = self._durable(entry)
+            if err:
+                entry.errors += 1
+                self.errors += 1
+        self.requests += 1
         entry.counts[rtype] += 1
-        return entry, 0, payload, None, hdr, rtype
+        i = entry.lat_n
+        entry.lat[i & _LAT_MASK] = self.clock() - t0
+        entry.lat_n = i + 1
+        reply_len = _HDRS + n
+        _NL_CN_INTO(buf, 0, reply_len, 3, 0, seq, self.portid, 7, 1, seq, 0, _ULOG + n, 0)
+        _TAIL_INTO(buf, _TAIL_AT, b"", version, err, seq, rtype, n)
+        return reply_len
 
     def _durable(self, entry: LogEntry) -> int:
         if not entry.touched:
@@ -380,6 +374,7 @@ class Dispatcher:
         if old is not None and req.reconnect:
             log.info("reconnect CTR for known log %s/%d: kept", _u(req.uuid), req.luid)
             old.counts[RT.CTR] += 1
+            self._by_luid[req.luid] = old
             return old, 0, b"", False
         words = req.args.split()
         try:
@@ -403,7 +398,7 @@ class Dispatcher:
             self.state.delete(entry)
         entry.counts[RT.CTR] += 1
         self.logs[key] = entry
-        self._fastkeys[(req.uuid.ljust(p.DM_UUID_LEN, b"\0"), req.luid)] = entry
+        self._by_luid[req.luid] = entry
         log.info("constructed log %s/%d: %s%s", _u(req.uuid), req.luid, req.args,
                  " (reconnect)" if req.reconnect else "")
         payload = b""
@@ -423,7 +418,8 @@ class Dispatcher:
 
     def _dtr(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
         del self.logs[(entry.uuid, entry.luid)]
-        self._fastkeys.pop((entry.uuid.ljust(p.DM_UUID_LEN, b"\0"), entry.luid), None)
+        if self._by_luid.get(entry.luid) is entry:
+            del self._by_luid[entry.luid]
         if self.state is not None:
             self.state.delete(entry)
         self._close(entry)
@@ -455,39 +451,34 @@ class Dispatcher:
                             "sync now may not be resynced before the next resume",
                             _u(entry.uuid), entry.luid)
             else:
-                changed = 0
-                for r in range(dlog.region_count):
-                    want = bool(saved[r >> 3] >> (r & 7) & 1)
-                    if dlog.in_sync(r) != want:
-                        dlog.set_region_sync(r, want)
-                        changed += 1
+                changed = dlog.set_sync_bits(saved)
                 log.info("log %s/%d: restored the sync state the kernel knows (%d regions "
                          "changed)", _u(entry.uuid), entry.luid, changed)
-        entry.sync_bits = _read_sync_bits(dlog)
+        entry.sync_bits = bytearray(dlog.get_sync_bits())
         self.state.save(entry)
         return 0, b""
 
     def _get_region_size(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
         return 0, p.encode_u64(entry.dlog.region_size)
 
-    def _is_clean(self, req: p.IsClean, entry: LogEntry) -> tuple[int, bytes]:
+    def _is_clean(self, req: p.OneRegion, entry: LogEntry) -> tuple[int, bytes]:
         return 0, _ONE8 if entry.dlog.is_clean(req.region) else _ZERO8
 
-    def _in_sync(self, req: p.InSync, entry: LogEntry) -> tuple[int, bytes]:
+    def _in_sync(self, req: p.OneRegion, entry: LogEntry) -> tuple[int, bytes]:
         return 0, _ONE8 if entry.dlog.in_sync(req.region) else _ZERO8
 
-    def _flush(self, req: p.Flush, entry: LogEntry) -> tuple[int, bytes]:
+    def _flush(self, req: p.RegionList, entry: LogEntry) -> tuple[int, bytes]:
         if req.regions:
             entry.dlog.mark_regions(req.regions)
             entry.touched = True
         return 0, b""
 
-    def _mark(self, req: p.MarkRegion, entry: LogEntry) -> tuple[int, bytes]:
+    def _mark(self, req: p.RegionList, entry: LogEntry) -> tuple[int, bytes]:
         entry.dlog.mark_regions(req.regions)
         entry.touched = True
         return 0, b""
 
-    def _clear(self, req: p.ClearRegion, entry: LogEntry) -> tuple[int, bytes]:
+    def _clear(self, req: p.RegionList, entry: LogEntry) -> tuple[int, bytes]:
         entry.dlog.clear_regions(req.regions)
         entry.touched = True
         return 0, b""
@@ -522,7 +513,7 @@ class Dispatcher:
     def _status_table(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
         return 0, p.encode_status(entry.dlog.status_table())
 
-    def _is_remote_recovering(self, req: p.IsRemoteRecovering,
+    def _is_remote_recovering(self, req: p.OneRegion,
                               entry: LogEntry) -> tuple[int, bytes]:
         # One node: nobody else recovers; local recovery is the region hash's job.
         if req.region >= entry.dlog.region_count:
@@ -565,11 +556,7 @@ class Dispatcher:
         for entry in list(self.logs.values()):
             self._close(entry)
         self.logs.clear()
-        self._fastkeys.clear()
-
-
-def _never(dgram: bytes) -> None:
-    return None
+        self._by_luid.clear()
 
 
 def _u(uuid: bytes) -> str:

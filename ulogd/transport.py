@@ -50,7 +50,7 @@ def open_connector_socket(rcvbuf: int = DEFAULT_RCVBUF) -> socket.socket:
 
 
 class Transport:
-    """Receive batches of kernel datagrams and send replies, without blocking."""
+    """Receive kernel datagrams and send replies."""
 
     def __init__(self, sock: socket.socket | None = None, *, kernel_address: Any = None,
                  rcvbuf: int = DEFAULT_RCVBUF) -> None:
@@ -78,36 +78,10 @@ class Transport:
             return bool(addr[0] == 0)
         return bool(addr == self._kernel_address)
 
-    def recv_batch(self, limit: int = 256) -> list[bytes]:
-        """Every datagram queued now (up to ``limit``), kernel-sent ones only."""
-        out: list[bytes] = []
-        recvfrom = self.sock.recvfrom
-        while len(out) < limit:
-            try:
-                data, addr = recvfrom(RECV_SIZE)
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    self.enobufs += 1
-                    log.warning("receive buffer overflowed (ENOBUFS #%d): the kernel will "
-                                "reconnect the logs whose requests were lost", self.enobufs)
-                    continue
-                raise
-            if not self._from_kernel(addr):
-                self.foreign_dropped += 1
-                log.warning("dropped a datagram from %r: not the kernel", addr)
-                continue
-            out.append(data)
-        self.received += len(out)
-        return out
-
     def use_blocking_receive(self, timeout: float) -> None:
         """Blocking receives that give up after ``timeout`` (SO_RCVTIMEO).
 
-        The serving loop then costs one ``recvfrom`` and one ``sendto`` per request:
+        The serving loop then costs one ``recvfrom_into`` and one ``sendto`` per request:
         no ``poll`` and no failing ``recvfrom`` (an exception in Python) to notice an
         empty queue.  The timeout bounds how long a stop request goes unnoticed.
         """
@@ -117,27 +91,28 @@ class Transport:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                              struct.pack("@ll", sec, usec))
 
-    def recv_one(self) -> bytes | None:
-        """One kernel datagram, or None (timeout, dropped foreign datagram, ENOBUFS)."""
+    def recv_into(self, buf: bytearray) -> int:
+        """Receive one kernel datagram into ``buf``: its size, or -1 (timeout, dropped
+        foreign datagram, ENOBUFS).  ``buf`` must hold :data:`RECV_SIZE` bytes."""
         try:
-            data, addr = self.sock.recvfrom(RECV_SIZE)
+            size, addr = self.sock.recvfrom_into(buf)
         except (BlockingIOError, InterruptedError, TimeoutError):
-            return None
+            return -1
         except OSError as e:
             if e.errno == errno.ENOBUFS:
                 self.enobufs += 1
                 log.warning("receive buffer overflowed (ENOBUFS #%d): the kernel will "
                             "reconnect the logs whose requests were lost", self.enobufs)
-                return None
+                return -1
             raise
         if not self._from_kernel(addr):
             self.foreign_dropped += 1
             log.warning("dropped a datagram from %r: not the kernel", addr)
-            return None
+            return -1
         self.received += 1
-        return data
+        return int(size)
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         try:
             self.sock.sendto(data, self._reply_address)
         except OSError as e:

@@ -145,26 +145,42 @@ def test_lifecycle_sequences_keep_invariants() -> None:
 
 
 def test_fast_path_replies_equal_typed_path() -> None:
-    """The allocation-free hot path answers byte for byte like the typed path."""
+    """The in-place hot path answers byte for byte like the typed path, or declines
+    (returns -1) and leaves the datagram untouched."""
     fast, typed = Dispatcher(safe_factory), Dispatcher(safe_factory, fast_path=False)
     u = b"EQ"
     setup = [p.encode_request(0, 1, u, p.RequestType.CTR, b"4096 core 64"),
              p.encode_request(1, 1, u, p.RequestType.RESUME)]
     assert fast.handle_batch(setup) == typed.handle_batch(setup)
+    taken = declined = 0
+
+    def answer(dispatcher: Dispatcher, dgram: bytes) -> list[bytes]:
+        nonlocal taken, declined
+        buf = bytearray(dgram) + bytearray(64)  # room, as the serving loop's buffer has
+        n = dispatcher.handle_into(buf, len(dgram), 0)
+        if n < 0:
+            declined += 1
+            assert buf[:len(dgram)] == dgram
+            return dispatcher.handle_batch([dgram])
+        taken += 1
+        return [bytes(buf[:n])]
 
     @settings(max_examples=300, deadline=None, database=None)
     @given(st.lists(st.tuples(st.sampled_from([8, 9, 10, 11, 17, 13, 12, 99]),
                               st.lists(st.integers(0, 70), max_size=4),
                               st.sampled_from([1, 2]), st.booleans()), max_size=12))
     def body(ops: list[tuple[int, list[int], int, bool]]) -> None:
-        batch = []
         for i, (rtype, regions, luid, raw) in enumerate(ops):
             if rtype in (8, 17, 13) and not raw:
                 payload = struct.pack("=Qq", regions[0] if regions else 0, 1)[
                     :16 if rtype == 13 else 8]
             else:
                 payload = struct.pack(f"={len(regions)}Q", *regions)
-            batch.append(p.encode_request(i, luid, u, rtype, payload))
-        assert fast.handle_batch(batch) == typed.handle_batch(batch)
+            dgram = p.encode_request(i, luid, u, rtype, payload)
+            assert answer(fast, dgram) == typed.handle_batch([dgram])
+            assert fast.requests == typed.requests and fast.errors == typed.errors
 
     body()
+    assert taken > 100 and declined > 100  # both paths were exercised
+    a, b = fast.logs[(u, 1)], typed.logs[(u, 1)]
+    assert a.counts == b.counts and a.lat_n == b.lat_n
