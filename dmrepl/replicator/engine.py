@@ -555,7 +555,7 @@ class Replicator:
                        f"slink={s.nr}")
 
     def _write(self, dev: ReplicatedDevice, offset: int, data: bytes | None,
-               length: int, fua: bool = False) -> None:
+               length: int, fua: bool = False, count: bool = False) -> None:
         last: Entry | None = None
         sync_sets: list[tuple[Entry, frozenset[int]]] = []
         pos = 0
@@ -567,21 +567,23 @@ class Replicator:
         while pos < length:
             n = min(limit, length - pos)
             chunk = None if data is None else (data if n == length else data[pos:pos + n])
-            e, syncs = self._append(dev, offset + pos, chunk, n)
+            e, syncs = self._append(dev, offset + pos, chunk, n, count and pos == 0)
             self.ring.write_entry(e, chunk)
             sync_sets.append((e, syncs))
             last = e
             pos += n
         assert last is not None
-        if self.durable_acks or fua or any(syncs for _, syncs in sync_sets):
+        # (the copiers were woken when the entries were written and committed)
+        if any(syncs for _, syncs in sync_sets):
             self.ring.commit(last.seq)
-        with self.cond:
-            self.cond.notify_all()
-            for e, syncs in sync_sets:
-                self._wait_sync(dev, e, syncs)
+            with self.cond:
+                for e, syncs in sync_sets:
+                    self._wait_sync(dev, e, syncs)
+        elif self.durable_acks or fua:
+            self.ring.commit(last.seq)
 
     def _append(self, dev: ReplicatedDevice, offset: int, data: bytes | None,
-                length: int) -> tuple[Entry, frozenset[int]]:
+                length: int, count: bool = False) -> tuple[Entry, frozenset[int]]:
         with self.cond:
             waited: float | None = None
             while True:
@@ -611,6 +613,8 @@ class Replicator:
                     syncs.append(nr)
                     s.want_durable = max(s.want_durable, e.seq)
             self.stats["ws"] += 1
+            if count:
+                self.stats["w"] += 1
             return e, frozenset(syncs)
 
     def _check_io(self, dev: ReplicatedDevice) -> None:
@@ -1569,9 +1573,7 @@ class ReplicatedDevice:
         payload = data if isinstance(data, bytes) else bytes(data)
         self._check(offset, len(payload))
         if payload:
-            self.rep._write(self, offset, payload, len(payload), fua)
-            with self.rep.lock:
-                self.rep.stats["w"] += 1
+            self.rep._write(self, offset, payload, len(payload), fua, count=True)
 
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
