@@ -307,8 +307,11 @@ class Dispatcher:
             return -1  # the typed path will produce the proper error reply
         err = 0
         if entry.touched and (rtype == _FLUSH or (rtype == _MARK and self.persist_marks)):
-            err = self._durable(entry)
-            if err:
+            try:
+                dlog.flush()
+                entry.touched = False
+            except Exception as e:
+                err = self._flush_error(entry, e)
                 entry.errors += 1
                 self.errors += 1
         self.requests += 1
@@ -327,10 +330,13 @@ class Dispatcher:
         try:
             entry.dlog.flush()
         except Exception as e:  # LogDeviceError and anything unexpected
-            log.error("flush of log %s/%d failed: %s", _u(entry.uuid), entry.luid, e)
-            return -(getattr(e, "errno", None) or errno.EIO)
+            return self._flush_error(entry, e)
         entry.touched = False
         return 0
+
+    def _flush_error(self, entry: LogEntry, e: Exception) -> int:
+        log.error("flush of log %s/%d failed: %s", _u(entry.uuid), entry.luid, e)
+        return -(getattr(e, "errno", None) or errno.EIO)
 
     # -- one request -----------------------------------------------------------
 
