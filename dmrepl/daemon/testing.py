@@ -240,6 +240,29 @@ class RemoteSite:
         tmp = os.environ.get("TMPDIR", "/tmp")
         self.pid_files = [os.path.join(tmp, f"{self.ns}-{i}.pid") for i in range(len(disks))]
         self.export = "remote"
+        self._taken = 0
+
+    def take(self, n: int = 1) -> list[int]:
+        """Indexes of ``n`` disks no one took before (a shared site's pool)."""
+        if self._taken + n > len(self.disks):
+            raise RuntimeError(f"site {self.ns}: {n} more disks wanted, "
+                               f"{len(self.disks) - self._taken} left")
+        self._taken += n
+        return list(range(self._taken - n, self._taken))
+
+    def reset(self, delay_ms: float = 20) -> None:
+        """Link up, netem back to ``delay_ms`` without loss (after a test that
+        cut or slowed it)."""
+        if not self.link_up():
+            self.restore()
+        if (self.delay_ms, self.loss) != (delay_ms, 0):
+            self.netem(delay_ms)
+
+    def link_up(self) -> bool:
+        from pyroute2 import IPRoute
+        with IPRoute() as ip:
+            idx = ip.link_lookup(ifname=self.host_if)[0]
+            return bool(ip.get_links(idx)[0].get("flags", 0) & 1)   # IFF_UP
 
     def url_of(self, i: int) -> str:
         """The nbd:// URL of the i-th disk (qemu-nbd on port PORT+i)."""
@@ -368,17 +391,30 @@ def converged(st: dict[str, Any]) -> bool:
 # -- a replicated setup: log/local/remote disks, a site, a replicator, devices ---
 
 class Replicated:
-    """``ndev`` devices NAME-0.. in replicator NAME-rep, local + remote (site link 1)."""
+    """``ndev`` devices NAME-0.. in replicator NAME-rep, local + remote (site link 1).
+
+    The remote site is a new one (its own namespace, link and disks), or the disks
+    ``site_disks`` of a running ``site`` (shared between tests: each test takes
+    disks of its own, see :meth:`RemoteSite.take`)."""
 
     def __init__(self, lab: KernelLab, daemon: DaemonProcess, name: str, *,
                  size_mb: int = 64, log_mb: int = 32, remote_policy: str = "async ios 1000",
-                 delay_ms: float = 20, ndev: int = 1, region_sectors: int = 1024) -> None:
+                 delay_ms: float = 20, ndev: int = 1, region_sectors: int = 1024,
+                 site: RemoteSite | None = None, site_disks: list[int] | None = None) -> None:
         self.lab, self.daemon, self.name = lab, daemon, name
         self.size_mb = size_mb
         self.log = lab.disk(f"{name}-log", log_mb)
         self.locals = [lab.disk(f"{name}-l{i}", size_mb) for i in range(ndev)]
-        self.remotes = [lab.disk(f"{name}-r{i}", size_mb) for i in range(ndev)]
-        self.site = lab.site(self.remotes, delay_ms=delay_ms)
+        if site is None:
+            self.remotes = [lab.disk(f"{name}-r{i}", size_mb) for i in range(ndev)]
+            self.site = lab.site(self.remotes, delay_ms=delay_ms)
+            site_disks = list(range(ndev))
+        else:
+            assert site_disks is not None and len(site_disks) == ndev
+            self.site = site
+            self.remotes = [site.disks[i] for i in site_disks]
+            if site.delay_ms != delay_ms or site.loss:
+                site.netem(delay_ms)
         self.rep = f"{name}-rep"
         self.devs = [f"{name}-{i}" for i in range(ndev)]
         policy = remote_policy.split()
@@ -390,7 +426,7 @@ class Replicated:
         sectors = (size_mb << 20) // 512
         self.dev_tables = [
             f"0 {sectors} replicator-dev {self.rep} {i} 0 1 {self.locals[i]} nolog 0 "
-            f"1 1 {self.site.url_of(i)} core 2 {region_sectors} nosync"
+            f"1 1 {self.site.url_of(site_disks[i])} core 2 {region_sectors} nosync"
             for i in range(ndev)]
         for dev, table in zip(self.devs, self.dev_tables, strict=True):
             trace(f"create {dev}")
@@ -430,7 +466,18 @@ class Replicated:
     def wait_converged(self, timeout: float = 180) -> dict[str, Any]:
         return self.wait_for("remote in sync", converged, timeout)
 
-    def remove(self) -> None:
-        for dev in self.devs:
-            self.daemon.cli("remove", dev)
-        self.daemon.cli("remove", self.rep)
+    def __enter__(self) -> Replicated:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.remove()
+        else:       # the test failed: clean up what can go, keep its error
+            for name in [*self.devs, self.rep]:
+                self.daemon.cli("remove", name, "--wait", "10")
+
+    def remove(self, wait: float = 120) -> None:
+        """Remove the devices and the replicator (waiting up to ``wait`` seconds for
+        their writes to drain); fails with the CLI's error if one stays."""
+        for name in [*self.devs, self.rep]:
+            self.check(self.daemon.cli("remove", name, "--wait", str(wait)))

@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -150,3 +151,45 @@ def dm_name(dm: DmControl, loop_device: LoopFactory) -> Iterator[NameFactory]:
 @pytest.fixture(name="dmsetup")
 def dmsetup_fixture() -> Callable[..., str]:
     return dmsetup
+
+
+# -- the dmrepl daemon and a remote site, shared by the test_dmrepl_* modules ----
+#
+# Starting Python (the daemon) and a site (a network namespace, a veth link and a
+# qemu-nbd per disk) costs tens of seconds each under TCG: the session has one of
+# each.  Every test takes remote disks of its own from the site (never reused),
+# creates its own local and log disks, and gets the site's link up at 20 ms and
+# the daemon running (restarted if a test killed it) before it starts.
+
+DMREPL_SITE_DISKS = 6
+DMREPL_SITE_DISK_MB = 16
+
+
+@pytest.fixture(scope="session")
+def dmrepl_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from dmrepl.daemon.testing import DaemonProcess, KernelLab
+    with KernelLab("k") as lab:
+        disks = [lab.disk(f"{TEST_PREFIX}site-r{i}", DMREPL_SITE_DISK_MB)
+                 for i in range(DMREPL_SITE_DISKS)]
+        site = lab.site(disks, delay_ms=20)
+        daemon = DaemonProcess(tmp_path_factory.mktemp("dmrepl"),
+                               engine=os.environ.get("DMREPL_ENGINE", "auto"),
+                               tuning={"retry_interval": 1}).start()
+        try:
+            yield daemon, site
+        finally:
+            rc = daemon.stop()
+            assert rc == 0, daemon.log()
+
+
+@pytest.fixture
+def dmrepl(dmrepl_session: Any) -> Iterator[Any]:
+    """``(daemon, site, lab)``: the shared daemon (running) and site (link up, 20 ms),
+    and a KernelLab for the test's own disks (removed after it)."""
+    from dmrepl.daemon.testing import KernelLab
+    daemon, site = dmrepl_session
+    if daemon.proc is None or daemon.proc.poll() is not None:
+        daemon.start()
+    site.reset(20)
+    with KernelLab("t") as lab:
+        yield daemon, site, lab

@@ -3,6 +3,9 @@
 Both use a sequence-stamped workload: write number ``i`` is one 4 KiB block
 holding ``i`` (and a checksum-able pattern), written with O_DIRECT|O_DSYNC one at
 a time, and ``i`` is recorded as acknowledged only after the write returned.
+
+The daemon and the remote site are the session's (``dmrepl`` in conftest.py): the
+crash test kills that daemon and restarts it; each test has remote disks of its own.
 """
 
 from __future__ import annotations
@@ -10,15 +13,11 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import tempfile
 import threading
-from collections.abc import Iterator
+from typing import Any
 
-import pytest
+from dmrepl.daemon.testing import Replicated, trace
 
-from dmrepl.daemon.testing import DaemonProcess, KernelLab, Replicated
-
-ENGINE = os.environ.get("DMREPL_ENGINE", "auto")
 BLOCK = 4096
 MAGIC = b"DMREPLSQ"
 
@@ -108,51 +107,48 @@ def assert_prefix(present: set[int], what: str) -> int:
     return n
 
 
-@pytest.fixture
-def lab() -> Iterator[tuple[KernelLab, str]]:
-    with KernelLab("cr") as lab, tempfile.TemporaryDirectory() as work:
-        yield lab, work
-
-
-def test_kill_9_during_writes_no_acked_write_lost(lab: tuple[KernelLab, str]) -> None:
-    klab, work = lab
-    d = DaemonProcess(work, engine=ENGINE, tuning={"retry_interval": 1}).start()
-    try:
-        r = Replicated(klab, d, "dmrepl-test-crash", size_mb=8, log_mb=32,
-                       remote_policy="async ios 100000", delay_ms=20)
+def test_kill_9_during_writes_no_acked_write_lost(dmrepl: Any) -> None:
+    d, site, lab = dmrepl
+    with Replicated(lab, d, "dmrepl-test-crash", size_mb=8, log_mb=16,
+                    remote_policy="async ios 100000", delay_ms=20,
+                    site=site, site_disks=site.take()) as r:
         blocks = (8 << 20) // BLOCK
         w = Writer([(r.mapper(), i) for i in range(blocks)]).start()
         w.wait_acked(200)
+        trace(f"kill -9 after {w.acked + 1} acked writes")
         d.kill()                                   # SIGKILL mid-stream
+        # the remote site, before any recovery: a prefix of the history
+        assert_prefix(seqs_present(r, r.remotes, blocks), "remote after the crash")
+        # The writer now waits in a write on the dead daemon's nbd device (for the
+        # kernel's 120 s request timeout): the restart detaches that device first,
+        # which fails the write, before /dev/mapper/NAME is pointed at the new one.
+        d.start()                                  # recreates everything from state.json
+        trace("daemon restarted")
         w.thread.join(180)
+        trace(f"writer stopped: {w.error}")
         assert not w.thread.is_alive(), "writer hung after the daemon died"
         acked = w.acked
         assert w.error is not None and acked < blocks - 1
-        # the remote site, before any recovery: a prefix of the history
-        assert_prefix(seqs_present(r, r.remotes, blocks), "remote after the crash")
-        d.start()                                  # recreates everything from state.json
         # no acknowledged write lost, through the recreated /dev/mapper device
         present = seqs_present(r, [r.mapper()], blocks)
         n = assert_prefix(present, "the device after restart")
         assert n >= acked + 1, f"acknowledged write {n} lost (acked up to {acked})"
         assert_prefix(seqs_present(r, r.remotes, blocks), "remote during recovery")
+        trace("prefixes checked")
         r.wait_converged()
         assert seqs_present(r, r.remotes, blocks) == present
+        trace("converged")
         # and the device takes writes again
         w2 = Writer([(r.mapper(), blocks - 1)])
         w2._run()
         assert w2.error is None and w2.acked == 0
-        r.remove()
-    finally:
-        assert d.stop() == 0, d.log()
 
 
-def test_two_devices_keep_cross_device_order_at_remote(lab: tuple[KernelLab, str]) -> None:
-    klab, work = lab
-    d = DaemonProcess(work, engine=ENGINE, tuning={"retry_interval": 1}).start()
-    try:
-        r = Replicated(klab, d, "dmrepl-test-order", size_mb=8, log_mb=32, ndev=2,
-                       remote_policy="async ios 100000", delay_ms=30)
+def test_two_devices_keep_cross_device_order_at_remote(dmrepl: Any) -> None:
+    d, site, lab = dmrepl
+    with Replicated(lab, d, "dmrepl-test-order", size_mb=8, log_mb=16, ndev=2,
+                    remote_policy="async ios 100000", delay_ms=30,
+                    site=site, site_disks=site.take(2)) as r:
         per_dev = (8 << 20) // BLOCK
         # write i goes to device i % 2 (pseudo-random block order inside each device)
         total = 400    # the remote copier pays a round trip per write: keep it short
@@ -160,7 +156,7 @@ def test_two_devices_keep_cross_device_order_at_remote(lab: tuple[KernelLab, str
         w = Writer(targets).start()
         w.wait_acked(150)
         # freeze the remote site mid-copy, then look at both of its disks
-        r.site.cut()
+        site.cut()
         w.thread.join(300)
         assert w.error is None and w.acked == len(targets) - 1
 
@@ -176,9 +172,6 @@ def test_two_devices_keep_cross_device_order_at_remote(lab: tuple[KernelLab, str
         frozen = remote_seqs()
         n = assert_prefix(frozen, "the remote site (both devices)")
         assert 0 < n < len(targets), f"remote held {n} writes: the cut froze nothing useful"
-        r.site.restore()
+        site.restore()
         r.wait_converged()
         assert remote_seqs() == set(range(len(targets)))
-        r.remove()
-    finally:
-        assert d.stop() == 0, d.log()

@@ -1,18 +1,21 @@
-"""A filesystem and fio --verify on /dev/mapper/NAME, replicated to a remote site."""
+"""A filesystem and fio --verify on /dev/mapper/NAME, replicated to a remote site.
+
+The daemon and the remote site are the session's (``dmrepl_session`` in conftest.py);
+the device is this module's."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from dmrepl.daemon.testing import DaemonProcess, KernelLab, trace
 
-ENGINE = os.environ.get("DMREPL_ENGINE", "auto")
 MB = 1 << 20
+SIZE_MB = 16
 
 
 def sh(*argv: str, timeout: float = 300) -> str:
@@ -22,28 +25,31 @@ def sh(*argv: str, timeout: float = 300) -> str:
 
 
 @pytest.fixture(scope="module")
-def replicated() -> Iterator[tuple[DaemonProcess, KernelLab, str, str]]:
-    with KernelLab("fs") as lab, tempfile.TemporaryDirectory() as work:
-        log = lab.disk("dmrepl-test-fs-log", 32)
-        local = lab.disk("dmrepl-test-fs-local", 64)
-        remote = lab.disk("dmrepl-test-fs-remote", 64)
-        site = lab.site(remote, delay_ms=20)
-        d = DaemonProcess(work, engine=ENGINE).start()
+def replicated(dmrepl_session: Any) -> Iterator[tuple[DaemonProcess, KernelLab, str, str]]:
+    d, site = dmrepl_session
+    if d.proc is None or d.proc.poll() is not None:
+        d.start()
+    site.reset(20)
+    with KernelLab("fs") as lab:
+        log = lab.disk("dmrepl-test-fs-log", 16)
+        local = lab.disk("dmrepl-test-fs-local", SIZE_MB)
+        (disk,) = site.take()
+        remote = site.disks[disk]
         try:
             r = d.cli("create", "dmrepl-test-fs-rep", "--table",
-                      f"0 1 replicator ringbuffer 4 {log} 0 auto {31 * MB // 512} "
+                      f"0 1 replicator ringbuffer 4 {log} 0 auto {15 * MB // 512} "
                       "blockdev 2 0 sync blockdev 4 1 async ios 10000")
             assert r.returncode == 0, r.stderr + d.log()
             r = d.cli("create", "dmrepl-test-fs", "--table",
-                      f"0 {64 * MB // 512} replicator-dev dmrepl-test-fs-rep 0 "
-                      f"0 1 {local} nolog 0 1 1 {site.url} core 2 1024 sync")
+                      f"0 {SIZE_MB * MB // 512} replicator-dev dmrepl-test-fs-rep 0 "
+                      f"0 1 {local} nolog 0 1 1 {site.url_of(disk)} core 2 1024 sync")
             assert r.returncode == 0, r.stderr + d.log()
             assert r.stdout.startswith("dmrepl-test-fs: /dev/mapper/dmrepl-test-fs (over /dev/nbd")
             yield d, lab, local, remote
         finally:
-            d.cli("remove", "dmrepl-test-fs")
-            d.cli("remove", "dmrepl-test-fs-rep")
-            assert d.stop() == 0, d.log()
+            for name in ("dmrepl-test-fs", "dmrepl-test-fs-rep"):
+                r = d.cli("remove", name, "--wait", "120")
+                assert r.returncode == 0, r.stderr + d.log()
 
 
 def test_mkfs_files_and_fio_verify(replicated: tuple[DaemonProcess, KernelLab, str, str],
@@ -74,7 +80,8 @@ def test_mkfs_files_and_fio_verify(replicated: tuple[DaemonProcess, KernelLab, s
         sh("umount", str(mnt))
     trace("fio --verify")
     out = sh("fio", "--name=verify", f"--filename={dev}", "--rw=randwrite", "--bs=4k",
-             "--size=4M", "--offset=48M", "--direct=1", "--ioengine=libaio", "--iodepth=16",
+             "--size=2M", f"--offset={SIZE_MB - 2}M", "--direct=1", "--ioengine=libaio",
+             "--iodepth=16",
              "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0",
              "--do_verify=1", "--output-format=terse",
              timeout=400)
