@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from dmrepl.replicator import ondisk
@@ -45,6 +46,8 @@ from dmrepl.replicator.ondisk import (
 )
 from dmrepl.replicator.store import BlockStore, FileStore, pwritev
 from dmrepl.replicator.table import LOG_SIZE_MIN, ReplogConfig
+
+PARALLEL_DATA_WRITE = 128 << 10  # bytes: from here on, data write and CRC overlap
 
 
 @dataclass(eq=False, slots=True)
@@ -98,6 +101,7 @@ class RingLog:
         self.epoch_listener: Callable[[int], None] | None = None  # tests: boundaries
         self.positions: dict[int, int] = {}  # persisted per slink
         self.failed: BaseException | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._unwritten: set[int] = set()
         self._syncing = False
         self._persist_lock = threading.Lock()
@@ -296,11 +300,33 @@ class RingLog:
         self._unwritten.add(e.seq)
         return e
 
+    parallel_min = PARALLEL_DATA_WRITE
+
     def write_entry(self, e: Entry, data: bytes | memoryview | None) -> None:
-        """Write header and data of a reserved entry (no lock held), with one
-        ``pwritev``: the CRC32C first (about 0.06 ms per MiB), then one system call
-        for the contiguous header + data.  (A helper thread writing the data while
-        the CRC was computed cost more in thread hand-offs than it saved.)"""
+        """Write header and data of a reserved entry (no lock held).
+
+        Small entries: the CRC32C, then one ``pwritev`` of the contiguous header +
+        data.  From ``parallel_min`` bytes on, a helper thread writes the data while
+        the CRC is computed here (both release the GIL), then the header is
+        written: the CRC (0.06 ms per MiB idle, 0.3 ms on a loaded host) costs no
+        latency."""
+        if (not e.zero and data is not None and len(data) >= self.parallel_min
+                and e.length % SECTOR == 0):
+            fut = self._pool().submit(self.store.pwrite,
+                                      self.base + e.pos + ENTRY_HEADER_SIZE, data)
+            crc = crc32c(data)
+            hdr = ondisk.build_entry_header(
+                log_id=self.log_id, epoch=self.epoch, seq=e.seq, pos=e.pos, dev=e.dev,
+                offset=e.offset, length=e.length, data_crc=crc,
+                bitmap=ondisk.slink_bitmap(e.slinks), flags=e.flags)
+            try:
+                self.store.pwrite(self.base + e.pos, hdr)
+                fut.result()
+            except OSError as err:
+                self._fail(err)
+                raise ReplogIOError(f"replication log write failed: {err}") from err
+            self._written(e)
+            return
         crc = 0 if e.zero or data is None else crc32c(data)
         hdr = ondisk.build_entry_header(
             log_id=self.log_id, epoch=self.epoch, seq=e.seq, pos=e.pos, dev=e.dev,
@@ -319,8 +345,17 @@ class RingLog:
             raise ReplogIOError(f"replication log write failed: {err}") from err
         self._written(e)
 
+    def _pool(self) -> ThreadPoolExecutor:
+        with self.lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=4,
+                                                    thread_name_prefix="replog-data")
+            return self._executor
+
     def close(self) -> None:
-        """Close the store."""
+        """Stop the helper threads and close the store."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
         self.store.close()
 
     def _written(self, e: Entry) -> None:
