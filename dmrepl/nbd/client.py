@@ -37,6 +37,10 @@ def is_nbd_url(path: str) -> bool:
 
 
 class NbdStore:
+    # requests are pipelined: the replicator's copiers keep several writes of one
+    # epoch in flight (BlockStore.concurrent_writes)
+    concurrent_writes = True
+
     def __init__(self, url: str, timeout: float = 5.0, connect_timeout: float = 3.0) -> None:
         parsed = urlparse(url)
         self.url = url

@@ -3,7 +3,9 @@
 A :class:`BlockStore` has ``size`` (bytes), ``pread(offset, length)``,
 ``pwrite(offset, data)``, ``flush()`` (everything written before is durable) and
 ``close()``; failures raise ``OSError``.  :class:`FileStore` serves plain files and
-block devices; tests inject fakes through a :data:`DeviceOpener`.
+block devices; tests inject fakes through a :data:`DeviceOpener`.  A store may set
+``concurrent_writes = True`` (the NBD client of a remote site does): the copiers
+then keep several writes of one epoch in flight on it (others get one at a time).
 """
 
 from __future__ import annotations

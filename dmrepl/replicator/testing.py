@@ -85,6 +85,9 @@ class FakeStore:
             self.data.extend(bytes(size - len(self.data)))
         self.recorder = recorder
         self.delay = delay
+        # a store with latency stands for a remote site: the copiers send it
+        # several writes at once (see BlockStore)
+        self.concurrent_writes = delay is not None
         self.fail_writes = False
         self.fail_reads = False
         self.gate = threading.Event()  # cleared: writes block until set

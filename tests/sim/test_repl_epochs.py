@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
+
 from dmrepl.replicator import Replicator
 from dmrepl.replicator.testing import (
     FakeStore,
@@ -68,6 +70,7 @@ def test_epochs_never_overlap_across_acknowledged_writes() -> None:
 
     remote._pwrite = pwrite  # type: ignore[method-assign]
     remote.delay = slow
+    remote.concurrent_writes = True  # a remote site: epochs may go out together
     remote.gate.clear()
     rep.start()
     n = 40
@@ -200,7 +203,8 @@ def test_a_failing_site_gets_at_most_copy_inflight_copies_of_an_epoch() -> None:
         dev.write(i * 8192, block(i))
     dev.flush()  # one epoch of 64 copies
     remote.fail_writes = True
-    rep.slinks[1].copy_latency = 1.0  # a slow site: the epoch goes to the I/O threads
+    assert remote.concurrent_writes is False  # no delay given
+    remote.concurrent_writes = True  # a remote site: the epoch goes to the I/O threads
     rep.start()
     ev = 0
     for _ in range(200):
@@ -211,3 +215,49 @@ def test_a_failing_site_gets_at_most_copy_inflight_copies_of_an_epoch() -> None:
     rep.close()
     assert st["state"] == "down"
     assert 1 <= len(attempts) <= 4, f"{len(attempts)} copies sent to a failing site"
+
+
+@pytest.mark.parametrize("failing", ["inline", "concurrent"])
+def test_mixed_stores_failure_counts_only_what_was_written(failing: str) -> None:
+    """One site link, two devices: one on a store taking concurrent writes (sent on
+    the I/O threads first), one written inline; one of them fails.  The site
+    link's position must stop before the first copy not written, whichever store
+    it was for (with a failing concurrent store the inline copies are not sent)."""
+    stores = StoreSet()
+    stores.add(FakeStore((8192 + 64) * 512, name="log"))
+    for d in range(2):
+        stores.add(FakeStore(DEV, name=f"l{d}"))
+    conc = stores.add(FakeStore(DEV, name="r0", delay=lambda: 0.001))
+    inline = stores.add(FakeStore(DEV, name="r1"))
+    assert conc.concurrent_writes and not inline.concurrent_writes
+    rep = Replicator.from_table(
+        "0 1 replicator ringbuffer 4 log 0 create 8192 blockdev 2 0 async "
+        "blockdev 2 1 async", opener=stores.open, durable_acks=False,
+        persist_interval=0.01, retry_interval=3600)
+    devs = [rep.add_device(f"0 {DEV // 512} replicator-dev rep {d} 0 1 l{d} nolog 0 "
+                           f"1 1 r{d} core 2 8 nosync") for d in range(2)]
+    # one epoch; write n is entry n + 1.  inline failing: healthy concurrent copy
+    # first (entry 1), the failing one is entry 2.  concurrent failing: healthy
+    # inline copy first (entry 1, not sent once the concurrent ones failed).
+    first = 0 if failing == "inline" else 1
+    for i in range(32):
+        devs[(first + i) % 2].write(i * 4096, block(i))
+    devs[0].flush()
+    (inline if failing == "inline" else conc).fail_writes = True
+    rep.start()
+    ev = 0
+    for _ in range(200):
+        if rep.status_dict()["slinks"][1]["state"] != "up":
+            break
+        ev = rep.wait_event(ev, 0.1)
+    st = rep.status_dict()["slinks"][1]
+    assert st["state"] == "down"
+    assert st["applied_seq"] <= (1 if failing == "inline" else 0), st
+    inline.fail_writes = conc.fail_writes = False
+    with rep.cond:
+        rep.slinks[1].next_retry = 0.0
+        rep.cond.notify_all()
+    assert rep.wait_drained(20), rep.status_dict()
+    rep.close()
+    for d, store in ((0, conc), (1, inline)):
+        assert store.snapshot() == stores.stores[f"l{d}"].snapshot()
