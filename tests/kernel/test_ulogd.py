@@ -7,6 +7,7 @@ wait polls a condition with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -149,13 +150,22 @@ def legs_identical(a: str, b: str) -> None:
         raise AssertionError(f"legs differ: {proc.stdout}{proc.stderr}\n{diag}")
 
 
-def delayed(dm_name: Any, device: str, write_ms: int) -> str:
-    """``device`` behind dm-delay (writes only): makes a resync slow enough to watch."""
-    name = dm_name("udelay")
-    n = sectors(device)
-    run("dmsetup", "create", name, "--table",
-        f"0 {n} delay {device} 0 0 {device} 0 {write_ms}")
-    return dev(name)
+def holdable(dm_name: Any, device: str) -> str:
+    """``device`` behind a dm linear device of that name, for :func:`held`."""
+    name = dm_name("uheld")
+    run("dmsetup", "create", name, "--table", f"0 {sectors(device)} linear {device} 0")
+    return name
+
+
+@contextlib.contextmanager
+def held(name: str) -> Iterator[None]:
+    """I/O to the dm device ``name`` waits (suspended --noflush) until the block
+    ends: a resync onto it cannot finish while we look, however slow the VM is."""
+    run("dmsetup", "suspend", "--noflush", name)
+    try:
+        yield
+    finally:
+        run("dmsetup", "resume", name)
 
 
 def new_uuid() -> str:
@@ -202,11 +212,12 @@ def test_core_sync_resync_progress_to_completion(ulogd: Ulogd, dm_name: Any,
     a, b = loop_device(16), loop_device(16)
     write(a, 16)  # leg A random, leg B zero: the resync must copy everything
     n = sectors(a)
-    slow_b = delayed(dm_name, b, 10)  # 256 region copies of >= 10 ms: seconds to watch
+    leg_b = holdable(dm_name, b)
     name, uid = dm_name("usync"), new_uuid()
-    run("dmsetup", "create", name, "--table",
-        userspace_table(n, uid, ["clustered-core", "128", "sync"], [a, slow_b]))
-    seen = []
+    with held(leg_b):  # the resync starts, and cannot finish before we saw it
+        run("dmsetup", "create", name, "--table",
+            userspace_table(n, uid, ["clustered-core", "128", "sync"], [a, dev(leg_b)]))
+        seen = [mirror_status(name)[0]]
     deadline = time.monotonic() + 180
     while True:
         synced, total, health, _ = mirror_status(name)
@@ -376,20 +387,22 @@ def test_kernel_disk_log_and_ulogd_disk_log_read_each_other(
     a, b = loop_device(32), loop_device(32)
     n = sectors(a)
     total = n // REGION
-    slow_b = delayed(dm_name, b, 40)  # a full resync takes >= 64 * 40 ms
     for first, second in (("kernel", "ulogd"), ("ulogd", "kernel")):
         log = loop_device(4)  # fresh and zeroed: the first mirror must resync all
 
         def table(who: str, log: str = log) -> str:
             if who == "kernel":
-                return f"0 {n} mirror disk 2 {log} {REGION} 2 {a} 0 {slow_b} 0"
+                return f"0 {n} mirror disk 2 {log} {REGION} 2 {a} 0 {b} 0"
             return userspace_table(n, new_uuid(), ["clustered-disk", log, str(REGION)],
-                                   [a, slow_b])
+                                   [a, b])
 
+        # leg A gets new data underneath: only a full resync makes the legs equal again,
+        # so the first mirror's log must have started with every region out of sync
+        write(a, n * 512 // MIB)
         name1 = dm_name("uxa")
         run("dmsetup", "create", name1, "--table", table(first))
-        assert mirror_status(name1)[0] < total, f"{first}: a fresh log cannot be in sync"
         wait_in_sync(name1)
+        legs_identical(a, b)
         write(dev(name1), 4)
         run("dmsetup", "remove", "--retry", name1)
         name2 = dm_name("uxb")
