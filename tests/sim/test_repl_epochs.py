@@ -26,6 +26,16 @@ from dmrepl.replicator.testing import (
 DEV = 1 << 20
 
 
+def wait_slink_1_down(rep: Replicator) -> dict:
+    """Site link 1's status once it is no longer up (or after ~20 s of events)."""
+    ev = 0
+    for _ in range(200):
+        if rep.status_dict()["slinks"][1]["state"] != "up":
+            break
+        ev = rep.wait_event(ev, 0.1)
+    return rep.status_dict()["slinks"][1]
+
+
 def make(*, durable_acks: bool = True, delay=None, copy_inflight: int = 8,
          rec: Recorder | None = None):
     stores = StoreSet()
@@ -206,12 +216,7 @@ def test_a_failing_site_gets_at_most_copy_inflight_copies_of_an_epoch() -> None:
     assert remote.concurrent_writes is False  # no delay given
     remote.concurrent_writes = True  # a remote site: the epoch goes to the I/O threads
     rep.start()
-    ev = 0
-    for _ in range(200):
-        if rep.status_dict()["slinks"][1]["state"] != "up":
-            break
-        ev = rep.wait_event(ev, 0.1)
-    st = rep.status_dict()["slinks"][1]
+    st = wait_slink_1_down(rep)
     rep.close()
     assert st["state"] == "down"
     assert 1 <= len(attempts) <= 4, f"{len(attempts)} copies sent to a failing site"
@@ -245,12 +250,7 @@ def test_mixed_stores_failure_counts_only_what_was_written(failing: str) -> None
     devs[0].flush()
     (inline if failing == "inline" else conc).fail_writes = True
     rep.start()
-    ev = 0
-    for _ in range(200):
-        if rep.status_dict()["slinks"][1]["state"] != "up":
-            break
-        ev = rep.wait_event(ev, 0.1)
-    st = rep.status_dict()["slinks"][1]
+    st = wait_slink_1_down(rep)
     assert st["state"] == "down"
     assert st["applied_seq"] <= (1 if failing == "inline" else 0), st
     inline.fail_writes = conc.fail_writes = False
