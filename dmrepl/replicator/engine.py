@@ -1134,13 +1134,14 @@ class Replicator:
                 log = leg.dlog
                 if log.get_sync_count() >= log.region_count:
                     continue
-                n = log.region_count
-                for i in range(n):
-                    r = (leg.cursor + i) % n
-                    if not log.in_sync(r):
-                        break
-                else:
+                # from the cursor on, then wrapping round (the bitmap is scanned
+                # whole by the log, not region by region here)
+                found = log.first_out_of_sync(leg.cursor % log.region_count)
+                if found is None:
+                    found = log.first_out_of_sync(0)
+                if found is None:
                     continue
+                r = found
             rs = log.region_size * SECTOR
             lo, hi = r * rs, min((r + 1) * rs, dev.size_bytes)
             if self._local_pending_overlap(dev.dev_nr, lo, hi):
