@@ -28,6 +28,16 @@ class Op:
     data: bytes = b""
     note: object = None
 
+def wait_for(cond: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    """Poll ``cond`` (1 ms) until it is true; AssertionError naming ``what`` after
+    ``timeout`` seconds.  For tests driving an engine whose threads run on."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
 
 class Recorder:
     """A global, ordered log of writes and flushes to named stores."""

@@ -6,25 +6,15 @@ the local devices (the replayed entries reach every site)."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 
 import pytest
 
 from dmrepl.replicator import Replicator
-from dmrepl.replicator.testing import FakeStore, Recorder, StoreSet
+from dmrepl.replicator.testing import FakeStore, Recorder, StoreSet, wait_for
 
 DEV = 1 << 20
 LOG_SECTORS = 4096
 SLINKS = "blockdev 2 0 sync blockdev 4 1 async ios 100000"
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.001)
 
 
 def dev_line(prefix: str) -> str:

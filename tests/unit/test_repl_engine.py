@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
-import time
-from collections.abc import Callable
 
 import pytest
 
@@ -18,17 +17,12 @@ from dmrepl.replicator import (
     TableError,
     parse_replicator,
 )
-from dmrepl.replicator.testing import FakeStore, StoreSet
+from dmrepl.replicator.testing import FakeStore, StoreSet, wait_for
 
 DEV = 256 << 10
 
 
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.001)
+wait_for = functools.partial(wait_for, timeout=10.0)  # in-process engine: short
 
 
 class Env:

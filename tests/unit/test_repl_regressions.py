@@ -4,24 +4,24 @@ unflushed copies, lag counters after a reopen, writes bigger than the ring."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
 
-from dmrepl.replicator import Replicator
-from dmrepl.replicator.testing import FakeStore, StoreSet
+from dmrepl.replicator import ReplicatedDevice, Replicator
+from dmrepl.replicator.testing import FakeStore, StoreSet, wait_for
 
 DEV = 8 << 20
 LOG_SECTORS = 4096  # a 2 MiB log
 
+def write_past_the_log(dev: ReplicatedDevice, model: bytearray) -> None:
+    """5 MiB of 64 KiB writes from 1 MiB on, through the 2 MiB log, kept in ``model``."""
+    for i in range(80):
+        off = (1 << 20) + i * 65536
+        data = bytes([i + 10]) * 65536
+        dev.write(off, data)
+        model[off:off + len(data)] = data
 
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.001)
 
 
 def make(slinks: str = "blockdev 2 0 async blockdev 2 1 async", mode: str = "create",
@@ -79,14 +79,8 @@ def test_down_slink_with_applied_but_unflushed_entries_is_dropped_when_full() ->
         for i in range(4):
             model[i * 65536:i * 65536 + 4096] = bytes([i + 1]) * 4096
 
-        def fill() -> None:
-            for i in range(80):  # 5 MiB through the 2 MiB log
-                off = (1 << 20) + i * 65536
-                data = bytes([i + 10]) * 65536
-                dev.write(off, data)
-                model[off:off + len(data)] = data
-
-        run_with_deadline(fill, "writers with a down slink holding the ring head")
+        run_with_deadline(lambda: write_past_the_log(dev, model),
+                          "writers with a down slink holding the ring head")
         st = rep.status_dict()["slinks"][1]
         assert st["state"] == "down" and st["drops"] >= 1 and not st["consistent"]
         # the regions of the applied-but-unflushed entries are out of sync too
@@ -184,11 +178,7 @@ def test_drop_releases_the_ring_when_the_other_links_are_idle() -> None:
         done = threading.Event()
 
         def fill() -> None:
-            for i in range(80):  # 5 MiB through the 2 MiB log
-                off = (1 << 20) + i * 65536
-                data = bytes([i + 10]) * 65536
-                dev.write(off, data)
-                model[off:off + len(data)] = data
+            write_past_the_log(dev, model)
             done.set()
 
         t = threading.Thread(target=fill, daemon=True)
