@@ -567,7 +567,7 @@ class Replicator:
             n = min(limit, length - pos)
             chunk = None if data is None else (data if n == length else data[pos:pos + n])
             e, syncs = self._append(dev, offset + pos, chunk, n, count and pos == 0)
-            self.ring.write_entry(e, chunk)
+            self.ring.write_entry(e, chunk, durable=bool(syncs) or self.durable_acks or fua)
             sync_sets.append((e, syncs))
             last = e
             pos += n

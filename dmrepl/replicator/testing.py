@@ -12,7 +12,7 @@ import errno
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dmrepl.replicator import ondisk
@@ -27,6 +27,8 @@ class Op:
     offset: int = 0
     data: bytes = b""
     note: object = None
+    durable: bool = False  # a write durable on its own (pwritev_durable: RWF_DSYNC)
+
 
 def wait_for(cond: Callable[[], object], what: str, timeout: float = 20.0) -> None:
     """Poll ``cond`` (1 ms) until it is true; AssertionError naming ``what`` after
@@ -61,15 +63,16 @@ class Recorder:
 
     def crash_image(self, name: str, size: int, cut: int, rng: random.Random,
                     base: bytes | None = None) -> bytearray:
-        """The store's content after a crash at ``cut``: durable writes plus a random
-        choice of the unflushed ones (each lost, applied, or torn by sectors)."""
+        """The store's content after a crash at ``cut``: durable writes (followed by a
+        flush, or durable on their own) plus a random choice of the unflushed ones
+        (each lost, applied, or torn by sectors)."""
         ops = [op for op in self.ops[:cut] if op.store == name]
         last_flush = max((i for i, op in enumerate(ops) if op.kind == "flush"), default=-1)
         img = bytearray(base if base is not None else bytes(size))
         for i, op in enumerate(ops):
             if op.kind != "write":
                 continue
-            if i < last_flush:
+            if i < last_flush or op.durable:
                 img[op.offset:op.offset + len(op.data)] = op.data
                 continue
             fate = rng.randrange(3)
@@ -105,6 +108,7 @@ class FakeStore:
         self.lock = threading.Lock()
         self.writes = 0
         self.flushes = 0
+        self.durable_writes = 0
         self.closed = False
         self.in_flight = 0  # pwrite calls under way now
         self.max_in_flight = 0  # most pwrite calls seen under way at once
@@ -131,7 +135,21 @@ class FakeStore:
             with self.lock:
                 self.in_flight -= 1
 
-    def _pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    def pwritev_durable(self, offset: int,
+                        bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        """A write durable when it returns (the log's lone-writer path)."""
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self._pwrite(offset, b"".join(bytes(b) for b in bufs), durable=True)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+        self.durable_writes += 1
+
+    def _pwrite(self, offset: int, data: bytes | bytearray | memoryview,
+                durable: bool = False) -> None:
         if self.delay is not None:
             d = self.delay()
             if d > 0:
@@ -147,7 +165,7 @@ class FakeStore:
             with rec.lock:
                 with self.lock:
                     self.data[offset:offset + len(b)] = b
-                rec.ops.append(Op(self.name, "write", offset, b))
+                rec.ops.append(Op(self.name, "write", offset, b, durable=durable))
         else:
             with self.lock:
                 self.data[offset:offset + len(b)] = b

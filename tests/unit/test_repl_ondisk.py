@@ -305,3 +305,67 @@ def test_fast_entry_header_is_the_declared_layout(flags, epoch, log_id, seq, pos
 def test_flat_packer_refuses_what_it_cannot_pack() -> None:
     with pytest.raises(TypeError):
         ondisk.FlatPacker(ondisk.RingHeaderBody)  # a prefixed array: not flat
+
+
+# -- durable lone writes (RWF_DSYNC) ------------------------------------------------
+
+def _reserve(ring: RingLog, data: bytes):
+    with ring.lock:
+        e = ring.reserve(0, 0, len(data), frozenset({0}), data)
+    assert e is not None
+    return e
+
+
+def test_lone_durable_write_needs_no_flush() -> None:
+    store = new_store()
+    ring = open_ring(store, "create")
+    flushes = store.flushes
+    e = _reserve(ring, b"a" * 4096)
+    ring.write_entry(e, b"a" * 4096, durable=True)
+    assert ring.durable_seq == e.seq and store.durable_writes == 1
+    ring.commit(e.seq)  # nothing left to do
+    assert store.flushes == flushes and ring.stats["log_flushes"] == 0
+    assert ring.stats["durable_writes"] == 1
+    assert ring.epoch_end(e.seq) == e.seq  # a group of one
+    assert contents(open_ring(store)) == [(e.seq, 0, 0, b"a" * 4096)]
+
+
+def test_durable_write_behind_an_undurable_one_keeps_the_group_commit() -> None:
+    """An entry behind one that is written but not durable is no lone writer: its
+    own durable write would not make the earlier one durable, so neither may count
+    as durable before the log flush."""
+    store = new_store()
+    ring = open_ring(store, "create")
+    e1 = _reserve(ring, b"1" * 512)
+    e2 = _reserve(ring, b"2" * 512)
+    ring.write_entry(e1, b"1" * 512)  # written, not committed
+    ring.write_entry(e2, b"2" * 512, durable=True)
+    assert ring.durable_seq == 0 and store.durable_writes == 0
+    ring.commit(e2.seq)
+    assert ring.durable_seq == e2.seq and ring.stats["log_flushes"] == 1
+
+
+def test_large_lone_write_is_one_durable_write() -> None:
+    store = new_store()
+    ring = open_ring(store, "create")
+    data = bytes(range(256)) * 1024  # 256 KiB: past the parallel data write size
+    e = _reserve(ring, data)
+    ring.write_entry(e, data, durable=True)
+    assert store.durable_writes == 1 and ring.durable_seq == e.seq
+    assert contents(open_ring(store)) == [(e.seq, 0, 0, data)]
+
+
+def test_file_store_durable_write(tmp_path) -> None:
+    from dmrepl.replicator.store import FileStore
+    path = tmp_path / "f"
+    path.write_bytes(bytes(8192))
+    st = FileStore(str(path))
+    try:
+        st.pwritev_durable(512, [b"h" * 512, b"d" * 1024])
+        st._dsync = False  # the fallback (a file system without RWF_DSYNC)
+        st.pwritev_durable(4096, [b"x" * 512])
+    finally:
+        st.close()
+    raw = path.read_bytes()
+    assert raw[512:1024] == b"h" * 512 and raw[1024:2048] == b"d" * 1024
+    assert raw[4096:4608] == b"x" * 512 and len(raw) == 8192
