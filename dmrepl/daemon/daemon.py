@@ -37,6 +37,7 @@ from dmrepl.daemon._proto import ControlError, FrameDecoder, FrameError, encode
 from dmrepl.errors import DmreplError, UserError
 from dmrepl.nbd.backend import Backend
 from dmrepl.nbd.server import Export, NbdServer
+from dmrepl.replicator.errors import DeviceBusy
 from dmrepl.unixsock import listen_root_only
 
 log = logging.getLogger("dmrepl.daemon")
@@ -453,15 +454,18 @@ class Daemon:
     def _remove_engine_devs(self, obj: DeviceObj, rep: ReplicatorObj,
                             what: str = "remove") -> None:
         """Remove ``obj``'s engine devices, all or none: if the engine refuses one,
-        the ones already removed are added back and "busy" is raised."""
+        the ones already removed are added back; "busy" is raised if it refused
+        because of writes not yet copied (DeviceBusy), else its error as it is."""
         removed = 0
         try:
             for dev in obj.devs:
                 rep.engine.remove_device(dev.dev_nr)
                 removed += 1
-        except UserError as e:
+        except BaseException as e:
             if removed:
                 self._readd_engine_devs(obj, rep, upto=removed)
+            if not isinstance(e, DeviceBusy):
+                raise
             hint = " (or: dmrepl remove --wait SECONDS)" if what == "remove" else ""
             raise ControlError("busy", f"cannot {what} {obj.name} yet: {e}{hint}") from e
         obj.devs = []

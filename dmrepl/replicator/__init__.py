@@ -19,6 +19,7 @@ See :mod:`dmrepl.replicator.engine` (theory of operation), :mod:`.table` (gramma
 
 from dmrepl.replicator.engine import ReplicatedDevice, Replicator
 from dmrepl.replicator.errors import (
+    DeviceBusy,
     LocalIOError,
     MessageError,
     ReplicatorClosed,
@@ -38,6 +39,7 @@ from dmrepl.replicator.table import (
 
 __all__ = [
     "BlockStore",
+    "DeviceBusy",
     "DeviceConfig",
     "DeviceOpener",
     "FileStore",

@@ -66,6 +66,7 @@ from dmrepl.replicator._state import (
     machine,
 )
 from dmrepl.replicator.errors import (
+    DeviceBusy,
     LocalIOError,
     MessageError,
     ReplicatorClosed,
@@ -413,7 +414,8 @@ class Replicator:
 
     def remove_device(self, dev_nr: int, timeout: float = 0.0) -> None:
         """Remove a device; waits up to ``timeout`` seconds for its writes to reach
-        every site link, then refuses (UserError) while some are not copied."""
+        every site link, then refuses (:class:`DeviceBusy`) while some are not
+        copied.  An unknown device number is a UserError."""
         deadline = time.monotonic() + timeout
         with self.cond:
             dev = self.devices.get(dev_nr)
@@ -426,8 +428,8 @@ class Replicator:
                     break
                 self.cond.wait(min(left, 0.05))
             if pending:
-                raise UserError(f"device {dev_nr} has {pending} writes not yet copied to all "
-                                "its site links; retry when they drained")
+                raise DeviceBusy(f"device {dev_nr} has {pending} writes not yet copied to "
+                                 "all its site links; retry when they drained")
             del self.devices[dev_nr]
             dev.sm.fire(DeviceEvent.REMOVE)
             self._bump(f"device {dev_nr} removed")

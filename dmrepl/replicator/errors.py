@@ -9,6 +9,8 @@
 * :class:`ReplogCorrupt`: the on-disk log did not validate (CRC, magic, version); the
   log was not opened; nothing was written.
 * :class:`ReplicatorClosed`: the replicator (or device) is closed; stop using it.
+* :class:`DeviceBusy`: a device cannot be removed yet (writes not copied to every
+  site link); nothing was changed; retry once they drained (or wait longer).
 """
 
 from __future__ import annotations
@@ -43,3 +45,8 @@ class ReplogCorrupt(ReplicatorError):
 
 class ReplicatorClosed(ReplicatorError):
     """The replicator or device was closed: open it again to continue."""
+
+
+class DeviceBusy(ReplicatorError):
+    """The device still has writes that some site link has not copied: it was not
+    removed and keeps serving; retry when they drained (or wait longer)."""

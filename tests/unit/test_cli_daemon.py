@@ -12,6 +12,7 @@ from dmrepl.daemon.daemon import ConcatBackend, Daemon, DeviceObj, ReplicatorObj
 from dmrepl.daemon.simengine import SimReplicator
 from dmrepl.errors import UserError
 from dmrepl.nbd import MemoryBackend
+from dmrepl.replicator.errors import DeviceBusy
 
 MB = 1 << 20
 
@@ -92,20 +93,24 @@ class PendingSim(SimReplicator):
 
     pending: dict[int, int] = {}
     refusals = 0
+    unknown: set[int] = set()  # device numbers the engine says it does not have
 
     def remove_device(self, dev_nr: int) -> None:
+        if dev_nr in PendingSim.unknown:
+            PendingSim.refusals += 1
+            raise UserError(f"no device number {dev_nr}")
         n = PendingSim.pending.get(dev_nr, 0)
         if n:
             PendingSim.refusals += 1
             PendingSim.pending[dev_nr] = n - 1
-            raise UserError(f"device {dev_nr} has {n} writes not yet copied to all its "
-                            "site links; retry when they drained")
+            raise DeviceBusy(f"device {dev_nr} has {n} writes not yet copied to all its "
+                             "site links; retry when they drained")
         super().remove_device(dev_nr)
 
 
 @pytest.fixture
 def pending_daemon(tmp_path: Path) -> Iterator[tuple[Daemon, list[str]]]:
-    PendingSim.pending, PendingSim.refusals = {}, 0
+    PendingSim.pending, PendingSim.refusals, PendingSim.unknown = {}, 0, set()
     d = Daemon(str(tmp_path / "state"), kernel_devices=False, engine=PendingSim)
     log, la, ra, lb, rb = files(tmp_path, "log", "la", "ra", "lb", "rb")
     assert d.handle({"op": "create", "name": "r", "table":
@@ -152,6 +157,21 @@ def test_remove_wait_retries_until_drained(pending_daemon: tuple[Daemon, list[st
     PendingSim.pending = {0: 3}
     assert d.handle({"op": "remove", "name": "v", "wait": 60})["ok"]
     assert PendingSim.refusals == 3 and "v" not in d.objects
+
+
+def test_remove_refused_for_another_reason_is_not_busy_and_not_retried(
+        pending_daemon: tuple[Daemon, list[str]]) -> None:
+    """Only the engine's DeviceBusy means "retry later": any other refusal is
+    reported as it is, once, even with --wait (no minute of futile retries)."""
+    d, _ = pending_daemon
+    PendingSim.unknown = {1}
+    reply = d.handle({"op": "remove", "name": "v", "wait": 60})
+    assert not reply["ok"] and reply["error"]["kind"] != "busy", reply
+    assert "no device number 1" in reply["error"]["message"]
+    assert PendingSim.refusals == 1
+    rep = d.objects["r"]
+    assert isinstance(rep, ReplicatorObj) and sorted(rep.engine.devices) == [0, 1]
+    assert "v" in d.nbd.exports and not d.nbd.exports["v"].suspended
 
 
 def test_resume_into_a_new_table_with_pending_writes_is_busy_and_keeps_serving(

@@ -10,6 +10,7 @@ import pytest
 
 from dmrepl.errors import UserError
 from dmrepl.replicator import (
+    DeviceBusy,
     LocalIOError,
     MessageError,
     Replicator,
@@ -321,7 +322,7 @@ def test_bad_devices_are_refused(env, line: str, msg: str) -> None:
 def test_remove_device_and_closed_errors(env) -> None:
     e = env(n_dev=2)
     e.devs[1].write(0, b"r" * 512)
-    with pytest.raises(UserError, match="not yet copied"):
+    with pytest.raises(DeviceBusy, match="not yet copied"):
         e.rep.remove_device(1)
     e.rep.start()
     assert e.rep.wait_drained(10)
