@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dmrepl.replicator import ondisk
+from dmrepl.replicator.crc import crc32c
 
 SECTOR = 512
 
@@ -211,11 +212,19 @@ class StoreSet:
 def history_from_ring(recorder: Recorder, log_name: str, log_id: int | None = None,
                       base: int = 0) -> list[tuple[int, int, bytes]]:
     """Rebuild the write history (dev, offset, data) in log order from the recorded
-    writes to the log store, by parsing the entry headers written there."""
+    writes to the log store, by parsing the entry headers written there.
+
+    An entry is one write (header + data), or, for large entries, a header write
+    and a data write at the next sector (in either order: they are issued
+    together); the data write taken is the one nearest to the header's whose CRC
+    matches it."""
+    ops = [(i, op) for i, op in enumerate(recorder.ops)
+           if op.store == log_name and op.kind == "write" and len(op.data) >= SECTOR]
+    by_offset: dict[int, list[tuple[int, bytes]]] = {}
+    for i, op in ops:
+        by_offset.setdefault(op.offset, []).append((i, op.data))
     found: dict[int, tuple[int, int, bytes]] = {}
-    for op in recorder.ops:
-        if op.store != log_name or op.kind != "write" or len(op.data) < SECTOR:
-            continue
+    for i, op in ops:
         try:
             h = ondisk.EntryHeader.parse(op.data[:SECTOR])
         except Exception:
@@ -225,8 +234,17 @@ def history_from_ring(recorder: Recorder, log_name: str, log_id: int | None = No
             continue
         if v.flags & ondisk.ENTRY_FLAG_ZERO:
             data = bytes(v.length)
-        else:
+        elif len(op.data) >= SECTOR + v.length:
             data = bytes(op.data[SECTOR:SECTOR + v.length])
+        else:
+            candidates = sorted(by_offset.get(op.offset + SECTOR, ()),
+                                key=lambda c: abs(c[0] - i))
+            for _j, raw in candidates:
+                if len(raw) >= v.length and crc32c(raw[:v.length]) == v.data_crc:
+                    data = bytes(raw[:v.length])
+                    break
+            else:
+                continue  # its data was never written: a torn entry
         found[v.seq] = (v.dev, v.offset, data)
     return [found[s] for s in sorted(found)]
 

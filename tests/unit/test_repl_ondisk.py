@@ -369,3 +369,22 @@ def test_file_store_durable_write(tmp_path) -> None:
     raw = path.read_bytes()
     assert raw[512:1024] == b"h" * 512 and raw[1024:2048] == b"d" * 1024
     assert raw[4096:4608] == b"x" * 512 and len(raw) == 8192
+
+
+def test_history_from_ring_rebuilds_large_entries_written_in_two_parts() -> None:
+    """Entries from 128 KiB on are written as header + data (two writes, in either
+    order); the test helper rebuilding the history must pair them up."""
+    from dmrepl.replicator.testing import Recorder, history_from_ring
+    rec = Recorder()
+    store = FakeStore((LOG_SECTORS + 16) * 512, name="log", recorder=rec)
+    ring = open_ring(store, "create")
+    writes = [(0, 0, bytes([1]) * (256 << 10)), (0, 4096, b"s" * 4096),
+              (1, 8192, bytes([2]) * (128 << 10)), (0, 0, bytes([3]) * (192 << 10))]
+    for dev, offset, data in writes:
+        with ring.lock:
+            e = ring.reserve(dev, offset, len(data), frozenset({0}), data)
+        assert e is not None
+        ring.write_entry(e, data)
+        ring.commit(e.seq)
+    assert store.durable_writes == 0  # every large one took the two-part path
+    assert history_from_ring(rec, "log") == writes
