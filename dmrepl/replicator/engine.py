@@ -145,6 +145,8 @@ class Slink:
     out_ios: int = 0
     out_bytes: int = 0
     want_durable: int = 0
+    # set when someone needs this site link's copier now: ends a coalescing pause
+    hurry: threading.Event = field(default_factory=threading.Event)
     last_persist: float = field(default_factory=time.monotonic)
     copies: int = 0
     copied_bytes: int = 0
@@ -205,10 +207,19 @@ class Replicator:
                  batch_bytes: int = 16 << 20, batch_entries: int = 512,
                  window_entries: int = 8192, resync_chunk: int = 1 << 20,
                  durable_acks: bool = True, copier_nice: int = 0,
-                 copy_inflight: int = 8,
+                 copy_inflight: int = 8, coalesce_delay: float = 0.002,
+                 coalesce_entries: int = 32,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.copy_inflight = copy_inflight
+        # An async copier that just copied a small batch pauses this long before it
+        # looks again, so that the next batch carries more entries: waking both
+        # copiers for every logged write cost more CPU (and GIL hand-offs to the
+        # writer) than the copies themselves (4 KiB durable writes: 1244 IOPS with
+        # the copiers running, 2461 without).  Never while a write or a flush waits
+        # for the site link, nor when the ring needs space.
+        self.coalesce_delay = coalesce_delay
+        self.coalesce_entries = coalesce_entries
         self.clock = clock  # the resync rate limiter's time (tests: a fake one)
         self.copier_nice = copier_nice
         # durable_acks=False: a write is acknowledged once written to the log store
@@ -490,6 +501,7 @@ class Replicator:
             threads = []
             for s in self.slinks.values():
                 s.closing = True
+                s.hurry.set()
                 if s.thread is not None:
                     threads.append(s.thread)
             for d in self.devices.values():
@@ -613,6 +625,7 @@ class Replicator:
                 if self._holds_ack(s):
                     syncs.append(nr)
                     s.want_durable = max(s.want_durable, e.seq)
+                    s.hurry.set()
             self.stats["ws"] += 1
             if count:
                 self.stats["w"] += 1
@@ -654,6 +667,8 @@ class Replicator:
     def _ring_full(self, waited: float) -> None:
         # caller holds the lock
         self._space_wanted = True
+        for s in self.slinks.values():
+            s.hurry.set()
         self.cond.notify_all()
         head = self.ring.entries[0] if self.ring.entries else None
         if head is None:
@@ -740,6 +755,14 @@ class Replicator:
             try:
                 if kind == "batch":
                     self._do_batch(s, arg)
+                    if len(arg) < self.coalesce_entries and self.coalesce_delay > 0:
+                        with self.cond:
+                            pause = self._may_coalesce(s)
+                            if pause:
+                                s.hurry.clear()
+                        if pause:
+                            # not on the cond: each logged write does not wake it
+                            s.hurry.wait(self.coalesce_delay)
                 elif kind == "persist":
                     self._do_persist(s)
                 elif kind == "flush":
@@ -757,6 +780,15 @@ class Replicator:
                     self._bump(f"slink {s.nr}: replication log failed: {err}")
                     s.closing = True
                 return
+
+    def _may_coalesce(self, s: Slink) -> bool:
+        # caller holds the lock: the copier caught up with the log (a batch cut short
+        # by an overlap or its size limit goes on at once) and nobody is waiting for
+        # this site link's copies
+        return (s.applied >= self.ring.durable_seq
+                and self.running and s.up and not s.closing and not s.drop_requested
+                and not self._holds_ack(s) and s.want_durable <= s.durable
+                and not self._space_wanted)
 
     def _next_job(self, s: Slink) -> tuple[str, Any] | None:
         # caller holds the lock; returns None after waiting
@@ -1321,6 +1353,7 @@ class Replicator:
                 if any(nr in d.legs for d in self.devices.values()):
                     raise MessageError(f"site link {nr} still has devices")
                 gone.closing = True
+                gone.hurry.set()
                 del self.slinks[nr]
                 self._bump(f"slink {nr} deleted")
                 t = gone.thread

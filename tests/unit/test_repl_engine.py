@@ -427,3 +427,67 @@ def test_reads_across_index_buckets_before_and_after_copies() -> None:
         assert not any(rep._index.get(0, {}).values())
     finally:
         rep.close()
+
+
+# -- copy coalescing: async copiers that caught up pause; nobody waits for them ------
+
+def _run_bounded(fn, limit: float = 20.0) -> None:
+    """Run ``fn`` in a thread; fail (instead of hanging) if it is not done in time."""
+    err: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fn()
+        except BaseException as x:  # re-raised in the test thread below
+            err.append(x)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(limit)
+    assert not t.is_alive(), f"{fn.__name__} still blocked after {limit} s"
+    if err:
+        raise err[0]
+
+
+def test_async_copier_that_caught_up_pauses_before_its_next_batch(env) -> None:
+    e = env(coalesce_delay=30.0)
+    e.rep.start()
+    dev = e.devs[0]
+    dev.write(0, b"1" * 512)
+    wait_for(lambda: e.rep.slinks[1].applied == 1, "the first copy")
+    for i in range(3):
+        dev.write(4096 * (i + 1), b"2" * 512)
+    # the copier caught up after its first batch and pauses: the new entries wait
+    assert not e.rep.wait_drained(0.3)
+    assert e.rep.slinks[1].applied == 1
+    _run_bounded(e.rep.close)  # the pause ends at once on close
+
+
+def test_sync_site_link_is_never_held_by_coalescing(env) -> None:
+    e = env("blockdev 2 0 async blockdev 2 1 sync", coalesce_delay=30.0)
+    e.rep.start()
+    dev = e.devs[0]
+
+    def writes() -> None:
+        for i in range(20):
+            dev.write(512 * i, bytes([i]) * 512)
+
+    _run_bounded(writes)
+    assert e.s("r1_0").snapshot()[:512 * 20] == b"".join(bytes([i]) * 512 for i in range(20))
+
+
+def test_ring_full_ends_a_coalescing_pause(env) -> None:
+    """The writers fill the 4 MiB ring while the copiers would pause for 30 s: the
+    space wanted wakes them (no write waits out the pause)."""
+    e = env(coalesce_delay=30.0, full_grace=60.0)
+    e.rep.start()
+    dev = e.devs[0]
+    dev.write(0, b"0" * 4096)
+    wait_for(lambda: e.rep.slinks[1].applied == 1, "the first copy")
+
+    def writes() -> None:
+        for i in range(2048):  # 2048 x (4 KiB + header) > the ring
+            dev.write(4096 * (i % 64), bytes([i % 251]) * 4096)
+
+    _run_bounded(writes, 20.0)  # < the pause: only the wake-up gets it done in time
+    assert e.rep.slinks[1].drops == 0  # copied, not dropped: the pause ended
