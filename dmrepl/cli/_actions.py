@@ -10,6 +10,7 @@ from typing import Any
 
 from dmrepl.cli._errors import CliUserError
 from dmrepl.daemon.client import Client
+from dmrepl.errors import UserError
 
 Action = Callable[[argparse.Namespace], int | None]
 
@@ -109,14 +110,10 @@ def wait(ns: argparse.Namespace) -> None:
 
 def daemon(ns: argparse.Namespace) -> int:
     from dmrepl.daemon.daemon import run_daemon
-    tuning: dict[str, float] = {}
-    for item in ns.tuning:
-        key, sep, value = item.partition("=")
-        try:
-            tuning[key] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not key:
-            raise CliUserError(f"--tuning wants KEY=NUMBER, not {item!r}")
+    from dmrepl.tuning import parse_tuning
+    try:
+        tuning = parse_tuning(ns.tuning)
+    except UserError as e:
+        raise CliUserError(f"--{e}") from None
     return run_daemon(ns.socket, ns.state_dir, ns.ready_file,
                       kernel_devices=not ns.no_kernel_devices, engine=ns.engine, tuning=tuning)

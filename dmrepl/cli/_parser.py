@@ -9,6 +9,7 @@ from typing import Any
 from dmrepl.cli import _actions as act
 from dmrepl.cli._exit import epilog
 from dmrepl.daemon.client import DEFAULT_SOCKET
+from dmrepl.tuning import TUNABLES
 
 Spec = dict[str, Any]
 
@@ -75,7 +76,8 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
                                      "help": "export over NBD only: no /dev/nbdN, "
                                              "no /dev/mapper (no kernel needed)"}),
             ("--tuning", {"action": "append", "default": [], "metavar": "KEY=VALUE",
-                          "help": "engine tuning, e.g. retry_interval=1 (repeatable)"}),
+                          "help": "engine tuning (repeatable), e.g. retry_interval=1 or "
+                                  "durable_acks=0; keys: " + ", ".join(TUNABLES)}),
             ("--engine", {"choices": ["auto", "replicator", "sim"], "default": "auto",
                           "help": "replicator engine (sim: synchronous stand-in)"}),
         ],

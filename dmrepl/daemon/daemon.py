@@ -207,7 +207,7 @@ class Daemon:
 
     def __init__(self, state_dir: str, *, kernel_devices: bool = True,
                  engine: Any = None, nbd_workers: int = 8,
-                 tuning: dict[str, float] | None = None) -> None:
+                 tuning: dict[str, Any] | None = None) -> None:
         self.tuning = dict(tuning or {})
         self.state_dir = state_dir
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -707,7 +707,7 @@ class ControlServer:
 
 def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, *,
                kernel_devices: bool = True, engine: str = "auto",
-               tuning: dict[str, float] | None = None) -> int:
+               tuning: dict[str, Any] | None = None) -> int:
     """``dmrepl daemon``: serve until SIGTERM/SIGINT, then shut down cleanly."""
     logging.basicConfig(level=logging.INFO, format="dmrepl-daemon: %(levelname)s %(message)s")
     daemon = Daemon(state_dir, kernel_devices=kernel_devices, engine=default_engine(engine),

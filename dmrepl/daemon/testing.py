@@ -19,7 +19,7 @@ from typing import Any
 class DaemonProcess:
     def __init__(self, workdir: str | Path, *, kernel_devices: bool = True,
                  engine: str = "auto", log_name: str = "daemon.log",
-                 tuning: dict[str, float] | None = None) -> None:
+                 tuning: dict[str, Any] | None = None) -> None:
         self.tuning = dict(tuning or {})
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +46,7 @@ class DaemonProcess:
         if not self.kernel_devices:
             argv.append("--no-kernel-devices")
         for key, value in self.tuning.items():
-            argv += ["--tuning", f"{key}={value}"]
+            argv += ["--tuning", f"{key}={int(value) if isinstance(value, bool) else value}"]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         log.close()

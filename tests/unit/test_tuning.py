@@ -1,0 +1,70 @@
+"""``dmrepl daemon --tuning``: typed, bounded, and the same keys as the engine's."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+
+from dmrepl.errors import UserError
+from dmrepl.replicator import Replicator
+from dmrepl.tuning import TUNABLES, parse_tuning
+
+
+def test_every_knob_is_an_engine_keyword_and_back() -> None:
+    params = inspect.signature(Replicator.__init__).parameters
+    engine = {n for n, p in params.items()
+              if p.kind is p.KEYWORD_ONLY and n not in ("opener", "clock")}
+    assert set(TUNABLES) == engine
+    for name, t in TUNABLES.items():  # and of the engine's type
+        default = params[name].default
+        assert type(default) is t.kind, name
+
+
+def test_values_are_typed() -> None:
+    got = parse_tuning(["retry_interval=1.5", "copy_inflight=16", "durable_acks=0",
+                        " coalesce_delay = 0 "])
+    assert got == {"retry_interval": 1.5, "copy_inflight": 16, "durable_acks": False,
+                   "coalesce_delay": 0.0}
+    assert type(got["copy_inflight"]) is int and type(got["durable_acks"]) is bool
+
+
+@pytest.mark.parametrize("item,message", [
+    ("retry_interval", "KEY=VALUE"),
+    ("=3", "KEY=VALUE"),
+    ("no_such_knob=1", "unknown tuning key 'no_such_knob'; known: "),
+    ("copy_inflight=8.5", "copy_inflight: wants a whole number"),
+    ("copy_inflight=0", "copy_inflight: '0' out of range (>= 1 and <= 1024)"),
+    ("durable_acks=2", "durable_acks: '2' out of range"),
+    ("persist_interval=soon", "persist_interval: 'soon' is not a number"),
+    ("full_grace=-1", "full_grace: '-1' out of range (>= 0)"),
+])
+def test_bad_values_are_refused_by_name(item: str, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_tuning([item])
+
+
+def test_parsed_tuning_builds_an_engine(tmp_path) -> None:
+    log = tmp_path / "log"
+    log.write_bytes(bytes(4 << 20))
+    rep = Replicator.from_table(f"0 1 replicator ringbuffer 4 {log} 0 create 8192 "
+                                "blockdev 2 0 async",
+                                **parse_tuning(["copy_inflight=2", "durable_acks=0",
+                                                "cache_bytes=1048576"]))
+    try:
+        assert rep.copy_inflight == 2 and rep.durable_acks is False
+    finally:
+        rep.close()
+
+
+def test_daemon_refuses_bad_tuning_before_starting(tmp_path, capsys) -> None:
+    from dmrepl.cli.main import run
+    state = tmp_path / "state"
+    code = run()(["--socket", str(tmp_path / "sock"), "daemon", "--state-dir", str(state),
+                  "--tuning", "copy_inflight=2.5"])
+    err = capsys.readouterr().err
+    assert code == 3, err  # invalid argument
+    assert err.strip() == ("dmrepl: error: --tuning copy_inflight: wants a whole "
+                           "number, not '2.5'")
+    assert not state.exists()  # nothing was started
