@@ -216,8 +216,8 @@ class Replicator:
         # looks again, so that the next batch carries more entries: waking both
         # copiers for every logged write cost more CPU (and GIL hand-offs to the
         # writer) than the copies themselves (4 KiB durable writes: 1244 IOPS with
-        # the copiers running, 2461 without).  Never while a write or a flush waits
-        # for the site link, nor when the ring needs space.
+        # the copiers running, 2461 without).  Never while a write waits for the site
+        # link (sync, forced sync), nor when the ring needs space; close ends it.
         self.coalesce_delay = coalesce_delay
         self.coalesce_entries = coalesce_entries
         self.clock = clock  # the resync rate limiter's time (tests: a fake one)
