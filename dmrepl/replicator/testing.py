@@ -41,6 +41,24 @@ def wait_for(cond: Callable[[], object], what: str, timeout: float = 20.0) -> No
         time.sleep(0.001)
 
 
+def run_with_deadline(fn: Callable[[], None], what: str, timeout: float = 30.0) -> None:
+    """Run ``fn`` in a thread; fail naming ``what`` (instead of hanging) if it is not
+    done in ``timeout`` seconds; its exception is re-raised here."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # re-raised in the caller below
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{what}: still blocked after {timeout} s"
+    if errors:
+        raise errors[0]
+
 
 class Recorder:
     """A global, ordered log of writes and flushes to named stores."""

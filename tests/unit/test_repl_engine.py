@@ -18,7 +18,7 @@ from dmrepl.replicator import (
     TableError,
     parse_replicator,
 )
-from dmrepl.replicator.testing import FakeStore, StoreSet, wait_for
+from dmrepl.replicator.testing import FakeStore, StoreSet, run_with_deadline, wait_for
 
 DEV = 256 << 10
 
@@ -431,24 +431,6 @@ def test_reads_across_index_buckets_before_and_after_copies() -> None:
 
 # -- copy coalescing: async copiers that caught up pause; nobody waits for them ------
 
-def _run_bounded(fn, limit: float = 20.0) -> None:
-    """Run ``fn`` in a thread; fail (instead of hanging) if it is not done in time."""
-    err: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            fn()
-        except BaseException as x:  # re-raised in the test thread below
-            err.append(x)
-
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    t.join(limit)
-    assert not t.is_alive(), f"{fn.__name__} still blocked after {limit} s"
-    if err:
-        raise err[0]
-
-
 def test_async_copier_that_caught_up_pauses_before_its_next_batch(env) -> None:
     e = env(coalesce_delay=30.0)
     e.rep.start()
@@ -460,7 +442,7 @@ def test_async_copier_that_caught_up_pauses_before_its_next_batch(env) -> None:
     # the copier caught up after its first batch and pauses: the new entries wait
     assert not e.rep.wait_drained(0.3)
     assert e.rep.slinks[1].applied == 1
-    _run_bounded(e.rep.close)  # the pause ends at once on close
+    run_with_deadline(e.rep.close, "close", 20.0)  # the pause ends at once on close
 
 
 def test_sync_site_link_is_never_held_by_coalescing(env) -> None:
@@ -472,7 +454,7 @@ def test_sync_site_link_is_never_held_by_coalescing(env) -> None:
         for i in range(20):
             dev.write(512 * i, bytes([i]) * 512)
 
-    _run_bounded(writes)
+    run_with_deadline(writes, "writes", 20.0)
     assert e.s("r1_0").snapshot()[:512 * 20] == b"".join(bytes([i]) * 512 for i in range(20))
 
 
@@ -489,5 +471,5 @@ def test_ring_full_ends_a_coalescing_pause(env) -> None:
         for i in range(2048):  # 2048 x (4 KiB + header) > the ring
             dev.write(4096 * (i % 64), bytes([i % 251]) * 4096)
 
-    _run_bounded(writes, 20.0)  # < the pause: only the wake-up gets it done in time
+    run_with_deadline(writes, "writes", 20.0)  # < the pause: only the wake-up does it
     assert e.rep.slinks[1].drops == 0  # copied, not dropped: the pause ended

@@ -4,12 +4,11 @@ unflushed copies, lag counters after a reopen, writes bigger than the ring."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import pytest
 
 from dmrepl.replicator import ReplicatedDevice, Replicator
-from dmrepl.replicator.testing import FakeStore, StoreSet, wait_for
+from dmrepl.replicator.testing import FakeStore, StoreSet, run_with_deadline, wait_for
 
 DEV = 8 << 20
 LOG_SECTORS = 4096  # a 2 MiB log
@@ -41,23 +40,6 @@ def make(slinks: str = "blockdev 2 0 async blockdev 2 1 async", mode: str = "cre
 
 
 DEV_LINE = f"rep 0 0 1 l nolog 0 1 1 r core 2 {64 << 10 >> 9} nosync"
-
-
-def run_with_deadline(fn: Callable[[], None], what: str, timeout: float = 30.0) -> None:
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"{what}: still blocked after {timeout} s"
-    if errors:
-        raise errors[0]
 
 
 def test_down_slink_with_applied_but_unflushed_entries_is_dropped_when_full() -> None:
