@@ -82,6 +82,9 @@ class RingLog:
     def __init__(self, store: BlockStore, cfg: ReplogConfig, *,
                  cache_bytes: int = 64 << 20) -> None:
         self.store = store
+        # a store that writes durably in one call (FileStore: RWF_DSYNC), or None
+        self._durable_write: Callable[[int, list[bytes | memoryview]], None] | None = \
+            getattr(store, "pwritev_durable", None)
         self.cfg = cfg
         self.base = cfg.dev_start * SECTOR
         self.lock = threading.Lock()
@@ -320,8 +323,9 @@ class RingLog:
         returns: its commit then costs nothing (no second system call, no flush of
         the whole log file).  Concurrent writers keep the group commit: one flush for
         all of them beats one durable write each."""
-        lone = (durable and self.durable_seq == e.seq - 1
-                and getattr(self.store, "pwritev_durable", None) is not None)
+        durable_write = (self._durable_write
+                         if durable and self.durable_seq == e.seq - 1 else None)
+        lone = durable_write is not None
         if (not lone and not e.zero and data is not None
                 and len(data) >= self.parallel_min and e.length % SECTOR == 0):
             fut = self._pool().submit(self.store.pwrite,
@@ -351,8 +355,8 @@ class RingLog:
             if pad:
                 bufs.append(bytes(pad))
         try:
-            if lone:
-                self.store.pwritev_durable(self.base + e.pos, bufs)  # type: ignore[attr-defined]
+            if durable_write is not None:
+                durable_write(self.base + e.pos, bufs)
             else:
                 pwritev(self.store, self.base + e.pos, bufs)
         except OSError as err:

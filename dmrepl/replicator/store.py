@@ -72,8 +72,13 @@ class FileStore:
     def pwritev(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
         total = sum(len(b) for b in bufs)
         n = os.pwritev(self.fd, bufs, offset)
-        if n < total:  # short write: finish the rest one buffer at a time
-            self.pwrite(offset + n, b"".join(bytes(b) for b in bufs)[n:])
+        if n < total:
+            self._write_rest(offset, bufs, n)
+
+    def _write_rest(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview],
+                    done: int) -> None:
+        """After a short vectored write of ``done`` bytes: the rest, in one piece."""
+        self.pwrite(offset + done, b"".join(bytes(b) for b in bufs)[done:])
 
     def pwritev_durable(self, offset: int,
                         bufs: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -92,7 +97,7 @@ class FileStore:
                 if n == total:
                     return
                 # short write: the rest, then a flush covers both parts
-                self.pwrite(offset + n, b"".join(bytes(b) for b in bufs)[n:])
+                self._write_rest(offset, bufs, n)
                 os.fdatasync(self.fd)
                 return
         self.pwritev(offset, bufs)

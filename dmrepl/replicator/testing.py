@@ -8,11 +8,12 @@ sector granularity (:meth:`Recorder.crash_image`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from dmrepl.replicator import ondisk
@@ -144,27 +145,26 @@ class FakeStore:
         with self.lock:
             return bytes(self.data[offset:offset + length])
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
         with self.lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            self._pwrite(offset, data)
+            yield
         finally:
             with self.lock:
                 self.in_flight -= 1
 
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        with self._in_flight():
+            self._pwrite(offset, data)
+
     def pwritev_durable(self, offset: int,
                         bufs: Sequence[bytes | bytearray | memoryview]) -> None:
         """A write durable when it returns (the log's lone-writer path)."""
-        with self.lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
+        with self._in_flight():
             self._pwrite(offset, b"".join(bytes(b) for b in bufs), durable=True)
-        finally:
-            with self.lock:
-                self.in_flight -= 1
         self.durable_writes += 1
 
     def _pwrite(self, offset: int, data: bytes | bytearray | memoryview,
