@@ -37,9 +37,8 @@ crc32c: Callable[..., int]
 try:
     from crc32c import crc32c as _accel
 
-    def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
-        return int(_accel(data, value))
-
+    # bound directly, no Python frame in between: it is called on every write
+    crc32c = _accel
     ACCELERATED = True
 except ImportError:  # pragma: no cover - depends on the environment
     crc32c = crc32c_py

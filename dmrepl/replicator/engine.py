@@ -76,6 +76,7 @@ from dmrepl.replicator.errors import (
 from dmrepl.replicator.ringlog import Entry, RingLog
 from dmrepl.replicator.store import BlockStore, DeviceOpener, open_file_store
 from dmrepl.replicator.table import (
+    LOG_SIZE_MIN,
     DeviceConfig,
     LegConfig,
     ReplicatorConfig,
@@ -94,6 +95,10 @@ VERSION = "1.0.0"
 SECTOR = 512
 MAX_ENTRY = 8 << 20  # larger writes are split into several entries
 INDEX_BUCKET = 1 << 20  # bytes per bucket of the pending-entry index
+_NO_SYNCS: frozenset[int] = frozenset()  # a write no site link holds
+# writes up to this size fit a quarter of the smallest ring (see _write): never split
+_NEVER_SPLIT = ((LOG_SIZE_MIN * SECTOR - ondisk.RING_OFFSET) // 4
+                - ondisk.ENTRY_HEADER_SIZE) // SECTOR * SECTOR
 
 _active_lock = threading.Lock()
 _active_logs: set[tuple[str, int]] = set()
@@ -535,7 +540,7 @@ class Replicator:
     # -- write path -----------------------------------------------------------------
 
     def _targets(self, dev: ReplicatedDevice) -> frozenset[int]:
-        return frozenset(nr for nr in dev.legs if nr in self.slinks)
+        return frozenset(dev.legs.keys() & self.slinks.keys())
 
     def _holds_ack(self, s: Slink) -> bool:
         return s.up and (s.cfg.sync or s.forced)
@@ -575,39 +580,44 @@ class Replicator:
         ring = self.ring
         # an entry never needs more than a quarter of the ring (else it could wait
         # for space forever)
-        limit = min(MAX_ENTRY, max(SECTOR, ((ring.ring_end - ring.ring_start) // 4
-                                            - ondisk.ENTRY_HEADER_SIZE) // SECTOR * SECTOR))
+        limit = length if length <= _NEVER_SPLIT else \
+            min(MAX_ENTRY, max(SECTOR, ((ring.ring_end - ring.ring_start) // 4
+                                        - ondisk.ENTRY_HEADER_SIZE) // SECTOR * SECTOR))
+        durable = self.durable_acks or fua
+        held = False  # does a sync (or forced sync) site link hold the acknowledgement?
         while pos < length:
             n = min(limit, length - pos)
             chunk = None if data is None else (data if n == length else data[pos:pos + n])
             e, syncs = self._append(dev, offset + pos, chunk, n, count and pos == 0)
-            self.ring.write_entry(e, chunk, durable=bool(syncs) or self.durable_acks or fua)
+            ring.write_entry(e, chunk, durable=durable or bool(syncs))
             sync_sets.append((e, syncs))
+            held = held or bool(syncs)
             last = e
             pos += n
         assert last is not None
         # (the copiers were woken when the entries were written and committed)
-        if any(syncs for _, syncs in sync_sets):
-            self.ring.commit(last.seq)
+        if held:
+            ring.commit(last.seq)
             with self.cond:
                 for e, syncs in sync_sets:
                     self._wait_sync(dev, e, syncs)
-        elif self.durable_acks or fua:
-            self.ring.commit(last.seq)
+        elif durable and ring.durable_seq < last.seq:
+            # (a lone writer's entry is durable already: its write was)
+            ring.commit(last.seq)
 
     def _append(self, dev: ReplicatedDevice, offset: int, data: bytes | None,
                 length: int, count: bool = False) -> tuple[Entry, frozenset[int]]:
-        with self.cond:
+        with self.lock:  # (the condition's lock; cheaper to enter than the condition)
             waited: float | None = None
             while True:
                 self._check_io(dev)
                 targets = self._targets(dev)
+                now = time.monotonic()
                 e = self.ring.reserve(dev.dev_nr, offset, length, targets, data,
-                                      zero=data is None)
+                                      zero=data is None, now=now)
                 if e is not None:
                     self._index_add(e)
                     break
-                now = time.monotonic()
                 if waited is None:
                     waited = now
                     self.stats["c"] += 1
@@ -615,12 +625,17 @@ class Replicator:
                 self.cond.wait(0.05)
             if waited is None:
                 self.stats["nc"] += 1
-            now = time.monotonic()
+            else:
+                now = time.monotonic()
             syncs = []
             for nr in targets:
                 s = self.slinks[nr]
                 s.out_ios += 1
                 s.out_bytes += length
+                cfg = s.cfg
+                if not cfg.sync and not cfg.fallbehind.value and \
+                        s.ack.state is AckState.ASYNC:
+                    continue  # plain async: nothing to check, never holds the ack
                 self._check_fallbehind(s, now)
                 if self._holds_ack(s):
                     syncs.append(nr)
@@ -629,7 +644,7 @@ class Replicator:
             self.stats["ws"] += 1
             if count:
                 self.stats["w"] += 1
-            return e, frozenset(syncs)
+            return e, frozenset(syncs) if syncs else _NO_SYNCS
 
     def _check_io(self, dev: ReplicatedDevice) -> None:
         while not dev.running and not dev.closed and not self.closed:

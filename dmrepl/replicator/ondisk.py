@@ -24,7 +24,10 @@ site-link bitmap of the copies outstanding when they were written.
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Callable
+from typing import Any
 
 from construct import (
     Bytes,
@@ -184,6 +187,12 @@ def parse_ring_header(data: bytes, log_id: int) -> dict:
 
 
 def slink_bitmap(slinks: set[int] | frozenset[int]) -> bytes:
+    # frozenset() of a frozenset is the same object: no copy on the write path
+    return _bitmap_of(frozenset(slinks))
+
+
+@functools.lru_cache(maxsize=256)  # a few distinct sets per replicator
+def _bitmap_of(slinks: frozenset[int]) -> bytes:
     value = 0
     for n in slinks:
         value |= 1 << n
@@ -238,18 +247,44 @@ class FlatPacker:
         values.update(self.consts)
         return self.struct.pack(*(values[f] for f in self.fields))
 
+    def positional(self, *names: str) -> Callable[..., bytes]:
+        """A packing function taking the fields ``names`` (every non-constant
+        field, in any order) positionally: no keyword dict, no generator per call.
+
+        Generated once from the declaration's field order, as ``dataclasses`` and
+        ``namedtuple`` generate their methods."""
+        wanted = [f for f in self.fields if f not in self.consts]
+        if sorted(names) != sorted(wanted) or len(set(names)) != len(names):
+            raise TypeError(f"positional packer needs exactly the fields {wanted}")
+        args = ", ".join(f"_c_{f}" if f in self.consts else f for f in self.fields)
+        src = f"def pack({', '.join(names)}):\n    return _pack({args})\n"
+        namespace: dict[str, Any] = {"_pack": self.struct.pack}
+        namespace.update({f"_c_{k}": v for k, v in self.consts.items()})
+        exec(src, namespace)  # the source is built from our own field names only
+        fn: Callable[..., bytes] = namespace["pack"]
+        return fn
+
 
 _ENTRY_PACKER = FlatPacker(EntryHeaderBody)
 _ENTRY_PAD = bytes(ENTRY_HEADER_SIZE - EntryHeaderBody.sizeof() - 4)
+_pack_entry_body = _ENTRY_PACKER.positional(
+    "major", "flags", "epoch", "log_id", "seq", "pos", "dev", "length", "offset",
+    "data_crc", "slinks")
+
+
+def entry_header(log_id: int, epoch: int, seq: int, pos: int, dev: int, offset: int,
+                 length: int, data_crc: int, bitmap: bytes, flags: int) -> bytes:
+    """The entry header slot (the write path's form: positional arguments)."""
+    body = _pack_entry_body(FORMAT_MAJOR, flags, epoch, log_id, seq, pos, dev, length,
+                            offset, data_crc, bitmap)
+    return body + crc32c(body).to_bytes(4, "little") + _ENTRY_PAD
 
 
 def build_entry_header(*, log_id: int, epoch: int, seq: int, pos: int, dev: int,
                        offset: int, length: int, data_crc: int, bitmap: bytes,
                        flags: int = 0) -> bytes:
-    body = _ENTRY_PACKER.pack(
-        major=FORMAT_MAJOR, flags=flags, epoch=epoch, log_id=log_id, seq=seq, pos=pos,
-        dev=dev, length=length, offset=offset, data_crc=data_crc, slinks=bitmap)
-    return body + crc32c(body).to_bytes(4, "little") + _ENTRY_PAD
+    return entry_header(log_id, epoch, seq, pos, dev, offset, length, data_crc, bitmap,
+                        flags)
 
 
 def build_entry_header_construct(*, log_id: int, epoch: int, seq: int, pos: int,

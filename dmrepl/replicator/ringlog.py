@@ -285,8 +285,10 @@ class RingLog:
     # -- appending -----------------------------------------------------------------
 
     def reserve(self, dev: int, offset: int, length: int, slinks: frozenset[int],
-                data: bytes | None, *, zero: bool = False) -> Entry | None:
-        """Reserve the next entry (call with ``self.lock`` held); None: no space."""
+                data: bytes | None, *, zero: bool = False,
+                now: float | None = None) -> Entry | None:
+        """Reserve the next entry (call with ``self.lock`` held); None: no space.
+        ``now``: the entry's time stamp (``time.monotonic()``), if the caller has it."""
         if self.failed is not None:
             raise ReplogIOError(f"replication log failed earlier: {self.failed}")
         flags = ENTRY_FLAG_ZERO if zero else 0
@@ -295,7 +297,8 @@ class RingLog:
         if pos is None:
             return None
         e = Entry(seq=self.next_seq, dev=dev, offset=offset, length=length, pos=pos,
-                  size=size, slinks=slinks, flags=flags)
+                  size=size, slinks=slinks, flags=flags,
+                  ts=time.monotonic() if now is None else now)
         if data is not None and self.cached + length <= self.cache_budget:
             e.data = data
             self.cached += length
@@ -330,11 +333,9 @@ class RingLog:
                 and len(data) >= self.parallel_min and e.length % SECTOR == 0):
             fut = self._pool().submit(self.store.pwrite,
                                       self.base + e.pos + ENTRY_HEADER_SIZE, data)
-            crc = crc32c(data)
-            hdr = ondisk.build_entry_header(
-                log_id=self.log_id, epoch=self.epoch, seq=e.seq, pos=e.pos, dev=e.dev,
-                offset=e.offset, length=e.length, data_crc=crc,
-                bitmap=ondisk.slink_bitmap(e.slinks), flags=e.flags)
+            hdr = ondisk.entry_header(self.log_id, self.epoch, e.seq, e.pos, e.dev,
+                                      e.offset, e.length, crc32c(data),
+                                      ondisk.slink_bitmap(e.slinks), e.flags)
             try:
                 self.store.pwrite(self.base + e.pos, hdr)
                 fut.result()
@@ -343,17 +344,18 @@ class RingLog:
                 raise ReplogIOError(f"replication log write failed: {err}") from err
             self._written(e, False)
             return
-        crc = 0 if e.zero or data is None else crc32c(data)
-        hdr = ondisk.build_entry_header(
-            log_id=self.log_id, epoch=self.epoch, seq=e.seq, pos=e.pos, dev=e.dev,
-            offset=e.offset, length=e.length, data_crc=crc,
-            bitmap=ondisk.slink_bitmap(e.slinks), flags=e.flags)
-        bufs: list[bytes | memoryview] = [hdr]
-        if not e.zero and data is not None:
-            bufs.append(data)
+        if e.flags & ENTRY_FLAG_ZERO or data is None:
+            crc = 0
+            bufs: list[bytes | memoryview] = []
+        else:
+            crc = crc32c(data)
+            bufs = [data]
             pad = -e.length % SECTOR
             if pad:
                 bufs.append(bytes(pad))
+        bufs.insert(0, ondisk.entry_header(self.log_id, self.epoch, e.seq, e.pos, e.dev,
+                                           e.offset, e.length, crc,
+                                           ondisk.slink_bitmap(e.slinks), e.flags))
         try:
             if durable_write is not None:
                 durable_write(self.base + e.pos, bufs)
@@ -378,7 +380,7 @@ class RingLog:
         self.store.close()
 
     def _written(self, e: Entry, durable: bool) -> None:
-        with self.cond:
+        with self.lock:
             self._unwritten.discard(e.seq)
             self.stats["entries"] += 1
             self.stats["bytes"] += e.length

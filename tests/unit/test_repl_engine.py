@@ -400,6 +400,30 @@ def test_write_larger_than_the_log_is_split_and_lands() -> None:
         rep.close()
 
 
+def test_writes_split_exactly_past_a_quarter_of_the_smallest_ring() -> None:
+    """Writes up to a quarter of the smallest ring skip the split computation
+    (engine._NEVER_SPLIT): one entry; a sector more is two entries."""
+    from dmrepl.replicator import engine as engine_mod
+    stores = StoreSet()
+    for name, size in (("log", 3 << 20), ("l", 4 << 20), ("r", 4 << 20)):
+        stores.add(FakeStore(size, name=name))
+    rep = Replicator.from_table("ringbuffer 4 log 0 create 4096 blockdev 2 0 async "
+                                "blockdev 2 1 async", opener=stores.open)
+    try:
+        dev = rep.add_device("rep 0 0 1 l nolog 0 1 1 r core 2 2048 nosync")
+        rep.start()
+        most = engine_mod._NEVER_SPLIT
+        before = rep.ring.next_seq
+        dev.write(0, b"a" * most)
+        assert rep.ring.next_seq == before + 1
+        dev.write(0, b"b" * (most + 512))
+        assert rep.ring.next_seq == before + 3
+        assert dev.read(0, most + 512) == b"b" * (most + 512)
+        assert rep.wait_drained(10)
+    finally:
+        rep.close()
+
+
 def test_reads_across_index_buckets_before_and_after_copies() -> None:
     import random as _random
     stores = StoreSet()

@@ -307,6 +307,18 @@ def test_flat_packer_refuses_what_it_cannot_pack() -> None:
         ondisk.FlatPacker(ondisk.RingHeaderBody)  # a prefixed array: not flat
 
 
+def test_positional_packer_takes_exactly_the_declared_fields() -> None:
+    packer = ondisk.FlatPacker(ondisk.EntryHeaderBody)
+    names = [f for f in packer.fields if f not in packer.consts]
+    for bad in (names[:-1], [*names, names[0]], [*names[:-1], "nonsense"]):
+        with pytest.raises(TypeError, match="exactly the fields"):
+            packer.positional(*bad)
+    values = {n: (b"\x07" * 256 if n == "slinks" else i + 1) for i, n in enumerate(names)}
+    shuffled = list(reversed(names))
+    assert packer.positional(*shuffled)(*(values[n] for n in shuffled)) == \
+        packer.pack(**values)
+
+
 # -- durable lone writes (RWF_DSYNC) ------------------------------------------------
 
 def _reserve(ring: RingLog, data: bytes):
