@@ -243,10 +243,6 @@ class FlatPacker:
         if self.struct.size != body.sizeof():
             raise TypeError("flat packing size differs from the declaration")
 
-    def pack(self, **values: int | bytes) -> bytes:
-        values.update(self.consts)
-        return self.struct.pack(*(values[f] for f in self.fields))
-
     def positional(self, *names: str) -> Callable[..., bytes]:
         """A packing function taking the fields ``names`` (every non-constant
         field, in any order) positionally: no keyword dict, no generator per call.

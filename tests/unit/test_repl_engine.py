@@ -18,6 +18,7 @@ from dmrepl.replicator import (
     TableError,
     parse_replicator,
 )
+from dmrepl.replicator.engine import ReplicatedDevice
 from dmrepl.replicator.testing import FakeStore, StoreSet, run_with_deadline, wait_for
 
 DEV = 256 << 10
@@ -382,7 +383,9 @@ def test_concurrent_writers_all_land(env) -> None:
         assert e.devs[d].read(0, DEV) == e.s(f"l{d}").snapshot() == e.s(f"r1_{d}").snapshot()
 
 
-def test_write_larger_than_the_log_is_split_and_lands() -> None:
+def _smallest_ring() -> tuple[StoreSet, Replicator, ReplicatedDevice]:
+    """A started replicator on the smallest ring (4096 sectors), one device with a
+    local and a remote leg (stores "l" and "r"); the caller closes it."""
     stores = StoreSet()
     for name, size in (("log", 3 << 20), ("l", 4 << 20), ("r", 4 << 20)):
         stores.add(FakeStore(size, name=name))
@@ -391,6 +394,15 @@ def test_write_larger_than_the_log_is_split_and_lands() -> None:
     try:
         dev = rep.add_device("rep 0 0 1 l nolog 0 1 1 r core 2 2048 nosync")
         rep.start()
+    except BaseException:
+        rep.close()
+        raise
+    return stores, rep, dev
+
+
+def test_write_larger_than_the_log_is_split_and_lands() -> None:
+    stores, rep, dev = _smallest_ring()
+    try:
         data = bytes(range(256)) * (12 << 10)  # 3 MiB through a 2 MiB log
         dev.write(512, data)
         assert dev.read(512, len(data)) == data
@@ -404,14 +416,8 @@ def test_writes_split_exactly_past_a_quarter_of_the_smallest_ring() -> None:
     """Writes up to a quarter of the smallest ring skip the split computation
     (engine._NEVER_SPLIT): one entry; a sector more is two entries."""
     from dmrepl.replicator import engine as engine_mod
-    stores = StoreSet()
-    for name, size in (("log", 3 << 20), ("l", 4 << 20), ("r", 4 << 20)):
-        stores.add(FakeStore(size, name=name))
-    rep = Replicator.from_table("ringbuffer 4 log 0 create 4096 blockdev 2 0 async "
-                                "blockdev 2 1 async", opener=stores.open)
+    _stores, rep, dev = _smallest_ring()
     try:
-        dev = rep.add_device("rep 0 0 1 l nolog 0 1 1 r core 2 2048 nosync")
-        rep.start()
         most = engine_mod._NEVER_SPLIT
         before = rep.ring.next_seq
         dev.write(0, b"a" * most)

@@ -316,7 +316,7 @@ def test_positional_packer_takes_exactly_the_declared_fields() -> None:
     values = {n: (b"\x07" * 256 if n == "slinks" else i + 1) for i, n in enumerate(names)}
     shuffled = list(reversed(names))
     assert packer.positional(*shuffled)(*(values[n] for n in shuffled)) == \
-        packer.pack(**values)
+        ondisk.EntryHeaderBody.build(values)
 
 
 # -- durable lone writes (RWF_DSYNC) ------------------------------------------------
