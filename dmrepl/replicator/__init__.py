@@ -13,11 +13,11 @@ Typical use::
     print(rep.status("info"), rep.status_dict())
     rep.close()
 
-See :mod:`dmrepl.replicator.engine` (theory of operation), :mod:`.table` (grammar),
+See :mod:`dmrepl.replicator.target` (theory of operation and the parts), :mod:`.table` (grammar),
 :mod:`.ondisk` (log format) and :mod:`.ringlog` (log semantics).
 """
 
-from dmrepl.replicator.engine import ReplicatedDevice, Replicator
+from dmrepl.replicator.device import ReplicatedDevice
 from dmrepl.replicator.errors import (
     DeviceBusy,
     LocalIOError,
@@ -36,6 +36,7 @@ from dmrepl.replicator.table import (
     parse_device,
     parse_replicator,
 )
+from dmrepl.replicator.target import Replicator
 
 __all__ = [
     "BlockStore",

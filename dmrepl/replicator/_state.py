@@ -93,6 +93,20 @@ class DeviceEvent(enum.Enum):
     REMOVE = "remove"
 
 
+class Job(enum.Enum):
+    """What a site link's copier does next (chosen by ``Copiers.next_job_locked``,
+    in this order of priority)."""
+
+    EXIT = "exit"  # the site link is closing
+    DROP = "drop"  # ring full: its outstanding entries go to the dirty logs
+    RETRY = "retry"  # it is down: probe its failed devices
+    PERSIST = "persist"  # flush its devices and write its position to the ring header
+    FLUSH = "flush"  # a write waits for its copies to be durable
+    COMMIT = "commit"  # make written log entries durable (nobody else does it now)
+    BATCH = "batch"  # apply the next entries, epoch by epoch
+    RESYNC = "resync"  # copy one out-of-sync region from the local device
+
+
 LINK_TRANSITIONS: dict[LinkState, dict[LinkEvent, LinkState]] = {
     LinkState.UP: {
         LinkEvent.IO_ERROR: LinkState.DOWN,

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from dmrepl.replicator import slink as slink_types
 from dmrepl.replicator.errors import TableError
 
 LOG_SIZE_MIN = 4096  # sectors: 2 x 1 MiB, as the original
@@ -185,6 +186,7 @@ class SlinkConfig:
     stall: bool = False
     fallbehind: FallBehind = FallBehind()
     resync_rate: int = 0  # bytes per second; 0: unlimited
+    kind: str = "blockdev"  # its site-link type (dmrepl.replicator.slink registry)
 
     @property
     def policy(self) -> str:
@@ -200,7 +202,7 @@ class SlinkConfig:
 
     def table(self) -> str:
         p = self.params()
-        return " ".join(["blockdev", str(len(p)), *p])
+        return " ".join([self.kind, str(len(p)), *p])
 
 
 def parse_policy(word: str) -> tuple[bool, bool]:
@@ -277,20 +279,25 @@ def _split(line: str | Sequence[str]) -> list[str]:
 
 def parse_slinks(words: Sequence[str], i: int, *,
                  existing: Sequence[int] = ()) -> tuple[list[SlinkConfig], int]:
-    """Parse ``blockdev`` groups from ``words[i:]`` to the end."""
+    """Parse site-link groups (``blockdev`` or another registered type, with the
+    same parameters) from ``words[i:]`` to the end."""
     out: list[SlinkConfig] = []
     nrs = list(existing)
+    types = slink_types.registered()
     while i < len(words):
-        if words[i] != "blockdev":
-            raise TableError(f"invalid site link type {words[i]!r} (argument {i + 1}): "
-                             "expected 'blockdev'")
+        kind = words[i]
+        if kind not in types:
+            raise TableError(f"invalid site link type {kind!r} (argument {i + 1}): "
+                             f"expected {' or '.join(repr(t) for t in types)}")
         if i + 1 >= len(words):
-            raise TableError("site link parameter count missing after 'blockdev'")
+            raise TableError(f"site link parameter count missing after {kind!r}")
         n = _int(words[i + 1], "site link parameter count", lo=1, hi=6)
         if i + 2 + n > len(words):
             raise TableError(f"site link needs {n} parameters, only {len(words) - i - 2} "
                              "given")
         s = parse_slink(words[i + 2:i + 2 + n])
+        if kind != s.kind:
+            s = replace(s, kind=kind)
         if not nrs and s.slink_nr != 0:
             raise TableError(f"first site link must be 0, got {s.slink_nr}")
         if s.slink_nr in nrs:

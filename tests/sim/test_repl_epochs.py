@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -200,7 +201,7 @@ def test_a_failing_site_gets_at_most_copy_inflight_copies_of_an_epoch() -> None:
     """Once a copy of an epoch fails, no more of it are sent: a dead site costs one
     round of (possibly slow) failures, not one per copy."""
     rep, dev, _stores, remote = make(durable_acks=False, copy_inflight=4)
-    rep.retry_interval = 3600.0  # no retry during the test
+    rep.tuning = replace(rep.tuning, retry_interval=3600.0)  # no retry during the test
     attempts = []
     orig = remote._pwrite
 

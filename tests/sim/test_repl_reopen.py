@@ -51,7 +51,7 @@ def reopen_start_then_add(stores: StoreSet, prefix: str, slinks: str = SLINKS) -
             assert pending, "no site has replayed entries to copy"
             for s in rep.slinks.values():
                 expect = ([], "nodev") if s.nr in pending else ([], None)
-                assert rep._collect(s) == expect, f"slink {s.nr} skips entries"
+                assert rep.copiers.collect_locked(s) == expect, f"slink {s.nr} skips entries"
         rep.start()  # the daemon starts the replicator, then adds its devices
         wait_for(lambda: all(t.thread is not None and t.thread.is_alive()
                              for t in rep.slinks.values()), "copiers")

@@ -414,8 +414,8 @@ def test_write_larger_than_the_log_is_split_and_lands() -> None:
 
 def test_writes_split_exactly_past_a_quarter_of_the_smallest_ring() -> None:
     """Writes up to a quarter of the smallest ring skip the split computation
-    (engine._NEVER_SPLIT): one entry; a sector more is two entries."""
-    from dmrepl.replicator import engine as engine_mod
+    (ringbuffer._NEVER_SPLIT): one entry; a sector more is two entries."""
+    from dmrepl.replicator.replog import ringbuffer as engine_mod
     _stores, rep, dev = _smallest_ring()
     try:
         most = engine_mod._NEVER_SPLIT
@@ -454,7 +454,7 @@ def test_reads_across_index_buckets_before_and_after_copies() -> None:
         rep.start()
         assert rep.wait_drained(10)
         assert dev.read(0, 4 << 20) == model == stores.stores["r"].snapshot()
-        assert not any(rep._index.get(0, {}).values())
+        assert rep.replog.pending.count(0) == 0
     finally:
         rep.close()
 

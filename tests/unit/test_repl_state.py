@@ -141,7 +141,7 @@ def test_engine_flags_follow_the_machines() -> None:
     s1 = rep.slinks[1]
     assert s1.up and not s1.forced and not s1.resyncing
     with rep.cond:
-        rep._leg_failed(s1, dev.legs[1], "W", OSError(5, "test"))
+        rep.copiers.leg_failed_locked(s1, dev.legs[1], "W", OSError(5, "test"))
     assert s1.link.state is LinkState.DOWN and not s1.up
     assert rep.status_dict()["slinks"][1]["state"] == "down"
     with rep.cond, pytest.raises(IllegalTransition):

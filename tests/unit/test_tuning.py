@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import inspect
 import re
+from dataclasses import fields, replace
 
 import pytest
 
 from dmrepl.errors import UserError
 from dmrepl.replicator import Replicator
-from dmrepl.tuning import TUNABLES, parse_tuning
+from dmrepl.tuning import TUNABLES, Tuning, parse_tuning
 
 
 def test_every_knob_is_an_engine_keyword_and_back() -> None:
+    """The engine's knobs are the fields of Tuning, each declared with its bounds
+    and meaning, its default of the declared type and within its bounds; each one
+    is a keyword argument of the engine."""
+    knobs = fields(Tuning)
+    assert set(TUNABLES) == {f.name for f in knobs}
+    for f in knobs:  # and of the engine's type
+        t = TUNABLES[f.name]
+        assert type(f.default) is t.kind, f.name
+        assert t.minimum <= f.default and (t.maximum is None or f.default <= t.maximum)
+        assert t.meaning
     params = inspect.signature(Replicator.__init__).parameters
-    engine = {n for n, p in params.items()
-              if p.kind is p.KEYWORD_ONLY and n not in ("opener", "clock")}
-    assert set(TUNABLES) == engine
-    for name, t in TUNABLES.items():  # and of the engine's type
-        default = params[name].default
-        assert type(default) is t.kind, name
+    assert params["tuning"].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(TypeError):
+        replace(Tuning(), no_such_knob=1)  # type: ignore[call-arg]
 
 
 def test_values_are_typed() -> None:
@@ -53,7 +61,7 @@ def test_parsed_tuning_builds_an_engine(tmp_path) -> None:
                                 **parse_tuning(["copy_inflight=2", "durable_acks=0",
                                                 "cache_bytes=1048576"]))
     try:
-        assert rep.copy_inflight == 2 and rep.durable_acks is False
+        assert rep.tuning.copy_inflight == 2 and rep.tuning.durable_acks is False
     finally:
         rep.close()
 

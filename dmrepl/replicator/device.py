@@ -1,0 +1,214 @@
+"""Replicated devices (``replicator-dev`` targets) and their legs.
+
+A device has one leg per site link it is replicated to (site link 0: the local
+device); its I/O goes through the replicator's replication log (``rep.replog``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dmrepl.errors import UserError
+from dmrepl.replicator._state import DeviceEvent, DeviceState, machine
+from dmrepl.replicator.errors import ReplicatorClosed, TableError
+from dmrepl.replicator.store import BlockStore
+from dmrepl.replicator.table import DeviceConfig, LegConfig
+
+if TYPE_CHECKING:
+    from dmrepl.replicator.target import Replicator
+
+SECTOR = 512
+
+
+@dataclass(eq=False)
+class Leg:
+    """A device on one site link (local: slink 0)."""
+
+    slink_nr: int
+    cfg: LegConfig
+    store: BlockStore
+    dlog: Any = None  # dmrepl.dirtylog.DirtyLog for remote legs
+    error: str = ""  # "", "R", "W" or "RW"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cursor: int = 0  # resync scan position
+    resynced: int = 0  # regions copied by resync
+
+    def out_of_sync(self) -> int:
+        if self.dlog is None:
+            return 0
+        with self.lock:
+            return int(self.dlog.region_count - self.dlog.get_sync_count())
+
+
+def open_legs(rep: Replicator, dev_nr: int, cfgs: Sequence[LegConfig], length: int | None,
+              existing: Sequence[Leg]) -> dict[int, Leg]:
+    """Validate legs against the replicator and open them (all or none)."""
+    paths: dict[str, tuple[int, int]] = {}
+    with rep.lock:
+        region = region_size_locked(rep)
+        for d in rep.devices.values():
+            for leg in d.legs.values():
+                paths[os.path.realpath(leg.cfg.dev_path)] = (d.dev_nr, leg.slink_nr)
+    for leg in existing:
+        paths[os.path.realpath(leg.cfg.dev_path)] = (dev_nr, leg.slink_nr)
+    for c in cfgs:
+        if c.slink_nr not in rep.slinks:
+            raise TableError(f"device {dev_nr}: site link {c.slink_nr} is not defined by "
+                             "the replicator")
+        rp = os.path.realpath(c.dev_path)
+        if rp in paths:
+            other = paths[rp]
+            raise TableError(f"device {c.dev_path} is already used by device {other[0]} "
+                             f"on site link {other[1]}")
+        rs = c.region_size()
+        if rs is not None:
+            if region is not None and rs != region:
+                raise TableError(f"device {dev_nr}: region size {rs} of {c.dev_path} "
+                                 f"differs from the replicator's region size {region}")
+            region = rs
+    legs: dict[int, Leg] = {}
+    try:
+        for c in cfgs:
+            try:
+                store = rep.opener(c.dev_path)
+            except OSError as e:
+                raise TableError(f"cannot open device {c.dev_path} (site link "
+                                 f"{c.slink_nr}): {e.strerror or e}") from e
+            leg = Leg(c.slink_nr, c, store)
+            legs[c.slink_nr] = leg
+            if c.slink_nr:
+                sectors = length if length is not None else store.size // SECTOR
+                from dmrepl.dirtylog import open_dirty_log
+                try:
+                    leg.dlog = open_dirty_log(c.dlog_type, c.dlog_args, sectors)
+                    leg.dlog.resume()
+                except UserError as e:
+                    raise TableError(f"dirty log of {c.dev_path} (site link "
+                                     f"{c.slink_nr}): {e}") from e
+    except BaseException:
+        for leg in legs.values():
+            close_leg(leg)
+        raise
+    return legs
+
+
+def region_size_locked(rep: Replicator) -> int | None:
+    """The region size of the replicator's dirty logs (None: none has one yet)."""
+    for d in rep.devices.values():
+        for leg in d.legs.values():
+            rs = leg.cfg.region_size()
+            if rs is not None:
+                return rs
+    return None
+
+
+def close_leg(leg: Leg) -> None:
+    if leg.dlog is not None:
+        try:
+            leg.dlog.postsuspend()
+            leg.dlog.close()
+        except Exception:
+            pass
+    try:
+        leg.store.close()
+    except OSError:
+        pass
+
+
+class ReplicatedDevice:
+    """A replicated device (a ``replicator-dev`` target): the I/O entry point.
+
+    ``write`` returns once the write is durable in the log (with ``durable_acks``,
+    the default; else once written to the log store, durable after ``flush`` or
+    with ``fua``) and on every site link holding acknowledgements; ``read`` returns
+    the newest data; ``flush`` makes every acknowledged write durable; ``trim`` is
+    a replicated write of zeros (a zero-write entry without data in the log).
+
+    Writes wait (by design, like a suspended dm device) while the device is
+    suspended, while the log is full and only site link 0, sync or ``stall`` site
+    links hold its oldest entry, and for sync/forced-sync site links that are up
+    but not copying because the replicator is stopped."""
+
+    def __init__(self, rep: Replicator, cfg: DeviceConfig, legs: dict[int, Leg],
+                 size_bytes: int) -> None:
+        self.rep = rep
+        self.cfg = cfg
+        self.dev_nr = cfg.dev_nr
+        self.size_bytes = size_bytes
+        self.legs = legs
+        self.sm = machine("device")  # running / suspended / removed (_state.py)
+
+    @property
+    def running(self) -> bool:
+        return self.sm.state is DeviceState.RUNNING
+
+    @property
+    def closed(self) -> bool:
+        return self.sm.state is DeviceState.REMOVED
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset % SECTOR or length % SECTOR:
+            raise UserError(f"I/O at {offset}+{length}: offset and length must be "
+                            "multiples of 512")
+        if offset + length > self.size_bytes:
+            raise UserError(f"I/O at {offset}+{length} beyond the device end "
+                            f"({self.size_bytes})")
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview,
+              fua: bool = False) -> None:
+        """Write; returns when acknowledged (see the class docstring).
+
+        Raises :class:`LocalIOError` (not acknowledged) or ReplogIOError."""
+        payload = data if isinstance(data, bytes) else bytes(data)
+        self._check(offset, len(payload))
+        if payload:
+            self.rep.replog.write(self, offset, payload, len(payload), fua, count=True)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        return self.rep.replog.read(self, offset, length)
+
+    def flush(self) -> None:
+        """Everything acknowledged before is durable (waits for writes in flight)."""
+        self.rep.replog.flush()
+
+    def trim(self, offset: int, length: int) -> None:
+        """Discard = a replicated zero-write: reads return zeros, at every site."""
+        self._check(offset, length)
+        if length:
+            self.rep.replog.write(self, offset, None, length)
+
+    def suspend(self) -> None:
+        with self.rep.cond:
+            self._fire_locked(DeviceEvent.SUSPEND)
+            self.rep.bump_locked(f"device {self.dev_nr} suspended")
+
+    def resume(self) -> None:
+        with self.rep.cond:
+            self._fire_locked(DeviceEvent.RESUME)
+            self.rep.bump_locked(f"device {self.dev_nr} resumed")
+
+    def _fire_locked(self, event: DeviceEvent) -> None:
+        if self.closed:
+            raise ReplicatorClosed(f"device {self.dev_nr} is removed")
+        self.sm.fire(event)
+
+    def message(self, argv: Sequence[str]) -> str:
+        """replicator-dev messages: device add|del, start|resume, stop|suspend|postsuspend."""
+        from dmrepl.replicator.messages import device_message
+        return device_message(self, argv)
+
+    def table(self) -> str:
+        """TABLE status: the replicator-dev parameters."""
+        with self.rep.lock:
+            return self.cfg.params()
+
+    def status(self, kind: str = "info") -> str:
+        """``info``: ``<replicator> <dev_nr>`` then per site link ``<R|W|RW|A>,-`` (local)
+        or ``<R|W|RW|A>,<in_sync>[+]/<regions>``; ``table``: as :meth:`table`."""
+        from dmrepl.replicator.status import device_status
+        return device_status(self, kind)

@@ -1,0 +1,326 @@
+"""The ``ringbuffer`` replication log type: write path, ring full, reads, persistence.
+
+Its storage core (placement, group commit, replay, release, resize) is
+:class:`~dmrepl.replicator.ringlog.RingLog`; this module is what the replicator
+does with it: a write becomes one entry or several (never more than a quarter of
+the ring each), is acknowledged once durable in the log and on every site link
+holding acknowledgements, and waits while the ring is full (asking lagging async
+site links to drop their entries); a read overlays the entries not yet on the
+local device (:mod:`.pending`) on what the local device returns.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from dmrepl.replicator import ondisk
+from dmrepl.replicator._state import AckState
+from dmrepl.replicator.errors import LocalIOError, ReplicatorClosed, TableError
+from dmrepl.replicator.replog.pending import PendingIndex
+from dmrepl.replicator.ringlog import Entry, RingLog
+from dmrepl.replicator.store import DeviceOpener
+from dmrepl.replicator.table import LOG_SIZE_MIN, ReplogConfig
+
+if TYPE_CHECKING:
+    from dmrepl.replicator.device import ReplicatedDevice
+    from dmrepl.replicator.slink.link import Slink
+    from dmrepl.replicator.target import Replicator
+
+SECTOR = 512
+MAX_ENTRY = 8 << 20  # larger writes are split into several entries
+_NO_SYNCS: frozenset[int] = frozenset()  # a write no site link holds
+# writes up to this size fit a quarter of the smallest ring (see write): never split
+_NEVER_SPLIT = ((LOG_SIZE_MIN * SECTOR - ondisk.RING_OFFSET) // 4
+                - ondisk.ENTRY_HEADER_SIZE) // SECTOR * SECTOR
+
+_active_lock = threading.Lock()
+_active_logs: set[tuple[str, int]] = set()
+
+
+def _log_key(path: str, start: int) -> tuple[str, int]:
+    return (os.path.realpath(path), start)
+
+
+class Ringbuffer:
+    """The replication log of one replicator (its lock is the replicator's)."""
+
+    def __init__(self, rep: Replicator, cfg: ReplogConfig, opener: DeviceOpener, *,
+                 cache_bytes: int) -> None:
+        self.rep = rep
+        self._key = _log_key(cfg.dev_path, cfg.dev_start)
+        with _active_lock:
+            if self._key in _active_logs:
+                raise TableError(f"replication log {cfg.dev_path} at "
+                                 f"{cfg.dev_start} is already active")
+            _active_logs.add(self._key)
+        try:
+            try:
+                store = opener(cfg.dev_path)
+            except OSError as e:
+                raise TableError(f"cannot open replog device {cfg.dev_path}: "
+                                 f"{e.strerror or e}") from e
+            self.ring = RingLog(store, cfg, cache_bytes=cache_bytes)
+            try:
+                self.ring.open()
+            except BaseException:
+                store.close()
+                raise
+        except BaseException:
+            with _active_lock:
+                _active_logs.discard(self._key)
+            raise
+        self.lock = self.ring.lock
+        self.cond = self.ring.cond
+        # entries not yet on the local devices (reads and resync look them up)
+        self.pending = PendingIndex()
+        for entry in self.ring.entries:
+            self.pending.add(entry)
+        self.space_wanted = False  # writers wait for ring space: copiers persist now
+
+    def close(self) -> None:
+        self.ring.close()
+        with _active_lock:
+            _active_logs.discard(self._key)
+
+    # -- write path -----------------------------------------------------------------
+
+    def write(self, dev: ReplicatedDevice, offset: int, data: bytes | None,
+              length: int, fua: bool = False, count: bool = False) -> None:
+        """Log a write (``data`` None: zeros) and wait for its acknowledgement."""
+        last: Entry | None = None
+        sync_sets: list[tuple[Entry, frozenset[int]]] = []
+        pos = 0
+        ring = self.ring
+        # an entry never needs more than a quarter of the ring (else it could wait
+        # for space forever)
+        limit = length if length <= _NEVER_SPLIT else \
+            min(MAX_ENTRY, max(SECTOR, ((ring.ring_end - ring.ring_start) // 4
+                                        - ondisk.ENTRY_HEADER_SIZE) // SECTOR * SECTOR))
+        durable = self.rep.tuning.durable_acks or fua
+        held = False  # does a sync (or forced sync) site link hold the acknowledgement?
+        while pos < length:
+            n = min(limit, length - pos)
+            chunk = None if data is None else (data if n == length else data[pos:pos + n])
+            e, syncs = self._append(dev, offset + pos, chunk, n, count and pos == 0)
+            ring.write_entry(e, chunk, durable=durable or bool(syncs))
+            sync_sets.append((e, syncs))
+            held = held or bool(syncs)
+            last = e
+            pos += n
+        assert last is not None
+        # (the copiers were woken when the entries were written and committed)
+        if held:
+            ring.commit(last.seq)
+            with self.cond:
+                for e, syncs in sync_sets:
+                    self._wait_sync_locked(dev, e, syncs)
+        elif durable and ring.durable_seq < last.seq:
+            # (a lone writer's entry is durable already: its write was)
+            ring.commit(last.seq)
+
+    def _append(self, dev: ReplicatedDevice, offset: int, data: bytes | None,
+                length: int, count: bool = False) -> tuple[Entry, frozenset[int]]:
+        rep = self.rep
+        with self.lock:  # (the condition's lock; cheaper to enter than the condition)
+            waited: float | None = None
+            while True:
+                self._check_io_locked(dev)
+                targets = frozenset(dev.legs.keys() & rep.slinks.keys())
+                now = time.monotonic()
+                e = self.ring.reserve(dev.dev_nr, offset, length, targets, data,
+                                      zero=data is None, now=now)
+                if e is not None:
+                    self.pending.add(e)
+                    break
+                if waited is None:
+                    waited = now
+                    rep.stats["c"] += 1
+                self._ring_full_locked(now - waited)
+                self.cond.wait(0.05)
+            if waited is None:
+                rep.stats["nc"] += 1
+            else:
+                now = time.monotonic()
+            syncs = []
+            for nr in targets:
+                s = rep.slinks[nr]
+                s.out_ios += 1
+                s.out_bytes += length
+                cfg = s.cfg
+                if not cfg.sync and not cfg.fallbehind.value and \
+                        s.ack.state is AckState.ASYNC:
+                    continue  # plain async: nothing to check, never holds the ack
+                rep.copiers.check_fallbehind_locked(s, now)
+                if s.holds_ack:
+                    syncs.append(nr)
+                    s.want_durable = max(s.want_durable, e.seq)
+                    s.hurry.set()
+            rep.stats["ws"] += 1
+            if count:
+                rep.stats["w"] += 1
+            return e, frozenset(syncs) if syncs else _NO_SYNCS
+
+    def _check_io_locked(self, dev: ReplicatedDevice) -> None:
+        rep = self.rep
+        while not dev.running and not dev.closed and not rep.closed:
+            self.cond.wait()
+        if dev.closed or rep.closed:
+            raise ReplicatorClosed(f"device {dev.dev_nr} is closed")
+        local = dev.legs[0]
+        if local.error:
+            raise LocalIOError(f"device {dev.dev_nr}: local device {local.cfg.dev_path} "
+                               f"failed ({local.error}); write not acknowledged")
+
+    def _wait_sync_locked(self, dev: ReplicatedDevice, e: Entry,
+                          syncs: frozenset[int]) -> None:
+        rep = self.rep
+
+        def pending() -> list[Slink]:
+            out = []
+            for nr in syncs:
+                s = rep.slinks.get(nr)
+                if s is not None and s.durable < e.seq and s.up and not s.closing:
+                    out.append(s)
+            return out
+
+        while True:
+            if 0 in syncs:
+                s0 = rep.slinks[0]
+                if s0.durable < e.seq and (not s0.up or dev.legs[0].error):
+                    raise LocalIOError(f"device {dev.dev_nr}: local copy failed "
+                                       f"({s0.error}); write not acknowledged")
+            if not pending():
+                return
+            if rep.closed:
+                raise ReplicatorClosed(f"device {dev.dev_nr}: closed before the synchronous "
+                                       "site links acknowledged the write (it is in the log)")
+            self.cond.wait(0.5)
+
+    def _ring_full_locked(self, waited: float) -> None:
+        rep = self.rep
+        self.space_wanted = True
+        for s in rep.slinks.values():
+            s.hurry.set()
+        self.cond.notify_all()
+        head = self.ring.entries[0] if self.ring.entries else None
+        if head is None:
+            return
+        # The head is held by the site links' *durable* positions (see persist): a
+        # link holds it while its durable position is below the head, whatever it
+        # has applied.  Local devices behind: writers wait for them (nothing to
+        # drop).  A link that is up and has applied the head but not flushed it
+        # yet releases it by itself (the copier persists when space is wanted).
+        s0 = rep.slinks.get(0)
+        if s0 is not None and s0.applied < head.seq:
+            return
+        for s in rep.slinks.values():
+            if s.nr == 0 or s.durable >= head.seq:
+                continue
+            if s.cfg.sync or s.cfg.stall or s.drop_requested:
+                continue
+            if not s.up or (s.applied < head.seq and waited >= rep.tuning.full_grace):
+                s.drop_requested = True
+                self.cond.notify_all()
+
+    def flush(self) -> None:
+        """Everything acknowledged before is durable (waits for writes in flight)."""
+        ring = self.ring
+        with ring.lock:
+            seq = ring.next_seq - 1
+        if seq > 0:
+            ring.commit(seq)
+
+    # -- reads ------------------------------------------------------------------------
+
+    def pending_local_locked(self, dev_nr: int, lo: int, hi: int) -> list[Entry]:
+        """Entries overlapping [lo, hi) of a device not yet applied locally, in log
+        order."""
+        return self.pending.overlapping(dev_nr, lo, hi, self.rep.slinks[0].applied)
+
+    def read(self, dev: ReplicatedDevice, offset: int, length: int) -> bytes:
+        """The newest data: the local device with the pending entries over it."""
+        for _ in range(10):
+            with self.cond:
+                self._check_io_read_locked(dev)
+                snap: list[tuple[Entry, bytes | None]] = []
+                end = offset + length
+                for e in self.pending_local_locked(dev.dev_nr, offset, end):
+                    if e.data is None and not e.zero and e.seq in self.ring._unwritten:
+                        continue  # concurrent write not on disk yet: undefined data
+                    snap.append((e, e.data))
+                self.rep.stats["r"] += 1
+            try:
+                buf = bytearray(dev.legs[0].store.pread(offset, length))
+            except OSError as err:
+                raise LocalIOError(f"device {dev.dev_nr}: read failed: {err}") from err
+            try:
+                for e, d in snap:
+                    if d is None:
+                        d = bytes(e.length) if e.zero else self.ring.entry_data(e)
+                    lo, hi = max(offset, e.offset), min(end, e.end)
+                    buf[lo - offset:hi - offset] = d[lo - e.offset:hi - e.offset]
+            except Exception:
+                continue
+            return bytes(buf)
+        raise LocalIOError(f"device {dev.dev_nr}: read kept racing with log release")
+
+    def _check_io_read_locked(self, dev: ReplicatedDevice) -> None:
+        if dev.closed or self.rep.closed:
+            raise ReplicatorClosed(f"device {dev.dev_nr} is closed")
+
+    # -- copy progress ---------------------------------------------------------------
+
+    def oldest_ts_locked(self, s: Slink) -> float | None:
+        """When the oldest entry the site link still needs was logged (None: none)."""
+        seq = s.applied + 1
+        while seq < self.ring.next_seq:
+            e = self.ring.entry(seq)
+            if e is None:
+                return None
+            if s.nr in e.slinks:
+                return e.ts
+            seq += 1
+        return None
+
+    def pending_for_dev_locked(self, dev_nr: int) -> int:
+        """Entries of a device some site link has not applied yet."""
+        rep = self.rep
+        n = 0
+        low = min(s.applied for s in rep.slinks.values())
+        for seq in range(low + 1, self.ring.next_seq):
+            e = self.ring.entry(seq)
+            if e is not None and e.dev == dev_nr:
+                for nr in e.slinks:
+                    s = rep.slinks.get(nr)
+                    if s is not None and s.applied < seq:
+                        n += 1
+                        break
+        return n
+
+    def applied_locked(self, s: Slink, batch: list[Entry], done: int) -> None:
+        """Site link ``s`` applied the entries of ``batch`` up to ``done``: forget
+        what no site link needs any more (local: from the pending index; all: the
+        cached data)."""
+        if s.nr == 0:
+            for e in batch:
+                if e.seq <= done:
+                    self.pending.drop(e)
+        low = min(sl.applied for sl in self.rep.slinks.values())
+        for e in batch:
+            if e.seq <= low:
+                self.ring.drop_cache(e)
+
+    def persist(self, positions: Callable[[], dict[int, int]]) -> dict[int, int]:
+        """Write the site links' positions (the function gives them, called under
+        the lock) to the ring header; returns the positions written."""
+        def snapshot() -> dict[int, int]:
+            # called by the ring under the lock, in header-write order
+            self.space_wanted = False
+            return positions()
+
+        _, written = self.ring.persist(snapshot)
+        return written

@@ -1,0 +1,79 @@
+"""Site-link types: the interface the copiers drive, and the registry by name.
+
+A site link (``<type> <#params> <slink_nr> [<policy> ...]`` in the replicator
+table) carries the copies of the logged writes to one site.  What is common to
+every site link -- the order of the copies (epochs), the positions, fall-behind,
+drops, retries, the resync schedule -- is in :mod:`.copier`; what a type does with
+the devices of its site is one object implementing :class:`SlinkType` (as the
+seed's ``struct dm_repl_slink_type`` ops).  ``blockdev`` (:mod:`.blockdev`) writes
+to block devices (local files or NBD exports).
+
+Adding a type: one module with a class implementing :class:`SlinkType` (its
+constructor takes the replicator) and one :func:`register` call; the table
+grammar (:func:`dmrepl.replicator.table.parse_slinks`) then accepts its name.
+This module imports nothing of the engine, so that the table parser can use it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from dmrepl.replicator.device import Leg, ReplicatedDevice
+    from dmrepl.replicator.slink.link import Copy, Failure, Slink
+
+
+class SlinkType(Protocol):
+    """What a site-link type does with the devices of its site (no lock held when
+    called, unless said)."""
+
+    def apply_epoch(self, s: Slink, group: list[Copy]) -> tuple[set[int], Failure | None]:
+        """Write the copies of one epoch (entries with leg None are skipped); return
+        the sequence numbers written and the first failure (None: all written)."""
+
+    def flush(self, leg: Leg) -> None:
+        """Make what was written to ``leg`` durable; raises OSError."""
+
+    def probe(self, leg: Leg) -> None:
+        """Test a failed device (a small read); raises OSError while it fails."""
+
+    def mark_out_of_sync(self, leg: Leg, regions: Iterable[int]) -> None:
+        """Record regions the site lacks (its dirty log, flushed); raises on failure."""
+
+    def resync_region(self, s: Slink, dev: ReplicatedDevice, leg: Leg, region: int) -> bool:
+        """Copy one out-of-sync region from the local device and mark it in sync;
+        False if a device failed (reported through the copier)."""
+
+
+SlinkFactory = Callable[[Any], SlinkType]  # called with the Replicator
+
+_TYPES: dict[str, SlinkFactory | str] = {
+    # built in, imported on first use (the module imports the engine)
+    "blockdev": "dmrepl.replicator.slink.blockdev:Blockdev",
+}
+
+
+def register(name: str, factory: SlinkFactory) -> None:
+    """Make ``name`` a site-link type of the table grammar."""
+    if name in _TYPES:
+        raise ValueError(f"site-link type {name!r} is already registered")
+    _TYPES[name] = factory
+
+
+def unregister(name: str) -> None:
+    _TYPES.pop(name, None)
+
+
+def registered() -> list[str]:
+    return list(_TYPES)
+
+
+def factory(name: str) -> SlinkFactory:
+    """The factory of a registered type (KeyError: none of that name)."""
+    found = _TYPES[name]
+    if isinstance(found, str):
+        module, _, attr = found.partition(":")
+        found = _TYPES[name] = getattr(importlib.import_module(module), attr)
+    return found

@@ -1,0 +1,168 @@
+"""The ``blockdev`` site-link type: copies written to block devices (local files,
+block devices, NBD exports), out-of-sync regions in their dirty logs."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from dmrepl.replicator.replog.ringbuffer import MAX_ENTRY
+from dmrepl.replicator.ringlog import Entry
+from dmrepl.replicator.slink.link import Copy, Failure, Slink
+from dmrepl.replicator.store import BlockStore
+
+if TYPE_CHECKING:
+    from dmrepl.replicator.device import Leg, ReplicatedDevice
+    from dmrepl.replicator.target import Replicator
+
+SECTOR = 512
+
+
+class Blockdev:
+    """The operations of the ``blockdev`` type (one object per replicator)."""
+
+    def __init__(self, rep: Replicator) -> None:
+        self.rep = rep
+
+    def apply_epoch(self, s: Slink, group: list[Copy]) -> tuple[set[int], Failure | None]:
+        """Write the copies of one epoch; returns the sequence numbers written and
+        the first failure (None: all written).
+
+        Copies to stores that take several writes at once (``concurrent_writes``:
+        the NBD client of a remote site) go to the site link's I/O threads, up to
+        ``copy_inflight`` at once, and all of them are waited for (the epoch
+        barrier); no more are sent after a failure.  The others (files, local
+        block devices through the page cache) are written inline, one after the
+        other, stopping at a failure: there a thread per write costs more CPU and
+        GIL hand-offs than it overlaps (measured: it slowed 4 KiB and 1 MiB copies
+        to local files)."""
+        done: set[int] = set()
+        failure: Failure | None = None
+        conc: list[tuple[Entry, Leg]] = []
+        inline: list[tuple[Entry, Leg]] = []
+        copy_inflight = self.rep.tuning.copy_inflight
+        for e, leg, _ep in group:
+            if leg is None:
+                continue
+            if copy_inflight > 1 and getattr(leg.store, "concurrent_writes", False):
+                conc.append((e, leg))
+            else:
+                inline.append((e, leg))
+        if len(conc) == 1:
+            inline, conc = conc + inline, []
+        if conc:
+            failure = self._apply_concurrently(s, conc, done)
+        for e, leg in inline if failure is None else ():
+            try:
+                self._copy_one(e, leg)
+            except OSError as err:
+                failure = (e, leg, err)
+                break
+            done.add(e.seq)
+        return done, failure
+
+    def _apply_concurrently(self, s: Slink, todo: list[tuple[Entry, Leg]],
+                            done: set[int]) -> Failure | None:
+        copy_inflight = self.rep.tuning.copy_inflight
+        pool = s.pool
+        if pool is None:
+            pool = s.pool = ThreadPoolExecutor(max_workers=copy_inflight,
+                                               thread_name_prefix=f"repl-slink{s.nr}-io",
+                                               initializer=self.rep.copiers.set_nice)
+        # at most copy_inflight submitted at once, and none after a failure: a dead
+        # site costs one round of time-outs, not one per copy of the epoch
+        inflight: deque[tuple[Entry, Leg, Future[None]]] = deque()
+        failure: Failure | None = None
+        most = 0
+
+        def reap() -> None:
+            nonlocal failure
+            e0, leg0, f0 = inflight.popleft()
+            try:
+                f0.result()
+            except OSError as err:
+                if failure is None or e0.seq < failure[0].seq:
+                    failure = (e0, leg0, err)
+                return
+            done.add(e0.seq)
+
+        for e, leg in todo:
+            if len(inflight) >= copy_inflight:
+                reap()
+                if failure is not None:
+                    break
+            inflight.append((e, leg, pool.submit(self._copy_one, e, leg)))
+            most = max(most, len(inflight))
+        while inflight:
+            reap()
+        with self.rep.cond:
+            s.inflight_max = max(s.inflight_max, most)
+        return failure
+
+    def _copy_one(self, e: Entry, leg: Leg) -> None:
+        if e.zero:
+            _write_zeros(leg.store, e.offset, e.length)
+        else:
+            leg.store.pwrite(e.offset, self.rep.ring.entry_data(e))
+
+    def flush(self, leg: Leg) -> None:
+        leg.store.flush()
+
+    def probe(self, leg: Leg) -> None:
+        leg.store.pread(0, SECTOR)
+
+    def mark_out_of_sync(self, leg: Leg, regions: Iterable[int]) -> None:
+        with leg.lock:
+            for r in regions:
+                leg.dlog.mark_region(r)
+                leg.dlog.set_region_sync(r, False)
+            leg.dlog.flush()
+
+    def resync_region(self, s: Slink, dev: ReplicatedDevice, leg: Leg, region: int) -> bool:
+        """Copy one region from the local device, flush, mark it in sync."""
+        rep = self.rep
+        rs = leg.dlog.region_size * SECTOR
+        lo, hi = region * rs, min((region + 1) * rs, dev.size_bytes)
+        local = dev.legs[0]
+        pos = lo
+        while pos < hi:
+            n = min(rep.tuning.resync_chunk, hi - pos)
+            try:
+                data = local.store.pread(pos, n)
+            except OSError as err:
+                with rep.cond:
+                    rep.copiers.leg_failed_locked(rep.slinks[0], local, "R", err)
+                return False
+            try:
+                leg.store.pwrite(pos, data)
+            except OSError as err:
+                with rep.cond:
+                    rep.copiers.leg_failed_locked(s, leg, "W", err)
+                return False
+            pos += n
+        try:
+            leg.store.flush()
+        except OSError as err:
+            with rep.cond:
+                rep.copiers.leg_failed_locked(s, leg, "W", err)
+            return False
+        with leg.lock:
+            leg.dlog.set_region_sync(region, True)
+            leg.dlog.clear_region(region)
+            leg.dlog.flush()
+            leg.cursor = region + 1
+            leg.resynced += 1
+        return True
+
+
+def _write_zeros(store: BlockStore, offset: int, length: int) -> None:
+    # one write per entry (entries are at most MAX_ENTRY): a zero-write reaches the
+    # device whole, like any other entry
+    zero = bytes(min(length, MAX_ENTRY))
+    pos = 0
+    while pos < length:
+        n = min(len(zero), length - pos)
+        store.pwrite(offset + pos, zero[:n] if n < len(zero) else zero)
+        pos += n

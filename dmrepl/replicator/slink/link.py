@@ -1,0 +1,101 @@
+"""A site link's state: positions, lag, its three state machines, its copy window."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dmrepl.replicator._state import (
+    AckState,
+    LinkState,
+    ResyncState,
+    StateMachine,
+    machine,
+)
+from dmrepl.replicator.ringlog import Entry
+from dmrepl.replicator.table import SlinkConfig
+
+if TYPE_CHECKING:
+    from dmrepl.replicator.device import Leg
+
+Copy = tuple[Entry, "Leg | None", int]  # an entry, its leg (None: skip), its epoch end
+Failure = tuple[Entry, "Leg", OSError]  # a copy that failed
+
+
+@dataclass(eq=False)
+class Slink:
+    cfg: SlinkConfig
+    applied: int
+    durable: int
+    persisted: int
+    ops: Any = None  # its type's operations (a slink.SlinkType)
+    error: str = ""
+    next_retry: float = 0.0
+    drop_requested: bool = False
+    drops: int = 0
+    closing: bool = False
+    thread: threading.Thread | None = None
+    window: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    window_n: int = 0
+    touched: set[int] = field(default_factory=set)
+    out_ios: int = 0
+    out_bytes: int = 0
+    want_durable: int = 0
+    # set when someone needs this site link's copier now: ends a coalescing pause
+    hurry: threading.Event = field(default_factory=threading.Event)
+    last_persist: float = field(default_factory=time.monotonic)
+    copies: int = 0
+    copied_bytes: int = 0
+    batches: int = 0
+    failures: int = 0
+    # the state machines of _state.py (link up/down, ack mode, resync)
+    link: StateMachine = field(default_factory=lambda: machine("site link: link"))
+    ack: StateMachine = field(default_factory=lambda: machine("site link: ack mode"))
+    resync: StateMachine = field(default_factory=lambda: machine("site link: resync"))
+    pool: ThreadPoolExecutor | None = None  # copies of one epoch in flight together
+    resync_next: float = 0.0  # resync rate limit: next region not before (clock)
+    resync_throttled: bool = False  # waiting for the rate limit now
+    resync_bytes: int = 0
+    inflight_max: int = 0  # most copies seen in flight at once
+
+    @property
+    def nr(self) -> int:
+        return self.cfg.slink_nr
+
+    @property
+    def up(self) -> bool:
+        return self.link.state is LinkState.UP
+
+    @property
+    def forced(self) -> bool:
+        return self.ack.state is AckState.FORCED_SYNC
+
+    @property
+    def resyncing(self) -> bool:
+        return self.resync.state is ResyncState.RESYNCING
+
+    @property
+    def holds_ack(self) -> bool:
+        """Do new writes wait for this site link (sync, or forced sync, and up)?"""
+        return self.up and (self.cfg.sync or self.forced)
+
+    def window_overlaps(self, dev: int, start: int, end: int) -> bool:
+        return overlaps(self.window.get(dev), start, end)
+
+    def window_add(self, dev: int, start: int, end: int) -> None:
+        bisect.insort(self.window.setdefault(dev, []), (start, end))
+        self.window_n += 1
+
+
+def overlaps(iv: list[tuple[int, int]] | None, start: int, end: int) -> bool:
+    """Does [start, end) overlap an interval of ``iv`` (sorted, non-overlapping)?"""
+    if not iv:
+        return False
+    i = bisect.bisect_left(iv, (start, start))
+    if i < len(iv) and iv[i][0] < end:
+        return True
+    return i > 0 and iv[i - 1][1] > start
