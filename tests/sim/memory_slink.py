@@ -1,0 +1,76 @@
+"""A test-only site-link type: ``memory`` keeps its site's devices in memory and
+records every epoch it is given to apply.
+
+It shows the seam: a site-link type is this one module plus one
+``dmrepl.replicator.slink.register("memory", MemorySlink)`` call; the table
+grammar, the copiers (order, epochs, positions, retries, resync schedule) and
+status come with the engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+SECTOR = 512
+
+
+class MemorySlink:
+    """The operations of the ``memory`` type (one object per replicator)."""
+
+    def __init__(self, rep: Any) -> None:
+        self.rep = rep
+        self.lock = threading.Lock()
+        self.images: dict[tuple[int, int], bytearray] = {}  # (slink, dev) -> data
+        # (slink, sequence numbers given in one call, their epoch ends), in call order
+        self.applied: list[tuple[int, list[int], set[int]]] = []
+        self.delay: Callable[[], float] = lambda: 0.0  # a pause per epoch (tests)
+
+    def _image(self, slink_nr: int, dev_nr: int) -> bytearray:
+        key = (slink_nr, dev_nr)
+        if key not in self.images:
+            self.images[key] = bytearray(self.rep.devices[dev_nr].size_bytes)
+        return self.images[key]
+
+    def apply_epoch(self, s: Any, group: list[Any]) -> tuple[set[int], Any]:
+        time.sleep(self.delay())
+        done: set[int] = set()
+        with self.lock:
+            for e, leg, _ep in group:
+                if leg is None:
+                    continue
+                data = bytes(e.length) if e.zero else self.rep.ring.entry_data(e)
+                self._image(s.nr, e.dev)[e.offset:e.end] = data
+                done.add(e.seq)
+            self.applied.append((s.nr, [e.seq for e, leg, _ep in group if leg is not None],
+                                 {ep for _e, _leg, ep in group}))
+        return done, None
+
+    def flush(self, leg: Any) -> None:
+        pass  # memory is as durable as it gets here
+
+    def probe(self, leg: Any) -> None:
+        pass
+
+    def mark_out_of_sync(self, leg: Any, regions: Iterable[int]) -> None:
+        with leg.lock:
+            for r in regions:
+                leg.dlog.mark_region(r)
+                leg.dlog.set_region_sync(r, False)
+            leg.dlog.flush()
+
+    def resync_region(self, s: Any, dev: Any, leg: Any, region: int) -> bool:
+        rs = leg.dlog.region_size * SECTOR
+        lo, hi = region * rs, min((region + 1) * rs, dev.size_bytes)
+        data = dev.legs[0].store.pread(lo, hi - lo)
+        with self.lock:
+            self._image(s.nr, dev.dev_nr)[lo:hi] = data
+        with leg.lock:
+            leg.dlog.set_region_sync(region, True)
+            leg.dlog.clear_region(region)
+            leg.dlog.flush()
+            leg.cursor = region + 1
+            leg.resynced += 1
+        return True
