@@ -324,3 +324,9 @@ class Ringbuffer:
 
         _, written = self.ring.persist(snapshot)
         return written
+
+
+if TYPE_CHECKING:
+    from dmrepl.replicator.replog import ReplogType
+
+    _conforms: type[ReplogType] = Ringbuffer  # mypy: the type implements the interface

@@ -166,3 +166,9 @@ def _write_zeros(store: BlockStore, offset: int, length: int) -> None:
         n = min(len(zero), length - pos)
         store.pwrite(offset + pos, zero[:n] if n < len(zero) else zero)
         pos += n
+
+
+if TYPE_CHECKING:
+    from dmrepl.replicator.slink import SlinkType
+
+    _conforms: type[SlinkType] = Blockdev  # mypy: the type implements the interface

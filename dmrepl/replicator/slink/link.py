@@ -7,7 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dmrepl.replicator._state import (
     AckState,
@@ -21,6 +21,7 @@ from dmrepl.replicator.table import SlinkConfig
 
 if TYPE_CHECKING:
     from dmrepl.replicator.device import Leg
+    from dmrepl.replicator.slink import SlinkType
 
 Copy = tuple[Entry, "Leg | None", int]  # an entry, its leg (None: skip), its epoch end
 Failure = tuple[Entry, "Leg", OSError]  # a copy that failed
@@ -32,7 +33,7 @@ class Slink:
     applied: int
     durable: int
     persisted: int
-    ops: Any = None  # its type's operations (a slink.SlinkType)
+    ops: SlinkType  # its type's operations
     error: str = ""
     next_retry: float = 0.0
     drop_requested: bool = False
