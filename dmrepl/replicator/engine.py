@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -99,6 +100,9 @@ _NO_SYNCS: frozenset[int] = frozenset()  # a write no site link holds
 # writes up to this size fit a quarter of the smallest ring (see _write): never split
 _NEVER_SPLIT = ((LOG_SIZE_MIN * SECTOR - ondisk.RING_OFFSET) // 4
                 - ondisk.ENTRY_HEADER_SIZE) // SECTOR * SECTOR
+
+log = logging.getLogger("dmrepl.replicator")
+LOST_CLEAR_MESSAGE = "replog clear_lost"
 
 _active_lock = threading.Lock()
 _active_logs: set[tuple[str, int]] = set()
@@ -287,6 +291,13 @@ class Replicator:
         self._full_since: float | None = None
         self._graveyard: list[BlockStore] = []
         self.messages: list[str] = []  # recent notable events, newest last
+        if self.ring.lost_regions or self.ring.lost_whole:
+            log.error("%s: replay found lost entries: their regions are marked out of "
+                      "sync on every site link as their devices are added", cfg.replog.dev_path)
+        report = self.lost_report()
+        if report is not None:
+            log.error("%s", report)
+            self.messages.append(report)
 
     # -- construction -----------------------------------------------------------
 
@@ -345,6 +356,7 @@ class Replicator:
                                      "smaller than the local device")
             if cfg.length is None:
                 cfg = replace(cfg, length=size // SECTOR)
+            self._mark_lost(cfg.dev_nr, legs)
             dev = ReplicatedDevice(self, cfg, legs, size)
             with self.cond:
                 if cfg.dev_nr in self.devices:
@@ -407,6 +419,50 @@ class Replicator:
                 self._close_leg(leg)
             raise
         return legs
+
+    def _mark_lost(self, dev_nr: int, legs: dict[int, Leg]) -> None:
+        """Mark out of sync, on every remote leg of a device being added, the
+        regions of the entries the replay lost (all of them where a lost header was
+        unreadable): before its copiers run, so no site link ships the entries after
+        the loss and stays in sync where it lacks the lost one (the resync copies
+        the local device's content there)."""
+        ring = self.ring
+        ranges = [(lo, hi) for d, lo, hi in ring.lost_regions if d == dev_nr]
+        if not ranges and not ring.lost_whole:
+            return
+        for leg in legs.values():
+            if leg.dlog is None:
+                continue
+            rs = leg.dlog.region_size * SECTOR
+            if ring.lost_whole:
+                regions = set(range(leg.dlog.region_count))
+            else:
+                regions = {r for lo, hi in ranges
+                           for r in range(lo // rs, (max(hi, lo + 1) - 1) // rs + 1)}
+            try:
+                with leg.lock:
+                    for r in sorted(regions):
+                        leg.dlog.mark_region(r)
+                        leg.dlog.set_region_sync(r, False)
+                    leg.dlog.flush()
+            except Exception as err:
+                raise TableError(f"device {dev_nr}: cannot mark the regions of lost "
+                                 f"replication log entries out of sync in the dirty log "
+                                 f"of {leg.cfg.dev_path}: {err}") from err
+            log.warning("device %d, site link %d: %d regions marked out of sync after "
+                        "lost replication log entries", dev_nr, leg.slink_nr, len(regions))
+
+    def lost_report(self) -> str | None:
+        """The lost-writes error (one line), or None: shown until cleared."""
+        lost = self.ring.lost
+        if not lost["entries"]:
+            return None
+        where = ("whole devices" if lost["whole"] else "their regions")
+        return (f"ERROR: replication log {self.cfg.replog.dev_path}: "
+                f"{lost['entries']} acknowledged writes lost (entries {lost['first_seq']}"
+                f"..{lost['last_seq']} damaged): the local devices may lack them; "
+                f"{where} marked out of sync on every site link; check the local data, "
+                f"then clear with the message '{LOST_CLEAR_MESSAGE}'")
 
     def _region_size(self) -> int | None:
         for d in self.devices.values():
@@ -1435,7 +1491,20 @@ class Replicator:
                     mode=self.cfg.replog.mode or "open"))
                 self._bump(f"replog resized to {size} sectors")
             return ""
-        raise MessageError("usage: replog resize <sectors> | replog statistics on|off|reset")
+        if argv == ["clear_lost"]:
+            if self.lost_report() is None:
+                raise MessageError("replog clear_lost: no lost acknowledged writes are "
+                                   "reported")
+            cleared = self.ring.clear_lost()
+            log.warning("replication log %s: lost-writes report cleared by an operator "
+                        "(%d entries, %d..%d)", self.cfg.replog.dev_path,
+                        cleared["entries"], cleared["first_seq"], cleared["last_seq"])
+            with self.cond:
+                self._bump(f"replog: lost-writes report cleared ({cleared['entries']} "
+                           "entries)")
+            return ""
+        raise MessageError("usage: replog resize <sectors> | replog statistics on|off|reset"
+                           " | replog clear_lost")
 
     # -- status ----------------------------------------------------------------------------
 
@@ -1470,6 +1539,11 @@ class Replicator:
                              + (":resync" if s.resyncing else "")
                              + (f":rate={format_rate(s.cfg.resync_rate)}"
                                 if s.cfg.resync_rate else ""))
+            lost = self.ring.lost
+            if lost["entries"]:
+                # a word of its own, last: the other words keep their places
+                words.append(f"ERROR:acknowledged_writes_lost={lost['entries']}:"
+                             f"{lost['first_seq']}-{lost['last_seq']}")
             return " ".join(words)
 
     def status_dict(self) -> dict[str, Any]:
@@ -1498,7 +1572,16 @@ class Replicator:
                 "devices": {},
                 "stats": dict(self.stats),
                 "notes": list(self.messages[-10:]),
+                "errors": [],
             }
+            lost = ring.lost
+            out["ring"]["acknowledged_writes_lost"] = (
+                {"entries": lost["entries"], "first_seq": lost["first_seq"],
+                 "last_seq": lost["last_seq"], "whole_devices": bool(lost["whole"]),
+                 "clear_with": LOST_CLEAR_MESSAGE} if lost["entries"] else None)
+            report = self.lost_report()
+            if report is not None:
+                out["errors"].append(report)
             for nr, s in sorted(self.slinks.items()):
                 ts = self._oldest_ts(s)
                 out_of_sync = 0
