@@ -120,10 +120,10 @@ def claim_socket_path(path: str) -> None:
             pass   # stale: its listener is gone
         except (TimeoutError, BlockingIOError):
             # a full backlog: a listener is there, only busy
-            raise InUse(f"socket {path} belongs to a running server: stop it first, "
+            raise InUse(f"socket {path} is in use by a running server: stop it first, "
                         "or choose another path") from None
         else:
-            raise InUse(f"socket {path} belongs to a running server: stop it first, "
+            raise InUse(f"socket {path} is in use by a running server: stop it first, "
                         "or choose another path")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
