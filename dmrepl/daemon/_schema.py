@@ -64,7 +64,15 @@ def _describe(tp: Any) -> str:
     return _TYPE_NAMES.get(tp, "any value")
 
 
-def _json_type(value: Any) -> str:
+def _json_type(value: Any, expected: Any = Any) -> str:
+    """What ``value`` is, in the words of a refusal (for a list of the wrong
+    items: the first wrong one)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a non-finite number"
+    if typing.get_origin(expected) is list and isinstance(value, list):
+        (item,) = typing.get_args(expected)
+        bad = next(v for v in value if not _matches(v, item))
+        return f"a list holding {_json_type(bad)}"
     for kind, name in _JSON_NAMES.items():
         if isinstance(value, kind):
             return name
@@ -96,7 +104,7 @@ class OpSchema:
             if not _matches(args[name], param.type):
                 raise ControlError("user", f"{self.op}: argument {name!r} must be "
                                            f"{_describe(param.type)}, got "
-                                           f"{_json_type(args[name])}")
+                                           f"{_json_type(args[name], param.type)}")
 
 
 @functools.cache
