@@ -9,7 +9,10 @@ from typing import Any
 from dmrepl.cli import _actions as act
 from dmrepl.cli._exit import epilog
 from dmrepl.daemon.client import DEFAULT_SOCKET
+from dmrepl.nbd.server import NbdLimits
 from dmrepl.tuning import TUNABLES
+
+NBD_DEFAULTS = NbdLimits()
 
 Spec = dict[str, Any]
 
@@ -80,6 +83,18 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
                                   "durable_acks=0; keys: " + ", ".join(TUNABLES)}),
             ("--engine", {"choices": ["auto", "replicator", "sim"], "default": "auto",
                           "help": "replicator engine (sim: synchronous stand-in)"}),
+            ("--nbd-max-connections", {
+                "type": int, "default": NBD_DEFAULTS.max_connections, "metavar": "N",
+                "help": "NBD connections served at once; more are closed "
+                        "(default %(default)s)"}),
+            ("--nbd-handshake-timeout", {
+                "type": float, "default": NBD_DEFAULTS.handshake_timeout, "metavar": "SECONDS",
+                "help": "an NBD client must choose an export within this (default "
+                        "%(default)s)"}),
+            ("--nbd-idle-timeout", {
+                "type": float, "default": NBD_DEFAULTS.idle_timeout, "metavar": "SECONDS",
+                "help": "close an NBD connection that sends no whole request for this "
+                        "long (default: never; a kernel /dev/nbdN may be idle for days)"}),
         ],
         "func": act.daemon,
     }),

@@ -33,12 +33,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from dmrepl.daemon import _kernel
-from dmrepl.daemon._proto import ControlError, FrameDecoder, FrameError, encode
-from dmrepl.errors import DmreplError, UserError
+from dmrepl.daemon._proto import BadFrame, ControlError, FrameDecoder, FrameError, encode
+from dmrepl.daemon._schema import schema_of
+from dmrepl.errors import DmreplError, InUse, UserError
 from dmrepl.nbd.backend import Backend
-from dmrepl.nbd.server import Export, NbdServer
+from dmrepl.nbd.server import Export, NbdLimits, NbdServer
+from dmrepl.ownership import claim_directory
 from dmrepl.replicator.errors import DeviceBusy
-from dmrepl.unixsock import listen_root_only
+from dmrepl.unixsock import AcceptBackoff, listen_root_only
 
 log = logging.getLogger("dmrepl.daemon")
 
@@ -189,13 +191,15 @@ def _wrap(e: Exception, what: str) -> ControlError:
         return e
     if isinstance(e, UserError):
         return ControlError("user", f"{what}: {e}")
+    if isinstance(e, InUse):
+        return ControlError("busy", f"{what}: {e}")
     if isinstance(e, TimeoutError):
         return ControlError("timeout", f"{what}: {e}")
     if isinstance(e, DmreplError):
         return ControlError("runtime", f"{what}: {e}")
     if isinstance(e, OSError):
         return ControlError("runtime", f"{what}: {e.strerror or e}")
-    if isinstance(e, ValueError | KeyError):
+    if isinstance(e, ValueError | KeyError | OverflowError):
         return ControlError("user", f"{what}: {e}")
     return ControlError("internal", f"{what}: {type(e).__name__}: {e}")
 
@@ -207,16 +211,24 @@ class Daemon:
 
     def __init__(self, state_dir: str, *, kernel_devices: bool = True,
                  engine: Any = None, nbd_workers: int = 8,
-                 tuning: dict[str, Any] | None = None) -> None:
+                 tuning: dict[str, Any] | None = None,
+                 nbd_limits: NbdLimits | None = None) -> None:
+        # one daemon per state directory: claimed before anything in it is touched
+        # (InUse if another process holds it; its sockets and files stay as they are)
+        self.owner = claim_directory(state_dir)
         self.tuning = dict(tuning or {})
         self.state_dir = state_dir
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.kernel_devices = kernel_devices
         self.engine = engine if engine is not None else default_engine()
         self.objects: dict[str, ReplicatorObj | DeviceObj] = {}
         self.lock = threading.RLock()
         self.nbd_socket = os.path.join(state_dir, "nbd.sock")
-        self.nbd = NbdServer(self.nbd_socket, workers=nbd_workers).start()
+        try:
+            self.nbd = NbdServer(self.nbd_socket, workers=nbd_workers,
+                                 limits=nbd_limits).start()
+        except BaseException:
+            self.owner.release()
+            raise
         self.restore_errors: list[str] = []
 
     # -- persistence -------------------------------------------------------
@@ -264,18 +276,20 @@ class Daemon:
     # -- requests ------------------------------------------------------------
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request -> one reply; the arguments are checked against the op's
+        declared schema (its handler's signature) before anything runs."""
         op = request.get("op")
-        func: Callable[..., Any] | None = getattr(self, f"op_{op}", None) \
+        func: Callable[..., Any] | None = getattr(type(self), f"op_{op}", None) \
             if isinstance(op, str) else None
         if func is None:
-            return ControlError("user", f"unknown request {op!r}").to_wire()
+            shown = repr(op)[:80] if isinstance(op, str) else f"of type {type(op).__name__}"
+            return ControlError("user", f"unknown request {shown}").to_wire()
         args = {k: v for k, v in request.items() if k != "op"}
         try:
-            return {"ok": True, "result": func(**args)}
-        except TypeError as e:
-            return ControlError("user", f"{op}: bad arguments: {e}").to_wire()
+            schema_of(str(op), func).check(args)
+            return {"ok": True, "result": func(self, **args)}
         except Exception as e:
-            if not isinstance(e, DmreplError | OSError | ValueError | KeyError):
+            if not isinstance(e, DmreplError | OSError | ValueError | KeyError | OverflowError):
                 log.exception("%s failed", op)
             return _wrap(e, str(op)).to_wire()
 
@@ -641,6 +655,7 @@ class Daemon:
                     log.error("shutdown: %s: %s", obj.name, e)
                 log.info("shutdown: %s closed in %.1fs", obj.name, time.monotonic() - started)
             self.nbd.close()
+            self.owner.release()
 
 
 # -- control socket ------------------------------------------------------------
@@ -648,32 +663,69 @@ class Daemon:
 SO_PEERCRED_FMT = "3i"
 
 
-class ControlServer:
-    """Root-only unix socket; one thread per connection, one reply per request."""
+#: Connections the control socket serves at once; more are answered "busy" and closed.
+CONTROL_MAX_CONNECTIONS = 64
+#: Seconds a control connection may take to send a whole request before it is closed.
+CONTROL_REQUEST_TIMEOUT = 60.0
 
-    def __init__(self, daemon: Daemon, path: str) -> None:
+
+class ControlServer:
+    """Root-only unix socket; one thread per connection, one reply per request.
+
+    Every frame gets a reply: a malformed one (not JSON, too deep, a number too
+    long, arguments of the wrong type) an error of kind "user", and the
+    connection reads on; only a frame length beyond :data:`MAX_FRAME` (the
+    stream cannot be followed past it) closes the connection, after the reply.
+    """
+
+    def __init__(self, daemon: Daemon, path: str, *,
+                 max_connections: int = CONTROL_MAX_CONNECTIONS,
+                 request_timeout: float | None = CONTROL_REQUEST_TIMEOUT) -> None:
         self.daemon = daemon
         self.path = path
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
         self.sock = listen_root_only(path, 32)
         self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._slots = threading.BoundedSemaphore(max_connections)
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             os.write(self._wfd, b"x")
 
     def serve_forever(self) -> None:
+        backoff = AcceptBackoff("control")
         try:
             while True:
                 ready, _, _ = select.select([self.sock.fileno(), self._rfd], [], [])
                 if self._rfd in ready:
                     return
-                conn, _ = self.sock.accept()
-                threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError as e:
+                    # out of fds: the connection stays queued; wait (for stop too)
+                    delay = backoff.failed(e)
+                    if delay and select.select([self._rfd], [], [], delay)[0]:
+                        return
+                    continue
+                backoff.succeeded()
+                if not self._slots.acquire(blocking=False):
+                    self._refuse(conn)
+                    continue
+                threading.Thread(target=self._serve_slot, args=(conn,), daemon=True,
                                  name="control").start()
         finally:
             self.sock.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        log.warning("control: %d connections already: refusing one", self.max_connections)
+        with conn, contextlib.suppress(OSError):
+            conn.setblocking(False)   # never wait on a peer we refuse
+            conn.send(encode(ControlError("busy", "too many control connections "
+                                                  f"({self.max_connections}); retry "
+                                                  "later").to_wire()))
 
     def _allowed(self, conn: socket.socket) -> bool:
         cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -681,38 +733,74 @@ class ControlServer:
         _, uid, _ = struct.unpack(SO_PEERCRED_FMT, cred)
         return uid in (0, os.getuid())
 
+    def _serve_slot(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self._serve(conn)
+        except OSError as e:
+            log.info("control: connection ended: %s", e)
+        except Exception:
+            # a bug, but one connection's: the daemon serves on
+            log.exception("control: connection failed")
+        finally:
+            self._slots.release()
+
+    def _reply(self, conn: socket.socket, reply: dict[str, Any]) -> None:
+        try:
+            data = encode(reply)
+        except (FrameError, TypeError, ValueError) as e:
+            data = encode(ControlError("internal", f"reply not sendable: {e}").to_wire())
+        conn.sendall(data)
+
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            if not self._allowed(conn):
-                conn.sendall(encode(ControlError("user", "permission denied: root only")
-                                    .to_wire()))
+        if not self._allowed(conn):
+            conn.sendall(encode(ControlError("user", "permission denied: root only")
+                                .to_wire()))
+            return
+        conn.settimeout(self.request_timeout)
+        decoder = FrameDecoder()
+        while True:
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                log.info("control: closing a connection idle for %ss", self.request_timeout)
                 return
-            decoder = FrameDecoder()
+            if not data:
+                return
+            decoder.receive(data)
             while True:
                 try:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    frames = decoder.feed(data)
-                except (OSError, FrameError) as e:
+                    frame = decoder.next_frame()
+                except BadFrame as e:
+                    self._reply(conn, ControlError("user", f"invalid request: {e}").to_wire())
+                    continue
+                except FrameError as e:
                     log.warning("control: dropping connection: %s", e)
+                    self._reply(conn, ControlError("user", f"invalid request: {e}").to_wire())
                     return
-                for frame in frames:
-                    reply = self.daemon.handle(frame)
-                    try:
-                        conn.sendall(encode(reply))
-                    except OSError:
-                        return
+                if frame is None:
+                    break
+                self._reply(conn, self.daemon.handle(frame))
 
 
 def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, *,
                kernel_devices: bool = True, engine: str = "auto",
-               tuning: dict[str, Any] | None = None) -> int:
-    """``dmrepl daemon``: serve until SIGTERM/SIGINT, then shut down cleanly."""
+               tuning: dict[str, Any] | None = None,
+               nbd_limits: NbdLimits | None = None) -> int:
+    """``dmrepl daemon``: serve until SIGTERM/SIGINT, then shut down cleanly.
+
+    Another daemon on the same state directory or control socket: raises
+    :class:`~dmrepl.errors.InUse` (exit code IN_USE) before touching either."""
     logging.basicConfig(level=logging.INFO, format="dmrepl-daemon: %(levelname)s %(message)s")
+    # The state directory is claimed first (Daemon), then the control socket:
+    # a second daemon stops at whichever another one holds, having touched nothing.
     daemon = Daemon(state_dir, kernel_devices=kernel_devices, engine=default_engine(engine),
-                    tuning=tuning)
-    server = ControlServer(daemon, socket_path)
+                    tuning=tuning, nbd_limits=nbd_limits)
+    try:
+        server = ControlServer(daemon, socket_path)
+    except BaseException:
+        daemon.shutdown()
+        raise
 
     def on_signal(signum: int, frame: object) -> None:
         del frame

@@ -255,6 +255,15 @@ class Replicator:
             except OSError as e:
                 raise TableError(f"cannot open replog device {cfg.replog.dev_path}: "
                                  f"{e.strerror or e}") from e
+            try:
+                # one writer per log, across processes too (a store that cannot
+                # be claimed, e.g. a test's fake, has no claim_exclusive)
+                claim = getattr(store, "claim_exclusive", None)
+                if claim is not None:
+                    claim()
+            except BaseException:
+                store.close()
+                raise
             self.ring = RingLog(store, cfg.replog, cache_bytes=cache_bytes)
             try:
                 self.ring.open()

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+from dmrepl.ownership import Claim, claim_device
+
 BLKGETSIZE64 = 0x80081272
 
 
@@ -55,6 +57,13 @@ class FileStore:
             self.size = st.st_size
         self._lock = threading.Lock()
         self._dsync = hasattr(os, "RWF_DSYNC")
+        self._claim: Claim | None = None
+
+    def claim_exclusive(self) -> None:
+        """Own this file or device alone for as long as the store is open (a
+        replication log has one writer): :class:`~dmrepl.errors.InUse` if another
+        process owns it."""
+        self._claim = claim_device(self.fd, self.path, self.is_blockdev)
 
     def pread(self, offset: int, length: int) -> bytes:
         out = os.pread(self.fd, length, offset)
@@ -116,8 +125,11 @@ class FileStore:
     def close(self) -> None:
         with self._lock:
             if self.fd >= 0:
-                os.close(self.fd)
+                os.close(self.fd)     # a file's flock goes with it
                 self.fd = -1
+            if self._claim is not None:
+                self._claim.release()
+                self._claim = None
 
 
 def open_file_store(path: str) -> BlockStore:
