@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any
 
+from dmrepl.numbers import argument
 from ulogd.control import DEFAULT_CONTROL_PATH, ControlServer, query
 from ulogd.server import Dispatcher, LogFactory, default_log_factory
 from ulogd.transport import RECV_SIZE, Transport
@@ -225,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the sync state of live logs is kept across daemon restarts "
                           "(must be a tmpfs: it must not outlive the kernel; default "
                           "%(default)s; '' for none)")
-    run.add_argument("--realtime", type=int, default=0, metavar="PRIO",
+    run.add_argument("--realtime", type=argument("--realtime", usage_error=True, hi=99),
+                     default=0, metavar="PRIO",
                      help="run SCHED_FIFO at this priority with memory locked (0: off)")
     run.add_argument("--no-persist-marks", action="store_true",
                      help="make marks durable at FLUSH only, not at MARK (faster disk logs, "

@@ -114,6 +114,6 @@ def daemon(ns: argparse.Namespace) -> int:
     try:
         tuning = parse_tuning(ns.tuning)
     except UserError as e:
-        raise CliUserError(f"--{e}") from None
+        raise CliUserError(str(e)) from None
     return run_daemon(ns.socket, ns.state_dir, ns.ready_file,
                       kernel_devices=not ns.no_kernel_devices, engine=ns.engine, tuning=tuning)

@@ -9,6 +9,7 @@ from typing import Any
 from dmrepl.cli import _actions as act
 from dmrepl.cli._exit import epilog
 from dmrepl.daemon.client import DEFAULT_SOCKET
+from dmrepl.numbers import argument, parse_decimal
 from dmrepl.tuning import TUNABLES
 
 Spec = dict[str, Any]
@@ -39,14 +40,16 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
                        "writes not yet copied to all its site links, or a replicator "
                        "with devices) is refused with exit code 6 and left as it was, "
                        "unless --wait is given",
-        "args": [NAME, ("--wait", {"type": float, "default": 0, "metavar": "SECONDS",
+        "args": [NAME, ("--wait", {"type": argument("--wait", parse_decimal), "default": 0,
+                                   "metavar": "SECONDS",
                                    "help": "while busy, retry for up to SECONDS (like "
                                            "dmsetup remove --retry)"})],
         "func": act.remove,
     }),
     ("message", {
         "help": "send a message to a target",
-        "args": [NAME, ("sector", {"type": int, "help": "sector selecting the target"}),
+        "args": [NAME, ("sector", {"type": argument("sector"),
+                                   "help": "sector selecting the target"}),
                  ("message", {"nargs": "+", "help": "message words"})],
         "func": act.message,
     }),
@@ -61,8 +64,8 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
     ("ls", {"help": "list devices", "args": [], "func": act.ls}),
     ("wait", {
         "help": "wait for an event newer than EVENT_NR (default: the current one)",
-        "args": [NAME, ("event_nr", {"nargs": "?", "type": int}),
-                 ("--timeout", {"type": float, "default": None,
+        "args": [NAME, ("event_nr", {"nargs": "?", "type": argument("event_nr")}),
+                 ("--timeout", {"type": argument("--timeout", parse_decimal), "default": None,
                                 "help": "give up after this many seconds"})],
         "func": act.wait,
     }),

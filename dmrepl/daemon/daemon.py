@@ -37,6 +37,7 @@ from dmrepl.daemon._proto import ControlError, FrameDecoder, FrameError, encode
 from dmrepl.errors import DmreplError, UserError
 from dmrepl.nbd.backend import Backend
 from dmrepl.nbd.server import Export, NbdServer
+from dmrepl.numbers import parse_int
 from dmrepl.replicator.errors import DeviceBusy
 from dmrepl.unixsock import listen_root_only
 
@@ -69,12 +70,8 @@ def parse_table(text: str) -> list[Line]:
         words = raw.split()
         if len(words) < 3:
             raise UserError(f"table line {n}: expected '<start> <length> <target> ...'")
-        try:
-            start, length = int(words[0]), int(words[1])
-        except ValueError:
-            raise UserError(f"table line {n}: start and length must be integers") from None
-        if start < 0 or length <= 0:
-            raise UserError(f"table line {n}: start must be >= 0 and length > 0")
+        start = parse_int(words[0], f"table line {n}: start (sectors; integers)")
+        length = parse_int(words[1], f"table line {n}: length (sectors; integers)", lo=1)
         lines.append(Line(start, length, words[2], words[3:], " ".join(words)))
     if not lines:
         raise UserError("empty table")

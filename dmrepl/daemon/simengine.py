@@ -13,16 +13,11 @@ from typing import Any
 
 from dmrepl.daemon.daemon import open_store
 from dmrepl.errors import UserError
+from dmrepl.numbers import parse_int
 
 
 def _int(word: str, what: str) -> int:
-    try:
-        value = int(word)
-    except ValueError:
-        raise UserError(f"{what} must be an integer, not {word!r}") from None
-    if value < 0:
-        raise UserError(f"{what} must not be negative")
-    return value
+    return parse_int(word, what)
 
 
 class SimReplicator:
