@@ -114,6 +114,9 @@ class SimReplicator:
         del kind
         return f"sim {len(self.slinks)} sites {len(self.devices)} devices"
 
+    def table(self) -> str:
+        return " ".join(self.line.split()[3:])
+
     def status_dict(self) -> dict[str, Any]:
         return {"engine": "sim", "slinks": sorted(self.slinks), "devices": sorted(self.devices)}
 
@@ -165,4 +168,4 @@ class SimDevice:
         return f"sim writes={self.writes}"
 
     def table(self) -> str:
-        return self.line
+        return " ".join(self.line.split()[3:])

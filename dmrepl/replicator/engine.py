@@ -1396,17 +1396,17 @@ class Replicator:
         if sub == "message":
             rest = argv[2:]
             with self.cond:
-                s = self.slinks.get(nr)
-                if s is None:
+                link = self.slinks.get(nr)
+                if link is None:
                     raise MessageError(f"site link {nr} doesn't exist")
                 # all settings are checked against the resulting configuration
                 # before any applies: a refused message changes nothing
-                cfg = s.cfg
+                cfg = link.cfg
                 new_cfg = _slink_settings(cfg, rest)
-                s.cfg = new_cfg
+                link.cfg = new_cfg
                 if new_cfg.resync_rate != cfg.resync_rate:
-                    s.resync_next = self.clock()  # the new rate applies from now
-                self._check_fallbehind(s, time.monotonic())
+                    link.resync_next = self.clock()  # the new rate applies from now
+                self._check_fallbehind(link, time.monotonic())
                 self._bump(f"slink {nr}: {' '.join(rest)}")
             return ""
         raise MessageError(f"invalid slink command {sub!r}: expected add, del or message")
@@ -1430,6 +1430,23 @@ class Replicator:
 
     # -- status ----------------------------------------------------------------------------
 
+    def table(self) -> str:
+        """TABLE status: the live ``replicator`` parameters (after every message),
+        which parse back to the same configuration."""
+        return self.table_config().params()
+
+    def check_device(self, line: str) -> None:
+        """Refuse (TableError) a ``replicator-dev`` line this replicator could not
+        take, without opening anything (a loaded table is checked before resume)."""
+        cfg = parse_device(line)
+        for leg in cfg.legs:
+            if leg.slink_nr not in self.slinks:
+                raise TableError(f"device {cfg.dev_nr}: site link {leg.slink_nr} is not "
+                                 "defined by the replicator")
+        if cfg.leg(0) is None:
+            raise TableError(f"device {cfg.dev_nr}: the local device (site link 0) is "
+                             "missing")
+
     def table_config(self) -> ReplicatorConfig:
         with self.lock:
             return replace(self.cfg, slinks=tuple(
@@ -1440,7 +1457,7 @@ class Replicator:
         <sectors used>/<log sectors> <slink>:<up|down>[:resync][:rate=<N>k|m|g] ...``;
         ``table``: the parameters, which parse back to the same configuration."""
         if kind == "table":
-            return self.table_config().params()
+            return self.table()
         if kind != "info":
             raise UserError(f"invalid status type {kind!r}: expected info or table")
         with self.lock:

@@ -246,7 +246,13 @@ class ReplicatorConfig:
         return " ".join(words)
 
     def line(self) -> str:
-        return f"{self.start} {self.length or 1} replicator {self.params()}"
+        return table_line(self.start, self.length or 1, "replicator", self.params())
+
+
+def table_line(start: int, length: int, target: str, params: str) -> str:
+    """``<start> <length> <target> <params>``: a table line as :func:`parse_replicator`
+    and :func:`parse_device` read it (the one rendering of a live table)."""
+    return f"{start} {length} {target} {params}"
 
 
 def _split(line: str | Sequence[str]) -> list[str]:
@@ -348,7 +354,7 @@ class DeviceConfig:
 
     def line(self) -> str:
         assert self.length is not None
-        return f"{self.start} {self.length} replicator-dev {self.params()}"
+        return table_line(self.start, self.length, "replicator-dev", self.params())
 
     def leg(self, slink_nr: int) -> LegConfig | None:
         for leg in self.legs:
