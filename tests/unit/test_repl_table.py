@@ -159,7 +159,8 @@ def replicator_configs(draw: st.DrawFn) -> ReplicatorConfig:
     for nr in nrs:
         sync = draw(st.booleans())
         fb = FallBehind() if sync else draw(fallbehinds)
-        slinks.append(SlinkConfig(nr, sync, draw(st.booleans()), fb))
+        rate = draw(st.sampled_from([0, 1])) * draw(st.integers(1, 1 << 40)) * 1024
+        slinks.append(SlinkConfig(nr, sync, draw(st.booleans()), fb, rate))
     return ReplicatorConfig(replog, tuple(slinks))
 
 
