@@ -41,7 +41,7 @@ from dmrepl.daemon._proto import ControlError, FrameDecoder, FrameError, encode
 from dmrepl.errors import DmreplError, UserError
 from dmrepl.nbd.backend import Backend
 from dmrepl.nbd.server import Export, NbdServer
-from dmrepl.numbers import parse_int
+from dmrepl.numbers import parse_decimal, parse_int
 from dmrepl.replicator.errors import DeviceBusy
 from dmrepl.replicator.table import table_line
 from dmrepl.unixsock import listen_root_only
@@ -181,7 +181,8 @@ def open_store(path: str) -> Any:
     """The engine's device opener: nbd:// URLs (remote sites) or files/block devices."""
     from dmrepl.nbd.client import NbdStore, is_nbd_url
     if is_nbd_url(path):
-        return NbdStore(path, timeout=float(os.environ.get("DMREPL_NBD_TIMEOUT", "5")))
+        return NbdStore(path, timeout=parse_decimal(os.environ.get("DMREPL_NBD_TIMEOUT", "5"),
+                                                    "DMREPL_NBD_TIMEOUT (seconds)"))
     from dmrepl.replicator.store import open_file_store
     return open_file_store(path)
 

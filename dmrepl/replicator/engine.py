@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import os
 import threading
 import time
@@ -1415,11 +1416,18 @@ class Replicator:
         if len(argv) == 2 and argv[0] == "statistics":
             return self.message(["statistics", argv[1]])
         if len(argv) == 2 and argv[0] == "resize":
-            size = _msg_int(argv[1], "replog size (sectors)")
+            size = _msg_int(argv[1], "replog size (sectors)", lo=LOG_SIZE_MIN,
+                            hi=((1 << 63) - 1) // SECTOR - self.cfg.replog.dev_start)
             try:
                 self.ring.resize(size)
             except TableError as e:
                 raise MessageError(str(e)) from e
+            except OSError as e:
+                if e.errno not in _CANNOT_GROW:
+                    raise
+                # the log file could not grow to the new size: nothing was written
+                raise MessageError(f"replog resize {size}: cannot grow "
+                                   f"{self.cfg.replog.dev_path}: {e.strerror or e}") from e
             with self.cond:
                 self.cfg = replace(self.cfg, replog=replace(
                     self.cfg.replog, size=size,
@@ -1583,6 +1591,10 @@ class Replicator:
                 self.cond.wait(min(left, 0.05))
         return True
 
+
+# ftruncate's refusals of a size (nothing changed): too large for the file system,
+# beyond its limits, or no room
+_CANNOT_GROW = frozenset({errno.EFBIG, errno.EINVAL, errno.ENOSPC, errno.EDQUOT})
 
 SLINK_MESSAGE_USAGE = ("usage: slink message <nr> <setting>... with settings policy "
                        "<policy>, fallbehind <type> <value> (or <type>=<value>), "

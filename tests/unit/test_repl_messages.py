@@ -68,6 +68,46 @@ def test_a_device_add_whose_later_leg_is_refused_leaves_nothing_behind(
     assert f"2 1 {r2} disk 2 {dlog} 8" in rep.devices[0].table()
 
 
+REFUSED_REPLICATOR = [
+    [], ["frobnicate"], ["start", "some"], ["stop", "all", "now"], ["statistics", "maybe"],
+    ["slink"], ["slink", "add"], ["slink", "add", "blockdev", "2", "1", "async"],
+    ["slink", "add", "blockdev", "2", "0", "async"], ["slink", "add", "net", "1", "5"],
+    ["slink", "add", "blockdev", "4", "5", "sync", "ios", "3"],
+    ["slink", "del", "0"], ["slink", "del", "1"], ["slink", "del", "9"], ["slink", "del", "x"],
+    ["slink", "message", "9", "policy", "sync"], ["slink", "message", "1"],
+    ["slink", "message", "1", "policy", "sync"],           # keeps its fall-behind
+    ["slink", "message", "2", "resync_rate", "1m", "fallbehind", "bytes", "3"],
+    ["slink", "message", "2", "policy", "async", "frobnicate", "1"],
+    ["slink", "frob", "1"], ["replog"], ["replog", "resize", "100"],
+    ["replog", "resize", "-1"], ["replog", "resize", str(1 << 40)],
+]
+REFUSED_DEVICE = [
+    [], ["frob"], ["start", "x"], ["device"], ["device", "add"], ["device", "del", "0"],
+    ["device", "del", "2"], ["device", "del", "1", "2"], ["device", "add", "rep", "5"],
+    ["device", "add", "rep", "0", "1", "1", "/nonexistent", "core", "1", "8"],
+    ["device", "add", "rep", "0", "9", "1", "/nonexistent", "core", "1", "8"],
+    ["device", "add", "rep", "0", "2", "1", "/nonexistent", "core", "1", "8"],
+    ["device", "add", "rep", "0", "2", "1", "/x", "core", "1", "16"],   # region size
+]
+
+
+@pytest.mark.parametrize("argv", REFUSED_REPLICATOR, ids=" ".join)
+def test_a_refused_replicator_message_changes_nothing(rep: Replicator,
+                                                      argv: list[str]) -> None:
+    before = snapshot(rep)
+    with pytest.raises(MessageError):
+        rep.message(argv)
+    assert snapshot(rep) == before
+
+
+@pytest.mark.parametrize("argv", REFUSED_DEVICE, ids=" ".join)
+def test_a_refused_device_message_changes_nothing(rep: Replicator, argv: list[str]) -> None:
+    before = snapshot(rep)
+    with pytest.raises(MessageError):
+        rep.devices[0].message(argv)
+    assert snapshot(rep) == before
+
+
 # -- property: the device table renders back to the same configuration -----------
 
 paths = st.from_regex(r"/[a-z0-9_]{1,12}", fullmatch=True)
