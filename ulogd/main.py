@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from dmrepl.errors import InUse
+from dmrepl.numbers import argument
 from dmrepl.ownership import Claim, claim_directory, claim_lock_file
 from ulogd.control import DEFAULT_CONTROL_PATH, ControlServer, query
 from ulogd.server import Dispatcher, LogFactory, default_log_factory
@@ -280,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lock-file", default=DEFAULT_LOCK_FILE,
                      help="held while running: a second ulogd on this host refuses to start "
                           "(exit code 9; default %(default)s; '' for none)")
-    run.add_argument("--realtime", type=int, default=0, metavar="PRIO",
+    run.add_argument("--realtime", type=argument("--realtime", usage_error=True, hi=99),
+                     default=0, metavar="PRIO",
                      help="run SCHED_FIFO at this priority with memory locked (0: off)")
     run.add_argument("--no-persist-marks", action="store_true",
                      help="make marks durable at FLUSH only, not at MARK (faster disk logs, "

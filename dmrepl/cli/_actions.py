@@ -115,7 +115,7 @@ def daemon(ns: argparse.Namespace) -> int:
     try:
         tuning = parse_tuning(ns.tuning)
     except UserError as e:
-        raise CliUserError(f"--{e}") from None
+        raise CliUserError(str(e)) from None
     for flag in ("nbd_max_connections", "nbd_handshake_timeout", "nbd_idle_timeout"):
         value = getattr(ns, flag)
         if value is not None and value <= 0:

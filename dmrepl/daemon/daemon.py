@@ -7,9 +7,13 @@ them).  Each device is served over NBD on ``<state-dir>/nbd.sock`` under its
 name and, unless the daemon runs with ``kernel_devices=False``, attached to a
 /dev/nbdN and shown as /dev/mapper/NAME (dm linear over /dev/nbdN).
 
-Every change is written to ``<state-dir>/state.json`` (atomically) before it is
-acknowledged, so a daemon restarted after a crash recreates the same objects in
-the same order; the engine's own log recovery does the rest.
+Every change (a create, a table switch, a remove, and every message an engine
+accepted: policy, fall-behind, resync rate, site links and device legs added or
+deleted, a replog resize) is written to ``<state-dir>/state.json`` (atomically)
+before it is acknowledged, as the *live* tables the engines render, so a daemon
+restarted after a crash recreates the same objects as they were, in the same
+order; the engine's own log recovery does the rest.  ``dmrepl table`` shows the
+same live tables.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ from dmrepl.daemon._schema import schema_of
 from dmrepl.errors import DmreplError, InUse, UserError
 from dmrepl.nbd.backend import Backend
 from dmrepl.nbd.server import Export, NbdLimits, NbdServer
+from dmrepl.numbers import parse_decimal, parse_int
 from dmrepl.ownership import claim_directory
 from dmrepl.replicator.errors import DeviceBusy
+from dmrepl.replicator.table import table_line
 from dmrepl.unixsock import AcceptBackoff, listen_root_only
 
 log = logging.getLogger("dmrepl.daemon")
@@ -71,12 +77,8 @@ def parse_table(text: str) -> list[Line]:
         words = raw.split()
         if len(words) < 3:
             raise UserError(f"table line {n}: expected '<start> <length> <target> ...'")
-        try:
-            start, length = int(words[0]), int(words[1])
-        except ValueError:
-            raise UserError(f"table line {n}: start and length must be integers") from None
-        if start < 0 or length <= 0:
-            raise UserError(f"table line {n}: start must be >= 0 and length > 0")
+        start = parse_int(words[0], f"table line {n}: start (sectors; integers)")
+        length = parse_int(words[1], f"table line {n}: length (sectors; integers)", lo=1)
         lines.append(Line(start, length, words[2], words[3:], " ".join(words)))
     if not lines:
         raise UserError("empty table")
@@ -181,7 +183,8 @@ def open_store(path: str) -> Any:
     """The engine's device opener: nbd:// URLs (remote sites) or files/block devices."""
     from dmrepl.nbd.client import NbdStore, is_nbd_url
     if is_nbd_url(path):
-        return NbdStore(path, timeout=float(os.environ.get("DMREPL_NBD_TIMEOUT", "5")))
+        return NbdStore(path, timeout=parse_decimal(os.environ.get("DMREPL_NBD_TIMEOUT", "5"),
+                                                    "DMREPL_NBD_TIMEOUT (seconds)"))
     from dmrepl.replicator.store import open_file_store
     return open_file_store(path)
 
@@ -233,7 +236,24 @@ class Daemon:
 
     # -- persistence -------------------------------------------------------
 
+    def _live_lines(self, obj: ReplicatorObj | DeviceObj) -> list[Line]:
+        """``obj``'s table as its engine has it now (messages change it)."""
+        if isinstance(obj, ReplicatorObj):
+            parts: list[tuple[Line, Any]] = [(obj.lines[0], obj.engine)]
+        elif len(obj.devs) == len(obj.lines):
+            parts = list(zip(obj.lines, obj.devs, strict=True))
+        else:   # between the removal and re-adding of its engine devices
+            return obj.lines
+        out = []
+        for line, engine in parts:
+            params = engine.table()
+            text = table_line(line.start, line.length, line.target, params)
+            out.append(Line(line.start, line.length, line.target, params.split(), text))
+        return out
+
     def _save(self) -> None:
+        for obj in self.objects.values():
+            obj.lines = self._live_lines(obj)
         state = {"version": 1, "objects": [
             {"name": o.name, "kind": o.kind, "uuid": o.uuid,
              "table": [line.text for line in o.lines],
@@ -347,7 +367,16 @@ class Daemon:
             raise ControlError("notfound", f"no replicator named {ref!r}")
         return rep
 
+    @staticmethod
+    def _check_lines(rep: ReplicatorObj, lines: list[Line]) -> None:
+        """Every line valid for ``rep`` (grammar, site links) before any is used."""
+        check = getattr(rep.engine, "check_device", None)
+        if check is not None:
+            for line in lines:
+                check(line.text)
+
     def _add_devs(self, rep: ReplicatorObj, lines: list[Line]) -> list[Any]:
+        self._check_lines(rep, lines)
         devs: list[Any] = []
         try:
             for line in lines:
@@ -503,7 +532,7 @@ class Daemon:
             if sum(line.length for line in lines) != obj.sectors:
                 raise UserError(f"new table has {sum(x.length for x in lines)} sectors, "
                                 f"{name} has {obj.sectors}: resizing is not supported")
-            self._replicator_of(lines)
+            self._check_lines(self._replicator_of(lines), lines)
             obj.inactive = sorted(lines, key=lambda x: x.start)
 
     def op_suspend(self, name: str) -> None:
@@ -566,14 +595,28 @@ class Daemon:
                 if isinstance(o, DeviceObj) and o.replicator == obj.name]
 
     def op_message(self, name: str, sector: int, args: list[str]) -> str:
+        """A target message; what the engine accepted is persisted (as the live
+        table) before the answer, what it refused changed nothing."""
         with self.lock:
             obj = self._get(name)
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise UserError("a message is a list of words")
             if not args:
                 raise UserError("empty message")
+            if isinstance(sector, bool) or not isinstance(sector, int) or sector < 0:
+                raise UserError(f"invalid sector {sector!r}: not a sector number")
             if isinstance(obj, ReplicatorObj):
-                return str(obj.engine.message(list(args)) or "")
-            index = self._line_at(obj, int(sector))
-            return str(obj.devs[index].message(list(args)) or "")
+                target = obj.engine
+            else:
+                target = obj.devs[self._line_at(obj, sector)]
+            answer = str(target.message(list(args)) or "")
+            try:
+                self._save()
+            except OSError as e:
+                raise ControlError("runtime", f"message applied, but the live table of "
+                                              f"{name} could not be persisted: "
+                                              f"{e.strerror or e}") from e
+            return answer
 
     @staticmethod
     def _line_at(obj: DeviceObj, sector: int) -> int:
@@ -614,7 +657,7 @@ class Daemon:
     def _describe(self, obj: ReplicatorObj | DeviceObj) -> dict[str, Any]:
         desc: dict[str, Any] = {
             "name": obj.name, "type": obj.kind, "uuid": obj.uuid,
-            "table": [line.text for line in obj.lines],
+            "table": [line.text for line in self._live_lines(obj)],
             "inactive_table": [line.text for line in obj.inactive] if obj.inactive else None,
         }
         if isinstance(obj, ReplicatorObj):

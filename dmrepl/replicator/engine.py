@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -53,6 +54,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dmrepl.errors import UserError
+from dmrepl.numbers import parse_int
 from dmrepl.replicator import ondisk
 from dmrepl.replicator._state import (
     AckEvent,
@@ -354,15 +356,6 @@ class Replicator:
         legs = self._open_legs(cfg.dev_nr, cfg.legs, cfg.length, [])
         try:
             size = legs[0].store.size if cfg.length is None else cfg.length * SECTOR
-            if size > legs[0].store.size:
-                raise TableError(f"device {cfg.dev_nr}: length {size // SECTOR} sectors "
-                                 f"exceeds local device {local.dev_path} "
-                                 f"({legs[0].store.size // SECTOR} sectors)")
-            for leg in legs.values():
-                if leg.slink_nr and leg.store.size < size:
-                    raise TableError(f"device {cfg.dev_nr}: remote device "
-                                     f"{leg.cfg.dev_path} (site link {leg.slink_nr}) is "
-                                     "smaller than the local device")
             if cfg.length is None:
                 cfg = replace(cfg, length=size // SECTOR)
             self._mark_lost(cfg.dev_nr, legs)
@@ -406,23 +399,29 @@ class Replicator:
                 region = rs
         legs: dict[int, Leg] = {}
         try:
+            # every device is opened and checked, then every dirty log opened, before
+            # any dirty log is resumed (writes): a refused leg leaves nothing behind
             for c in cfgs:
                 try:
                     store = self.opener(c.dev_path)
                 except OSError as e:
                     raise TableError(f"cannot open device {c.dev_path} (site link "
                                      f"{c.slink_nr}): {e.strerror or e}") from e
-                leg = Leg(c.slink_nr, c, store)
-                legs[c.slink_nr] = leg
-                if c.slink_nr:
-                    sectors = length if length is not None else store.size // SECTOR
-                    from dmrepl.dirtylog import open_dirty_log
+                legs[c.slink_nr] = Leg(c.slink_nr, c, store)
+            self._check_leg_sizes(dev_nr, legs, length, existing)
+            from dmrepl.dirtylog import open_dirty_log
+            for leg in legs.values():
+                if leg.slink_nr:
+                    sectors = length if length is not None else legs[0].store.size // SECTOR
                     try:
-                        leg.dlog = open_dirty_log(c.dlog_type, c.dlog_args, sectors)
-                        leg.dlog.resume()
+                        leg.dlog = open_dirty_log(leg.cfg.dlog_type, leg.cfg.dlog_args,
+                                                  sectors)
                     except UserError as e:
-                        raise TableError(f"dirty log of {c.dev_path} (site link "
-                                         f"{c.slink_nr}): {e}") from e
+                        raise TableError(f"dirty log of {leg.cfg.dev_path} (site link "
+                                         f"{leg.slink_nr}): {e}") from e
+            for leg in legs.values():
+                if leg.dlog is not None:
+                    leg.dlog.resume()
         except BaseException:
             for leg in legs.values():
                 self._close_leg(leg)
@@ -472,6 +471,25 @@ class Replicator:
                 f"..{lost['last_seq']} damaged): the local devices may lack them; "
                 f"{where} marked out of sync on every site link; check the local data, "
                 f"then clear with the message '{LOST_CLEAR_MESSAGE}'")
+
+    @staticmethod
+    def _check_leg_sizes(dev_nr: int, legs: dict[int, Leg], length: int | None,
+                         existing: Sequence[Leg]) -> None:
+        """Every device holds the replicated device: ``length`` sectors, or (none
+        given) the local device's size."""
+        local = legs.get(0) or next((leg for leg in existing if leg.slink_nr == 0), None)
+        if local is None:
+            raise TableError(f"device {dev_nr}: the local device (site link 0) is missing")
+        size = local.store.size if length is None else length * SECTOR
+        if size > local.store.size:
+            raise TableError(f"device {dev_nr}: length {size // SECTOR} sectors exceeds "
+                             f"local device {local.cfg.dev_path} "
+                             f"({local.store.size // SECTOR} sectors)")
+        for leg in legs.values():
+            if leg.slink_nr and leg.store.size < size:
+                raise TableError(f"device {dev_nr}: remote device {leg.cfg.dev_path} "
+                                 f"(site link {leg.slink_nr}) is smaller than the local "
+                                 "device")
 
     def _region_size(self) -> int | None:
         for d in self.devices.values():
@@ -1442,45 +1460,19 @@ class Replicator:
             self._persist_all()
             return ""
         if sub == "message":
-            with self.cond:
-                found = self.slinks.get(nr)
-                if found is None:
-                    raise MessageError(f"site link {nr} doesn't exist")
-                s, cfg = found, found.cfg
             rest = argv[2:]
-            try:
-                if len(rest) == 2 and rest[0] == "policy":
-                    sync, stall = parse_policy(rest[1])
-                    if sync and cfg.fallbehind.enabled:
-                        raise MessageError("a synchronous site link can't keep a "
-                                           "fall-behind threshold; set fallbehind ios 0 first")
-                    new_cfg = replace(cfg, sync=sync, stall=stall)
-                elif rest[:1] == ["fallbehind"] and len(rest) in (2, 3):
-                    if len(rest) == 2:
-                        kind, eq, value = rest[1].partition("=")
-                        if not eq:
-                            raise MessageError("usage: fallbehind <type> <value> or "
-                                               "<type>=<value>")
-                    else:
-                        kind, value = rest[1], rest[2]
-                    fb = parse_fallbehind(kind, value)
-                    if cfg.sync and fb.enabled:
-                        raise MessageError("a fall-behind threshold on a synchronous site "
-                                           "link is meaningless")
-                    new_cfg = replace(cfg, fallbehind=fb)
-                elif len(rest) == 2 and rest[0] == "resync_rate":
-                    new_cfg = replace(cfg, resync_rate=parse_rate(rest[1]))
-                else:
-                    raise MessageError("usage: slink message <nr> policy <policy> | "
-                                       "fallbehind <type> <value> | resync_rate "
-                                       "<N>[k|m|g]")
-            except TableError as e:
-                raise MessageError(str(e)) from e
             with self.cond:
-                s.cfg = new_cfg
+                link = self.slinks.get(nr)
+                if link is None:
+                    raise MessageError(f"site link {nr} doesn't exist")
+                # all settings are checked against the resulting configuration
+                # before any applies: a refused message changes nothing
+                cfg = link.cfg
+                new_cfg = _slink_settings(cfg, rest)
+                link.cfg = new_cfg
                 if new_cfg.resync_rate != cfg.resync_rate:
-                    s.resync_next = self.clock()  # the new rate applies from now
-                self._check_fallbehind(s, time.monotonic())
+                    link.resync_next = self.clock()  # the new rate applies from now
+                self._check_fallbehind(link, time.monotonic())
                 self._bump(f"slink {nr}: {' '.join(rest)}")
             return ""
         raise MessageError(f"invalid slink command {sub!r}: expected add, del or message")
@@ -1489,11 +1481,18 @@ class Replicator:
         if len(argv) == 2 and argv[0] == "statistics":
             return self.message(["statistics", argv[1]])
         if len(argv) == 2 and argv[0] == "resize":
-            size = _msg_int(argv[1], "replog size (sectors)")
+            size = _msg_int(argv[1], "replog size (sectors)", lo=LOG_SIZE_MIN,
+                            hi=((1 << 63) - 1) // SECTOR - self.cfg.replog.dev_start)
             try:
                 self.ring.resize(size)
             except TableError as e:
                 raise MessageError(str(e)) from e
+            except OSError as e:
+                if e.errno not in _CANNOT_GROW:
+                    raise
+                # the log file could not grow to the new size: nothing was written
+                raise MessageError(f"replog resize {size}: cannot grow "
+                                   f"{self.cfg.replog.dev_path}: {e.strerror or e}") from e
             with self.cond:
                 self.cfg = replace(self.cfg, replog=replace(
                     self.cfg.replog, size=size,
@@ -1517,6 +1516,23 @@ class Replicator:
 
     # -- status ----------------------------------------------------------------------------
 
+    def table(self) -> str:
+        """TABLE status: the live ``replicator`` parameters (after every message),
+        which parse back to the same configuration."""
+        return self.table_config().params()
+
+    def check_device(self, line: str) -> None:
+        """Refuse (TableError) a ``replicator-dev`` line this replicator could not
+        take, without opening anything (a loaded table is checked before resume)."""
+        cfg = parse_device(line)
+        for leg in cfg.legs:
+            if leg.slink_nr not in self.slinks:
+                raise TableError(f"device {cfg.dev_nr}: site link {leg.slink_nr} is not "
+                                 "defined by the replicator")
+        if cfg.leg(0) is None:
+            raise TableError(f"device {cfg.dev_nr}: the local device (site link 0) is "
+                             "missing")
+
     def table_config(self) -> ReplicatorConfig:
         with self.lock:
             return replace(self.cfg, slinks=tuple(
@@ -1527,7 +1543,7 @@ class Replicator:
         <sectors used>/<log sectors> <slink>:<up|down>[:resync][:rate=<N>k|m|g] ...``;
         ``table``: the parameters, which parse back to the same configuration."""
         if kind == "table":
-            return self.table_config().params()
+            return self.table()
         if kind != "info":
             raise UserError(f"invalid status type {kind!r}: expected info or table")
         with self.lock:
@@ -1668,10 +1684,59 @@ class Replicator:
         return True
 
 
-def _msg_int(word: str, what: str) -> int:
-    if not word.isascii() or not word.isdigit():
-        raise MessageError(f"invalid {what} {word!r}")
-    return int(word)
+# ftruncate's refusals of a size (nothing changed): too large for the file system,
+# beyond its limits, or no room
+_CANNOT_GROW = frozenset({errno.EFBIG, errno.EINVAL, errno.ENOSPC, errno.EDQUOT})
+
+SLINK_MESSAGE_USAGE = ("usage: slink message <nr> <setting>... with settings policy "
+                       "<policy>, fallbehind <type> <value> (or <type>=<value>), "
+                       "resync_rate <N>[k|m|g]")
+
+
+def _slink_settings(cfg: SlinkConfig, words: Sequence[str]) -> SlinkConfig:
+    """The site link configuration after the settings of ``slink message <nr>
+    <setting>...``; MessageError (nothing applied) if any setting is bad or the
+    result is not a valid site link (as its table line would be refused)."""
+    if not words:
+        raise MessageError(SLINK_MESSAGE_USAGE)
+    seen: set[str] = set()
+    i = 0
+    try:
+        while i < len(words):
+            key = words[i]
+            if key in seen:
+                raise MessageError(f"slink message: {key} given twice")
+            seen.add(key)
+            if key == "policy" and i + 1 < len(words):
+                sync, stall = parse_policy(words[i + 1])
+                cfg = replace(cfg, sync=sync, stall=stall)
+                i += 2
+            elif key == "fallbehind" and i + 1 < len(words):
+                kind, eq, value = words[i + 1].partition("=")
+                if eq:
+                    i += 2
+                elif i + 2 < len(words):
+                    value = words[i + 2]
+                    i += 3
+                else:
+                    raise MessageError("usage: fallbehind <type> <value> or <type>=<value>")
+                cfg = replace(cfg, fallbehind=parse_fallbehind(kind, value))
+            elif key == "resync_rate" and i + 1 < len(words):
+                cfg = replace(cfg, resync_rate=parse_rate(words[i + 1]))
+                i += 2
+            else:
+                raise MessageError(SLINK_MESSAGE_USAGE)
+    except TableError as e:
+        raise MessageError(str(e)) from e
+    if cfg.sync and cfg.fallbehind.enabled:
+        raise MessageError(f"site link {cfg.slink_nr}: a synchronous site link can't keep "
+                           "a fall-behind threshold; clear it in the same message: "
+                           "fallbehind ios 0 policy sync")
+    return cfg
+
+
+def _msg_int(word: str, what: str, *, lo: int = 0, hi: int | None = None) -> int:
+    return parse_int(word, what, lo=lo, hi=hi, error=MessageError)
 
 
 def _write_zeros(store: BlockStore, offset: int, length: int) -> None:
@@ -1811,12 +1876,6 @@ class ReplicatedDevice:
                                        list(self.legs.values()))
         except TableError as e:
             raise MessageError(f"device add: {e}") from e
-        for leg in legs.values():
-            if leg.store.size < self.size_bytes:
-                for lg in legs.values():
-                    self.rep._close_leg(lg)
-                raise MessageError(f"device add: {leg.cfg.dev_path} is smaller than the "
-                                   "local device")
         with self.rep.cond:
             self.legs.update(legs)
             self.cfg = replace(self.cfg, legs=tuple(lg.cfg for _, lg in
