@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from dmrepl.blockio import open_store  # the engine's device opener; a compatibility name here
 from dmrepl.daemon import _kernel
 from dmrepl.daemon._proto import ControlError, FrameDecoder, FrameError, encode
 from dmrepl.errors import DmreplError, UserError
@@ -173,15 +174,6 @@ def default_engine(kind: str = "auto") -> Any:
         log.warning("dmrepl.replicator is not available: using the sim engine")
         return SimReplicator
     return Replicator
-
-
-def open_store(path: str) -> Any:
-    """The engine's device opener: nbd:// URLs (remote sites) or files/block devices."""
-    from dmrepl.nbd.client import NbdStore, is_nbd_url
-    if is_nbd_url(path):
-        return NbdStore(path, timeout=float(os.environ.get("DMREPL_NBD_TIMEOUT", "5")))
-    from dmrepl.replicator.store import open_file_store
-    return open_file_store(path)
 
 
 def _wrap(e: Exception, what: str) -> ControlError:
