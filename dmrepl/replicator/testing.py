@@ -13,7 +13,7 @@ import errno
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from dmrepl.blockio import MemoryBlockIO
@@ -147,28 +147,37 @@ class FakeStore(MemoryBlockIO):
             with self.lock:
                 self.in_flight -= 1
 
-    def store(self, offset: int, data: bytes | bytearray | memoryview, *,
-              durable: bool) -> None:
-        """Every write (``pwrite``, ``pwritev``, ``pwritev_durable``) passes here:
-        latency, the gate, injected faults, then the write, recorded."""
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         with self._in_flight():
-            if self.delay is not None:
-                d = self.delay()
-                if d > 0:
-                    time.sleep(d)  # simulated device latency
-            self.gate.wait()
-            if self.fail_writes:
-                raise self._io_error("write")
-            b = bytes(data)
-            rec = self.recorder
-            if rec is not None:
-                with rec.lock:
-                    super().store(offset, b, durable=durable)
-                    rec.ops.append(Op(self.name, "write", offset, b, durable=durable))
-            else:
-                super().store(offset, b, durable=durable)
-            with self.lock:
-                self.writes += 1
+            self._pwrite(offset, data)
+
+    def pwritev_durable(self, offset: int,
+                        bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        """A write durable when it returns (the log's lone-writer path)."""
+        with self._in_flight():
+            self._pwrite(offset, b"".join(bytes(b) for b in bufs), durable=True)
+
+    def _pwrite(self, offset: int, data: bytes | bytearray | memoryview,
+                durable: bool = False) -> None:
+        """Latency, the gate, injected faults, then the write, recorded (tests wrap
+        this one to watch the writes that reach the store)."""
+        if self.delay is not None:
+            d = self.delay()
+            if d > 0:
+                time.sleep(d)  # simulated device latency
+        self.gate.wait()
+        if self.fail_writes:
+            raise self._io_error("write")
+        b = bytes(data)
+        rec = self.recorder
+        if rec is not None:
+            with rec.lock:
+                self.store(offset, b, durable=durable)
+                rec.ops.append(Op(self.name, "write", offset, b, durable=durable))
+        else:
+            self.store(offset, b, durable=durable)
+        with self.lock:
+            self.writes += 1
         if self.on_write is not None:
             self.on_write(offset, b)
 
