@@ -94,8 +94,12 @@ class FileBlockIO:
     def pread(self, offset: int, length: int) -> bytes:
         check_read(self.name, self.size, offset, length)
         if self._bounce is None:
+            data = os.pread(self.fd, length, offset)  # one call, one copy: the usual case
+            if len(data) == length:
+                return data
             out = bytearray(length)
-            self._read_into(memoryview(out), offset)
+            out[:len(data)] = data
+            self._read_into(memoryview(out)[len(data):], offset + len(data))
             return bytes(out)
         with self._aligned(length) as view:
             self._read_into(view, offset)
