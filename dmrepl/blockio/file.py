@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from urllib.parse import unquote, urlsplit
 
 from cdefs import blkdev
+from dmrepl.blockio._compat import CompatNames
 from dmrepl.blockio._range import Buffer, check_read, check_write, joined
 
 #: The logical block size of a regular file (the sector the engine works in).
@@ -35,7 +36,7 @@ class NotADevice(OSError):
     """The path is neither a block device nor a regular file: give one that is."""
 
 
-class FileBlockIO:
+class FileBlockIO(CompatNames):
     concurrent_writes = False
 
     def __init__(self, path: str | os.PathLike[str], *, direct: bool = False,
@@ -129,13 +130,14 @@ class FileBlockIO:
             try:
                 if self._writev(offset, bufs, os.RWF_DSYNC):
                     return
-                os.fdatasync(self.fd)  # a short write: the rest went without the flag
-                return
             except OSError as err:
                 if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 self._dsync = False
-        self._writev(offset, bufs, 0)
+                self._writev(offset, bufs, 0)
+        else:
+            self._writev(offset, bufs, 0)
+        # the flag refused, or a short write whose rest went without it
         os.fdatasync(self.fd)
 
     def _writev(self, offset: int, bufs: Sequence[Buffer], flags: int) -> bool:
@@ -188,21 +190,6 @@ class FileBlockIO:
                 self.fd = -1
                 if self._bounce is not None:
                     self._bounce.close()
-
-    # -- compatibility names (NBD export, dirty log), until their callers move --
-
-    @property
-    def size_bytes(self) -> int:
-        return self.size
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.pread(offset, length)
-
-    def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        if fua:
-            self.pwritev_durable(offset, [data])
-        else:
-            self.pwrite(offset, data)
 
 
 def open_file(url: str) -> FileBlockIO:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from dmrepl.blockio._compat import CompatNames
 from dmrepl.blockio._range import Buffer, check_aligned, check_read, check_write, joined
 
 
-class MemoryBlockIO:
+class MemoryBlockIO(CompatNames):
     concurrent_writes = False
 
     def __init__(self, size: int, *, data: Buffer | None = None, name: str = "mem",
@@ -91,18 +92,3 @@ class MemoryBlockIO:
         return MemoryBlockIO(self.size, data=durable, name=self.name,
                              logical_block_size=self.logical_block_size,
                              direct=self.direct, volatile_cache=self.volatile_cache)
-
-    # -- compatibility names (NBD export, dirty log), until their callers move --
-
-    @property
-    def size_bytes(self) -> int:
-        return self.size
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.pread(offset, length)
-
-    def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        if fua:
-            self.pwritev_durable(offset, [data])
-        else:
-            self.pwrite(offset, data)
