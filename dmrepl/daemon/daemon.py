@@ -36,13 +36,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from dmrepl.blockio import open_store  # the engine's device opener; a compatibility name here
 from dmrepl.daemon import _kernel
 from dmrepl.daemon._proto import BadFrame, ControlError, FrameDecoder, FrameError, encode
 from dmrepl.daemon._schema import schema_of
 from dmrepl.errors import DmreplError, InUse, UserError
 from dmrepl.nbd.backend import Backend
 from dmrepl.nbd.server import Export, NbdLimits, NbdServer
-from dmrepl.numbers import parse_decimal, parse_int
+from dmrepl.numbers import parse_int
 from dmrepl.ownership import claim_directory
 from dmrepl.replicator.errors import DeviceBusy
 from dmrepl.replicator.table import table_line
@@ -177,16 +178,6 @@ def default_engine(kind: str = "auto") -> Any:
         log.warning("dmrepl.replicator is not available: using the sim engine")
         return SimReplicator
     return Replicator
-
-
-def open_store(path: str) -> Any:
-    """The engine's device opener: nbd:// URLs (remote sites) or files/block devices."""
-    from dmrepl.nbd.client import NbdStore, is_nbd_url
-    if is_nbd_url(path):
-        return NbdStore(path, timeout=parse_decimal(os.environ.get("DMREPL_NBD_TIMEOUT", "5"),
-                                                    "DMREPL_NBD_TIMEOUT (seconds)"))
-    from dmrepl.replicator.store import open_file_store
-    return open_file_store(path)
 
 
 def _wrap(e: Exception, what: str) -> ControlError:

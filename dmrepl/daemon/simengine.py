@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from dmrepl.daemon.daemon import open_store
+from dmrepl.blockio import open_store
 from dmrepl.errors import UserError
 from dmrepl.numbers import parse_int
 
