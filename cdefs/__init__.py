@@ -42,3 +42,16 @@ def verify_against_headers(cdef: str, includes: str, *, module_name: str) -> Any
     module: ModuleType = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.ffi
+
+
+# asm-generic/ioctl.h: nr in bits 0-7, type in 8-15, size in 16-29, direction in
+# 30-31.  x86, arm and arm64 use this generic layout (powerpc, mips and sparc don't).
+_IOC_NRSHIFT, _IOC_TYPESHIFT, _IOC_SIZESHIFT, _IOC_DIRSHIFT = 0, 8, 16, 30
+IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
+
+
+def ioc(direction: int, type_: int, nr: int, size: int) -> int:
+    """The kernel's ``_IOC(dir, type, nr, size)``: an ioctl request number (the
+    headers build them with macros cffi cannot evaluate in ABI mode)."""
+    return ((direction << _IOC_DIRSHIFT) | (size << _IOC_SIZESHIFT)
+            | (type_ << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import cffi
 
-from cdefs import abi_ffi
+from cdefs import IOC_READ, IOC_WRITE, abi_ffi, ioc
 
 # <sys/ioctl.h> for ioctl(2) itself (and the _IOWR macro the dm header uses).
 INCLUDES = "#include <sys/ioctl.h>\n#include <linux/dm-ioctl.h>"
@@ -143,17 +143,9 @@ COMMANDS = (
     "DM_TARGET_MSG", "DM_DEV_SET_GEOMETRY", "DM_DEV_ARM_POLL", "DM_GET_TARGET_VERSION",
 )
 
-# asm-generic/ioctl.h: nr in bits 0-7, type in 8-15, size in 16-29, direction in
-# 30-31.  x86, arm and arm64 use this generic layout (powerpc, mips and sparc don't).
-_IOC_NRSHIFT, _IOC_TYPESHIFT, _IOC_SIZESHIFT, _IOC_DIRSHIFT = 0, 8, 16, 30
-_IOC_WRITE, _IOC_READ = 1, 2
-
-
 def ioctl_number(cmd: int) -> int:
     """``_IOWR(DM_IOCTL, cmd, struct dm_ioctl)`` for one ``DM_*_CMD``."""
-    size = ffi.sizeof("struct dm_ioctl")
-    return (((_IOC_READ | _IOC_WRITE) << _IOC_DIRSHIFT) | (size << _IOC_SIZESHIFT)
-            | (lib.DM_IOCTL << _IOC_TYPESHIFT) | (cmd << _IOC_NRSHIFT))
+    return ioc(IOC_READ | IOC_WRITE, lib.DM_IOCTL, cmd, ffi.sizeof("struct dm_ioctl"))
 
 
 #: Request number of every command, keyed by the header's macro name (``DM_TABLE_LOAD``).

@@ -18,3 +18,8 @@ class DmreplError(Exception):
 
 class UserError(DmreplError, ValueError):
     """Bad input: nothing was changed; correct the input and try again."""
+
+
+class InUse(DmreplError):
+    """Another process owns this state directory, socket or device: nothing was
+    touched; stop that process (or choose another path) and try again."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dmrepl.errors import UserError
+from dmrepl.numbers import parse_decimal, parse_int
 
 
 @dataclass(frozen=True)
@@ -75,18 +76,12 @@ TUNABLES: dict[str, Tunable] = {
 
 
 def _convert(key: str, raw: str, t: Tunable) -> Any:
-    try:
-        number = float(raw)
-    except ValueError:
-        raise UserError(f"tuning {key}: {raw!r} is not a number") from None
-    if t.kind is not float and number != int(number):
-        raise UserError(f"tuning {key}: wants a whole number, not {raw!r}")
-    if number < t.minimum or (t.maximum is not None and number > t.maximum):
-        upper = f" and <= {t.maximum:g}" if t.maximum is not None else ""
-        raise UserError(f"tuning {key}: {raw!r} out of range (>= {t.minimum:g}{upper})")
-    if t.kind is bool:
-        return bool(number)
-    return int(number) if t.kind is int else number
+    what = f"tuning {key}"
+    if t.kind is float:
+        return parse_decimal(raw, what, lo=t.minimum, hi=t.maximum)
+    number = parse_int(raw, what, lo=int(t.minimum),
+                       hi=None if t.maximum is None else int(t.maximum))
+    return bool(number) if t.kind is bool else number
 
 
 def parse_tuning(items: Iterable[str]) -> dict[str, Any]:

@@ -15,12 +15,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from dmrepl.unixsock import listen_root_only
+from dmrepl.unixsock import AcceptBackoff, listen_root_only
 
 log = logging.getLogger("ulogd.control")
 
 DEFAULT_CONTROL_PATH = "/run/ulogd/control"
 MAX_REQUEST = 4096
+#: Seconds a client has to send its whole request line (connections are served one
+#: at a time: this bounds how long one silent client delays the others).
+REQUEST_TIMEOUT = 5.0
 
 
 class ControlServer:
@@ -31,19 +34,24 @@ class ControlServer:
         self.snapshot = snapshot
         self.sock = listen_root_only(path, 8, dir_mode=0o700)
         self._stop = False
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="ulogd-control", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def _serve(self) -> None:
+        backoff = AcceptBackoff("ulogd control")
         while not self._stop:
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
+            except OSError as e:
                 if self._stop:
                     return
+                # out of fds: the client stays queued; never spin on it
+                self._stopped.wait(backoff.failed(e))
                 continue
+            backoff.succeeded()
             with conn:
                 try:
                     self._handle(conn)
@@ -51,7 +59,7 @@ class ControlServer:
                     log.warning("control request failed: %s", e)
 
     def _handle(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
+        conn.settimeout(REQUEST_TIMEOUT)
         buf = b""
         while b"\n" not in buf and len(buf) < MAX_REQUEST:
             chunk = conn.recv(MAX_REQUEST)
@@ -68,6 +76,7 @@ class ControlServer:
 
     def close(self) -> None:
         self._stop = True
+        self._stopped.set()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

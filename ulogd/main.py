@@ -8,11 +8,17 @@ connector group, so the kernel can reach us) is announced by writing
 ``--ready-file`` and, under systemd, by ``READY=1`` on ``$NOTIFY_SOCKET``.
 SIGTERM/SIGINT only set a flag; the loop notices it, closes every log (a disk
 log writes its state) and exits 0.
+
+One ulogd per host: the kernel sends every dm-log-userspace request to each
+process on the connector, so ``run`` first claims ``--lock-file`` (and its state
+directory, and its control socket if one answers there) and otherwise exits
+with :attr:`ExitCode.IN_USE`, touching nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import logging
 import os
@@ -22,6 +28,9 @@ import sys
 import time
 from typing import Any
 
+from dmrepl.errors import InUse
+from dmrepl.numbers import argument
+from dmrepl.ownership import Claim, claim_directory, claim_lock_file
 from ulogd.control import DEFAULT_CONTROL_PATH, ControlServer, query
 from ulogd.server import Dispatcher, LogFactory, default_log_factory
 from ulogd.transport import RECV_SIZE, Transport
@@ -31,6 +40,20 @@ log = logging.getLogger("ulogd")
 #: How long a stop request (SIGTERM) may go unnoticed by a blocked receive.
 STOP_POLL_SECONDS = 0.2
 DEFAULT_STATE_DIR = "/run/ulogd/state"
+#: The host-wide claim on the kernel's connector (one ulogd per kernel).
+DEFAULT_LOCK_FILE = "/run/ulogd/ulogd.lock"
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of ``ulogd``; stable: scripts and units may rely on them."""
+    OK = 0        # success (run: stopped cleanly)
+    ERROR = 1     # could not start, or status could not reach the daemon
+    USAGE = 2     # the command line is malformed (argparse)
+    IN_USE = 9    # run: another ulogd owns the lock file, state dir or control socket
+
+
+def epilog() -> str:
+    return "exit codes:\n" + "\n".join(f"  {int(c):>3}  {c.name}" for c in ExitCode)
 
 
 class Daemon:
@@ -48,12 +71,30 @@ class Daemon:
                  log_factory: LogFactory = default_log_factory,
                  control_path: str | None = DEFAULT_CONTROL_PATH,
                  state_dir: str | None = None,
-                 persist_marks: bool = True) -> None:
-        self.transport = transport if transport is not None else Transport()
-        self.dispatcher = Dispatcher(log_factory, portid=self.transport.portid,
-                                     persist_marks=persist_marks, state_dir=state_dir)
-        self.control = (ControlServer(control_path, self.status_snapshot)
-                        if control_path else None)
+                 persist_marks: bool = True,
+                 lock_file: str | None = None) -> None:
+        # Claimed before anything is touched (InUse if another ulogd holds one):
+        # the host-wide lock, the state directory, then the control socket.
+        self.claims: list[Claim] = []
+        try:
+            if lock_file:
+                self.claims.append(claim_lock_file(lock_file, f"ulogd lock {lock_file}"))
+            if state_dir:
+                self.claims.append(claim_directory(state_dir, "ulogd state directory"))
+            self.control = (ControlServer(control_path, self.status_snapshot)
+                            if control_path else None)
+        except BaseException:
+            self._release()
+            raise
+        try:
+            self.transport = transport if transport is not None else Transport()
+            self.dispatcher = Dispatcher(log_factory, portid=self.transport.portid,
+                                         persist_marks=persist_marks, state_dir=state_dir)
+        except BaseException:
+            if self.control is not None:
+                self.control.close()
+            self._release()
+            raise
         self.started = time.time()
         self._stop = False
 
@@ -117,6 +158,11 @@ class Daemon:
         with self.dispatcher.lock:
             self.dispatcher.close_all()
         self.transport.close()
+        self._release()
+
+    def _release(self) -> None:
+        while self.claims:
+            self.claims.pop().release()
 
 
 def sd_notify(message: str) -> None:
@@ -158,10 +204,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         daemon = Daemon(control_path=args.control or None,
                         state_dir=args.state_dir or None,
-                        persist_marks=not args.no_persist_marks)
+                        persist_marks=not args.no_persist_marks,
+                        lock_file=args.lock_file or None)
+    except InUse as e:
+        log.error("cannot start: %s", e)
+        return ExitCode.IN_USE
     except OSError as e:
         log.error("cannot start: %s", e)
-        return 1
+        return ExitCode.ERROR
     if args.realtime:
         make_realtime(args.realtime)
     signal.signal(signal.SIGTERM, daemon.request_stop)
@@ -179,7 +229,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     daemon.serve(ready)
     log.info("stopped")
-    return 0
+    return ExitCode.OK
 
 
 def _fmt_status(snap: dict[str, Any]) -> str:
@@ -204,18 +254,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"ulogd status: cannot reach the daemon at {args.control}: {e.strerror or e}",
               file=sys.stderr)
-        return 1
+        return ExitCode.ERROR
     if args.json:
         print(json.dumps(snap, indent=2))
     else:
         print(_fmt_status(snap))
-    return 0
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ulogd", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="ulogd", description=__doc__.split("\n")[0],
+                                     epilog=epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="serve in the foreground")
+    run = sub.add_parser("run", help="serve in the foreground", epilog=epilog(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error", "critical"])
     run.add_argument("--ready-file", help="written (with our pid) once the kernel can reach us")
@@ -225,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the sync state of live logs is kept across daemon restarts "
                           "(must be a tmpfs: it must not outlive the kernel; default "
                           "%(default)s; '' for none)")
-    run.add_argument("--realtime", type=int, default=0, metavar="PRIO",
+    run.add_argument("--lock-file", default=DEFAULT_LOCK_FILE,
+                     help="held while running: a second ulogd on this host refuses to start "
+                          "(exit code 9; default %(default)s; '' for none)")
+    run.add_argument("--realtime", type=argument("--realtime", usage_error=True, hi=99),
+                     default=0, metavar="PRIO",
                      help="run SCHED_FIFO at this priority with memory locked (0: off)")
     run.add_argument("--no-persist-marks", action="store_true",
                      help="make marks durable at FLUSH only, not at MARK (faster disk logs, "

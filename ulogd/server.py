@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dmrepl.errors import UserError
+from dmrepl.numbers import parse_int
 from ulogd import protocol as p
 from ulogd.protocol import RequestType as RT
 
@@ -386,9 +387,7 @@ class Dispatcher:
         try:
             if len(words) < 2:
                 raise UserError(f"constructor string {req.args!r}: need <sectors> <type> ...")
-            if not words[0].isdigit():
-                raise UserError(f"constructor string {req.args!r}: bad target length")
-            target_sectors = int(words[0])
+            target_sectors = parse_int(words[0], "target length (sectors)")
             dlog = self.factory(words[1], words[2:], target_sectors)
         except Exception as e:
             log.error("CTR %s/%d %r failed: %s", _u(req.uuid), req.luid, req.args, e)

@@ -110,10 +110,19 @@ def wait(ns: argparse.Namespace) -> None:
 
 def daemon(ns: argparse.Namespace) -> int:
     from dmrepl.daemon.daemon import run_daemon
+    from dmrepl.nbd.server import NbdLimits
     from dmrepl.tuning import parse_tuning
     try:
         tuning = parse_tuning(ns.tuning)
     except UserError as e:
-        raise CliUserError(f"--{e}") from None
+        raise CliUserError(str(e)) from None
+    for flag in ("nbd_max_connections", "nbd_handshake_timeout", "nbd_idle_timeout"):
+        value = getattr(ns, flag)
+        if value is not None and value <= 0:
+            raise CliUserError(f"--{flag.replace('_', '-')} must be > 0")
+    limits = NbdLimits(max_connections=ns.nbd_max_connections,
+                       handshake_timeout=ns.nbd_handshake_timeout,
+                       idle_timeout=ns.nbd_idle_timeout)
     return run_daemon(ns.socket, ns.state_dir, ns.ready_file,
-                      kernel_devices=not ns.no_kernel_devices, engine=ns.engine, tuning=tuning)
+                      kernel_devices=not ns.no_kernel_devices, engine=ns.engine, tuning=tuning,
+                      nbd_limits=limits)

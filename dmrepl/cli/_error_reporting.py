@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dmrepl.cli._exit import KIND_CODES, ExitCode
 from dmrepl.daemon._proto import ControlError
 from dmrepl.daemon.client import DaemonUnreachable
-from dmrepl.errors import UserError
+from dmrepl.errors import InUse, UserError
 
 
 def _chain(err: BaseException) -> Iterator[BaseException]:
@@ -28,6 +28,8 @@ def interpret(err: BaseException) -> tuple[ExitCode, str]:
             return KIND_CODES.get(e.kind, ExitCode.INTERNAL), e.message
         if isinstance(e, UserError):
             return ExitCode.INVALID, str(e)
+        if isinstance(e, InUse):
+            return ExitCode.IN_USE, str(e)
         if isinstance(e, OSError):
             where = f" ({e.filename})" if e.filename else ""
             return ExitCode.ERROR, f"{e.strerror or e}{where}"

@@ -15,6 +15,7 @@ class ExitCode(enum.IntEnum):
     BUSY = 6          # the device is in use (open, or a replicator with devices)
     TIMEOUT = 7       # wait timed out / the daemon did not answer in time
     NO_DAEMON = 8     # no daemon on the control socket
+    IN_USE = 9        # daemon: another process owns the state dir, socket or log; untouched
     INTERNAL = 70     # a bug: please report it (rerun with --propagate)
 
 

@@ -9,7 +9,11 @@ from typing import Any
 from dmrepl.cli import _actions as act
 from dmrepl.cli._exit import epilog
 from dmrepl.daemon.client import DEFAULT_SOCKET
+from dmrepl.nbd.server import NbdLimits
+from dmrepl.numbers import argument, parse_decimal
 from dmrepl.tuning import TUNABLES
+
+NBD_DEFAULTS = NbdLimits()
 
 Spec = dict[str, Any]
 
@@ -39,14 +43,16 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
                        "writes not yet copied to all its site links, or a replicator "
                        "with devices) is refused with exit code 6 and left as it was, "
                        "unless --wait is given",
-        "args": [NAME, ("--wait", {"type": float, "default": 0, "metavar": "SECONDS",
+        "args": [NAME, ("--wait", {"type": argument("--wait", parse_decimal), "default": 0,
+                                   "metavar": "SECONDS",
                                    "help": "while busy, retry for up to SECONDS (like "
                                            "dmsetup remove --retry)"})],
         "func": act.remove,
     }),
     ("message", {
         "help": "send a message to a target",
-        "args": [NAME, ("sector", {"type": int, "help": "sector selecting the target"}),
+        "args": [NAME, ("sector", {"type": argument("sector"),
+                                   "help": "sector selecting the target"}),
                  ("message", {"nargs": "+", "help": "message words"})],
         "func": act.message,
     }),
@@ -61,8 +67,8 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
     ("ls", {"help": "list devices", "args": [], "func": act.ls}),
     ("wait", {
         "help": "wait for an event newer than EVENT_NR (default: the current one)",
-        "args": [NAME, ("event_nr", {"nargs": "?", "type": int}),
-                 ("--timeout", {"type": float, "default": None,
+        "args": [NAME, ("event_nr", {"nargs": "?", "type": argument("event_nr")}),
+                 ("--timeout", {"type": argument("--timeout", parse_decimal), "default": None,
                                 "help": "give up after this many seconds"})],
         "func": act.wait,
     }),
@@ -80,6 +86,21 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
                                   "durable_acks=0; keys: " + ", ".join(TUNABLES)}),
             ("--engine", {"choices": ["auto", "replicator", "sim"], "default": "auto",
                           "help": "replicator engine (sim: synchronous stand-in)"}),
+            ("--nbd-max-connections", {
+                "type": argument("--nbd-max-connections"),
+                "default": NBD_DEFAULTS.max_connections, "metavar": "N",
+                "help": "NBD connections served at once; more are closed "
+                        "(default %(default)s)"}),
+            ("--nbd-handshake-timeout", {
+                "type": argument("--nbd-handshake-timeout", parse_decimal),
+                "default": NBD_DEFAULTS.handshake_timeout, "metavar": "SECONDS",
+                "help": "an NBD client must choose an export within this (default "
+                        "%(default)s)"}),
+            ("--nbd-idle-timeout", {
+                "type": argument("--nbd-idle-timeout", parse_decimal),
+                "default": NBD_DEFAULTS.idle_timeout, "metavar": "SECONDS",
+                "help": "close an NBD connection that sends no whole request for this "
+                        "long (default: never; a kernel /dev/nbdN may be idle for days)"}),
         ],
         "func": act.daemon,
     }),

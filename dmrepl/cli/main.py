@@ -14,13 +14,19 @@ from collections.abc import Callable, Sequence
 from dmrepl.cli._error_reporting import handle_error
 from dmrepl.cli._exit import ExitCode
 from dmrepl.cli._parser import gen_parser
+from dmrepl.numbers import ArgumentRefused
 
 
 def run() -> Callable[[Sequence[str]], int]:
     parser = gen_parser()
 
     def the_func(argv: Sequence[str]) -> int:
-        ns = parser.parse_args(list(argv))
+        try:
+            ns = parser.parse_args(list(argv))
+        except ArgumentRefused as refused:   # a bad number: an invalid argument
+            if "--propagate" in argv:
+                raise refused.error from None
+            return int(handle_error(refused.error))
         try:
             code = ns.func(ns)
         except (KeyboardInterrupt, BrokenPipeError, SystemExit):

@@ -27,6 +27,11 @@ class FrameError(DmreplError):
     """The peer sent a malformed frame: close the connection."""
 
 
+class BadFrame(FrameError):
+    """A whole frame arrived but is not a JSON object.  It was consumed, so the
+    stream is still in step: answer it with an error and read on."""
+
+
 def encode(obj: dict[str, Any]) -> bytes:
     payload = json.dumps(obj, separators=(",", ":")).encode()
     if len(payload) > MAX_FRAME:
@@ -34,30 +39,53 @@ def encode(obj: dict[str, Any]) -> bytes:
     return HEADER.build(len(payload)) + payload
 
 
+def _parse_payload(payload: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except RecursionError:
+        raise BadFrame("frame is not acceptable JSON: it nests too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadFrame(f"frame is not JSON: {e}") from None
+    except ValueError:
+        # json's int() refused it (sys.get_int_max_str_digits)
+        raise BadFrame("frame is not acceptable JSON: a number has too many digits") from None
+    if not isinstance(obj, dict):
+        raise BadFrame("frame is not a JSON object")
+    return obj
+
+
 class FrameDecoder:
-    """Feed bytes, get whole JSON objects back."""
+    """Feed bytes (:meth:`receive`), pull whole JSON objects (:meth:`next_frame`).
+
+    :meth:`next_frame` raises :class:`BadFrame` for a frame that is not a JSON
+    object (consumed: the next call goes on with the frame after it) and
+    :class:`FrameError` for a length the stream cannot recover from."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def receive(self, data: bytes) -> None:
         self._buf += data
+
+    def next_frame(self) -> dict[str, Any] | None:
+        """The next whole frame, or ``None`` until more bytes arrive."""
+        if len(self._buf) < HEADER_SIZE:
+            return None
+        length = HEADER.parse(bytes(self._buf[:HEADER_SIZE]))
+        if length > MAX_FRAME:
+            raise FrameError(f"frame length {length} exceeds {MAX_FRAME}")
+        if len(self._buf) < HEADER_SIZE + length:
+            return None
+        payload = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + length])
+        del self._buf[:HEADER_SIZE + length]
+        return _parse_payload(payload)
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """:meth:`receive` then every whole frame (the first bad one raises)."""
+        self.receive(data)
         frames: list[dict[str, Any]] = []
-        while len(self._buf) >= HEADER_SIZE:
-            length = HEADER.parse(bytes(self._buf[:HEADER_SIZE]))
-            if length > MAX_FRAME:
-                raise FrameError(f"frame length {length} exceeds {MAX_FRAME}")
-            if len(self._buf) < HEADER_SIZE + length:
-                break
-            payload = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + length])
-            del self._buf[:HEADER_SIZE + length]
-            try:
-                obj = json.loads(payload)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise FrameError(f"frame is not JSON: {e}") from e
-            if not isinstance(obj, dict):
-                raise FrameError("frame is not a JSON object")
-            frames.append(obj)
+        while (frame := self.next_frame()) is not None:
+            frames.append(frame)
         return frames
 
     @property

@@ -7,9 +7,13 @@ them).  Each device is served over NBD on ``<state-dir>/nbd.sock`` under its
 name and, unless the daemon runs with ``kernel_devices=False``, attached to a
 /dev/nbdN and shown as /dev/mapper/NAME (dm linear over /dev/nbdN).
 
-Every change is written to ``<state-dir>/state.json`` (atomically) before it is
-acknowledged, so a daemon restarted after a crash recreates the same objects in
-the same order; the engine's own log recovery does the rest.
+Every change (a create, a table switch, a remove, and every message an engine
+accepted: policy, fall-behind, resync rate, site links and device legs added or
+deleted, a replog resize) is written to ``<state-dir>/state.json`` (atomically)
+before it is acknowledged, as the *live* tables the engines render, so a daemon
+restarted after a crash recreates the same objects as they were, in the same
+order; the engine's own log recovery does the rest.  ``dmrepl table`` shows the
+same live tables.
 """
 
 from __future__ import annotations
@@ -32,13 +36,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from dmrepl.blockio import open_store  # the engine's device opener; a compatibility name here
 from dmrepl.daemon import _kernel
-from dmrepl.daemon._proto import ControlError, FrameDecoder, FrameError, encode
-from dmrepl.errors import DmreplError, UserError
+from dmrepl.daemon._proto import BadFrame, ControlError, FrameDecoder, FrameError, encode
+from dmrepl.daemon._schema import schema_of
+from dmrepl.errors import DmreplError, InUse, UserError
 from dmrepl.nbd.backend import Backend
-from dmrepl.nbd.server import Export, NbdServer
+from dmrepl.nbd.server import Export, NbdLimits, NbdServer
+from dmrepl.numbers import parse_int
+from dmrepl.ownership import claim_directory
 from dmrepl.replicator.errors import DeviceBusy
-from dmrepl.unixsock import listen_root_only
+from dmrepl.replicator.table import table_line
+from dmrepl.unixsock import AcceptBackoff, listen_root_only
 
 log = logging.getLogger("dmrepl.daemon")
 
@@ -69,12 +78,8 @@ def parse_table(text: str) -> list[Line]:
         words = raw.split()
         if len(words) < 3:
             raise UserError(f"table line {n}: expected '<start> <length> <target> ...'")
-        try:
-            start, length = int(words[0]), int(words[1])
-        except ValueError:
-            raise UserError(f"table line {n}: start and length must be integers") from None
-        if start < 0 or length <= 0:
-            raise UserError(f"table line {n}: start must be >= 0 and length > 0")
+        start = parse_int(words[0], f"table line {n}: start (sectors; integers)")
+        length = parse_int(words[1], f"table line {n}: length (sectors; integers)", lo=1)
         lines.append(Line(start, length, words[2], words[3:], " ".join(words)))
     if not lines:
         raise UserError("empty table")
@@ -175,27 +180,20 @@ def default_engine(kind: str = "auto") -> Any:
     return Replicator
 
 
-def open_store(path: str) -> Any:
-    """The engine's device opener: nbd:// URLs (remote sites) or files/block devices."""
-    from dmrepl.nbd.client import NbdStore, is_nbd_url
-    if is_nbd_url(path):
-        return NbdStore(path, timeout=float(os.environ.get("DMREPL_NBD_TIMEOUT", "5")))
-    from dmrepl.replicator.store import open_file_store
-    return open_file_store(path)
-
-
 def _wrap(e: Exception, what: str) -> ControlError:
     if isinstance(e, ControlError):
         return e
     if isinstance(e, UserError):
         return ControlError("user", f"{what}: {e}")
+    if isinstance(e, InUse):
+        return ControlError("busy", f"{what}: {e}")
     if isinstance(e, TimeoutError):
         return ControlError("timeout", f"{what}: {e}")
     if isinstance(e, DmreplError):
         return ControlError("runtime", f"{what}: {e}")
     if isinstance(e, OSError):
         return ControlError("runtime", f"{what}: {e.strerror or e}")
-    if isinstance(e, ValueError | KeyError):
+    if isinstance(e, ValueError | KeyError | OverflowError):
         return ControlError("user", f"{what}: {e}")
     return ControlError("internal", f"{what}: {type(e).__name__}: {e}")
 
@@ -207,21 +205,46 @@ class Daemon:
 
     def __init__(self, state_dir: str, *, kernel_devices: bool = True,
                  engine: Any = None, nbd_workers: int = 8,
-                 tuning: dict[str, Any] | None = None) -> None:
+                 tuning: dict[str, Any] | None = None,
+                 nbd_limits: NbdLimits | None = None) -> None:
+        # one daemon per state directory: claimed before anything in it is touched
+        # (InUse if another process holds it; its sockets and files stay as they are)
+        self.owner = claim_directory(state_dir)
         self.tuning = dict(tuning or {})
         self.state_dir = state_dir
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.kernel_devices = kernel_devices
         self.engine = engine if engine is not None else default_engine()
         self.objects: dict[str, ReplicatorObj | DeviceObj] = {}
         self.lock = threading.RLock()
         self.nbd_socket = os.path.join(state_dir, "nbd.sock")
-        self.nbd = NbdServer(self.nbd_socket, workers=nbd_workers).start()
+        try:
+            self.nbd = NbdServer(self.nbd_socket, workers=nbd_workers,
+                                 limits=nbd_limits).start()
+        except BaseException:
+            self.owner.release()
+            raise
         self.restore_errors: list[str] = []
 
     # -- persistence -------------------------------------------------------
 
+    def _live_lines(self, obj: ReplicatorObj | DeviceObj) -> list[Line]:
+        """``obj``'s table as its engine has it now (messages change it)."""
+        if isinstance(obj, ReplicatorObj):
+            parts: list[tuple[Line, Any]] = [(obj.lines[0], obj.engine)]
+        elif len(obj.devs) == len(obj.lines):
+            parts = list(zip(obj.lines, obj.devs, strict=True))
+        else:   # between the removal and re-adding of its engine devices
+            return obj.lines
+        out = []
+        for line, engine in parts:
+            params = engine.table()
+            text = table_line(line.start, line.length, line.target, params)
+            out.append(Line(line.start, line.length, line.target, params.split(), text))
+        return out
+
     def _save(self) -> None:
+        for obj in self.objects.values():
+            obj.lines = self._live_lines(obj)
         state = {"version": 1, "objects": [
             {"name": o.name, "kind": o.kind, "uuid": o.uuid,
              "table": [line.text for line in o.lines],
@@ -264,18 +287,20 @@ class Daemon:
     # -- requests ------------------------------------------------------------
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request -> one reply; the arguments are checked against the op's
+        declared schema (its handler's signature) before anything runs."""
         op = request.get("op")
-        func: Callable[..., Any] | None = getattr(self, f"op_{op}", None) \
+        func: Callable[..., Any] | None = getattr(type(self), f"op_{op}", None) \
             if isinstance(op, str) else None
         if func is None:
-            return ControlError("user", f"unknown request {op!r}").to_wire()
+            shown = repr(op)[:80] if isinstance(op, str) else f"of type {type(op).__name__}"
+            return ControlError("user", f"unknown request {shown}").to_wire()
         args = {k: v for k, v in request.items() if k != "op"}
         try:
-            return {"ok": True, "result": func(**args)}
-        except TypeError as e:
-            return ControlError("user", f"{op}: bad arguments: {e}").to_wire()
+            schema_of(str(op), func).check(args)
+            return {"ok": True, "result": func(self, **args)}
         except Exception as e:
-            if not isinstance(e, DmreplError | OSError | ValueError | KeyError):
+            if not isinstance(e, DmreplError | OSError | ValueError | KeyError | OverflowError):
                 log.exception("%s failed", op)
             return _wrap(e, str(op)).to_wire()
 
@@ -333,7 +358,16 @@ class Daemon:
             raise ControlError("notfound", f"no replicator named {ref!r}")
         return rep
 
+    @staticmethod
+    def _check_lines(rep: ReplicatorObj, lines: list[Line]) -> None:
+        """Every line valid for ``rep`` (grammar, site links) before any is used."""
+        check = getattr(rep.engine, "check_device", None)
+        if check is not None:
+            for line in lines:
+                check(line.text)
+
     def _add_devs(self, rep: ReplicatorObj, lines: list[Line]) -> list[Any]:
+        self._check_lines(rep, lines)
         devs: list[Any] = []
         try:
             for line in lines:
@@ -489,7 +523,7 @@ class Daemon:
             if sum(line.length for line in lines) != obj.sectors:
                 raise UserError(f"new table has {sum(x.length for x in lines)} sectors, "
                                 f"{name} has {obj.sectors}: resizing is not supported")
-            self._replicator_of(lines)
+            self._check_lines(self._replicator_of(lines), lines)
             obj.inactive = sorted(lines, key=lambda x: x.start)
 
     def op_suspend(self, name: str) -> None:
@@ -552,14 +586,28 @@ class Daemon:
                 if isinstance(o, DeviceObj) and o.replicator == obj.name]
 
     def op_message(self, name: str, sector: int, args: list[str]) -> str:
+        """A target message; what the engine accepted is persisted (as the live
+        table) before the answer, what it refused changed nothing."""
         with self.lock:
             obj = self._get(name)
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise UserError("a message is a list of words")
             if not args:
                 raise UserError("empty message")
+            if isinstance(sector, bool) or not isinstance(sector, int) or sector < 0:
+                raise UserError(f"invalid sector {sector!r}: not a sector number")
             if isinstance(obj, ReplicatorObj):
-                return str(obj.engine.message(list(args)) or "")
-            index = self._line_at(obj, int(sector))
-            return str(obj.devs[index].message(list(args)) or "")
+                target = obj.engine
+            else:
+                target = obj.devs[self._line_at(obj, sector)]
+            answer = str(target.message(list(args)) or "")
+            try:
+                self._save()
+            except OSError as e:
+                raise ControlError("runtime", f"message applied, but the live table of "
+                                              f"{name} could not be persisted: "
+                                              f"{e.strerror or e}") from e
+            return answer
 
     @staticmethod
     def _line_at(obj: DeviceObj, sector: int) -> int:
@@ -600,7 +648,7 @@ class Daemon:
     def _describe(self, obj: ReplicatorObj | DeviceObj) -> dict[str, Any]:
         desc: dict[str, Any] = {
             "name": obj.name, "type": obj.kind, "uuid": obj.uuid,
-            "table": [line.text for line in obj.lines],
+            "table": [line.text for line in self._live_lines(obj)],
             "inactive_table": [line.text for line in obj.inactive] if obj.inactive else None,
         }
         if isinstance(obj, ReplicatorObj):
@@ -641,6 +689,7 @@ class Daemon:
                     log.error("shutdown: %s: %s", obj.name, e)
                 log.info("shutdown: %s closed in %.1fs", obj.name, time.monotonic() - started)
             self.nbd.close()
+            self.owner.release()
 
 
 # -- control socket ------------------------------------------------------------
@@ -648,32 +697,69 @@ class Daemon:
 SO_PEERCRED_FMT = "3i"
 
 
-class ControlServer:
-    """Root-only unix socket; one thread per connection, one reply per request."""
+#: Connections the control socket serves at once; more are answered "busy" and closed.
+CONTROL_MAX_CONNECTIONS = 64
+#: Seconds a control connection may take to send a whole request before it is closed.
+CONTROL_REQUEST_TIMEOUT = 60.0
 
-    def __init__(self, daemon: Daemon, path: str) -> None:
+
+class ControlServer:
+    """Root-only unix socket; one thread per connection, one reply per request.
+
+    Every frame gets a reply: a malformed one (not JSON, too deep, a number too
+    long, arguments of the wrong type) an error of kind "user", and the
+    connection reads on; only a frame length beyond :data:`MAX_FRAME` (the
+    stream cannot be followed past it) closes the connection, after the reply.
+    """
+
+    def __init__(self, daemon: Daemon, path: str, *,
+                 max_connections: int = CONTROL_MAX_CONNECTIONS,
+                 request_timeout: float | None = CONTROL_REQUEST_TIMEOUT) -> None:
         self.daemon = daemon
         self.path = path
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
         self.sock = listen_root_only(path, 32)
         self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._slots = threading.BoundedSemaphore(max_connections)
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             os.write(self._wfd, b"x")
 
     def serve_forever(self) -> None:
+        backoff = AcceptBackoff("control")
         try:
             while True:
                 ready, _, _ = select.select([self.sock.fileno(), self._rfd], [], [])
                 if self._rfd in ready:
                     return
-                conn, _ = self.sock.accept()
-                threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError as e:
+                    # out of fds: the connection stays queued; wait (for stop too)
+                    delay = backoff.failed(e)
+                    if delay and select.select([self._rfd], [], [], delay)[0]:
+                        return
+                    continue
+                backoff.succeeded()
+                if not self._slots.acquire(blocking=False):
+                    self._refuse(conn)
+                    continue
+                threading.Thread(target=self._serve_slot, args=(conn,), daemon=True,
                                  name="control").start()
         finally:
             self.sock.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        log.warning("control: %d connections already: refusing one", self.max_connections)
+        with conn, contextlib.suppress(OSError):
+            conn.setblocking(False)   # never wait on a peer we refuse
+            conn.send(encode(ControlError("busy", "too many control connections "
+                                                  f"({self.max_connections}); retry "
+                                                  "later").to_wire()))
 
     def _allowed(self, conn: socket.socket) -> bool:
         cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -681,38 +767,74 @@ class ControlServer:
         _, uid, _ = struct.unpack(SO_PEERCRED_FMT, cred)
         return uid in (0, os.getuid())
 
+    def _serve_slot(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self._serve(conn)
+        except OSError as e:
+            log.info("control: connection ended: %s", e)
+        except Exception:
+            # a bug, but one connection's: the daemon serves on
+            log.exception("control: connection failed")
+        finally:
+            self._slots.release()
+
+    def _reply(self, conn: socket.socket, reply: dict[str, Any]) -> None:
+        try:
+            data = encode(reply)
+        except (FrameError, TypeError, ValueError) as e:
+            data = encode(ControlError("internal", f"reply not sendable: {e}").to_wire())
+        conn.sendall(data)
+
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            if not self._allowed(conn):
-                conn.sendall(encode(ControlError("user", "permission denied: root only")
-                                    .to_wire()))
+        if not self._allowed(conn):
+            conn.sendall(encode(ControlError("user", "permission denied: root only")
+                                .to_wire()))
+            return
+        conn.settimeout(self.request_timeout)
+        decoder = FrameDecoder()
+        while True:
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                log.info("control: closing a connection idle for %ss", self.request_timeout)
                 return
-            decoder = FrameDecoder()
+            if not data:
+                return
+            decoder.receive(data)
             while True:
                 try:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    frames = decoder.feed(data)
-                except (OSError, FrameError) as e:
+                    frame = decoder.next_frame()
+                except BadFrame as e:
+                    self._reply(conn, ControlError("user", f"invalid request: {e}").to_wire())
+                    continue
+                except FrameError as e:
                     log.warning("control: dropping connection: %s", e)
+                    self._reply(conn, ControlError("user", f"invalid request: {e}").to_wire())
                     return
-                for frame in frames:
-                    reply = self.daemon.handle(frame)
-                    try:
-                        conn.sendall(encode(reply))
-                    except OSError:
-                        return
+                if frame is None:
+                    break
+                self._reply(conn, self.daemon.handle(frame))
 
 
 def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, *,
                kernel_devices: bool = True, engine: str = "auto",
-               tuning: dict[str, Any] | None = None) -> int:
-    """``dmrepl daemon``: serve until SIGTERM/SIGINT, then shut down cleanly."""
+               tuning: dict[str, Any] | None = None,
+               nbd_limits: NbdLimits | None = None) -> int:
+    """``dmrepl daemon``: serve until SIGTERM/SIGINT, then shut down cleanly.
+
+    Another daemon on the same state directory or control socket: raises
+    :class:`~dmrepl.errors.InUse` (exit code IN_USE) before touching either."""
     logging.basicConfig(level=logging.INFO, format="dmrepl-daemon: %(levelname)s %(message)s")
+    # The state directory is claimed first (Daemon), then the control socket:
+    # a second daemon stops at whichever another one holds, having touched nothing.
     daemon = Daemon(state_dir, kernel_devices=kernel_devices, engine=default_engine(engine),
-                    tuning=tuning)
-    server = ControlServer(daemon, socket_path)
+                    tuning=tuning, nbd_limits=nbd_limits)
+    try:
+        server = ControlServer(daemon, socket_path)
+    except BaseException:
+        daemon.shutdown()
+        raise
 
     def on_signal(signum: int, frame: object) -> None:
         del frame

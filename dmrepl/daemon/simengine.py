@@ -11,18 +11,13 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from dmrepl.daemon.daemon import open_store
+from dmrepl.blockio import open_store
 from dmrepl.errors import UserError
+from dmrepl.numbers import parse_int
 
 
 def _int(word: str, what: str) -> int:
-    try:
-        value = int(word)
-    except ValueError:
-        raise UserError(f"{what} must be an integer, not {word!r}") from None
-    if value < 0:
-        raise UserError(f"{what} must not be negative")
-    return value
+    return parse_int(word, what)
 
 
 class SimReplicator:
@@ -119,6 +114,9 @@ class SimReplicator:
         del kind
         return f"sim {len(self.slinks)} sites {len(self.devices)} devices"
 
+    def table(self) -> str:
+        return " ".join(self.line.split()[3:])
+
     def status_dict(self) -> dict[str, Any]:
         return {"engine": "sim", "slinks": sorted(self.slinks), "devices": sorted(self.devices)}
 
@@ -170,4 +168,4 @@ class SimDevice:
         return f"sim writes={self.writes}"
 
     def table(self) -> str:
-        return self.line
+        return " ".join(self.line.split()[3:])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from dmrepl.dirtylog.format import SyncMode
 from dmrepl.errors import DmreplError, UserError
+from dmrepl.numbers import parse_int
 
 # Accepted type names -> canonical type.  ulogd receives the clustered-* names from
 # dm-log-userspace tables (cmirrord's names); they behave exactly like core/disk.
@@ -19,7 +20,7 @@ TYPE_NAMES = {
     "clustered-disk": "disk",
 }
 
-_DEVNUM = re.compile(r"^(\d+):(\d+)$")
+_DEVNUM = re.compile(r"^([0-9]+):([0-9]+)$")
 _U32_MAX = 0xFFFFFFFF
 
 
@@ -82,9 +83,7 @@ class LogCounts:
 
 def _parse_region_size(arg: str, target_sectors: int) -> int:
     # The kernel reads it with sscanf("%u%c"): plain decimal, nothing after it.
-    if not arg.isascii() or not arg.isdigit():
-        raise UserError(f"invalid region size {arg!r}: not a decimal number of sectors")
-    size = int(arg)
+    size = parse_int(arg, "region size (sectors)", lo=None)
     if size > _U32_MAX:
         raise UserError(f"invalid region size {arg!r}: larger than 32 bits")
     if size < 2:
@@ -149,7 +148,10 @@ def parse_dirty_log_args(type_name: str, args: Sequence[str],
 def parse_devnum(spec: str) -> tuple[int, int] | None:
     """``"7:2"`` -> (7, 2); anything else -> None."""
     m = _DEVNUM.match(spec)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    if m is None:
+        return None
+    return (parse_int(m.group(1), "device major", hi=_U32_MAX),
+            parse_int(m.group(2), "device minor", hi=_U32_MAX))
 
 
 class DirtyLog(abc.ABC):

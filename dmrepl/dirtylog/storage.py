@@ -7,25 +7,23 @@ simulations use :class:`MemoryStorage`, which models a volatile write cache so t
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import mmap
 import os
 import stat
-import struct
 from pathlib import Path
 from typing import Protocol
 
+from dmrepl.blockio import FileBlockIO, MemoryBlockIO
+from dmrepl.blockio._range import Buffer
+from dmrepl.blockio.file import NotADevice
 from dmrepl.dirtylog._base import parse_devnum
 from dmrepl.errors import UserError
-
-BLKSSZGET = 0x1268  # logical block size, int
-BLKGETSIZE64 = 0x80081272  # size in bytes, u64
 
 
 class Storage(Protocol):
     """Byte-addressed log storage.  Offsets and lengths passed by DiskLog are
-    multiples of ``logical_block_size``."""
+    multiples of ``logical_block_size``.  The dirty log's names for
+    :class:`dmrepl.blockio.BlockIO` (``read`` is ``pread``, ``write`` is
+    ``pwrite``); it becomes BlockIO once DiskLog calls those."""
 
     name: str  # shown in status ("7:2" for block devices, as the kernel does)
     size: int  # bytes
@@ -33,7 +31,7 @@ class Storage(Protocol):
 
     def read(self, offset: int, length: int) -> bytes: ...
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+    def write(self, offset: int, data: Buffer) -> None: ...
 
     def flush(self) -> None:
         """Everything written so far is on stable storage when this returns."""
@@ -41,128 +39,45 @@ class Storage(Protocol):
     def close(self) -> None: ...
 
 
-class FileStorage:
-    """A block device (O_DIRECT, aligned buffers, fdatasync) or a regular file.
+# Compatibility names (callers still use them); remove once callers move to blockio.
 
-    O_DIRECT keeps the page cache out of the way in both directions: we read what
-    the kernel's disk log wrote with dm-io, and it reads what we wrote.  fdatasync
-    on a block device also flushes the device's volatile cache.
-    """
+
+class FileStorage(FileBlockIO):
+    """A log device: :class:`FileBlockIO`, ``O_DIRECT`` on a block device (we read
+    what the kernel's disk log wrote with dm-io, and it reads what we wrote)."""
 
     def __init__(self, path: str | os.PathLike[str], *, direct: bool | None = None) -> None:
-        self.path = os.fspath(path)
-        st = os.stat(self.path)
-        is_blk = stat.S_ISBLK(st.st_mode)
-        if not is_blk and not stat.S_ISREG(st.st_mode):
-            raise UserError(f"log device {self.path}: not a block device or regular file")
-        self.direct = is_blk if direct is None else direct
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
-        self.fd = os.open(self.path, flags)
+        if direct is None:
+            direct = stat.S_ISBLK(os.stat(path).st_mode)
         try:
-            if is_blk:
-                self.name = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-                buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)
-                self.size = struct.unpack("=Q", buf)[0]
-                buf = fcntl.ioctl(self.fd, BLKSSZGET, b"\0" * 4)
-                self.logical_block_size = struct.unpack("=i", buf)[0]
-            else:
-                self.name = self.path
-                self.size = st.st_size
-                self.logical_block_size = 512
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self._scratch = mmap.mmap(-1, mmap.PAGESIZE)  # page aligned, for O_DIRECT
-
-    def _buffer(self, length: int) -> mmap.mmap:
-        if len(self._scratch) < length:
-            self._scratch.close()
-            self._scratch = mmap.mmap(-1, -(-length // mmap.PAGESIZE) * mmap.PAGESIZE)
-        return self._scratch
-
-    def read(self, offset: int, length: int) -> bytes:
-        buf = self._buffer(length)
-        view = memoryview(buf)[:length]
-        try:
-            done = 0
-            while done < length:
-                n = os.preadv(self.fd, [view[done:]], offset + done)
-                if n == 0:
-                    raise OSError(errno.EIO, f"short read at {offset + done} of {self.path}")
-                done += n
-            return bytes(view)
-        finally:
-            view.release()
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        length = len(data)
-        if self.direct:
-            buf = self._buffer(length)
-            view = memoryview(buf)[:length]
-            view[:] = data
-        else:
-            view = memoryview(data)
-        try:
-            done = 0
-            while done < length:
-                done += os.pwritev(self.fd, [view[done:]], offset + done)
-        finally:
-            view.release()
-
-    def flush(self) -> None:
-        os.fdatasync(self.fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-            self._scratch.close()
+            super().__init__(path, direct=direct)
+        except NotADevice:
+            raise UserError(f"log device {os.fspath(path)}: not a block device or "
+                            "regular file") from None
 
 
-class MemoryStorage:
-    """In-memory storage with a volatile cache: ``write`` lands in ``volatile``,
-    ``flush`` copies it to ``durable``.  ``crash()`` returns a new storage holding
-    only the durable bytes (what a power failure leaves)."""
+class MemoryStorage(MemoryBlockIO):
+    """:class:`MemoryBlockIO` as a log device: a volatile cache (``write`` lands in
+    ``volatile``, ``flush`` copies it to ``durable``; ``crash()`` keeps only the
+    durable bytes), unaligned I/O refused, and every write recorded in ``writes``."""
 
     def __init__(self, size: int, *, logical_block_size: int = 512, name: str = "mem",
                  data: bytes | None = None) -> None:
-        self.name = name
-        self.size = size
-        self.logical_block_size = logical_block_size
-        self.durable = bytearray(size)
-        if data is not None:
-            self.durable[:len(data)] = data[:size]
-        self.volatile = bytearray(self.durable)
+        super().__init__(size, data=data, name=name, logical_block_size=logical_block_size,
+                         direct=True, volatile_cache=True)
         self.writes: list[tuple[int, int]] = []  # (offset, length) of each write
-        self.flushes = 0
-        self.closed = False
 
-    def _check(self, offset: int, length: int) -> None:
-        lbs = self.logical_block_size
-        if offset % lbs or length % lbs:
-            raise OSError(errno.EINVAL, f"unaligned I/O {offset}+{length} (block {lbs})")
-        if offset + length > self.size:
-            raise OSError(errno.EIO, f"I/O beyond the end: {offset}+{length} > {self.size}")
+    @property
+    def volatile(self) -> bytearray:
+        return self.data
 
-    def read(self, offset: int, length: int) -> bytes:
-        self._check(offset, length)
-        return bytes(self.volatile[offset:offset + length])
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._check(offset, len(data))
-        self.volatile[offset:offset + len(data)] = data
+    def store(self, offset: int, data: Buffer, *, durable: bool) -> None:
+        super().store(offset, data, durable=durable)
         self.writes.append((offset, len(data)))
-
-    def flush(self) -> None:
-        self.durable[:] = self.volatile
-        self.flushes += 1
 
     def crash(self) -> MemoryStorage:
         return MemoryStorage(self.size, logical_block_size=self.logical_block_size,
                              name=self.name, data=bytes(self.durable))
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def resolve_device(spec: str, *, dev: str = "/dev", sys: str = "/sys") -> str:

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from typing import overload
 
 from dmrepl.errors import UserError
+from dmrepl.numbers import parse_int
 
 #: ``DM_MAX_TYPE_NAME`` (16) includes the terminating NUL.
 MAX_TYPE_NAME = 15
 
-_DEVNO = re.compile(r"^(\d+):(\d+)$")
+_DEVNO = re.compile(r"^([0-9]+):([0-9]+)$")
+_U32_MAX = 0xFFFFFFFF
 
 
 class TableError(UserError):
@@ -101,9 +103,7 @@ def _has_space(text: str) -> bool:
 
 
 def _parse_sector(token: str, what: str) -> int:
-    if not token.isdigit() or not token.isascii():
-        raise TableError(f"{what} must be a non-negative integer, not {token!r}")
-    return int(token)
+    return parse_int(token, what, error=TableError)
 
 
 class Table(Sequence[Target]):
@@ -205,8 +205,11 @@ class DeviceRef:
     @classmethod
     def parse(cls, text: str) -> DeviceRef:
         match = _DEVNO.match(text)
-        if match:
-            return cls(major=int(match.group(1)), minor=int(match.group(2)))
+        if match:   # the kernel reads them with sscanf("%u:%u")
+            return cls(major=parse_int(match.group(1), "device major", hi=_U32_MAX,
+                                       error=TableError),
+                       minor=parse_int(match.group(2), "device minor", hi=_U32_MAX,
+                                       error=TableError))
         if text.startswith("/"):
             return cls(path=text)
         raise TableError(f"device {text!r} is neither an absolute path nor major:minor")

@@ -25,7 +25,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from construct import Bytes, Const, Int16ub, Int32ub, Int64ub, Struct
+from construct import (
+    Bytes,
+    Const,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    PascalString,
+    PrefixedArray,
+    Struct,
+)
 
 from dmrepl.errors import DmreplError
 
@@ -68,14 +77,18 @@ class Opt(enum.IntEnum):
     STRUCTURED_REPLY = 8
 
 
+# Option reply types with this bit set are errors.
+REP_FLAG_ERROR = 1 << 31
+
+
 class Rep(enum.IntEnum):
     ACK = 1
     SERVER = 2
     INFO = 3
-    ERR_UNSUP = (1 << 31) + 1
-    ERR_POLICY = (1 << 31) + 2
-    ERR_INVALID = (1 << 31) + 3
-    ERR_UNKNOWN = (1 << 31) + 6
+    ERR_UNSUP = REP_FLAG_ERROR + 1
+    ERR_POLICY = REP_FLAG_ERROR + 2
+    ERR_INVALID = REP_FLAG_ERROR + 3
+    ERR_UNKNOWN = REP_FLAG_ERROR + 6
 
 
 class Info(enum.IntEnum):
@@ -140,6 +153,10 @@ REQUEST = Struct("magic" / Int32ub, "flags" / Int16ub, "type" / Int16ub, "handle
 SIMPLE_REPLY = Struct("magic" / Const(SIMPLE_REPLY_MAGIC, Int32ub), "error" / Int32ub,
                       "handle" / Int64ub)
 NAME_PREFIX = Struct("length" / Int32ub)
+# NBD_OPT_INFO / NBD_OPT_GO data: 32 bits name length / name / 16 bits number of
+# information requests / 16 bits each
+OPTION_GO_DATA = Struct("name" / PascalString(Int32ub, "utf8"),
+                        "requests" / PrefixedArray(Int16ub, Int16ub))
 ZEROES = Bytes(124)
 
 

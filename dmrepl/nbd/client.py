@@ -1,13 +1,15 @@
 """A small NBD client used as a replicator block store for remote sites.
 
 ``NbdStore("nbd://HOST:PORT/EXPORT")`` (or ``nbd+unix:///EXPORT?socket=PATH``)
-has the :class:`dmrepl.replicator.store.BlockStore` shape: ``size``, ``pread``,
-``pwrite``, ``flush``, ``close``.  Requests are pipelined (many threads may call
-at once; a reader thread matches replies by handle).  Every request has a
-deadline: a peer that does not answer in ``timeout`` seconds (a cut link) fails
-the request with ``OSError(ETIMEDOUT)`` and drops the connection; the next
-request reconnects (``OSError(EHOSTUNREACH/ECONNREFUSED...)`` while the site is
-unreachable), so the engine sees a failed site link, and a restored one.
+is a :class:`dmrepl.blockio.BlockIO`: the ``nbd`` and ``nbd+unix`` kinds of
+:func:`dmrepl.blockio.open_store`.  Every header it sends or receives is packed
+from the declarations the server uses (:mod:`dmrepl.nbd._proto`).  Requests are
+pipelined (many threads may call at once; a reader thread matches replies by
+handle).  Every request has a deadline: a peer that does not answer in ``timeout``
+seconds (a cut link) fails the request with ``OSError(ETIMEDOUT)`` and drops the
+connection; the next request reconnects (``OSError(EHOSTUNREACH/ECONNREFUSED...)``
+while the site is unreachable), so the engine sees a failed site link, and a
+restored one.
 """
 
 from __future__ import annotations
@@ -15,18 +17,32 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import os
 import socket
-import struct
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from urllib.parse import parse_qs, urlparse
 
+from construct import ConstructError
+
+from dmrepl.blockio._range import Buffer, joined
 from dmrepl.nbd import _proto as p
+from dmrepl.numbers import parse_decimal
 
 # Payloads from this size on are sent after their header (two sends) instead of
 # being copied behind it (one send).
 SEND_COPY_LIMIT = 64 << 10
+
+# Reads and writes larger than this go as several requests.
+REQUEST_CHUNK = 4 << 20
+
+# The logical block size of an export that does not announce one (NBD_INFO_BLOCK_SIZE).
+DEFAULT_BLOCK_SIZE = 512
+
+# Seconds a request may wait for its reply when opened by URL (the daemon's opener).
+TIMEOUT_ENV = "DMREPL_NBD_TIMEOUT"
 
 # Wire error numbers back to host errno (the spec's values are Linux's).
 REPLY_ERRORS = {v: k for k, v in p.ERRORS.items()}
@@ -36,14 +52,23 @@ def is_nbd_url(path: str) -> bool:
     return path.startswith(("nbd://", "nbd+unix://"))
 
 
+def open_url(url: str) -> NbdStore:
+    """The ``nbd``/``nbd+unix`` kind of :func:`dmrepl.blockio.open_store`; the
+    reply deadline is ``$DMREPL_NBD_TIMEOUT`` seconds (5)."""
+    return NbdStore(url, timeout=parse_decimal(os.environ.get(TIMEOUT_ENV) or "5",
+                                               f"{TIMEOUT_ENV} (seconds)"))
+
+
 class NbdStore:
     # requests are pipelined: the replicator's copiers keep several writes of one
-    # epoch in flight (BlockStore.concurrent_writes)
+    # epoch in flight (BlockIO.concurrent_writes)
     concurrent_writes = True
 
     def __init__(self, url: str, timeout: float = 5.0, connect_timeout: float = 3.0) -> None:
         parsed = urlparse(url)
         self.url = url
+        self.name = url
+        self.logical_block_size = DEFAULT_BLOCK_SIZE
         self.export = parsed.path.lstrip("/")
         self.address: str | tuple[str, int]
         if parsed.scheme == "nbd+unix":
@@ -94,27 +119,44 @@ class NbdStore:
         return sock
 
     def _handshake(self, sock: socket.socket) -> None:
-        head = _recv(sock, 18)
-        magic, opt, flags = struct.unpack(">QQH", head)
-        if magic != p.NBDMAGIC or opt != p.IHAVEOPT or not flags & p.FLAG_FIXED_NEWSTYLE:
+        try:
+            flags = p.GREETING.parse(_recv(sock, p.GREETING.sizeof())).flags
+        except ConstructError:
+            flags = 0
+        if not flags & p.FLAG_FIXED_NEWSTYLE:
             raise OSError(errno.EPROTO, f"{self.url}: not a fixed-newstyle NBD server")
         cflags = p.FLAG_C_FIXED_NEWSTYLE | (p.FLAG_C_NO_ZEROES if flags & p.FLAG_NO_ZEROES else 0)
-        name = self.export.encode()
-        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-        sock.sendall(struct.pack(">I", cflags) + struct.pack(">QII", p.IHAVEOPT, p.Opt.GO,
-                                                               len(data)) + data)
+        data = p.OPTION_GO_DATA.build({"name": self.export, "requests": []})
+        sock.sendall(p.CLIENT_FLAGS.build({"flags": cflags})
+                     + p.OPTION.build({"magic": p.IHAVEOPT, "option": p.Opt.GO,
+                                       "length": len(data)}) + data)
         while True:
-            magic, _, rep, length = struct.unpack(">QIII", _recv(sock, 20))
-            payload = _recv(sock, length)
-            if magic != p.REPLY_MAGIC_OPT:
-                raise OSError(errno.EPROTO, f"{self.url}: bad option reply")
-            if rep == p.Rep.ACK:
+            try:
+                reply = p.OPTION_REPLY.parse(_recv(sock, p.OPTION_REPLY.sizeof()))
+            except ConstructError:
+                raise OSError(errno.EPROTO, f"{self.url}: bad option reply") from None
+            payload = _recv(sock, reply.length)
+            if reply.reply == p.Rep.ACK:
                 return
-            if rep == p.Rep.INFO and payload[:2] == b"\0\0":
-                _, self.size, self.flags = struct.unpack(">HQH", payload[:12])
-            elif rep & (1 << 31):
+            if reply.reply == p.Rep.INFO:
+                self._info(payload)
+            elif reply.reply & p.REP_FLAG_ERROR:
                 raise OSError(errno.ENOENT, f"{self.url}: export refused: "
                                             f"{payload.decode(errors='replace')}")
+
+    def _info(self, payload: bytes) -> None:
+        """One NBD_INFO reply: the export's size and flags, or its block sizes
+        (other kinds are skipped, as the spec asks)."""
+        for info in (p.INFO_EXPORT, p.INFO_BLOCK_SIZE):
+            try:
+                parsed = info.parse(payload)
+            except ConstructError:
+                continue
+            if info is p.INFO_EXPORT:
+                self.size, self.flags = parsed.size, parsed.flags
+            else:
+                self.logical_block_size = parsed.minimum
+            return
 
     def _drop(self, sock: socket.socket, error: OSError) -> None:
         """Forget a broken connection and fail everything in flight on it."""
@@ -135,12 +177,12 @@ class NbdStore:
         try:
             while True:
                 try:
-                    head = _recv(sock, 16)
+                    head = _recv(sock, p.SIMPLE_REPLY_S.size)
                 except TimeoutError:
                     if self._sock is not sock:
                         return
                     continue           # idle; request deadlines are enforced in _call
-                magic, err, handle = struct.unpack(">IIQ", head)
+                magic, err, handle = p.SIMPLE_REPLY_S.unpack(head)
                 if magic != p.SIMPLE_REPLY_MAGIC:
                     raise OSError(errno.EPROTO, "bad reply magic")
                 with self._lock:
@@ -170,8 +212,7 @@ class NbdStore:
             handle = next(self._handles)
             self._pending[handle] = (fut, id(sock))
             try:
-                head = struct.pack(">IHHQQI", p.REQUEST_MAGIC, flags, cmd, handle,
-                                   offset, length)
+                head = p.REQUEST_S.pack(p.REQUEST_MAGIC, flags, cmd, handle, offset, length)
                 if len(data) < SEND_COPY_LIMIT:
                     sock.sendall(head + data)  # one system call
                 else:
@@ -191,26 +232,46 @@ class NbdStore:
             self._drop(sock, timeout)
             raise timeout from None
 
-    # -- BlockStore ------------------------------------------------------------
+    # -- BlockIO -----------------------------------------------------------------
 
     def pread(self, offset: int, length: int) -> bytes:
         out = []
         while length > 0:
-            n = min(length, 4 << 20)
+            n = min(length, REQUEST_CHUNK)
             out.append(self._call(p.Cmd.READ, offset, n))
             offset, length = offset + n, length - n
         return b"".join(out)
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+    def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         view = memoryview(data)
-        step = 4 << 20
-        for i in range(0, len(view), step):
-            chunk = view[i:i + step]  # sent from the caller's buffer, not copied
+        for i in range(0, len(view), REQUEST_CHUNK):
+            chunk = view[i:i + REQUEST_CHUNK]  # sent from the caller's buffer, not copied
             self._call(p.Cmd.WRITE, offset + i, len(chunk), chunk,
                        p.CMD_FLAG_FUA if fua else 0)
 
+    def pwritev(self, offset: int, bufs: Sequence[Buffer]) -> None:
+        self.pwrite(offset, bufs[0] if len(bufs) == 1 else joined(bufs))
+
+    def pwritev_durable(self, offset: int, bufs: Sequence[Buffer]) -> None:
+        """A FUA write where the export offers FUA, else a write and a flush."""
+        data = bufs[0] if len(bufs) == 1 else joined(bufs)
+        if self.flags & p.FLAG_SEND_FUA:
+            self.pwrite(offset, data, fua=True)
+        else:
+            self.pwrite(offset, data)
+            self.flush()
+
     def flush(self) -> None:
         self._call(p.Cmd.FLUSH)
+
+    def trim(self, offset: int, length: int) -> None:
+        """A hint: sent only where the export takes trims."""
+        if not self.flags & p.FLAG_SEND_TRIM:
+            return
+        while length > 0:
+            n = min(length, REQUEST_CHUNK)
+            self._call(p.Cmd.TRIM, offset, n)
+            offset, length = offset + n, length - n
 
     def close(self) -> None:
         with self._lock:
@@ -218,7 +279,7 @@ class NbdStore:
             sock, self._sock = self._sock, None
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.sendall(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.DISC, 0, 0, 0))
+                sock.sendall(p.REQUEST_S.pack(p.REQUEST_MAGIC, 0, p.Cmd.DISC, 0, 0, 0))
             self._drop(sock, OSError(errno.EBADF, "store closed"))
 
 

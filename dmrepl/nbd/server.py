@@ -12,6 +12,12 @@ The reader takes a request header, then a write's payload, each with one
 ``recv(n, MSG_WAITALL)`` of exactly the bytes the protocol wants: the payload
 goes to the backend as received (no copy), and a reply's data is sent with its
 header by one ``sendmsg`` (no join).
+
+Abuse is bounded (:class:`NbdLimits`): connections beyond a cap are closed at
+once; a client has a deadline to finish the handshake and, if configured, an
+idle timeout (no whole request for that long, also bounding a request stalled
+half-sent); an accept that fails for want of file descriptors is retried with
+a backoff, never in a spin.
 """
 
 from __future__ import annotations
@@ -21,17 +27,57 @@ import errno
 import logging
 import os
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from dmrepl.errors import UserError
 from dmrepl.nbd import _proto as p
 from dmrepl.nbd.backend import Backend
+from dmrepl.ownership import claim_socket_path
+from dmrepl.unixsock import AcceptBackoff
 
 log = logging.getLogger(__name__)
 
 WRITES = (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM)
+TIMEVAL = struct.Struct("@ll")   # struct timeval, for SO_RCVTIMEO
+RECV_SIZE = 65536     # a receive of the handshake, whose messages have no known size
+#: A short receive after this share of its timeout is that timeout (the kernel's
+#: clock and ours differ by a tick).
+TIMEOUT_SLACK = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class NbdLimits:
+    """What one server grants its clients (``None``: no limit)."""
+
+    #: connections served at once; more are closed before the greeting
+    max_connections: int = 256
+    #: seconds from connect until an export is chosen
+    handshake_timeout: float | None = 30.0
+    #: seconds a connection in transmission may go without sending a whole
+    #: request (a request stalled half-sent included).  Off by default: a kernel
+    #: /dev/nbdN keeps one connection for its lifetime and may be idle for days.
+    idle_timeout: float | None = None
+
+
+def _set_recv_timeout(sock: socket.socket, seconds: float | None) -> None:
+    """A kernel receive timeout on a blocking socket (0: none): ``recv(n,
+    MSG_WAITALL)`` stays one uncopied call, and returns short (or EAGAIN)
+    when the time is up."""
+    seconds = max(0.0, seconds or 0.0)
+    whole = int(seconds)
+    usec = int((seconds - whole) * 1e6)
+    if seconds and not whole and not usec:
+        usec = 1          # a timeout near zero, not "no timeout"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, TIMEVAL.pack(whole, usec))
+
+
+class ClientTimeout(Exception):
+    """The client sent nothing whole within its deadline: close the connection."""
 
 
 class Export:
@@ -102,13 +148,14 @@ class _Exports(Mapping[str, p.ExportInfo]):
 class NbdServer:
     """Serve :class:`Export` s on a unix socket path or a ``(host, port)`` address."""
 
-    def __init__(self, address: str | tuple[str, int], workers: int = 8) -> None:
+    def __init__(self, address: str | tuple[str, int], workers: int = 8,
+                 limits: NbdLimits | None = None) -> None:
         self.address = address
         self.exports: dict[str, Export] = {}
         self.workers = workers
+        self.limits = limits or NbdLimits()
         if isinstance(address, str):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(address)
+            claim_socket_path(address)   # InUse if a live server answers there
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._sock.bind(address)
         else:
@@ -118,6 +165,8 @@ class NbdServer:
             self.address = self._sock.getsockname()[:2]
         self._sock.listen(64)
         self._closing = False
+        self._stopped = threading.Event()
+        self._refusing = False
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, name="nbd-accept",
@@ -135,6 +184,7 @@ class NbdServer:
 
     def close(self) -> None:
         self._closing = True
+        self._stopped.set()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
@@ -155,25 +205,44 @@ class NbdServer:
         self.close()
 
     def _accept_loop(self) -> None:
+        backoff = AcceptBackoff("nbd")
         while not self._closing:
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
+            except OSError as e:
                 if self._closing:
                     return
+                # out of fds: the client stays queued until some are free again
+                self._stopped.wait(backoff.failed(e))
                 continue
+            backoff.succeeded()
+            with self._lock:
+                full = len(self._conns) >= self.limits.max_connections
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                self._refuse(conn)
+                continue
+            self._refusing = False
             if conn.family == socket.AF_INET:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn,), name="nbd-conn",
                              daemon=True).start()
+
+    def _refuse(self, conn: socket.socket) -> None:
+        if not self._refusing:
+            log.warning("nbd: %d connections already: closing new ones",
+                        self.limits.max_connections)
+            self._refusing = True
+        conn.close()
 
     def _serve(self, sock: socket.socket) -> None:
         try:
             _Connection(self, sock).run()
         except p.RemoteProtocolError as e:
             log.warning("nbd: closing connection: %s", e)
+        except ClientTimeout as e:
+            log.info("nbd: closing connection: %s", e)
         except OSError as e:
             if not self._closing:
                 log.info("nbd: connection ended: %s", e)
@@ -214,6 +283,9 @@ class _Connection:
                     self.sock.sendall(view[sent - len(head):])
 
     def run(self) -> None:
+        limits = self.server.limits
+        self.handshake_deadline = (None if limits.handshake_timeout is None
+                                   else time.monotonic() + limits.handshake_timeout)
         self.send(self.proto.data_to_send())
         pool = ThreadPoolExecutor(self.server.workers, thread_name_prefix="nbd-io")
         try:
@@ -226,17 +298,14 @@ class _Connection:
             event = self.proto.next_event()
             self.send(self.proto.data_to_send())
             if event is p.NEED_DATA:
-                want = self.proto.bytes_wanted()
-                if want:
-                    data = self.sock.recv(want, socket.MSG_WAITALL)
-                else:
-                    data = self.sock.recv(65536)
-                self.proto.receive_data(data)
+                self.proto.receive_data(self._receive())
                 continue
             if isinstance(event, p.Disconnect):
                 return
             if isinstance(event, p.ExportSelected):
                 self.export = self.server.exports[event.name]
+                self.handshake_deadline = None
+                _set_recv_timeout(self.sock, self.server.limits.idle_timeout)
                 continue
             assert isinstance(event, p.Request)
             ticket = self.next_ticket
@@ -245,6 +314,36 @@ class _Connection:
                     self.write_tickets.add(ticket)
                 self.next_ticket += 1
             pool.submit(self._execute, event, ticket)
+
+    def _receive(self) -> bytes:
+        """The bytes the protocol wants next, within the connection's deadline:
+        the handshake's (set before each receive), then the idle timeout (set
+        once, when the export is chosen).  A receive cut short by something
+        else than its timeout (a signal) returns what it got."""
+        limits = self.server.limits
+        want = self.proto.bytes_wanted()
+        while True:
+            timeout = limits.idle_timeout
+            if self.handshake_deadline is not None:
+                timeout = self.handshake_deadline - time.monotonic()
+                if timeout <= 0:
+                    raise ClientTimeout("handshake not finished in "
+                                        f"{limits.handshake_timeout}s")
+                _set_recv_timeout(self.sock, timeout)
+            started = time.monotonic()
+            data: bytes | None
+            try:
+                data = self.sock.recv(want or RECV_SIZE, socket.MSG_WAITALL if want else 0)
+            except BlockingIOError:   # SO_RCVTIMEO expired with nothing received
+                data = None
+            short = data is None or 0 < len(data) < want
+            if short and timeout and time.monotonic() - started >= timeout * TIMEOUT_SLACK:
+                if self.handshake_deadline is not None:
+                    raise ClientTimeout("handshake not finished in "
+                                        f"{limits.handshake_timeout}s")
+                raise ClientTimeout(f"no whole request in {timeout}s")
+            if data is not None:
+                return data
 
     def _execute(self, req: p.Request, ticket: int) -> None:
         error, data = 0, b""

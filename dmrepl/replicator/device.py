@@ -72,28 +72,53 @@ def open_legs(rep: Replicator, dev_nr: int, cfgs: Sequence[LegConfig], length: i
             region = rs
     legs: dict[int, Leg] = {}
     try:
+        # every device is opened and checked, then every dirty log opened, before
+        # any dirty log is resumed (writes): a refused leg leaves nothing behind
         for c in cfgs:
             try:
                 store = rep.opener(c.dev_path)
             except OSError as e:
                 raise TableError(f"cannot open device {c.dev_path} (site link "
                                  f"{c.slink_nr}): {e.strerror or e}") from e
-            leg = Leg(c.slink_nr, c, store)
-            legs[c.slink_nr] = leg
-            if c.slink_nr:
-                sectors = length if length is not None else store.size // SECTOR
-                from dmrepl.dirtylog import open_dirty_log
+            legs[c.slink_nr] = Leg(c.slink_nr, c, store)
+        check_leg_sizes(dev_nr, legs, length, existing)
+        from dmrepl.dirtylog import open_dirty_log
+        for leg in legs.values():
+            if leg.slink_nr:
+                sectors = length if length is not None else legs[0].store.size // SECTOR
                 try:
-                    leg.dlog = open_dirty_log(c.dlog_type, c.dlog_args, sectors)
-                    leg.dlog.resume()
+                    leg.dlog = open_dirty_log(leg.cfg.dlog_type, leg.cfg.dlog_args,
+                                              sectors)
                 except UserError as e:
-                    raise TableError(f"dirty log of {c.dev_path} (site link "
-                                     f"{c.slink_nr}): {e}") from e
+                    raise TableError(f"dirty log of {leg.cfg.dev_path} (site link "
+                                     f"{leg.slink_nr}): {e}") from e
+        for leg in legs.values():
+            if leg.dlog is not None:
+                leg.dlog.resume()
     except BaseException:
         for leg in legs.values():
             close_leg(leg)
         raise
     return legs
+
+
+def check_leg_sizes(dev_nr: int, legs: dict[int, Leg], length: int | None,
+                    existing: Sequence[Leg]) -> None:
+    """Every device holds the replicated device: ``length`` sectors, or (none
+    given) the local device's size."""
+    local = legs.get(0) or next((leg for leg in existing if leg.slink_nr == 0), None)
+    if local is None:
+        raise TableError(f"device {dev_nr}: the local device (site link 0) is missing")
+    size = local.store.size if length is None else length * SECTOR
+    if size > local.store.size:
+        raise TableError(f"device {dev_nr}: length {size // SECTOR} sectors exceeds "
+                         f"local device {local.cfg.dev_path} "
+                         f"({local.store.size // SECTOR} sectors)")
+    for leg in legs.values():
+        if leg.slink_nr and leg.store.size < size:
+            raise TableError(f"device {dev_nr}: remote device {leg.cfg.dev_path} "
+                             f"(site link {leg.slink_nr}) is smaller than the local "
+                             "device")
 
 
 def region_size_locked(rep: Replicator) -> int | None:

@@ -6,15 +6,20 @@ changes anything: a refused one raises :class:`MessageError` and changes nothing
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from dmrepl.numbers import parse_int
 from dmrepl.replicator import slink as slink_types
-from dmrepl.replicator.device import close_leg, open_legs
+from dmrepl.replicator.device import open_legs
 from dmrepl.replicator.errors import MessageError, TableError
+from dmrepl.replicator.replog import LOST_CLEAR_MESSAGE
 from dmrepl.replicator.table import (
+    LOG_SIZE_MIN,
+    SlinkConfig,
     parse_fallbehind,
     parse_legs,
     parse_policy,
@@ -119,45 +124,19 @@ def _slink_message(rep: Replicator, argv: list[str]) -> str:
         rep.copiers.persist_all()
         return ""
     if sub == "message":
-        with rep.cond:
-            found = rep.slinks.get(nr)
-            if found is None:
-                raise MessageError(f"site link {nr} doesn't exist")
-            s, cfg = found, found.cfg
         rest = argv[2:]
-        try:
-            if len(rest) == 2 and rest[0] == "policy":
-                sync, stall = parse_policy(rest[1])
-                if sync and cfg.fallbehind.enabled:
-                    raise MessageError("a synchronous site link can't keep a "
-                                       "fall-behind threshold; set fallbehind ios 0 first")
-                new_cfg = replace(cfg, sync=sync, stall=stall)
-            elif rest[:1] == ["fallbehind"] and len(rest) in (2, 3):
-                if len(rest) == 2:
-                    kind, eq, value = rest[1].partition("=")
-                    if not eq:
-                        raise MessageError("usage: fallbehind <type> <value> or "
-                                           "<type>=<value>")
-                else:
-                    kind, value = rest[1], rest[2]
-                fb = parse_fallbehind(kind, value)
-                if cfg.sync and fb.enabled:
-                    raise MessageError("a fall-behind threshold on a synchronous site "
-                                       "link is meaningless")
-                new_cfg = replace(cfg, fallbehind=fb)
-            elif len(rest) == 2 and rest[0] == "resync_rate":
-                new_cfg = replace(cfg, resync_rate=parse_rate(rest[1]))
-            else:
-                raise MessageError("usage: slink message <nr> policy <policy> | "
-                                   "fallbehind <type> <value> | resync_rate "
-                                   "<N>[k|m|g]")
-        except TableError as e:
-            raise MessageError(str(e)) from e
         with rep.cond:
-            s.cfg = new_cfg
+            link = rep.slinks.get(nr)
+            if link is None:
+                raise MessageError(f"site link {nr} doesn't exist")
+            # all settings are checked against the resulting configuration
+            # before any applies: a refused message changes nothing
+            cfg = link.cfg
+            new_cfg = _slink_settings(cfg, rest)
+            link.cfg = new_cfg
             if new_cfg.resync_rate != cfg.resync_rate:
-                s.resync_next = rep.clock()  # the new rate applies from now
-            rep.copiers.check_fallbehind_locked(s, time.monotonic())
+                link.resync_next = rep.clock()  # the new rate applies from now
+            rep.copiers.check_fallbehind_locked(link, time.monotonic())
             rep.bump_locked(f"slink {nr}: {' '.join(rest)}")
         return ""
     raise MessageError(f"invalid slink command {sub!r}: expected add, del or message")
@@ -167,24 +146,90 @@ def _replog_message(rep: Replicator, argv: list[str]) -> str:
     if len(argv) == 2 and argv[0] == "statistics":
         return replicator_message(rep, ["statistics", argv[1]])
     if len(argv) == 2 and argv[0] == "resize":
-        size = _msg_int(argv[1], "replog size (sectors)")
+        size = _msg_int(argv[1], "replog size (sectors)", lo=LOG_SIZE_MIN,
+                        hi=((1 << 63) - 1) // SECTOR - rep.cfg.replog.dev_start)
         try:
             rep.ring.resize(size)
         except TableError as e:
             raise MessageError(str(e)) from e
+        except OSError as e:
+            if e.errno not in _CANNOT_GROW:
+                raise
+            # the log file could not grow to the new size: nothing was written
+            raise MessageError(f"replog resize {size}: cannot grow "
+                               f"{rep.cfg.replog.dev_path}: {e.strerror or e}") from e
         with rep.cond:
             rep.cfg = replace(rep.cfg, replog=replace(
                 rep.cfg.replog, size=size,
                 mode=rep.cfg.replog.mode or "open"))
             rep.bump_locked(f"replog resized to {size} sectors")
         return ""
-    raise MessageError("usage: replog resize <sectors> | replog statistics on|off|reset")
+    if argv == ["clear_lost"]:
+        if rep.replog.lost_report() is None:
+            raise MessageError(f"{LOST_CLEAR_MESSAGE}: no lost acknowledged writes are "
+                               "reported")
+        cleared = rep.replog.clear_lost()
+        with rep.cond:
+            rep.bump_locked(f"replog: lost-writes report cleared ({cleared['entries']} "
+                            "entries)")
+        return ""
+    raise MessageError("usage: replog resize <sectors> | replog statistics on|off|reset"
+                       f" | {LOST_CLEAR_MESSAGE}")
 
 
-def _msg_int(word: str, what: str) -> int:
-    if not word.isascii() or not word.isdigit():
-        raise MessageError(f"invalid {what} {word!r}")
-    return int(word)
+# ftruncate's refusals of a size (nothing changed): too large for the file system,
+# beyond its limits, or no room
+_CANNOT_GROW = frozenset({errno.EFBIG, errno.EINVAL, errno.ENOSPC, errno.EDQUOT})
+
+SLINK_MESSAGE_USAGE = ("usage: slink message <nr> <setting>... with settings policy "
+                       "<policy>, fallbehind <type> <value> (or <type>=<value>), "
+                       "resync_rate <N>[k|m|g]")
+
+
+def _slink_settings(cfg: SlinkConfig, words: Sequence[str]) -> SlinkConfig:
+    """The site link configuration after the settings of ``slink message <nr>
+    <setting>...``; MessageError (nothing applied) if any setting is bad or the
+    result is not a valid site link (as its table line would be refused)."""
+    if not words:
+        raise MessageError(SLINK_MESSAGE_USAGE)
+    seen: set[str] = set()
+    i = 0
+    try:
+        while i < len(words):
+            key = words[i]
+            if key in seen:
+                raise MessageError(f"slink message: {key} given twice")
+            seen.add(key)
+            if key == "policy" and i + 1 < len(words):
+                sync, stall = parse_policy(words[i + 1])
+                cfg = replace(cfg, sync=sync, stall=stall)
+                i += 2
+            elif key == "fallbehind" and i + 1 < len(words):
+                kind, eq, value = words[i + 1].partition("=")
+                if eq:
+                    i += 2
+                elif i + 2 < len(words):
+                    value = words[i + 2]
+                    i += 3
+                else:
+                    raise MessageError("usage: fallbehind <type> <value> or <type>=<value>")
+                cfg = replace(cfg, fallbehind=parse_fallbehind(kind, value))
+            elif key == "resync_rate" and i + 1 < len(words):
+                cfg = replace(cfg, resync_rate=parse_rate(words[i + 1]))
+                i += 2
+            else:
+                raise MessageError(SLINK_MESSAGE_USAGE)
+    except TableError as e:
+        raise MessageError(str(e)) from e
+    if cfg.sync and cfg.fallbehind.enabled:
+        raise MessageError(f"site link {cfg.slink_nr}: a synchronous site link can't keep "
+                           "a fall-behind threshold; clear it in the same message: "
+                           "fallbehind ios 0 policy sync")
+    return cfg
+
+
+def _msg_int(word: str, what: str, *, lo: int = 0, hi: int | None = None) -> int:
+    return parse_int(word, what, lo=lo, hi=hi, error=MessageError)
 
 
 # -- replicated devices --------------------------------------------------------------------
@@ -233,12 +278,6 @@ def _add_legs(dev: ReplicatedDevice, argv: list[str]) -> str:
                          list(dev.legs.values()))
     except TableError as e:
         raise MessageError(f"device add: {e}") from e
-    for leg in legs.values():
-        if leg.store.size < dev.size_bytes:
-            for lg in legs.values():
-                close_leg(lg)
-            raise MessageError(f"device add: {leg.cfg.dev_path} is smaller than the "
-                               "local device")
     with dev.rep.cond:
         dev.legs.update(legs)
         dev.cfg = replace(dev.cfg, legs=tuple(lg.cfg for _, lg in

@@ -1,4 +1,4 @@
-"""On-disk format of the ringbuffer replication log, version 1.0 (little-endian).
+"""On-disk format of the ringbuffer replication log, version 1.1 (little-endian).
 
 Layout, in bytes from ``<dev_start> * 512``::
 
@@ -12,6 +12,14 @@ An entry is placed at the tail if it fits before the end of the ring, else at th
 ring start.  Every structure carries a CRC32C over all its bytes (the CRC field
 excluded); the data carries its own CRC32C in the entry header.  Nothing read from
 disk is trusted before its magic, version, log id and CRC check out.
+
+Version 1.1 adds, compatibly (1.0 logs open; 1.0 code refuses 1.1 headers by their
+minor version): the ring header's ``lost`` report (acknowledged writes the replay
+could not recover, kept until an operator clears it), and in the entry header slot,
+after the header's CRC (zeros in 1.0), the ``durable_seq`` the log had reached when
+the entry was written, with its own CRC.  That is the evidence replay needs: an
+intact entry written after entry k was durable proves k was durable (so possibly
+acknowledged); entries in flight with a torn k all carry a smaller value.
 
 Differences from the kernel original (RB, see replication-peers.md section 1):
 the CRC covers the whole structure (the original covered 8 bytes), the version
@@ -34,8 +42,10 @@ from construct import (
     Checksum,
     ChecksumError,
     Const,
+    ConstError,
     ConstructError,
     FormatField,
+    If,
     Int16ul,
     Int32ul,
     Int64ul,
@@ -56,7 +66,8 @@ RING_HEADER_OFFSETS = (SLOT, 2 * SLOT)
 RING_OFFSET = 3 * SLOT
 ENTRY_HEADER_SIZE = SECTOR
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
+LOST_REPORT_MINOR = 1  # ring headers carry the lost report from this minor on
 SLINK_BITMAP_BYTES = 256  # 2048 site links
 HANDLER_NAME = "ringbuffer"
 MAX_RECORDED_SLINKS = 300  # positions that fit in a ring header slot
@@ -72,8 +83,11 @@ def _with_crc(body: Struct) -> Struct:
 
 # Log header: static description of the log (written by create only).
 # Kernel counterpart: struct log_header_disk in dm-repl-log-ringbuffer.c.
+LOG_MAGIC = b"dm-replicatorPY1"
+RING_MAGIC = b"DMRPRING"
+ENTRY_MAGIC = b"DMRPENTR"
 LogHeaderBody = Struct(
-    "magic" / Const(b"dm-replicatorPY1"),
+    "magic" / Const(LOG_MAGIC),
     "major" / Int16ul,
     "minor" / Int16ul,
     "log_id" / Int64ul,  # random per create; entries and ring headers carry it
@@ -90,8 +104,16 @@ SlinkPosition = Struct(
     Padding(2),
     "applied_seq" / Int64ul,  # every entry with seq <= this is done for the slink
 )
+# Acknowledged writes the replay could not recover (see ringlog: replay).
+LostReport = Struct(
+    "entries" / Int32ul,  # entries lost in the report being shown (0: none)
+    "first_seq" / Int64ul,  # lowest lost sequence number (of the report)
+    "last_seq" / Int64ul,  # highest lost sequence number (of the report)
+    "known_upto" / Int64ul,  # every gap up to here was reported (also once cleared)
+    "whole" / Int32ul,  # 1: a lost entry's header was unreadable (region unknown)
+)
 RingHeaderBody = Struct(
-    "magic" / Const(b"DMRPRING"),
+    "magic" / Const(RING_MAGIC),
     "major" / Int16ul,
     "minor" / Int16ul,
     "epoch" / Int32ul,  # incremented by every open; entries carry it
@@ -101,13 +123,14 @@ RingHeaderBody = Struct(
     "head_pos" / Int64ul,  # bytes from log start: first live entry (or next slot)
     "head_seq" / Int64ul,  # its sequence number (next one if the ring is empty)
     "slinks" / PrefixedArray(Int16ul, SlinkPosition),
+    "lost" / If(this.minor >= LOST_REPORT_MINOR, LostReport),
 )
 RingHeader = _with_crc(RingHeaderBody).compile()
 
 # Entry header, in a 512-byte slot before the entry's data.
 # Kernel counterpart: struct data_header_disk (512 bytes, 2048-bit slink_bits).
 EntryHeaderBody = Struct(
-    "magic" / Const(b"DMRPENTR"),
+    "magic" / Const(ENTRY_MAGIC),
     "major" / Int16ul,
     "flags" / Int16ul,
     "epoch" / Int32ul,
@@ -122,8 +145,14 @@ EntryHeaderBody = Struct(
 )
 EntryHeader = _with_crc(EntryHeaderBody).compile()
 ENTRY_FLAG_ZERO = 1  # a zero-write (trim): no data follows, length bytes of zeros
+# Version 1.1: after the entry header's CRC, in the slot's padding (zeros in 1.0).
+EntryDurableBody = Struct(
+    "durable_seq" / Int64ul,  # every entry up to this one was durable at this write
+)
+EntryDurable = _with_crc(EntryDurableBody).compile()
+ENTRY_DURABLE_OFFSET = EntryHeaderBody.sizeof() + 4
 
-assert EntryHeaderBody.sizeof() + 4 <= ENTRY_HEADER_SIZE
+assert ENTRY_DURABLE_OFFSET + EntryDurableBody.sizeof() + 4 <= ENTRY_HEADER_SIZE
 
 
 class FormatError(ValueError):
@@ -134,9 +163,12 @@ def _parse(fmt: Struct, data: bytes, what: str) -> dict:
     try:
         obj = fmt.parse(data)
     except ChecksumError as e:
-        raise FormatError(f"{what}: CRC mismatch") from e
+        raise FormatError(f"{what}: checksum (CRC32C) mismatch") from e
+    except ConstError as e:
+        raise FormatError(f"{what}: no signature (magic)") from e
     except ConstructError as e:
-        raise FormatError(f"{what}: {e.__class__.__name__}") from e
+        raise FormatError(f"{what}: size: too short or malformed "
+                          f"({e.__class__.__name__})") from e
     return dict(obj.body.value)
 
 
@@ -164,15 +196,20 @@ def parse_log_header(data: bytes) -> dict:
     return h
 
 
+NO_LOST_REPORT = {"entries": 0, "first_seq": 0, "last_seq": 0, "known_upto": 0,
+                  "whole": 0}
+
+
 def build_ring_header(*, log_id: int, epoch: int, generation: int, log_size: int,
-                      head_pos: int, head_seq: int,
-                      slinks: dict[int, int]) -> bytes:
+                      head_pos: int, head_seq: int, slinks: dict[int, int],
+                      lost: dict[str, int] | None = None) -> bytes:
     if len(slinks) > MAX_RECORDED_SLINKS:
         raise ValueError("too many site links for a ring header")
     raw = RingHeader.build(dict(body=dict(value=dict(
         major=FORMAT_MAJOR, minor=FORMAT_MINOR, epoch=epoch, log_id=log_id,
         generation=generation, log_size=log_size, head_pos=head_pos, head_seq=head_seq,
-        slinks=[dict(slink_nr=n, applied_seq=s) for n, s in sorted(slinks.items())]))))
+        slinks=[dict(slink_nr=n, applied_seq=s) for n, s in sorted(slinks.items())],
+        lost=dict(lost or NO_LOST_REPORT)))))
     assert len(raw) <= SLOT
     return raw.ljust(SLOT, b"\0")
 
@@ -183,7 +220,22 @@ def parse_ring_header(data: bytes, log_id: int) -> dict:
     if h["log_id"] != log_id:
         raise FormatError("ring header: belongs to another log")
     h["slinks"] = {p.slink_nr: p.applied_seq for p in h["slinks"]}
+    lost = h["lost"]
+    h["lost"] = (dict(NO_LOST_REPORT) if lost is None
+                 else {k: lost[k] for k in NO_LOST_REPORT})
     return h
+
+
+def signatures(area: bytes) -> list[str]:
+    """The headers of ours whose signature (magic) is in ``area`` (the start of a
+    log: log header and both ring header slots), damaged or not."""
+    found = []
+    for name, off, magic in (("log header", LOG_HEADER_OFFSET, LOG_MAGIC),
+                             ("ring header A", RING_HEADER_OFFSETS[0], RING_MAGIC),
+                             ("ring header B", RING_HEADER_OFFSETS[1], RING_MAGIC)):
+        if area[off:off + len(magic)] == magic:
+            found.append(name)
+    return found
 
 
 def slink_bitmap(slinks: set[int] | frozenset[int]) -> bytes:
@@ -262,34 +314,52 @@ class FlatPacker:
 
 
 _ENTRY_PACKER = FlatPacker(EntryHeaderBody)
-_ENTRY_PAD = bytes(ENTRY_HEADER_SIZE - EntryHeaderBody.sizeof() - 4)
+_DURABLE_PACKER = FlatPacker(EntryDurableBody)
+_pack_durable = _DURABLE_PACKER.positional("durable_seq")
+_ENTRY_PAD = bytes(ENTRY_HEADER_SIZE - ENTRY_DURABLE_OFFSET - EntryDurableBody.sizeof() - 4)
 _pack_entry_body = _ENTRY_PACKER.positional(
     "major", "flags", "epoch", "log_id", "seq", "pos", "dev", "length", "offset",
     "data_crc", "slinks")
 
 
 def entry_header(log_id: int, epoch: int, seq: int, pos: int, dev: int, offset: int,
-                 length: int, data_crc: int, bitmap: bytes, flags: int) -> bytes:
+                 length: int, data_crc: int, bitmap: bytes, flags: int,
+                 durable_seq: int = 0) -> bytes:
     """The entry header slot (the write path's form: positional arguments)."""
     body = _pack_entry_body(FORMAT_MAJOR, flags, epoch, log_id, seq, pos, dev, length,
                             offset, data_crc, bitmap)
-    return body + crc32c(body).to_bytes(4, "little") + _ENTRY_PAD
+    durable = _pack_durable(durable_seq)
+    return (body + crc32c(body).to_bytes(4, "little")
+            + durable + crc32c(durable).to_bytes(4, "little") + _ENTRY_PAD)
 
 
 def build_entry_header(*, log_id: int, epoch: int, seq: int, pos: int, dev: int,
                        offset: int, length: int, data_crc: int, bitmap: bytes,
-                       flags: int = 0) -> bytes:
+                       flags: int = 0, durable_seq: int = 0) -> bytes:
     return entry_header(log_id, epoch, seq, pos, dev, offset, length, data_crc, bitmap,
-                        flags)
+                        flags, durable_seq)
+
+
+def entry_durable_seq(slot: bytes) -> int:
+    """The ``durable_seq`` recorded in an entry header slot; 0 (no evidence) for a
+    1.0 entry or a damaged record."""
+    try:
+        return int(EntryDurable.parse(
+            slot[ENTRY_DURABLE_OFFSET:ENTRY_DURABLE_OFFSET + EntryDurableBody.sizeof() + 4]
+        ).body.value.durable_seq)
+    except ConstructError:
+        return 0
 
 
 def build_entry_header_construct(*, log_id: int, epoch: int, seq: int, pos: int,
                                  dev: int, offset: int, length: int, data_crc: int,
-                                 bitmap: bytes, flags: int = 0) -> bytes:
+                                 bitmap: bytes, flags: int = 0,
+                                 durable_seq: int = 0) -> bytes:
     """The same header built by construct from the declaration (tests compare)."""
     raw = EntryHeader.build(dict(body=dict(value=dict(
         major=FORMAT_MAJOR, flags=flags, epoch=epoch, log_id=log_id, seq=seq, pos=pos,
         dev=dev, length=length, offset=offset, data_crc=data_crc, slinks=bitmap))))
+    raw += EntryDurable.build(dict(body=dict(value=dict(durable_seq=durable_seq))))
     return raw.ljust(ENTRY_HEADER_SIZE, b"\0")
 
 

@@ -49,6 +49,7 @@ from dmrepl.replicator.ondisk import (
 from dmrepl.replicator.store import BlockStore, FileStore, pwritev
 from dmrepl.replicator.table import LOG_SIZE_MIN, ReplogConfig
 
+LOST_DEV = -1  # the device of a placeholder for a lost entry (see _scan)
 PARALLEL_DATA_WRITE = 128 << 10  # bytes: from here on, data write and CRC overlap
 
 
@@ -70,6 +71,11 @@ class Entry:
     @property
     def zero(self) -> bool:
         return bool(self.flags & ENTRY_FLAG_ZERO)
+
+    @property
+    def lost(self) -> bool:
+        """A placeholder for an entry the replay could not recover."""
+        return self.dev == LOST_DEV
 
     @property
     def end(self) -> int:
@@ -112,6 +118,11 @@ class RingLog:
         self._persist_lock = threading.Lock()
         self.created = False
         self.replayed = 0
+        # acknowledged writes the replay could not recover (see _scan): the report
+        # persisted in the ring header, and what the engine marks out of sync
+        self.lost: dict[str, int] = dict(ondisk.NO_LOST_REPORT)
+        self.lost_regions: list[tuple[int, int, int]] = []  # (dev, start, end) bytes
+        self.lost_whole = False  # a lost entry's region is unknown: whole devices
         self.stats = {"entries": 0, "bytes": 0, "header_writes": 0, "log_flushes": 0,
                       "durable_writes": 0, "data_reads": 0}
 
@@ -171,8 +182,27 @@ class RingLog:
                                  f"{need} bytes for dev_start {self.cfg.dev_start} and size "
                                  f"{sectors} sectors, has {self.store.size}")
 
+    def _where(self) -> str:
+        return f"replog {self.cfg.dev_path}@{self.cfg.dev_start}"
+
+    def _refusal(self, damage: str) -> ReplogCorrupt:
+        return ReplogCorrupt(
+            f"{self._where()}: {damage}; not opened, nothing changed (to discard this "
+            "log and every write not yet copied, open it with the mode 'create')")
+
+    def _signatures(self) -> list[str]:
+        """Our headers whose signature is on the device (damaged or not)."""
+        have = self.store.size - self.base
+        if have <= 0:
+            return []
+        return ondisk.signatures(self._read(0, min(have, RING_OFFSET)))
+
     def open(self) -> None:
-        """create/open/auto per the table, then bump the epoch (persisted)."""
+        """create/open/auto per the table, then bump the epoch (persisted).
+
+        ``auto`` creates only where no header of ours is found (no signature in the
+        log header nor in either ring header slot); a log that carries our
+        signature but does not validate is refused like ``open`` refuses it."""
         mode = self.cfg.open_mode
         if mode == "create":
             self._create()
@@ -181,8 +211,11 @@ class RingLog:
                 self._load()
             except FormatError as e:
                 if mode == "open":
-                    raise ReplogCorrupt(f"replog {self.cfg.dev_path}@{self.cfg.dev_start}: "
-                                        f"{e}; not opened") from e
+                    raise self._refusal(str(e)) from e
+                found = self._signatures()
+                if found:
+                    raise self._refusal(f"{e} (signature found in the {', '.join(found)})"
+                                        ) from e
                 self._create()
         self.epoch += 1
         self._write_ring_header(self.positions, self.head_seq_pos())
@@ -197,6 +230,7 @@ class RingLog:
         self.next_seq = 1
         self.tail_pos = RING_OFFSET
         self.positions = {}
+        self.lost = dict(ondisk.NO_LOST_REPORT)
         self._write(ondisk.LOG_HEADER_OFFSET, ondisk.build_log_header(self.log_id,
                                                                       self.cfg.dev_start))
         self._write(RING_HEADER_OFFSETS[1], bytes(ondisk.SLOT))
@@ -204,67 +238,125 @@ class RingLog:
         self.created = True
 
     def _load(self) -> None:
-        if self.store.size < self.base + RING_OFFSET:
-            raise FormatError("device too small for a log")
+        have = self.store.size - self.base
+        if have < RING_OFFSET:
+            raise FormatError(f"size: the device holds {max(have, 0)} bytes from dev_start "
+                              f"{self.cfg.dev_start}, shorter than the {RING_OFFSET} "
+                              "bytes of the log's headers")
         lh = ondisk.parse_log_header(self._read(ondisk.LOG_HEADER_OFFSET, ondisk.SLOT))
         if lh["dev_start"] != self.cfg.dev_start:
             raise FormatError(f"log header: written for dev_start {lh['dev_start']}")
         self.log_id = lh["log_id"]
         best: dict | None = None
         errors = []
-        for off in RING_HEADER_OFFSETS:
+        for name, off in zip(("A", "B"), RING_HEADER_OFFSETS, strict=True):
             try:
                 rh = ondisk.parse_ring_header(self._read(off, ondisk.SLOT), self.log_id)
             except FormatError as e:
-                errors.append(str(e))
+                errors.append(f"{name}: {e}")
                 continue
             if best is None or rh["generation"] > best["generation"]:
                 best = rh
         if best is None:
-            raise ReplogCorrupt(f"replog {self.cfg.dev_path}: valid log header but no valid "
-                                f"ring header ({'; '.join(errors)}); not opened")
+            raise self._refusal(f"valid log header but no valid ring header "
+                                f"({'; '.join(errors)})")
         if best["log_size"] < LOG_SIZE_MIN or \
                 self.base + best["log_size"] * SECTOR > self.store.size:
-            raise ReplogCorrupt(f"replog {self.cfg.dev_path}: ring header log size "
-                                f"{best['log_size']} does not fit the device")
+            raise self._refusal(f"ring header: size: log size {best['log_size']} "
+                                "does not fit the device")
         self.generation = best["generation"]
         self.epoch = best["epoch"]
         self.log_size = best["log_size"]
         self.positions = dict(best["slinks"])
+        self.lost = best["lost"]
         self._scan(best["head_pos"], best["head_seq"])
 
-    def _try_entry(self, pos: int, seq: int, min_epoch: int) -> Entry | None:
+    def _try_entry(self, pos: int, seq: int, min_epoch: int
+                   ) -> tuple[Entry | None, int, dict | None]:
+        """The entry ``seq`` at ``pos`` if it is intact: (entry, its epoch, None);
+        else (None, 0, its header) when only its data is damaged (its region is
+        known), or (None, 0, None)."""
         if pos < self.ring_start or pos + ENTRY_HEADER_SIZE > self.ring_end:
-            return None
+            return None, 0, None
         try:
             h = ondisk.parse_entry_header(self._read(pos, ENTRY_HEADER_SIZE), self.log_id)
         except FormatError:
-            return None
+            return None, 0, None
         if h["seq"] != seq or h["pos"] != pos or not min_epoch <= h["epoch"] <= self.epoch:
-            return None
+            return None, 0, None
         size = ondisk.entry_size(h["length"], h["flags"])
         if pos + size > self.ring_end:
-            return None
+            return None, 0, None
         e = Entry(seq=seq, dev=h["dev"], offset=h["offset"], length=h["length"], pos=pos,
                   size=size, slinks=ondisk.slinks_of_bitmap(h["slinks"]), flags=h["flags"])
-        e.ts = h["epoch"]  # temporarily: the epoch (reset below)
         if not e.zero:
             data = self._read(pos + ENTRY_HEADER_SIZE, h["length"])
             if crc32c(data) != h["data_crc"]:
-                return None
-        return e
+                return None, 0, h
+        return e, h["epoch"], None
+
+    def _entries_after(self, seq: int, min_epoch: int) -> dict[int, tuple[int, int]]:
+        """Intact-looking entry headers anywhere in the ring with a sequence number
+        above ``seq`` (and an epoch the chain could reach): {seq: (pos, durable_seq
+        recorded in it)}.  Read in chunks; only after a damaged entry."""
+        found: dict[int, tuple[int, int]] = {}
+        chunk = 1 << 20
+        magic = ondisk.ENTRY_MAGIC
+        for start in range(self.ring_start, self.ring_end, chunk):
+            n = min(chunk, self.ring_end - start)
+            buf = self._read(start, n)
+            for off in range(0, n - ENTRY_HEADER_SIZE + 1, SECTOR):
+                if buf[off:off + len(magic)] != magic:
+                    continue
+                slot = buf[off:off + ENTRY_HEADER_SIZE]
+                try:
+                    h = ondisk.parse_entry_header(slot, self.log_id)
+                except FormatError:
+                    continue
+                if h["seq"] > seq and h["pos"] == start + off and \
+                        min_epoch <= h["epoch"] <= self.epoch:
+                    found[h["seq"]] = (start + off, ondisk.entry_durable_seq(slot))
+        return found
 
     def _scan(self, head_pos: int, head_seq: int) -> None:
+        """Replay from the recorded head (see the module docstring).
+
+        At the first entry that fails, the rest of the ring is searched for later
+        entries.  If one of them was written after the failed one was durable (its
+        recorded ``durable_seq``), or a site link's recorded position passed it, the
+        failed entry was durable, maybe acknowledged: it is lost, not torn.  The
+        replay then goes on from the next intact entry (placeholders, ``lost``
+        entries no site link needs, keep the sequence numbers), the lost entries'
+        regions (or, where a header is unreadable, the whole devices) are recorded
+        in ``lost_regions``/``lost_whole`` for the engine to mark out of sync, and
+        the report is persisted in the ring header until cleared.  Otherwise the
+        failed entry was in flight at a crash, never acknowledged: the replay ends
+        there, as it always did."""
         pos, seq, min_epoch, total = head_pos, head_seq, 0, 0
         capacity = self.ring_end - self.ring_start
         now = time.monotonic()
+        new_lost: list[int] = []
         while True:
-            e = self._try_entry(pos, seq, min_epoch)
+            e, epoch, damaged = self._try_entry(pos, seq, min_epoch)
             if e is None and pos != self.ring_start:
-                e = self._try_entry(self.ring_start, seq, min_epoch)
-            if e is None or total + e.size > capacity:
+                e, epoch, damaged2 = self._try_entry(self.ring_start, seq, min_epoch)
+                damaged = damaged or damaged2
+            if e is None:
+                resume = self._lost_gap(seq, min_epoch)
+                if resume is None:
+                    break
+                next_seq, next_pos = resume
+                for missing in range(seq, next_seq):
+                    self._record_lost(missing, pos, damaged if missing == seq else None,
+                                      new_lost)
+                if next_pos is None:  # lost up to a site link's position: nothing after
+                    seq = next_seq
+                    break
+                pos, seq = next_pos, next_seq
+                continue
+            if total + e.size > capacity:
                 break
-            min_epoch = int(e.ts)
+            min_epoch = epoch
             e.ts = now
             total += e.size
             self.entries.append(e)
@@ -275,7 +367,57 @@ class RingLog:
         self.tail_pos = pos if self.entries else head_pos
         if self.tail_pos > self.ring_end or self.tail_pos < self.ring_start:
             self.tail_pos = self.ring_start
-        self.replayed = len(self.entries)
+        self.replayed = sum(1 for e in self.entries if not e.lost)
+        fresh = [s for s in new_lost if s > self.lost["known_upto"]]
+        if fresh:
+            report = self.lost
+            report["first_seq"] = (min(fresh) if not report["entries"]
+                                   else min(report["first_seq"], *fresh))
+            report["last_seq"] = max(report["last_seq"], *fresh)
+            report["entries"] += len(fresh)
+            report["known_upto"] = max(fresh)
+            report["whole"] = int(bool(report["whole"]) or self.lost_whole)
+
+    def _lost_gap(self, seq: int, min_epoch: int) -> tuple[int, int | None] | None:
+        """Entry ``seq`` failed: where the replay goes on if it was durable
+        (sequence number, position; None: nothing intact after it), None if it was
+        a torn write in flight."""
+        after = self._entries_after(seq, min_epoch)
+        proof = max((d for _p, d in after.values()), default=0)
+        if proof >= seq:
+            for nxt in sorted(after):
+                e, _epoch, _h = self._try_entry(after[nxt][0], nxt, min_epoch)
+                if e is not None:
+                    return nxt, after[nxt][0]
+        recorded = max(self.positions.values(), default=0)
+        if recorded >= seq:
+            return recorded + 1, None
+        return None
+
+    def _record_lost(self, seq: int, pos: int, header: dict | None,
+                     new_lost: list[int]) -> None:
+        if header is not None:
+            self.lost_regions.append((header["dev"], header["offset"],
+                                      header["offset"] + header["length"]))
+        else:
+            self.lost_whole = True
+        new_lost.append(seq)
+        # a placeholder: keeps the numbering, no site link needs it, no data
+        self.entries.append(Entry(seq=seq, dev=LOST_DEV, offset=0, length=0, pos=pos,
+                                  size=0, slinks=frozenset(), flags=ENTRY_FLAG_ZERO))
+
+    def clear_lost(self) -> dict[str, int]:
+        """Clear the lost-writes report (an operator checked the local devices);
+        returns the report cleared.  Persisted at once."""
+        with self._persist_lock:
+            with self.lock:
+                cleared = dict(self.lost)
+                self.lost = {**self.lost, "entries": 0, "first_seq": 0, "last_seq": 0,
+                             "whole": 0}
+                head = self.head_seq_pos()
+                positions = dict(self.positions)
+            self._write_ring_header(positions, head)
+        return cleared
 
     def head_seq_pos(self) -> tuple[int, int]:
         if self.entries:
@@ -335,7 +477,8 @@ class RingLog:
                                       self.base + e.pos + ENTRY_HEADER_SIZE, data)
             hdr = ondisk.entry_header(self.log_id, self.epoch, e.seq, e.pos, e.dev,
                                       e.offset, e.length, crc32c(data),
-                                      ondisk.slink_bitmap(e.slinks), e.flags)
+                                      ondisk.slink_bitmap(e.slinks), e.flags,
+                                      self.durable_seq)
             try:
                 self.store.pwrite(self.base + e.pos, hdr)
                 fut.result()
@@ -355,7 +498,8 @@ class RingLog:
                 bufs.append(bytes(pad))
         bufs.insert(0, ondisk.entry_header(self.log_id, self.epoch, e.seq, e.pos, e.dev,
                                            e.offset, e.length, crc,
-                                           ondisk.slink_bitmap(e.slinks), e.flags))
+                                           ondisk.slink_bitmap(e.slinks), e.flags,
+                                           self.durable_seq))
         try:
             if durable_write is not None:
                 durable_write(self.base + e.pos, bufs)
@@ -499,7 +643,7 @@ class RingLog:
         raw = ondisk.build_ring_header(
             log_id=self.log_id, epoch=self.epoch, generation=gen,
             log_size=log_size or self.log_size, head_pos=head[0], head_seq=head[1],
-            slinks=positions)
+            slinks=positions, lost=self.lost)
         try:
             self._write(RING_HEADER_OFFSETS[gen % 2], raw)
             self.store.flush()

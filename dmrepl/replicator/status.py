@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dmrepl.errors import UserError
+from dmrepl.replicator.replog import LOST_CLEAR_MESSAGE
 from dmrepl.replicator.table import format_rate
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ def replicator_status(rep: Replicator, kind: str = "info") -> str:
     <sectors used>/<log sectors> <slink>:<up|down>[:resync][:rate=<N>k|m|g] ...``;
     ``table``: the parameters, which parse back to the same configuration."""
     if kind == "table":
-        return rep.table_config().params()
+        return rep.table()
     if kind != "info":
         raise UserError(f"invalid status type {kind!r}: expected info or table")
     with rep.lock:
@@ -43,6 +44,11 @@ def replicator_status(rep: Replicator, kind: str = "info") -> str:
                          + (":resync" if s.resyncing else "")
                          + (f":rate={format_rate(s.cfg.resync_rate)}"
                             if s.cfg.resync_rate else ""))
+        lost = rep.ring.lost
+        if lost["entries"]:
+            # a word of its own, last: the other words keep their places
+            words.append(f"ERROR:acknowledged_writes_lost={lost['entries']}:"
+                         f"{lost['first_seq']}-{lost['last_seq']}")
         return " ".join(words)
 
 
@@ -72,7 +78,16 @@ def replicator_status_dict(rep: Replicator) -> dict[str, Any]:
             "devices": {},
             "stats": dict(rep.stats),
             "notes": list(rep.messages[-10:]),
+            "errors": [],
         }
+        lost = ring.lost
+        out["ring"]["acknowledged_writes_lost"] = (
+            {"entries": lost["entries"], "first_seq": lost["first_seq"],
+             "last_seq": lost["last_seq"], "whole_devices": bool(lost["whole"]),
+             "clear_with": LOST_CLEAR_MESSAGE} if lost["entries"] else None)
+        report = rep.replog.lost_report()
+        if report is not None:
+            out["errors"].append(report)
         for nr, s in sorted(rep.slinks.items()):
             ts = rep.replog.oldest_ts_locked(s)
             out_of_sync = 0

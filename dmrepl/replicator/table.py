@@ -28,10 +28,10 @@ GiB/s; 0 (the default) is unlimited.  Replication of new writes is not limited.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from dmrepl.numbers import parse_int
 from dmrepl.replicator import slink as slink_types
 from dmrepl.replicator.errors import TableError
 
@@ -49,13 +49,7 @@ _POLICY_WORDS = {"sync": "sync", "synchronous": "sync", "async": "async",
 
 
 def _int(word: str, what: str, *, lo: int = 0, hi: int | None = None) -> int:
-    if not word.isascii() or not word.isdigit():
-        raise TableError(f"invalid {what} {word!r}: not a decimal number")
-    value = int(word)
-    if value < lo or (hi is not None and value > hi):
-        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise TableError(f"invalid {what} {word!r}: must be {bound}")
-    return value
+    return parse_int(word, what, lo=lo, hi=hi, error=TableError)
 
 
 # -- replication log -------------------------------------------------------------
@@ -128,29 +122,15 @@ class FallBehind:
         raise AssertionError("base unit divides everything")  # pragma: no cover
 
 
-_VALUE = re.compile(r"^([0-9]+)([A-Za-z]?)$")
+VALUE_MAX = (1 << 63) - 1  # fall-behind values and rates are u64 counters
 
 
 def parse_fallbehind(kind: str, value: str) -> FallBehind:
     if kind not in FALLBEHIND_TYPES:
         raise TableError(f"invalid fall-behind type {kind!r}: expected ios, size or timeout")
-    m = _VALUE.match(value) if value.isascii() else None
-    if m is None:
-        raise TableError(f"invalid fall-behind value {value!r} for {kind}")
-    number, unit = int(m.group(1)), m.group(2).lower()
-    if kind == "ios":
-        if unit:
-            raise TableError(f"invalid fall-behind value {value!r}: ios take no unit")
-        mult = 1
-    else:
-        units = SIZE_UNITS if kind == "size" else TIME_UNITS
-        if unit and unit not in units:
-            raise TableError(f"invalid {kind} unit {m.group(2)!r} in {value!r}: expected "
-                             f"one of {''.join(units)}")
-        mult = units[unit] if unit else 1
-    total = number * mult
-    if total >= 1 << 63:
-        raise TableError(f"fall-behind value {value!r} too large")
+    units = {"ios": None, "size": SIZE_UNITS, "timeout": TIME_UNITS}[kind]
+    total = parse_int(value, f"fall-behind value for {kind}", hi=VALUE_MAX, units=units,
+                      error=TableError)
     return FallBehind("ios", 0) if total == 0 else FallBehind(kind, total)
 
 
@@ -159,14 +139,12 @@ RATE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}  # -> bytes per second
 
 def parse_rate(value: str) -> int:
     """``<N>[k|m|g]`` (KiB/s without a unit) -> bytes per second; 0 = unlimited."""
-    m = _VALUE.match(value) if value.isascii() else None
-    unit = m.group(2).lower() if m else ""
-    if m is None or (unit and unit not in RATE_UNITS):
-        raise TableError(f"invalid resync rate {value!r}: expected <N>[k|m|g] (KiB/s, "
-                         "MiB/s, GiB/s; 0 = unlimited)")
-    total = int(m.group(1)) * RATE_UNITS[unit or "k"]
-    if total >= 1 << 63:
-        raise TableError(f"resync rate {value!r} too large")
+    total = parse_int(value, "resync rate (<N>[k|m|g]: KiB/s, MiB/s, GiB/s; 0 = unlimited)",
+                      hi=VALUE_MAX, units=RATE_UNITS, error=TableError)
+    if value[-1:].isdigit():   # no unit: KiB/s, as DRBD's resync-rate
+        total *= RATE_UNITS["k"]
+        if total > VALUE_MAX:
+            raise TableError(f"invalid resync rate {value!r}: too large")
     return total
 
 
@@ -270,7 +248,13 @@ class ReplicatorConfig:
         return " ".join(words)
 
     def line(self) -> str:
-        return f"{self.start} {self.length or 1} replicator {self.params()}"
+        return table_line(self.start, self.length or 1, "replicator", self.params())
+
+
+def table_line(start: int, length: int, target: str, params: str) -> str:
+    """``<start> <length> <target> <params>``: a table line as :func:`parse_replicator`
+    and :func:`parse_device` read it (the one rendering of a live table)."""
+    return f"{start} {length} {target} {params}"
 
 
 def _split(line: str | Sequence[str]) -> list[str]:
@@ -377,7 +361,7 @@ class DeviceConfig:
 
     def line(self) -> str:
         assert self.length is not None
-        return f"{self.start} {self.length} replicator-dev {self.params()}"
+        return table_line(self.start, self.length, "replicator-dev", self.params())
 
     def leg(self, slink_nr: int) -> LegConfig | None:
         for leg in self.legs:

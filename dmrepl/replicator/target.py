@@ -124,6 +124,9 @@ class Replicator:
         self.stats = {"r": 0, "w": 0, "rs": 0, "ws": 0, "nc": 0, "c": 0}
         self._graveyard: list[BlockStore] = []
         self.messages: list[str] = []  # recent notable events, newest last
+        report = self.replog.lost_report()  # (logged by the log as it opened)
+        if report is not None:
+            self.messages.append(report)
 
     # -- construction -----------------------------------------------------------
 
@@ -181,17 +184,9 @@ class Replicator:
         legs = open_legs(self, cfg.dev_nr, cfg.legs, cfg.length, [])
         try:
             size = legs[0].store.size if cfg.length is None else cfg.length * SECTOR
-            if size > legs[0].store.size:
-                raise TableError(f"device {cfg.dev_nr}: length {size // SECTOR} sectors "
-                                 f"exceeds local device {local.dev_path} "
-                                 f"({legs[0].store.size // SECTOR} sectors)")
-            for leg in legs.values():
-                if leg.slink_nr and leg.store.size < size:
-                    raise TableError(f"device {cfg.dev_nr}: remote device "
-                                     f"{leg.cfg.dev_path} (site link {leg.slink_nr}) is "
-                                     "smaller than the local device")
             if cfg.length is None:
                 cfg = replace(cfg, length=size // SECTOR)
+            self.replog.mark_lost(cfg.dev_nr, legs.values())
             dev = ReplicatedDevice(self, cfg, legs, size)
             with self.cond:
                 if cfg.dev_nr in self.devices:
@@ -297,6 +292,27 @@ class Replicator:
     def message(self, argv: Sequence[str]) -> str:
         """A replicator target message; raises MessageError changing nothing."""
         return replicator_message(self, argv)
+
+    def lost_report(self) -> str | None:
+        """The lost-writes error (one line), or None: shown until cleared."""
+        return self.replog.lost_report()
+
+    def table(self) -> str:
+        """TABLE status: the live ``replicator`` parameters (after every message),
+        which parse back to the same configuration."""
+        return self.table_config().params()
+
+    def check_device(self, line: str) -> None:
+        """Refuse (TableError) a ``replicator-dev`` line this replicator could not
+        take, without opening anything (a loaded table is checked before resume)."""
+        cfg = parse_device(line)
+        for leg in cfg.legs:
+            if leg.slink_nr not in self.slinks:
+                raise TableError(f"device {cfg.dev_nr}: site link {leg.slink_nr} is not "
+                                 "defined by the replicator")
+        if cfg.leg(0) is None:
+            raise TableError(f"device {cfg.dev_nr}: the local device (site link 0) is "
+                             "missing")
 
     def table_config(self) -> ReplicatorConfig:
         with self.lock:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from dmrepl.blockio import MemoryBlockIO
 from dmrepl.replicator import ondisk
 from dmrepl.replicator.crc import crc32c
 
@@ -105,31 +106,24 @@ class Recorder:
         return img
 
 
-class FakeStore:
-    """An in-memory BlockStore with latency, fault injection and recording."""
+class FakeStore(MemoryBlockIO):
+    """A :class:`MemoryBlockIO` with latency, fault injection and recording."""
 
     def __init__(self, size: int, *, name: str = "mem", data: bytes | None = None,
                  recorder: Recorder | None = None,
                  delay: Callable[[], float] | None = None) -> None:
-        self.size = size
-        self.name = name
-        self.data = bytearray(data if data is not None else bytes(size))
-        if len(self.data) < size:
-            self.data.extend(bytes(size - len(self.data)))
+        super().__init__(size, data=data, name=name)
         self.recorder = recorder
         self.delay = delay
         # a store with latency stands for a remote site: the copiers send it
-        # several writes at once (see BlockStore)
+        # several writes at once (see BlockIO)
         self.concurrent_writes = delay is not None
         self.fail_writes = False
         self.fail_reads = False
         self.gate = threading.Event()  # cleared: writes block until set
         self.gate.set()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the counters below
         self.writes = 0
-        self.flushes = 0
-        self.durable_writes = 0
-        self.closed = False
         self.in_flight = 0  # pwrite calls under way now
         self.max_in_flight = 0  # most pwrite calls seen under way at once
         self.on_write: Callable[[int, bytes], None] | None = None  # after each write
@@ -140,10 +134,7 @@ class FakeStore:
     def pread(self, offset: int, length: int) -> bytes:
         if self.fail_reads:
             raise self._io_error("read")
-        if offset < 0 or offset + length > self.size:
-            raise OSError(errno.EINVAL, f"{self.name}: read beyond end")
-        with self.lock:
-            return bytes(self.data[offset:offset + length])
+        return super().pread(offset, length)
 
     @contextlib.contextmanager
     def _in_flight(self) -> Iterator[None]:
@@ -165,10 +156,11 @@ class FakeStore:
         """A write durable when it returns (the log's lone-writer path)."""
         with self._in_flight():
             self._pwrite(offset, b"".join(bytes(b) for b in bufs), durable=True)
-        self.durable_writes += 1
 
     def _pwrite(self, offset: int, data: bytes | bytearray | memoryview,
                 durable: bool = False) -> None:
+        """Latency, the gate, injected faults, then the write, recorded (tests wrap
+        this one to watch the writes that reach the store)."""
         if self.delay is not None:
             d = self.delay()
             if d > 0:
@@ -177,18 +169,15 @@ class FakeStore:
         if self.fail_writes:
             raise self._io_error("write")
         b = bytes(data)
-        if offset < 0 or offset + len(b) > self.size:
-            raise OSError(errno.ENOSPC, f"{self.name}: write beyond end")
         rec = self.recorder
         if rec is not None:
             with rec.lock:
-                with self.lock:
-                    self.data[offset:offset + len(b)] = b
+                self.store(offset, b, durable=durable)
                 rec.ops.append(Op(self.name, "write", offset, b, durable=durable))
         else:
-            with self.lock:
-                self.data[offset:offset + len(b)] = b
-        self.writes += 1
+            self.store(offset, b, durable=durable)
+        with self.lock:
+            self.writes += 1
         if self.on_write is not None:
             self.on_write(offset, b)
 
@@ -198,14 +187,7 @@ class FakeStore:
         if self.recorder is not None:
             with self.recorder.lock:
                 self.recorder.ops.append(Op(self.name, "flush"))
-        self.flushes += 1
-
-    def close(self) -> None:
-        self.closed = True
-
-    def snapshot(self) -> bytes:
-        with self.lock:
-            return bytes(self.data)
+        super().flush()
 
 
 class StoreSet:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dmrepl.ownership import LOCK_FILE
 from ulogd import protocol as p
 from ulogd.control import query
 from ulogd.main import Daemon
@@ -303,7 +304,7 @@ def test_restart_restores_the_sync_state_the_kernel_knows(tmp_path: Path) -> Non
         assert u64(k2.simple(U, 5, RT.GET_SYNC_COUNT).data) == 0
         assert os.listdir(state) != []
         assert k2.simple(U, 5, RT.DTR).error == 0
-        assert os.listdir(state) == []
+        assert os.listdir(state) == [LOCK_FILE]   # the daemon's claim on its state dir
     finally:
         second.stop()
         k2.close()

@@ -86,8 +86,9 @@ BAD_REPLICATOR = [
     ("ringbuffer 2 /l 0 blockdev 2 0 sync+sync", "twice"),
     ("ringbuffer 2 /l 0 blockdev 4 0 sync ios 5", "synchronous"),
     ("ringbuffer 2 /l 0 blockdev 4 0 async bytes 5", "fall-behind type 'bytes'"),
-    ("ringbuffer 2 /l 0 blockdev 4 0 async size 5q", "size unit 'q'"),
-    ("ringbuffer 2 /l 0 blockdev 4 0 async ios 5k", "ios take no unit"),
+    ("ringbuffer 2 /l 0 blockdev 4 0 async size 5q", "for size '5q': unknown unit 'q'"),
+    ("ringbuffer 2 /l 0 blockdev 4 0 async ios 5k",
+     "for ios '5k': not a decimal number (takes no unit)"),
     ("ringbuffer 2 /l 0 blockdev 4 0 async timeout -1", "fall-behind value"),
     ("ringbuffer 2 /l 0 blockdev 3 0 async ios", "<type>=<value>"),
     ("ringbuffer 2 /l 0 blockdev 1 2048", "site link number"),
@@ -158,7 +159,8 @@ def replicator_configs(draw: st.DrawFn) -> ReplicatorConfig:
     for nr in nrs:
         sync = draw(st.booleans())
         fb = FallBehind() if sync else draw(fallbehinds)
-        slinks.append(SlinkConfig(nr, sync, draw(st.booleans()), fb))
+        rate = draw(st.sampled_from([0, 1])) * draw(st.integers(1, 1 << 40)) * 1024
+        slinks.append(SlinkConfig(nr, sync, draw(st.booleans()), fb, rate))
     return ReplicatorConfig(replog, tuple(slinks))
 
 

@@ -10,11 +10,11 @@ names it (``replicator ringbuffer <#p> ...``).  The pending-write index
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from dmrepl.replicator.device import ReplicatedDevice
+    from dmrepl.replicator.device import Leg, ReplicatedDevice
     from dmrepl.replicator.replog.pending import PendingIndex
     from dmrepl.replicator.ringlog import Entry, RingLog
     from dmrepl.replicator.slink.link import Slink
@@ -28,6 +28,16 @@ class ReplogType(Protocol):
     space_wanted: bool
 
     def close(self) -> None: ...
+
+    def mark_lost(self, dev_nr: int, legs: Iterable[Leg]) -> None:
+        """Mark the regions of entries the replay lost out of sync on the remote legs
+        of a device being added (TableError if a dirty log refuses)."""
+
+    def lost_report(self) -> str | None:
+        """The lost-writes error line until cleared (None: nothing lost)."""
+
+    def clear_lost(self) -> dict[str, int]:
+        """Clear the lost-writes report (the operator checked); returns it."""
 
     def write(self, dev: ReplicatedDevice, offset: int, data: bytes | None, length: int,
               fua: bool = False, count: bool = False) -> None:
@@ -50,6 +60,9 @@ class ReplogType(Protocol):
 
     def applied_locked(self, s: Slink, batch: list[Entry], done: int) -> None: ...
 
+
+# the message that clears a replay's lost-writes report (an operator checked the data)
+LOST_CLEAR_MESSAGE = "replog clear_lost"
 
 ReplogFactory = Callable[..., Any]  # (replicator, ReplogConfig, opener, cache_bytes=)
 

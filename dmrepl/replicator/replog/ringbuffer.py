@@ -11,25 +11,28 @@ local device (:mod:`.pending`) on what the local device returns.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from dmrepl.replicator import ondisk
 from dmrepl.replicator._state import AckState
 from dmrepl.replicator.errors import LocalIOError, ReplicatorClosed, TableError
+from dmrepl.replicator.replog import LOST_CLEAR_MESSAGE
 from dmrepl.replicator.replog.pending import PendingIndex
 from dmrepl.replicator.ringlog import Entry, RingLog
 from dmrepl.replicator.store import DeviceOpener
 from dmrepl.replicator.table import LOG_SIZE_MIN, ReplogConfig
 
 if TYPE_CHECKING:
-    from dmrepl.replicator.device import ReplicatedDevice
+    from dmrepl.replicator.device import Leg, ReplicatedDevice
     from dmrepl.replicator.slink.link import Slink
     from dmrepl.replicator.target import Replicator
 
+log = logging.getLogger("dmrepl.replicator")
 SECTOR = 512
 MAX_ENTRY = 8 << 20  # larger writes are split into several entries
 _NO_SYNCS: frozenset[int] = frozenset()  # a write no site link holds
@@ -51,6 +54,7 @@ class Ringbuffer:
     def __init__(self, rep: Replicator, cfg: ReplogConfig, opener: DeviceOpener, *,
                  cache_bytes: int) -> None:
         self.rep = rep
+        self.cfg = cfg
         self._key = _log_key(cfg.dev_path, cfg.dev_start)
         with _active_lock:
             if self._key in _active_logs:
@@ -63,6 +67,15 @@ class Ringbuffer:
             except OSError as e:
                 raise TableError(f"cannot open replog device {cfg.dev_path}: "
                                  f"{e.strerror or e}") from e
+            try:
+                # one writer per log, across processes too (a store that cannot
+                # be claimed, e.g. a test's fake, has no claim_exclusive)
+                claim = getattr(store, "claim_exclusive", None)
+                if claim is not None:
+                    claim()
+            except BaseException:
+                store.close()
+                raise
             self.ring = RingLog(store, cfg, cache_bytes=cache_bytes)
             try:
                 self.ring.open()
@@ -80,11 +93,71 @@ class Ringbuffer:
         for entry in self.ring.entries:
             self.pending.add(entry)
         self.space_wanted = False  # writers wait for ring space: copiers persist now
+        if self.ring.lost_regions or self.ring.lost_whole:
+            log.error("%s: replay found lost entries: their regions are marked out of "
+                      "sync on every site link as their devices are added", cfg.dev_path)
+        report = self.lost_report()
+        if report is not None:
+            log.error("%s", report)
 
     def close(self) -> None:
         self.ring.close()
         with _active_lock:
             _active_logs.discard(self._key)
+
+    # -- lost entries (replay) -------------------------------------------------------
+
+    def mark_lost(self, dev_nr: int, legs: Iterable[Leg]) -> None:
+        """Mark out of sync, on every remote leg of a device being added, the
+        regions of the entries the replay lost (all of them where a lost header was
+        unreadable): before its copiers run, so no site link ships the entries after
+        the loss and stays in sync where it lacks the lost one (the resync copies
+        the local device's content there)."""
+        ring = self.ring
+        ranges = [(lo, hi) for d, lo, hi in ring.lost_regions if d == dev_nr]
+        if not ranges and not ring.lost_whole:
+            return
+        for leg in legs:
+            if leg.dlog is None:
+                continue
+            rs = leg.dlog.region_size * SECTOR
+            if ring.lost_whole:
+                regions = set(range(leg.dlog.region_count))
+            else:
+                regions = {r for lo, hi in ranges
+                           for r in range(lo // rs, (max(hi, lo + 1) - 1) // rs + 1)}
+            try:
+                with leg.lock:
+                    for r in sorted(regions):
+                        leg.dlog.mark_region(r)
+                        leg.dlog.set_region_sync(r, False)
+                    leg.dlog.flush()
+            except Exception as err:
+                raise TableError(f"device {dev_nr}: cannot mark the regions of lost "
+                                 f"replication log entries out of sync in the dirty log "
+                                 f"of {leg.cfg.dev_path}: {err}") from err
+            log.warning("device %d, site link %d: %d regions marked out of sync after "
+                        "lost replication log entries", dev_nr, leg.slink_nr, len(regions))
+
+    def lost_report(self) -> str | None:
+        """The lost-writes error (one line), or None: shown until cleared."""
+        lost = self.ring.lost
+        if not lost["entries"]:
+            return None
+        where = ("whole devices" if lost["whole"] else "their regions")
+        return (f"ERROR: replication log {self.cfg.dev_path}: "
+                f"{lost['entries']} acknowledged writes lost (entries {lost['first_seq']}"
+                f"..{lost['last_seq']} damaged): the local devices may lack them; "
+                f"{where} marked out of sync on every site link; check the local data, "
+                f"then clear with the message '{LOST_CLEAR_MESSAGE}'")
+
+    def clear_lost(self) -> dict[str, int]:
+        """The operator checked the local data: the report is cleared (returned)."""
+        cleared = self.ring.clear_lost()
+        log.warning("replication log %s: lost-writes report cleared by an operator "
+                    "(%d entries, %d..%d)", self.cfg.dev_path,
+                    cleared["entries"], cleared["first_seq"], cleared["last_seq"])
+        return cleared
 
     # -- write path -----------------------------------------------------------------
 
