@@ -551,6 +551,20 @@ class RingLog:
     def _contiguous(self) -> int:
         return (min(self._unwritten) - 1) if self._unwritten else self.next_seq - 1
 
+    def commit_ready_locked(self) -> int | None:
+        """The newest entry a group commit started now would make durable (every
+        entry up to it written), or None: none beyond ``durable_seq``, or a commit
+        is running (it takes them)."""
+        if self._syncing or self.durable_seq >= self.next_seq - 1:
+            return None
+        target = self._contiguous()
+        return target if target > self.durable_seq else None
+
+    def written_locked(self, seq: int) -> bool:
+        """Is the data of entry ``seq`` on the log device (a reserved entry's is not
+        until its write completes; reads of it are then undefined)?"""
+        return seq not in self._unwritten
+
     def commit(self, seq: int, on_durable: Callable[[], None] | None = None) -> None:
         """Return once entries up to ``seq`` are durable (group commit)."""
         while True:

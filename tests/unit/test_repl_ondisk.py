@@ -427,3 +427,28 @@ def test_history_from_ring_rebuilds_large_entries_written_in_two_parts() -> None
         ring.commit(e.seq)
     assert store.durable_writes == 0  # every large one took the two-part path
     assert history_from_ring(rec, "log") == writes
+
+
+def test_written_and_commit_ready_follow_the_entries_writes() -> None:
+    """A reserved entry is not written (its data undefined to readers) and holds
+    back the group commit of every entry after it until its own write is done."""
+    ring = open_ring(new_store(), "create")
+    with ring.lock:
+        first = ring.reserve(0, 0, 512, frozenset({0}), b"a" * 512)
+        second = ring.reserve(0, 512, 512, frozenset({0}), b"b" * 512)
+    assert first is not None and second is not None
+    with ring.lock:
+        assert not ring.written_locked(first.seq) and not ring.written_locked(second.seq)
+        assert ring.commit_ready_locked() is None
+    ring.write_entry(second, b"b" * 512)
+    with ring.lock:
+        assert ring.written_locked(second.seq)
+        assert ring.commit_ready_locked() is None  # the first is still being written
+    ring.write_entry(first, b"a" * 512)
+    with ring.lock:
+        assert ring.written_locked(first.seq)
+        assert ring.commit_ready_locked() == second.seq
+    ring.commit(second.seq)
+    with ring.lock:
+        assert ring.commit_ready_locked() is None  # nothing left to commit
+    ring.close()

@@ -322,7 +322,7 @@ class Ringbuffer:
                 snap: list[tuple[Entry, bytes | None]] = []
                 end = offset + length
                 for e in self.pending_local_locked(dev.dev_nr, offset, end):
-                    if e.data is None and not e.zero and e.seq in self.ring._unwritten:
+                    if e.data is None and not e.zero and not self.ring.written_locked(e.seq):
                         continue  # concurrent write not on disk yet: undefined data
                     snap.append((e, e.data))
                 self.rep.stats["r"] += 1

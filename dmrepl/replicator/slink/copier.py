@@ -159,9 +159,9 @@ class Copiers:
         if s.want_durable > s.durable and s.applied > s.durable:
             return (Job.FLUSH, None)
         ring = rep.ring
-        if ring.durable_seq < ring.next_seq - 1 and not ring._syncing and \
-                ring._contiguous() > ring.durable_seq:
-            return (Job.COMMIT, ring._contiguous())
+        commit = ring.commit_ready_locked()
+        if commit is not None:
+            return (Job.COMMIT, commit)
         batch, blocked = self.collect_locked(s)
         if batch:
             return (Job.BATCH, batch)
