@@ -6,7 +6,6 @@ changes anything: a refused one raises :class:`MessageError` and changes nothing
 
 from __future__ import annotations
 
-import errno
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -16,9 +15,7 @@ from dmrepl.numbers import parse_int
 from dmrepl.replicator import slink as slink_types
 from dmrepl.replicator.device import open_legs
 from dmrepl.replicator.errors import MessageError, TableError
-from dmrepl.replicator.replog import LOST_CLEAR_MESSAGE
 from dmrepl.replicator.table import (
-    LOG_SIZE_MIN,
     SlinkConfig,
     parse_fallbehind,
     parse_legs,
@@ -95,8 +92,7 @@ def _slink_message(rep: Replicator, argv: list[str]) -> str:
         with rep.cond:
             if new[0].slink_nr in rep.slinks:
                 raise MessageError(f"site link {new[0].slink_nr} already exists")
-            s = rep.add_slink_locked(new[0])
-            s.applied = s.durable = s.persisted = rep.ring.next_seq - 1
+            s = rep.add_slink_locked(new[0], fresh=True)
             if rep.running:
                 rep.copiers.ensure_thread_locked(s)
             rep.bump_locked(f"slink {new[0].slink_nr} added")
@@ -145,41 +141,8 @@ def _slink_message(rep: Replicator, argv: list[str]) -> str:
 def _replog_message(rep: Replicator, argv: list[str]) -> str:
     if len(argv) == 2 and argv[0] == "statistics":
         return replicator_message(rep, ["statistics", argv[1]])
-    if len(argv) == 2 and argv[0] == "resize":
-        size = _msg_int(argv[1], "replog size (sectors)", lo=LOG_SIZE_MIN,
-                        hi=((1 << 63) - 1) // SECTOR - rep.cfg.replog.dev_start)
-        try:
-            rep.ring.resize(size)
-        except TableError as e:
-            raise MessageError(str(e)) from e
-        except OSError as e:
-            if e.errno not in _CANNOT_GROW:
-                raise
-            # the log file could not grow to the new size: nothing was written
-            raise MessageError(f"replog resize {size}: cannot grow "
-                               f"{rep.cfg.replog.dev_path}: {e.strerror or e}") from e
-        with rep.cond:
-            rep.cfg = replace(rep.cfg, replog=replace(
-                rep.cfg.replog, size=size,
-                mode=rep.cfg.replog.mode or "open"))
-            rep.bump_locked(f"replog resized to {size} sectors")
-        return ""
-    if argv == ["clear_lost"]:
-        if rep.replog.lost_report() is None:
-            raise MessageError(f"{LOST_CLEAR_MESSAGE}: no lost acknowledged writes are "
-                               "reported")
-        cleared = rep.replog.clear_lost()
-        with rep.cond:
-            rep.bump_locked(f"replog: lost-writes report cleared ({cleared['entries']} "
-                            "entries)")
-        return ""
-    raise MessageError("usage: replog resize <sectors> | replog statistics on|off|reset"
-                       f" | {LOST_CLEAR_MESSAGE}")
+    return rep.replog.message(argv)  # the log type's own messages
 
-
-# ftruncate's refusals of a size (nothing changed): too large for the file system,
-# beyond its limits, or no room
-_CANNOT_GROW = frozenset({errno.EFBIG, errno.EINVAL, errno.ENOSPC, errno.EDQUOT})
 
 SLINK_MESSAGE_USAGE = ("usage: slink message <nr> <setting>... with settings policy "
                        "<policy>, fallbehind <type> <value> (or <type>=<value>), "

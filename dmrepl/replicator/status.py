@@ -7,7 +7,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dmrepl.errors import UserError
-from dmrepl.replicator.replog import LOST_CLEAR_MESSAGE
 from dmrepl.replicator.table import format_rate
 
 if TYPE_CHECKING:
@@ -36,19 +35,17 @@ def replicator_status(rep: Replicator, kind: str = "info") -> str:
             s = rep.slinks[nr]
             words.append(f"{'S' if s.forced else 'A'},{s.out_ios},"
                          f"{s.out_bytes // SECTOR}")
-        words.append(f"{len(rep.ring.entries)}/{rep.ring.used_bytes() // SECTOR}/"
-                     f"{rep.ring.log_size}")
+        words.append(rep.replog.status_locked())
         for nr in sorted(rep.slinks):
             s = rep.slinks[nr]
             words.append(f"{nr}:{'up' if s.up else 'down'}"
                          + (":resync" if s.resyncing else "")
                          + (f":rate={format_rate(s.cfg.resync_rate)}"
                             if s.cfg.resync_rate else ""))
-        lost = rep.ring.lost
-        if lost["entries"]:
+        error = rep.replog.error_status_locked()
+        if error is not None:
             # a word of its own, last: the other words keep their places
-            words.append(f"ERROR:acknowledged_writes_lost={lost['entries']}:"
-                         f"{lost['first_seq']}-{lost['last_seq']}")
+            words.append(error)
         return " ".join(words)
 
 
@@ -56,35 +53,17 @@ def replicator_status_dict(rep: Replicator) -> dict[str, Any]:
     """Machine-readable state (see the keys)."""
     now = time.monotonic()
     with rep.lock:
-        ring = rep.ring
         out: dict[str, Any] = {
             "version": VERSION,
             "running": rep.running,
             "event_nr": rep.event_nr,
-            "ring": {
-                "log_size_sectors": ring.log_size,
-                "ring_bytes": ring.ring_end - ring.ring_start,
-                "used_bytes": ring.used_bytes(),
-                "entries": len(ring.entries),
-                "next_seq": ring.next_seq,
-                "durable_seq": ring.durable_seq,
-                "head_seq": ring.head_seq,
-                "replayed_at_open": ring.replayed,
-                "created": ring.created,
-                "failed": None if ring.failed is None else str(ring.failed),
-                **ring.stats,
-            },
+            "ring": rep.replog.status_dict_locked(),
             "slinks": {},
             "devices": {},
             "stats": dict(rep.stats),
             "notes": list(rep.messages[-10:]),
             "errors": [],
         }
-        lost = ring.lost
-        out["ring"]["acknowledged_writes_lost"] = (
-            {"entries": lost["entries"], "first_seq": lost["first_seq"],
-             "last_seq": lost["last_seq"], "whole_devices": bool(lost["whole"]),
-             "clear_with": LOST_CLEAR_MESSAGE} if lost["entries"] else None)
         report = rep.replog.lost_report()
         if report is not None:
             out["errors"].append(report)

@@ -109,13 +109,7 @@ class Replicator:
         self._slink_ops: dict[str, slink_types.SlinkType] = {}
         self.slinks: dict[int, Slink] = {}
         for s in cfg.slinks:
-            sl = self.add_slink_locked(s)
-            # the lag counters cover the replayed entries this site link still
-            # needs (else they go negative as the replay applies them)
-            for entry in self.ring.entries:
-                if entry.seq > sl.applied and sl.nr in entry.slinks:
-                    sl.out_ios += 1
-                    sl.out_bytes += entry.length
+            self.add_slink_locked(s, fresh=False)
         self.devices: dict[int, ReplicatedDevice] = {}
         self.running = False
         self.closed = False
@@ -136,15 +130,14 @@ class Replicator:
         """Build from a ``replicator`` table line (or its parameters only)."""
         return cls(parse_replicator(line), opener=opener, **tuning)
 
-    def add_slink_locked(self, s: SlinkConfig) -> Slink:
-        """A new site link at the ring's head (or its persisted position)."""
+    def add_slink_locked(self, s: SlinkConfig, *, fresh: bool) -> Slink:
+        """A new site link, its position given by the log (``fresh``: added by
+        message, at the log's end; else the table's, where it was persisted)."""
         ops = self._slink_ops.get(s.kind)
         if ops is None:
             ops = self._slink_ops[s.kind] = slink_types.factory(s.kind)(self)
-        base = self.ring.head_seq - 1
-        pos = self.ring.positions.get(s.slink_nr, base)
-        pos = max(pos, base)
-        sl = Slink(cfg=s, applied=pos, durable=pos, persisted=pos, ops=ops)
+        sl = Slink(cfg=s, applied=0, durable=0, persisted=0, ops=ops)
+        self.replog.slink_add_locked(sl, fresh=fresh)
         self.slinks[s.slink_nr] = sl
         return sl
 

@@ -10,7 +10,7 @@ names it (``replicator ringbuffer <#p> ...``).  The pending-write index
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -28,6 +28,26 @@ class ReplogType(Protocol):
     space_wanted: bool
 
     def close(self) -> None: ...
+
+    def slink_add_locked(self, s: Slink, *, fresh: bool) -> None:
+        """A site link joins: set its positions (``fresh``: at the log's end) and lag.
+        (One that leaves needs nothing of the log: the persist after its copier
+        stopped writes the positions without it and releases what only it held.)"""
+
+    def message(self, argv: Sequence[str]) -> str:
+        """The log type's messages (``replog <argv>``); MessageError changing nothing."""
+
+    def resize(self, sectors: int) -> None:
+        """Resize the log; MessageError changing nothing if it cannot."""
+
+    def status_locked(self) -> str:
+        """The log's word of the INFO status."""
+
+    def error_status_locked(self) -> str | None:
+        """The log's error word of the INFO status (last on the line), or None."""
+
+    def status_dict_locked(self) -> dict[str, Any]:
+        """The log's part of the machine-readable status."""
 
     def mark_lost(self, dev_nr: int, legs: Iterable[Leg]) -> None:
         """Mark the regions of entries the replay lost out of sync on the remote legs

@@ -11,16 +11,19 @@ local device (:mod:`.pending`) on what the local device returns.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
+from dmrepl.numbers import parse_int
 from dmrepl.replicator import ondisk
 from dmrepl.replicator._state import AckState
-from dmrepl.replicator.errors import LocalIOError, ReplicatorClosed, TableError
+from dmrepl.replicator.errors import LocalIOError, MessageError, ReplicatorClosed, TableError
 from dmrepl.replicator.replog import LOST_CLEAR_MESSAGE
 from dmrepl.replicator.replog.pending import PendingIndex
 from dmrepl.replicator.ringlog import Entry, RingLog
@@ -34,11 +37,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dmrepl.replicator")
 SECTOR = 512
+OFFSET_MAX = (1 << 63) - 1  # byte offsets on the log device are signed 64-bit
 MAX_ENTRY = 8 << 20  # larger writes are split into several entries
 _NO_SYNCS: frozenset[int] = frozenset()  # a write no site link holds
 # writes up to this size fit a quarter of the smallest ring (see write): never split
 _NEVER_SPLIT = ((LOG_SIZE_MIN * SECTOR - ondisk.RING_OFFSET) // 4
                 - ondisk.ENTRY_HEADER_SIZE) // SECTOR * SECTOR
+
+# ftruncate's refusals of a size (nothing changed): too large for the file system,
+# beyond its limits, or no room
+_CANNOT_GROW = frozenset({errno.EFBIG, errno.EINVAL, errno.ENOSPC, errno.EDQUOT})
+USAGE = ("usage: replog resize <sectors> | replog statistics on|off|reset"
+         f" | {LOST_CLEAR_MESSAGE}")
 
 _active_lock = threading.Lock()
 _active_logs: set[tuple[str, int]] = set()
@@ -104,6 +114,105 @@ class Ringbuffer:
         self.ring.close()
         with _active_lock:
             _active_logs.discard(self._key)
+
+    # -- site links ------------------------------------------------------------------
+
+    def slink_add_locked(self, s: Slink, *, fresh: bool) -> None:
+        """A site link joins: ``fresh`` (added by message) at the log's end, else (a
+        table's) at its persisted position, at least the head; it owes the entries
+        after that (its lag counters)."""
+        ring = self.ring
+        if fresh:
+            pos = ring.next_seq - 1
+        else:
+            base = ring.head_seq - 1
+            pos = max(ring.positions.get(s.nr, base), base)
+        s.applied = s.durable = s.persisted = pos
+        # the lag counters cover the replayed entries this site link still needs
+        # (else they go negative as the replay applies them)
+        for entry in ring.entries:
+            if entry.seq > pos and s.nr in entry.slinks:
+                s.out_ios += 1
+                s.out_bytes += entry.length
+
+    # -- messages, resize, status -----------------------------------------------------
+
+    def message(self, argv: Sequence[str]) -> str:
+        """``replog resize <sectors>`` or ``replog clear_lost`` (``argv`` without
+        ``replog``); MessageError changing nothing if refused."""
+        argv = list(argv)
+        if len(argv) == 2 and argv[0] == "resize":
+            self.resize(parse_int(argv[1], "replog size (sectors)", lo=LOG_SIZE_MIN,
+                                  hi=OFFSET_MAX // SECTOR - self.rep.cfg.replog.dev_start,
+                                  error=MessageError))
+            return ""
+        if argv == ["clear_lost"]:
+            if self.lost_report() is None:
+                raise MessageError(f"{LOST_CLEAR_MESSAGE}: no lost acknowledged writes "
+                                   "are reported")
+            cleared = self.clear_lost()
+            with self.cond:
+                self.rep.bump_locked(f"replog: lost-writes report cleared "
+                                     f"({cleared['entries']} entries)")
+            return ""
+        raise MessageError(USAGE)
+
+    def resize(self, sectors: int) -> None:
+        """Grow or shrink the log to ``sectors``; MessageError (nothing changed) if
+        the ring cannot (entries in the way) or the log file cannot grow."""
+        try:
+            self.ring.resize(sectors)
+        except TableError as e:
+            raise MessageError(str(e)) from e
+        except OSError as e:
+            if e.errno not in _CANNOT_GROW:
+                raise
+            # the log file could not grow to the new size: nothing was written
+            raise MessageError(f"replog resize {sectors}: cannot grow "
+                               f"{self.cfg.dev_path}: {e.strerror or e}") from e
+        rep = self.rep
+        with self.cond:
+            self.cfg = replace(rep.cfg.replog, size=sectors,
+                               mode=rep.cfg.replog.mode or "open")
+            rep.cfg = replace(rep.cfg, replog=self.cfg)
+            rep.bump_locked(f"replog resized to {sectors} sectors")
+
+    def status_locked(self) -> str:
+        """The log's word of the INFO status: ``<entries>/<sectors used>/<log
+        sectors>``."""
+        ring = self.ring
+        return f"{len(ring.entries)}/{ring.used_bytes() // SECTOR}/{ring.log_size}"
+
+    def error_status_locked(self) -> str | None:
+        """The log's error word of the INFO status (None: none): lost acknowledged
+        writes until cleared."""
+        lost = self.ring.lost
+        if not lost["entries"]:
+            return None
+        return (f"ERROR:acknowledged_writes_lost={lost['entries']}:"
+                f"{lost['first_seq']}-{lost['last_seq']}")
+
+    def status_dict_locked(self) -> dict[str, Any]:
+        """The log's part of the machine-readable status."""
+        ring = self.ring
+        lost = ring.lost
+        return {
+            "log_size_sectors": ring.log_size,
+            "ring_bytes": ring.ring_end - ring.ring_start,
+            "used_bytes": ring.used_bytes(),
+            "entries": len(ring.entries),
+            "next_seq": ring.next_seq,
+            "durable_seq": ring.durable_seq,
+            "head_seq": ring.head_seq,
+            "replayed_at_open": ring.replayed,
+            "created": ring.created,
+            "failed": None if ring.failed is None else str(ring.failed),
+            **ring.stats,
+            "acknowledged_writes_lost": (
+                {"entries": lost["entries"], "first_seq": lost["first_seq"],
+                 "last_seq": lost["last_seq"], "whole_devices": bool(lost["whole"]),
+                 "clear_with": LOST_CLEAR_MESSAGE} if lost["entries"] else None),
+        }
 
     # -- lost entries (replay) -------------------------------------------------------
 
