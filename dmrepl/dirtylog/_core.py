@@ -38,7 +38,9 @@ class BitmapLog(DirtyLog):
         fill_bits(self._img, off, 0, self._bitset_bytes * 8, True)
         self._clean_count = self.region_count
         nosync = self.sync is SyncMode.NOSYNC
-        self._sync_bits = bytearray((b"\xff" if nosync else b"\x00") * self._bitset_bytes)
+        self._sync_bits = bytearray(self._bitset_bytes)
+        if nosync:
+            fill_bits(self._sync_bits, 0, 0, self._bitset_bytes * 8, True)
         self._sync_count = self.region_count if nosync else 0
         self._recovering: set[int] = set()
         self._sync_search = 0
