@@ -2,12 +2,15 @@
 
 * A MARK_REGION, CLEAR_REGION or FLUSH naming one region out of range is answered
   -EINVAL and changes no region, on the in-place fast path and the typed path.
+* A CTR beyond the limits (regions a log, logs, bitmap memory) is refused with
+  -ENOMEM and a log line naming the option, before anything is allocated.
 """
 
 from __future__ import annotations
 
 import errno
 import struct
+import tracemalloc
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +19,7 @@ import pytest
 from dmrepl.dirtylog import MemoryStorage, open_dirty_log, parse_dirty_log_args
 from ulogd import protocol as p
 from ulogd.protocol import RequestType as RT
-from ulogd.server import Dispatcher
+from ulogd.server import Dispatcher, LogLimits
 from ulogd.testing import s64
 
 U = b"HARDEN-UUID"
@@ -89,3 +92,40 @@ def test_dirty_log_region_lists_are_all_or_nothing(type_name: str, args: list[st
     with pytest.raises(IndexError):
         log.clear_regions(iter([0, -1]))
     assert log.counts().clean_count == 62
+
+
+def test_huge_ctr_is_refused_clearly_without_allocating(caplog: pytest.LogCaptureFixture) -> None:
+    """4 TiB in 2-sector regions (2**32 regions): before, 1.5 GiB and seconds."""
+    c = Client(Dispatcher(memory_factory))
+    tracemalloc.start()
+    try:
+        reply = c.request(1, RT.CTR, b"8589934592 clustered-core 2")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reply.error == -errno.ENOMEM
+    assert peak < 1 << 20
+    assert "--max-regions" in caplog.text and "4294967296 regions" in caplog.text
+    assert c.request(1, RT.STATUS_INFO).error == -errno.ESRCH  # nothing was constructed
+
+
+def test_log_count_and_bitmap_memory_limits(caplog: pytest.LogCaptureFixture) -> None:
+    limits = LogLimits(max_logs=2, max_regions=1 << 20, max_bitmap_bytes=3 << 20)
+    c = Client(Dispatcher(memory_factory, limits=limits))
+    assert c.request(1, RT.CTR, b"1024 core 2").error == 0
+    assert c.request(2, RT.CTR, b"1024 core 2").error == 0
+    assert c.request(3, RT.CTR, b"1024 core 2").error == -errno.ENOMEM
+    assert "--max-logs" in caplog.text
+    assert c.request(2, RT.CTR, b"1024 core 2").error == 0  # replacing one is no new log
+    assert c.request(2, RT.DTR).error == 0
+    # 2**20 regions: 256 KiB of bitmaps; 2**21 regions would pass --max-regions no more
+    assert c.request(3, RT.CTR, b"4194304 core 2").error == -errno.ENOMEM
+    assert "--max-regions" in caplog.text
+    assert c.request(3, RT.CTR, b"2097152 core 2").error == 0
+    assert c.request(1, RT.DTR).error == 0 and c.request(3, RT.DTR).error == 0
+    tight = Client(Dispatcher(memory_factory, limits=LogLimits(max_bitmap_bytes=300 << 10)))
+    assert tight.request(1, RT.CTR, b"2097152 core 2").error == 0  # 256 KiB
+    assert tight.request(2, RT.CTR, b"2097152 core 2").error == -errno.ENOMEM
+    assert "--max-bitmap-memory" in caplog.text
+    assert tight.request(1, RT.DTR).error == 0
+    assert tight.request(2, RT.CTR, b"2097152 core 2").error == 0  # freed by the DTR
