@@ -22,9 +22,11 @@ import enum
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -32,7 +34,16 @@ from dmrepl.errors import InUse
 from dmrepl.numbers import argument
 from dmrepl.ownership import Claim, claim_directory, claim_lock_file
 from ulogd.control import DEFAULT_CONTROL_PATH, ControlServer, query
-from ulogd.server import Dispatcher, LogFactory, default_log_factory
+from ulogd.server import (
+    DEFAULT_MAX_BITMAP_BYTES,
+    DEFAULT_MAX_LOGS,
+    DEFAULT_MAX_REGIONS,
+    Dispatcher,
+    Job,
+    LogFactory,
+    LogLimits,
+    default_log_factory,
+)
 from ulogd.transport import RECV_SIZE, Transport
 
 log = logging.getLogger("ulogd")
@@ -72,7 +83,8 @@ class Daemon:
                  control_path: str | None = DEFAULT_CONTROL_PATH,
                  state_dir: str | None = None,
                  persist_marks: bool = True,
-                 lock_file: str | None = None) -> None:
+                 lock_file: str | None = None,
+                 limits: LogLimits | None = None) -> None:
         # Claimed before anything is touched (InUse if another ulogd holds one):
         # the host-wide lock, the state directory, then the control socket.
         self.claims: list[Claim] = []
@@ -89,12 +101,17 @@ class Daemon:
         try:
             self.transport = transport if transport is not None else Transport()
             self.dispatcher = Dispatcher(log_factory, portid=self.transport.portid,
-                                         persist_marks=persist_marks, state_dir=state_dir)
+                                         persist_marks=persist_marks, state_dir=state_dir,
+                                         limits=limits, offload=True)
         except BaseException:
             if self.control is not None:
                 self.control.close()
             self._release()
             raise
+        # Size-dependent requests (CTR, RESUME, POSTSUSPEND) run here, one at a time,
+        # so a large log's construction or device read never holds up other logs.
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._run_jobs, name="ulogd-jobs", daemon=True)
         self.started = time.time()
         self._stop = False
 
@@ -116,7 +133,19 @@ class Daemon:
         })
         return snap
 
+    def _run_jobs(self) -> None:
+        dispatcher = self.dispatcher
+        while (job := self._jobs.get()) is not None:
+            job.run()
+            with dispatcher.lock:
+                replies = dispatcher.finish(job)
+                for more in dispatcher.take_jobs():  # started by requests that waited
+                    self._jobs.put(more)
+            for r in replies:
+                self.transport.send(r)
+
     def serve(self, ready: Any = None) -> None:
+        self._worker.start()
         if self.control is not None:
             self.control.start()
         if ready is not None:
@@ -128,6 +157,8 @@ class Daemon:
         handle_into = self.dispatcher.handle_into
         handle = self.dispatcher.handle_batch
         lock = self.dispatcher.lock
+        take_jobs = self.dispatcher.take_jobs
+        jobs = self._jobs
         clock = time.perf_counter_ns
         # One buffer for every request: the hot requests are answered in place in it.
         buf = bytearray(RECV_SIZE)
@@ -142,6 +173,8 @@ class Daemon:
                     reply_len = handle_into(buf, size, t0)
                     if reply_len < 0:
                         replies = handle((bytes(view[:size]),), t0)
+                        for job in take_jobs():
+                            jobs.put(job)
                 if reply_len >= 0:
                     send(view[:reply_len])
                     continue
@@ -152,6 +185,9 @@ class Daemon:
             self.close()
 
     def close(self) -> None:
+        if self._worker.is_alive():
+            self._jobs.put(None)  # after the Jobs queued: each is finished and answered
+            self._worker.join()
         if self.control is not None:
             self.control.close()
             self.control = None
@@ -205,7 +241,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         daemon = Daemon(control_path=args.control or None,
                         state_dir=args.state_dir or None,
                         persist_marks=not args.no_persist_marks,
-                        lock_file=args.lock_file or None)
+                        lock_file=args.lock_file or None,
+                        limits=LogLimits(max_logs=args.max_logs, max_regions=args.max_regions,
+                                         max_bitmap_bytes=args.max_bitmap_memory << 20))
     except InUse as e:
         log.error("cannot start: %s", e)
         return ExitCode.IN_USE
@@ -287,6 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-persist-marks", action="store_true",
                      help="make marks durable at FLUSH only, not at MARK (faster disk logs, "
                           "exposed to the lost-mark hazard if ulogd dies between the two)")
+    run.add_argument("--max-logs", type=argument("--max-logs", usage_error=True, lo=1),
+                     default=DEFAULT_MAX_LOGS, metavar="N",
+                     help="logs held at once; a CTR beyond is refused (default %(default)s)")
+    run.add_argument("--max-regions",
+                     type=argument("--max-regions", usage_error=True, lo=1),
+                     default=DEFAULT_MAX_REGIONS, metavar="N",
+                     help="regions of one log; a larger CTR is refused (default %(default)s)")
+    run.add_argument("--max-bitmap-memory",
+                     type=argument("--max-bitmap-memory", usage_error=True, lo=1),
+                     default=DEFAULT_MAX_BITMAP_BYTES >> 20, metavar="MIB",
+                     help="MiB of region bitmaps of all logs together (two bits a region; "
+                          "default %(default)s)")
     run.set_defaults(func=_cmd_run)
     st = sub.add_parser("status", help="show the logs of a running daemon")
     st.add_argument("--json", action="store_true")

@@ -15,6 +15,11 @@ Rules
   (the kernel never sends DTR when a table constructor fails after our CTR, and
   luids are kernel addresses that get reused).  A *reconnect* CTR for a known
   key keeps the entry and its state (the kernel merely lost contact).
+* A request whose work grows with the log's size (CTR, RESUME, POSTSUSPEND)
+  runs, when ``offload`` is set, off the serving thread as a :class:`Job`; the
+  log's later requests wait for it (in order), other logs keep being answered.
+* What a CTR may ask for is bounded by :class:`LogLimits`: beyond them it is
+  refused with -ENOMEM and one log line naming the limit and its option.
 * Marks are made durable before the MARK reply (not only before FLUSH): a daemon
   killed between MARK and FLUSH would otherwise lose marks the kernel will never
   repeat (the "lost-mark hazard").  The FLUSH that follows finds nothing to
@@ -31,8 +36,10 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from dmrepl.dirtylog import bitmap_memory, parse_dirty_log_args
 from dmrepl.errors import UserError
 from dmrepl.numbers import parse_int
 from ulogd import protocol as p
@@ -42,13 +49,35 @@ log = logging.getLogger("ulogd.server")
 
 LogFactory = Callable[[str, Sequence[str], int], Any]
 
-_LAT_RING = 8192  # latencies kept per log (ns), a power of two
+_LAT_RING = 2048  # latencies kept per log (ns), a power of two; allocated as they come
 _LAT_MASK = _LAT_RING - 1
 _NTYPES = 18
 _ZERO8 = p.encode_s64(0)
 _ONE8 = p.encode_s64(1)
 _NO_WORK = p.encode_resync_work(False, 0)
 _FLUSHING = frozenset({RT.FLUSH, RT.MARK_REGION})
+# Requests whose work grows with the log (reading, writing or filling whole bitsets).
+_SIZED = frozenset({RT.RESUME, RT.POSTSUSPEND})
+
+DEFAULT_MAX_LOGS = 8192
+DEFAULT_MAX_REGIONS = 1 << 28  # 64 MiB of bitsets; 128 TiB in 512 KiB regions
+DEFAULT_MAX_BITMAP_BYTES = 1 << 30
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class LogLimits:
+    """What the kernel may make one ulogd hold (``ulogd run --max-*``)."""
+
+    max_logs: int = DEFAULT_MAX_LOGS
+    max_regions: int = DEFAULT_MAX_REGIONS  # a log
+    max_bitmap_bytes: int = DEFAULT_MAX_BITMAP_BYTES  # all logs' bitsets together
+
+
+class LimitExceeded(Exception):
+    """A CTR asks for more than :class:`LogLimits` allow: refused with -ENOMEM."""
+
+    errno = errno.ENOMEM
 
 # the in-place hot path (Dispatcher.handle_into)
 _HOT = p.HOT_FIELDS.unpack_from
@@ -74,9 +103,9 @@ def default_log_factory(type_name: str, args: Sequence[str], target_sectors: int
 class LogEntry:
     """One constructed log and its bookkeeping."""
 
-    __slots__ = ("args", "counts", "ctr_string", "dlog", "errors", "lat", "lat_n", "luid",
-                 "raw_uuid", "restore_pending", "resumed", "sync_bits", "touched", "type_name",
-                 "uuid", "watermark")
+    __slots__ = ("args", "bitmap_bytes", "counts", "ctr_string", "dlog", "errors", "lat",
+                 "lat_n", "luid", "raw_uuid", "restore_pending", "resumed", "sync_bits",
+                 "touched", "type_name", "uuid", "watermark")
 
     def __init__(self, uuid: bytes, luid: int, dlog: Any, type_name: str, ctr_string: str):
         self.uuid = uuid
@@ -87,8 +116,9 @@ class LogEntry:
         self.ctr_string = ctr_string
         self.counts = [0] * _NTYPES
         self.errors = 0
-        self.lat = array("q", bytes(8 * _LAT_RING))
+        self.lat = array("q")  # grows to _LAT_RING entries, then is a ring
         self.lat_n = 0
+        self.bitmap_bytes = 0  # counted against LogLimits.max_bitmap_bytes
         self.resumed = False
         self.touched = False      # marks/clears not yet flushed
         self.watermark = 0        # regions below it are known in sync
@@ -104,6 +134,14 @@ class LogEntry:
         first = d.first_out_of_sync(self.watermark)
         self.watermark = n if first is None else first
         return self.watermark
+
+    def record_latency(self, ns: int) -> None:
+        i = self.lat_n
+        if i < _LAT_RING:
+            self.lat.append(ns)
+        else:
+            self.lat[i & _LAT_MASK] = ns
+        self.lat_n = i + 1
 
     def latency_percentiles(self) -> dict[str, float | None]:
         n = min(self.lat_n, _LAT_RING)
@@ -162,13 +200,43 @@ class SyncStateStore:
             pass
 
 
+# What a finished request leaves: (entry, error, payload, needs durable flush).
+Outcome = tuple[LogEntry | None, int, bytes, bool]
+
+
+class Job:
+    """One request's work, to run off the serving thread (:meth:`run`, no lock held),
+    then :meth:`Dispatcher.finish` (lock held) applies it and answers it and the
+    requests for its log that arrived meanwhile."""
+
+    __slots__ = ("done", "error", "key", "req", "result", "t0", "work")
+
+    def __init__(self, key: tuple[bytes, int], req: p.Request, t0: int,
+                 work: Callable[[], Any],
+                 done: Callable[[Any, Exception | None], Outcome]) -> None:
+        self.key = key
+        self.req = req
+        self.t0 = t0
+        self.work = work
+        self.done = done
+        self.result: Any = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.work()
+        except Exception as e:  # handed to done(), which answers with its errno
+            self.error = e
+
+
 class Dispatcher:
     """Applies decoded requests to the logs and produces the reply datagrams."""
 
     def __init__(self, log_factory: LogFactory = default_log_factory, *, portid: int = 0,
                  persist_marks: bool = True, fast_path: bool = True,
                  state_dir: str | None = None,
-                 clock: Callable[[], int] = time.perf_counter_ns) -> None:
+                 clock: Callable[[], int] = time.perf_counter_ns,
+                 limits: LogLimits | None = None, offload: bool = False) -> None:
         self.logs: dict[tuple[bytes, int], LogEntry] = {}
         # the newest entry per luid, for the hot path (which then checks the uuid)
         self._by_luid: dict[int, LogEntry] = {}
@@ -183,6 +251,13 @@ class Dispatcher:
         self.unknown_key = 0
         self.errors = 0
         self.requests = 0
+        self.limits = limits if limits is not None else LogLimits()
+        self.bitmap_bytes = 0  # of every log, and reserved by CTRs under way
+        self.offload = offload
+        self._ctr_pending = 0
+        # logs with a Job under way -> their requests that arrived meanwhile
+        self._busy: dict[tuple[bytes, int], list[p.Request]] = {}
+        self._jobs: list[Job] = []
         self._handlers: dict[int, Callable[[Any, LogEntry], tuple[int, bytes]]] = {
             RT.DTR: self._dtr,
             RT.PRESUSPEND: self._presuspend,
@@ -212,8 +287,7 @@ class Dispatcher:
         """
         if t0 is None:
             t0 = self.clock()
-        pending: list[tuple[LogEntry | None, int, bytes, p.Request]] = []
-        to_flush: list[LogEntry] = []
+        requests: list[p.Request] = []
         for dgram in datagrams:
             for ev in p.decode_datagram(dgram):
                 if isinstance(ev, p.Dropped):
@@ -222,10 +296,20 @@ class Dispatcher:
                     log.warning("dropped message: %s", ev.reason)
                     continue
                 self.requests += 1
-                ent, err, payload, needs_flush = self._apply(ev)
-                if needs_flush and ent is not None and ent not in to_flush:
-                    to_flush.append(ent)
-                pending.append((ent, err, payload, ev))
+                requests.append(ev)
+        return self._answer(requests, t0)
+
+    def _answer(self, requests: Sequence[p.Request], t0: int) -> list[bytes]:
+        pending: list[tuple[LogEntry | None, int, bytes, p.Request]] = []
+        to_flush: list[LogEntry] = []
+        for ev in requests:
+            outcome = self._apply(ev, t0)
+            if outcome is None:
+                continue  # answered when its log's Job is finished
+            ent, err, payload, needs_flush = outcome
+            if needs_flush and ent is not None and ent not in to_flush:
+                to_flush.append(ent)
+            pending.append((ent, err, payload, ev))
         failed: dict[int, int] = {}
         for ent in to_flush:
             err = self._durable(ent)
@@ -233,25 +317,17 @@ class Dispatcher:
                 failed[id(ent)] = err
         replies: list[bytes] = []
         lat = self.clock() - t0
-        portid = self.portid
         for ent, err, payload, req in pending:
             if ent is not None:
                 if failed and not err and id(ent) in failed and req.request_type in _FLUSHING:
                     err, payload = failed[id(ent)], b""
-                i = ent.lat_n
-                ent.lat[i & _LAT_MASK] = lat
-                ent.lat_n = i + 1
+                ent.record_latency(lat)
                 if err:
                     ent.errors += 1
                     self.errors += 1
             elif err:
                 self.errors += 1
-            try:
-                replies.append(p.encode_reply(req, err, payload, portid))
-            except p.ReplyTooLarge as e:
-                log.error("%s", e)
-                self.errors += 1
-                replies.append(p.encode_reply(req, -errno.EINVAL, b"", portid))
+            replies.append(self._encode(req, err, payload))
         return replies
 
     def handle_into(self, buf: bytearray, size: int, t0: int) -> int:
@@ -318,7 +394,10 @@ class Dispatcher:
         self.requests += 1
         entry.counts[rtype] += 1
         i = entry.lat_n
-        entry.lat[i & _LAT_MASK] = self.clock() - t0
+        if i < _LAT_RING:
+            entry.lat.append(self.clock() - t0)
+        else:
+            entry.lat[i & _LAT_MASK] = self.clock() - t0
         entry.lat_n = i + 1
         reply_len = _HDRS + n
         _NL_CN_INTO(buf, 0, reply_len, 3, 0, seq, self.portid, 7, 1, seq, 0, _ULOG + n, 0)
@@ -341,8 +420,8 @@ class Dispatcher:
 
     # -- one request -----------------------------------------------------------
 
-    def _apply(self, req: p.Request) -> tuple[LogEntry | None, int, bytes, bool]:
-        """(entry, error, payload, needs durable flush before the reply)."""
+    def _apply(self, req: p.Request, t0: int) -> Outcome | None:
+        """The request's outcome, or None if it is answered later (see :class:`Job`)."""
         rtype = req.request_type
         if isinstance(req, p.MalformedRequest):
             log.warning("malformed request type %d seq %d: %s", rtype, req.seq, req.reason)
@@ -350,9 +429,13 @@ class Dispatcher:
         if isinstance(req, p.UnknownRequest):
             log.warning("unknown request type %d (seq %d) answered -EINVAL", rtype, req.seq)
             return None, -errno.EINVAL, b"", False
+        backlog = self._busy.get((req.uuid, req.luid))
+        if backlog is not None:
+            backlog.append(req)  # after the Job under way for its log, in order
+            return None
         if rtype == RT.CTR:
             assert isinstance(req, p.Ctr)
-            return self._ctr(req)
+            return self._ctr(req, t0)
         entry = self.logs.get((req.uuid, req.luid))
         if entry is None:
             if rtype == RT.DTR:
@@ -362,20 +445,77 @@ class Dispatcher:
                      rtype, _u(req.uuid), req.luid)
             return None, -errno.ESRCH, b"", False
         entry.counts[rtype] += 1
+        handler = self._handlers[rtype]
+        if rtype in _SIZED:
+            return self._run(Job((req.uuid, req.luid), req, t0, lambda: handler(req, entry),
+                                 lambda result, error: self._handled(req, entry, result, error)),
+                             entry)
         try:
-            err, payload = self._handlers[rtype](req, entry)
-        except (UserError, IndexError) as e:
-            log.warning("request type %d on %s/%d rejected: %s", rtype, _u(req.uuid), req.luid, e)
-            return entry, -errno.EINVAL, b"", False
+            result = handler(req, entry)
         except Exception as e:
-            eno = getattr(e, "errno", None)
-            log.error("request type %d on %s/%d failed: %s", rtype, _u(req.uuid), req.luid, e,
-                      exc_info=eno is None)
-            return entry, -(eno or errno.EIO), b"", False
+            return self._handled(req, entry, None, e)
+        ent, err, payload, _ = self._handled(req, entry, result, None)
         needs_flush = rtype == RT.FLUSH or (rtype == RT.MARK_REGION and self.persist_marks)
-        return entry, err, payload, needs_flush
+        return ent, err, payload, needs_flush and not err
 
-    def _ctr(self, req: p.Ctr) -> tuple[LogEntry | None, int, bytes, bool]:
+    def _handled(self, req: p.Request, entry: LogEntry, result: tuple[int, bytes] | None,
+                 error: Exception | None) -> Outcome:
+        """A handler's (error, payload), or the errno its exception stands for."""
+        if error is None:
+            assert result is not None
+            return entry, result[0], result[1], False
+        rtype = req.request_type
+        if isinstance(error, (UserError, IndexError)):
+            log.warning("request type %d on %s/%d rejected: %s", rtype, _u(req.uuid), req.luid,
+                        error)
+            return entry, -errno.EINVAL, b"", False
+        eno = getattr(error, "errno", None)
+        log.error("request type %d on %s/%d failed: %s", rtype, _u(req.uuid), req.luid, error,
+                  exc_info=error if eno is None else None)
+        return entry, -(eno or errno.EIO), b"", False
+
+    def _run(self, job: Job, entry: LogEntry | None) -> Outcome | None:
+        """Run ``job`` now, or (``offload``) leave it to :meth:`take_jobs`' caller."""
+        if not self.offload:
+            job.run()
+            return job.done(job.result, job.error)
+        self._busy[job.key] = []
+        if entry is not None and self._by_luid.get(entry.luid) is entry:
+            del self._by_luid[entry.luid]  # the fast path declines it: it waits too
+        self._jobs.append(job)
+        return None
+
+    def take_jobs(self) -> list[Job]:
+        """The Jobs started since the last call: run each (``job.run()``, any thread,
+        no lock), then :meth:`finish` it (with ``self.lock`` held)."""
+        jobs, self._jobs = self._jobs, []
+        return jobs
+
+    def finish(self, job: Job) -> list[bytes]:
+        """The replies to a Job's request and to its log's requests that waited."""
+        entry, err, payload, _ = job.done(job.result, job.error)
+        if entry is not None:
+            entry.record_latency(self.clock() - job.t0)
+            if err:
+                entry.errors += 1
+        if err:
+            self.errors += 1
+        replies = [self._encode(job.req, err, payload)]
+        backlog = self._busy.pop(job.key)
+        if entry is not None and self.logs.get(job.key) is entry \
+                and entry.luid not in self._by_luid:
+            self._by_luid[entry.luid] = entry
+        return replies + self._answer(backlog, self.clock())
+
+    def _encode(self, req: p.Request, err: int, payload: bytes) -> bytes:
+        try:
+            return p.encode_reply(req, err, payload, self.portid)
+        except p.ReplyTooLarge as e:
+            log.error("%s", e)
+            self.errors += 1
+            return p.encode_reply(req, -errno.EINVAL, b"", self.portid)
+
+    def _ctr(self, req: p.Ctr, t0: int) -> Outcome | None:
         key = (req.uuid, req.luid)
         old = self.logs.get(key)
         if old is not None and req.reconnect:
@@ -388,16 +528,60 @@ class Dispatcher:
             if len(words) < 2:
                 raise UserError(f"constructor string {req.args!r}: need <sectors> <type> ...")
             target_sectors = parse_int(words[0], "target length (sectors)")
-            dlog = self.factory(words[1], words[2:], target_sectors)
+            config = parse_dirty_log_args(words[1], words[2:], target_sectors)
+            need = bitmap_memory(config)
+            self._check_limits(req, config.region_count, need, old)
         except Exception as e:
-            log.error("CTR %s/%d %r failed: %s", _u(req.uuid), req.luid, req.args, e)
-            eno = getattr(e, "errno", None) if not isinstance(e, UserError) else None
-            return None, -(eno or errno.EINVAL), b"", False
+            return self._ctr_failed(req, e)
+        # Reserved now: CTRs under way count against the limits too.
+        self._ctr_pending += 1
+        self.bitmap_bytes += need
+        return self._run(Job(key, req, t0,
+                             lambda: self.factory(words[1], words[2:], target_sectors),
+                             lambda dlog, error: self._constructed(req, words, need, dlog,
+                                                                   error)),
+                         None)
+
+    def _check_limits(self, req: p.Ctr, regions: int, need: int, old: LogEntry | None) -> None:
+        lim = self.limits
+        what = f"CTR {_u(req.uuid)}/{req.luid} refused"
+        if regions > lim.max_regions:
+            raise LimitExceeded(f"{what}: {regions} regions ({need / _MIB:.1f} MiB of bitmaps) "
+                                f"exceed the limit of {lim.max_regions} regions a log "
+                                f"(ulogd run --max-regions)")
+        logs = len(self.logs) + self._ctr_pending - (old is not None)
+        if logs >= lim.max_logs:
+            raise LimitExceeded(f"{what}: {logs} logs held, the limit "
+                                f"(ulogd run --max-logs {lim.max_logs})")
+        in_use = self.bitmap_bytes - (old.bitmap_bytes if old is not None else 0)
+        if in_use + need > lim.max_bitmap_bytes:
+            raise LimitExceeded(f"{what}: {need / _MIB:.1f} MiB of bitmaps asked, "
+                                f"{in_use / _MIB:.1f} MiB in use of the limit "
+                                f"{lim.max_bitmap_bytes / _MIB:.1f} MiB "
+                                f"(ulogd run --max-bitmap-memory)")
+
+    def _ctr_failed(self, req: p.Ctr, e: Exception) -> Outcome:
+        if isinstance(e, LimitExceeded):
+            log.error("%s", e)
+            return None, -errno.ENOMEM, b"", False
+        log.error("CTR %s/%d %r failed: %s", _u(req.uuid), req.luid, req.args, e)
+        eno = getattr(e, "errno", None) if not isinstance(e, UserError) else None
+        return None, -(eno or errno.EINVAL), b"", False
+
+    def _constructed(self, req: p.Ctr, words: list[str], need: int, dlog: Any,
+                     error: Exception | None) -> Outcome:
+        self._ctr_pending -= 1
+        if error is not None:
+            self.bitmap_bytes -= need
+            return self._ctr_failed(req, error)
+        key = (req.uuid, req.luid)
+        old = self.logs.get(key)
         if old is not None:
             log.warning("CTR for existing log %s/%d: replacing the orphan", _u(req.uuid),
                         req.luid)
             self._close(old)
         entry = LogEntry(req.uuid, req.luid, dlog, words[1], req.args)
+        entry.bitmap_bytes = need
         entry.restore_pending = req.reconnect
         if self.state is not None and not req.reconnect:
             self.state.delete(entry)
@@ -414,6 +598,8 @@ class Dispatcher:
         return entry, 0, payload, False
 
     def _close(self, entry: LogEntry) -> None:
+        self.bitmap_bytes -= entry.bitmap_bytes
+        entry.bitmap_bytes = 0
         try:
             entry.dlog.close()
         except Exception as e:

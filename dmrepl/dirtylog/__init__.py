@@ -27,7 +27,7 @@ from dmrepl.dirtylog._base import (
 )
 from dmrepl.dirtylog._core import BitmapLog, CoreLog
 from dmrepl.dirtylog.disk import DiskLog
-from dmrepl.dirtylog.format import SyncMode, area_size
+from dmrepl.dirtylog.format import SyncMode, area_size, bitset_size
 from dmrepl.dirtylog.storage import FileStorage, MemoryStorage, Storage, resolve_device
 from dmrepl.errors import UserError
 
@@ -46,12 +46,21 @@ __all__ = [
     "RegionOutOfRange",
     "Storage",
     "SyncMode",
+    "bitmap_memory",
     "create_dirty_log",
     "open_dirty_log",
     "parse_devnum",
     "parse_dirty_log_args",
     "resolve_device",
 ]
+
+
+def bitmap_memory(config: DirtyLogConfig) -> int:
+    """Bytes of memory the log's bitsets take (clean and sync: two bits a region;
+    a disk log keeps its clean bits inside an image of its on-disk area)."""
+    if config.type_name == "core":
+        return 2 * bitset_size(config.region_count)
+    return area_size(config.region_count) + bitset_size(config.region_count)
 
 
 def create_dirty_log(config: DirtyLogConfig, *, storage: Storage | None = None,

@@ -222,14 +222,26 @@ class DirtyLog(abc.ABC):
     def counts(self) -> LogCounts:
         """Snapshot of region/sync/clean/recovering counts, O(1)."""
 
-    def mark_regions(self, regions: Iterable[int]) -> None:
-        """mark_region for each (a MARK_REGION request carries up to 32)."""
+    def _validated(self, regions: Iterable[int]) -> tuple[int, ...]:
+        """``regions`` as a tuple (no copy if it is one: the hot path), each checked:
+        a request naming one region out of range changes nothing."""
+        regions = tuple(regions)
+        n = self.region_count
         for region in regions:
+            if not 0 <= region < n:
+                raise RegionOutOfRange(
+                    f"region {region} out of range: log has {self.region_count} regions")
+        return regions
+
+    def mark_regions(self, regions: Iterable[int]) -> None:
+        """mark_region for each (a MARK_REGION request carries up to 32).  If one is
+        out of range, RegionOutOfRange is raised and no region was changed."""
+        for region in self._validated(regions):
             self.mark_region(region)
 
     def clear_regions(self, regions: Iterable[int]) -> None:
-        """clear_region for each."""
-        for region in regions:
+        """clear_region for each; all or nothing, like mark_regions."""
+        for region in self._validated(regions):
             self.clear_region(region)
 
     # -- the sync bits as a whole ------------------------------------------------

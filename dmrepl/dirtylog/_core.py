@@ -38,7 +38,9 @@ class BitmapLog(DirtyLog):
         fill_bits(self._img, off, 0, self._bitset_bytes * 8, True)
         self._clean_count = self.region_count
         nosync = self.sync is SyncMode.NOSYNC
-        self._sync_bits = bytearray((b"\xff" if nosync else b"\x00") * self._bitset_bytes)
+        self._sync_bits = bytearray(self._bitset_bytes)
+        if nosync:
+            fill_bits(self._sync_bits, 0, 0, self._bitset_bytes * 8, True)
         self._sync_count = self.region_count if nosync else 0
         self._recovering: set[int] = set()
         self._sync_search = 0
@@ -94,10 +96,9 @@ class BitmapLog(DirtyLog):
 
     def mark_regions(self, regions: Iterable[int]) -> None:
         # mark_region inlined: this is the per-request hot path (up to 32 a request).
-        img, off, shift, n = self._img, self._off, self._block_shift, self.region_count
+        regions = self._validated(regions)
+        img, off, shift = self._img, self._off, self._block_shift
         for region in regions:
-            if not 0 <= region < n:
-                self._check(region)
             i = off + (region >> 3)
             mask = 1 << (region & 7)
             byte = img[i]
@@ -108,14 +109,11 @@ class BitmapLog(DirtyLog):
                 self._touched_dirtied = True
 
     def clear_regions(self, regions: Iterable[int]) -> None:
+        regions = self._validated(regions)
         if self._flush_failed:
-            for region in regions:
-                self._check(region)
             return
-        img, off, shift, n = self._img, self._off, self._block_shift, self.region_count
+        img, off, shift = self._img, self._off, self._block_shift
         for region in regions:
-            if not 0 <= region < n:
-                self._check(region)
             i = off + (region >> 3)
             mask = 1 << (region & 7)
             byte = img[i]

@@ -82,6 +82,14 @@ def area_size(region_count: int, logical_block_size: int = SECTOR_SIZE) -> int:
     return -(-raw // logical_block_size) * logical_block_size
 
 
+# fill_bits and popcount work in slices of this many bytes: no temporary as large as
+# the bitset (a 2**28-region log has 32 MiB bitsets), and other threads get the GIL
+# between slices.
+_FILL_CHUNK = 256 << 10
+_ONES = memoryview(b"\xff" * _FILL_CHUNK)
+_ZEROS = memoryview(bytes(_FILL_CHUNK))
+
+
 def fill_bits(buf: bytearray, offset: int, start: int, stop: int, value: bool) -> None:
     """Set (``value``) or clear bits ``[start, stop)`` of the LE bitset at ``buf[offset:]``.
 
@@ -96,9 +104,10 @@ def fill_bits(buf: bytearray, offset: int, start: int, stop: int, value: bool) -
         return
     _apply(buf, offset + first, (0xFF << (start & 7)) & 0xFF, value)
     _apply(buf, offset + last, (1 << (((stop - 1) & 7) + 1)) - 1, value)
-    n = last - first - 1
-    if n:
-        buf[offset + first + 1:offset + last] = (b"\xff" if value else b"\x00") * n
+    pattern = _ONES if value else _ZEROS
+    for at in range(offset + first + 1, offset + last, _FILL_CHUNK):
+        end = min(at + _FILL_CHUNK, offset + last)
+        buf[at:end] = pattern[:end - at]
 
 
 def _apply(buf: bytearray, index: int, mask: int, value: bool) -> None:
@@ -107,7 +116,12 @@ def _apply(buf: bytearray, index: int, mask: int, value: bool) -> None:
 
 def popcount(data: bytes | bytearray | memoryview) -> int:
     """Number of set bits."""
-    return int.from_bytes(data, "little").bit_count()
+    view = memoryview(data).cast("B")
+    try:
+        return sum(int.from_bytes(view[at:at + _FILL_CHUNK], "little").bit_count()
+                   for at in range(0, len(view), _FILL_CHUNK))
+    finally:
+        view.release()
 
 
 class HeaderProblem(enum.Enum):
