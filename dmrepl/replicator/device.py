@@ -19,6 +19,7 @@ from dmrepl.replicator.store import BlockStore
 from dmrepl.replicator.table import DeviceConfig, LegConfig
 
 if TYPE_CHECKING:
+    from dmrepl.replicator.slink import SlinkType
     from dmrepl.replicator.target import Replicator
 
 SECTOR = 512
@@ -31,6 +32,7 @@ class Leg:
     slink_nr: int
     cfg: LegConfig
     store: BlockStore
+    ops: SlinkType  # its site link's type: it opened the leg and closes it
     dlog: Any = None  # dmrepl.dirtylog.DirtyLog for remote legs
     error: str = ""  # "", "R", "W" or "RW"
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -70,28 +72,19 @@ def open_legs(rep: Replicator, dev_nr: int, cfgs: Sequence[LegConfig], length: i
                 raise TableError(f"device {dev_nr}: region size {rs} of {c.dev_path} "
                                  f"differs from the replicator's region size {region}")
             region = rs
+    ops = {c.slink_nr: rep.slinks[c.slink_nr].ops for c in cfgs}
     legs: dict[int, Leg] = {}
     try:
-        # every device is opened and checked, then every dirty log opened, before
-        # any dirty log is resumed (writes): a refused leg leaves nothing behind
+        # every device is opened (by its site link's type) and checked, then every
+        # dirty log opened, before any dirty log is resumed (writes): a refused leg
+        # leaves nothing behind
         for c in cfgs:
-            try:
-                store = rep.opener(c.dev_path)
-            except OSError as e:
-                raise TableError(f"cannot open device {c.dev_path} (site link "
-                                 f"{c.slink_nr}): {e.strerror or e}") from e
-            legs[c.slink_nr] = Leg(c.slink_nr, c, store)
+            legs[c.slink_nr] = ops[c.slink_nr].open_leg(dev_nr, c)
         check_leg_sizes(dev_nr, legs, length, existing)
-        from dmrepl.dirtylog import open_dirty_log
         for leg in legs.values():
             if leg.slink_nr:
                 sectors = length if length is not None else legs[0].store.size // SECTOR
-                try:
-                    leg.dlog = open_dirty_log(leg.cfg.dlog_type, leg.cfg.dlog_args,
-                                              sectors)
-                except UserError as e:
-                    raise TableError(f"dirty log of {leg.cfg.dev_path} (site link "
-                                     f"{leg.slink_nr}): {e}") from e
+                leg.ops.open_leg_log(leg, sectors)
         for leg in legs.values():
             if leg.dlog is not None:
                 leg.dlog.resume()
@@ -132,16 +125,8 @@ def region_size_locked(rep: Replicator) -> int | None:
 
 
 def close_leg(leg: Leg) -> None:
-    if leg.dlog is not None:
-        try:
-            leg.dlog.postsuspend()
-            leg.dlog.close()
-        except Exception:
-            pass
-    try:
-        leg.store.close()
-    except OSError:
-        pass
+    """Close a leg's device and dirty log (its type's device removal)."""
+    leg.ops.close_leg(leg)
 
 
 class ReplicatedDevice:

@@ -16,11 +16,7 @@ from dmrepl.replicator import slink as slink_types
 from dmrepl.replicator.device import open_legs
 from dmrepl.replicator.errors import MessageError, TableError
 from dmrepl.replicator.table import (
-    SlinkConfig,
-    parse_fallbehind,
     parse_legs,
-    parse_policy,
-    parse_rate,
     parse_slinks,
 )
 
@@ -128,7 +124,7 @@ def _slink_message(rep: Replicator, argv: list[str]) -> str:
             # all settings are checked against the resulting configuration
             # before any applies: a refused message changes nothing
             cfg = link.cfg
-            new_cfg = _slink_settings(cfg, rest)
+            new_cfg = link.ops.message(link, rest)
             link.cfg = new_cfg
             if new_cfg.resync_rate != cfg.resync_rate:
                 link.resync_next = rep.clock()  # the new rate applies from now
@@ -142,53 +138,6 @@ def _replog_message(rep: Replicator, argv: list[str]) -> str:
     if len(argv) == 2 and argv[0] == "statistics":
         return replicator_message(rep, ["statistics", argv[1]])
     return rep.replog.message(argv)  # the log type's own messages
-
-
-SLINK_MESSAGE_USAGE = ("usage: slink message <nr> <setting>... with settings policy "
-                       "<policy>, fallbehind <type> <value> (or <type>=<value>), "
-                       "resync_rate <N>[k|m|g]")
-
-
-def _slink_settings(cfg: SlinkConfig, words: Sequence[str]) -> SlinkConfig:
-    """The site link configuration after the settings of ``slink message <nr>
-    <setting>...``; MessageError (nothing applied) if any setting is bad or the
-    result is not a valid site link (as its table line would be refused)."""
-    if not words:
-        raise MessageError(SLINK_MESSAGE_USAGE)
-    seen: set[str] = set()
-    i = 0
-    try:
-        while i < len(words):
-            key = words[i]
-            if key in seen:
-                raise MessageError(f"slink message: {key} given twice")
-            seen.add(key)
-            if key == "policy" and i + 1 < len(words):
-                sync, stall = parse_policy(words[i + 1])
-                cfg = replace(cfg, sync=sync, stall=stall)
-                i += 2
-            elif key == "fallbehind" and i + 1 < len(words):
-                kind, eq, value = words[i + 1].partition("=")
-                if eq:
-                    i += 2
-                elif i + 2 < len(words):
-                    value = words[i + 2]
-                    i += 3
-                else:
-                    raise MessageError("usage: fallbehind <type> <value> or <type>=<value>")
-                cfg = replace(cfg, fallbehind=parse_fallbehind(kind, value))
-            elif key == "resync_rate" and i + 1 < len(words):
-                cfg = replace(cfg, resync_rate=parse_rate(words[i + 1]))
-                i += 2
-            else:
-                raise MessageError(SLINK_MESSAGE_USAGE)
-    except TableError as e:
-        raise MessageError(str(e)) from e
-    if cfg.sync and cfg.fallbehind.enabled:
-        raise MessageError(f"site link {cfg.slink_nr}: a synchronous site link can't keep "
-                           "a fall-behind threshold; clear it in the same message: "
-                           "fallbehind ios 0 policy sync")
-    return cfg
 
 
 def _msg_int(word: str, what: str, *, lo: int = 0, hi: int | None = None) -> int:

@@ -7,7 +7,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dmrepl.errors import UserError
-from dmrepl.replicator.table import format_rate
 
 if TYPE_CHECKING:
     from dmrepl.replicator.device import ReplicatedDevice
@@ -38,10 +37,7 @@ def replicator_status(rep: Replicator, kind: str = "info") -> str:
         words.append(rep.replog.status_locked())
         for nr in sorted(rep.slinks):
             s = rep.slinks[nr]
-            words.append(f"{nr}:{'up' if s.up else 'down'}"
-                         + (":resync" if s.resyncing else "")
-                         + (f":rate={format_rate(s.cfg.resync_rate)}"
-                            if s.cfg.resync_rate else ""))
+            words.append(s.ops.status(s))
         error = rep.replog.error_status_locked()
         if error is not None:
             # a word of its own, last: the other words keep their places

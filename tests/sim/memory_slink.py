@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from dmrepl.replicator.slink.blockdev import Blockdev
+
 SECTOR = 512
 
 
@@ -22,11 +24,32 @@ class MemorySlink:
 
     def __init__(self, rep: Any) -> None:
         self.rep = rep
+        self._blockdev = Blockdev(rep)
         self.lock = threading.Lock()
         self.images: dict[tuple[int, int], bytearray] = {}  # (slink, dev) -> data
         # (slink, sequence numbers given in one call, their epoch ends), in call order
         self.applied: list[tuple[int, list[int], set[int]]] = []
         self.delay: Callable[[], float] = lambda: 0.0  # a pause per epoch (tests)
+
+    # its devices are opened, closed and configured as blockdev's (a memory site
+    # keeps the data of the copies in memory, the devices' dirty logs where they say)
+
+    def open_leg(self, dev_nr: int, cfg: Any) -> Any:
+        leg = self._blockdev.open_leg(dev_nr, cfg)
+        leg.ops = self
+        return leg
+
+    def open_leg_log(self, leg: Any, sectors: int) -> None:
+        self._blockdev.open_leg_log(leg, sectors)
+
+    def close_leg(self, leg: Any) -> None:
+        self._blockdev.close_leg(leg)
+
+    def message(self, s: Any, words: Any) -> Any:
+        return self._blockdev.message(s, words)
+
+    def status(self, s: Any) -> str:
+        return self._blockdev.status(s) + ":memory"
 
     def _image(self, slink_nr: int, dev_nr: int) -> bytearray:
         key = (slink_nr, dev_nr)

@@ -96,5 +96,8 @@ def test_a_memory_site_holds_a_prefix_of_the_history(memory_type: None, seed: in
             assert st.stores[f"r{dev.dev_nr}"].snapshot() == local
             assert st.stores[f"m{dev.dev_nr}"].snapshot() == bytes(DEV_SIZE)  # unused
         assert rep.status_dict()["slinks"][2]["copies"] == last
+        # the type opened its devices and gives its status word
+        assert all(dev.legs[2].ops is ops and dev.legs[1].ops is not ops for dev in devs)
+        assert "2:up:memory" in rep.status().split()
     finally:
         rep.close()

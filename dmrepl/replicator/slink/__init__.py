@@ -17,17 +17,44 @@ This module imports nothing of the engine, so that the table parser can use it.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from dmrepl.replicator.device import Leg, ReplicatedDevice
     from dmrepl.replicator.slink.link import Copy, Failure, Slink
+    from dmrepl.replicator.table import LegConfig, SlinkConfig
 
 
 class SlinkType(Protocol):
     """What a site-link type does with the devices of its site (no lock held when
     called, unless said)."""
+
+    # -- devices (dev add / dev del) ------------------------------------------------
+
+    def open_leg(self, dev_nr: int, cfg: LegConfig) -> Leg:
+        """Device add, first step: open a device of this site for device
+        ``dev_nr`` (nothing written); TableError if it cannot be."""
+
+    def open_leg_log(self, leg: Leg, sectors: int) -> None:
+        """Device add, second step (remote legs, once every device of the add is
+        open and checked): open its dirty log for ``sectors``, not resumed yet (the
+        caller resumes every log of the add last); TableError if refused."""
+
+    def close_leg(self, leg: Leg) -> None:
+        """Device removal: close its dirty log and device (errors are not reported:
+        the leg is gone)."""
+
+    # -- message and status -------------------------------------------------------------
+
+    def message(self, s: Slink, words: Sequence[str]) -> SlinkConfig:
+        """The configuration ``slink message <nr> <words>`` gives the site link
+        (validated whole; the caller applies it); MessageError if refused."""
+
+    def status(self, s: Slink) -> str:
+        """The site link's word of the replicator's INFO status (lock held)."""
+
+    # -- copies -------------------------------------------------------------------------
 
     def apply_epoch(self, s: Slink, group: list[Copy]) -> tuple[set[int], Failure | None]:
         """Write the copies of one epoch (entries with leg None are skipped); return

@@ -4,17 +4,21 @@ block devices, NBD exports), out-of-sync regions in their dirty logs."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from dmrepl.errors import UserError
+from dmrepl.replicator.device import Leg
+from dmrepl.replicator.errors import TableError
 from dmrepl.replicator.replog.ringbuffer import MAX_ENTRY
 from dmrepl.replicator.ringlog import Entry
-from dmrepl.replicator.slink.link import Copy, Failure, Slink
+from dmrepl.replicator.slink.link import Copy, Failure, Slink, slink_settings, status_word
 from dmrepl.replicator.store import BlockStore
+from dmrepl.replicator.table import LegConfig, SlinkConfig
 
 if TYPE_CHECKING:
-    from dmrepl.replicator.device import Leg, ReplicatedDevice
+    from dmrepl.replicator.device import ReplicatedDevice
     from dmrepl.replicator.target import Replicator
 
 SECTOR = 512
@@ -25,6 +29,49 @@ class Blockdev:
 
     def __init__(self, rep: Replicator) -> None:
         self.rep = rep
+
+    # -- devices ------------------------------------------------------------------------
+
+    def open_leg(self, dev_nr: int, cfg: LegConfig) -> Leg:
+        """Open the block device (the replicator's opener: a path or an NBD URL)."""
+        try:
+            store = self.rep.opener(cfg.dev_path)
+        except OSError as e:
+            raise TableError(f"cannot open device {cfg.dev_path} (site link "
+                             f"{cfg.slink_nr}): {e.strerror or e}") from e
+        return Leg(cfg.slink_nr, cfg, store, self)
+
+    def open_leg_log(self, leg: Leg, sectors: int) -> None:
+        from dmrepl.dirtylog import open_dirty_log
+        try:
+            leg.dlog = open_dirty_log(leg.cfg.dlog_type, leg.cfg.dlog_args, sectors)
+        except UserError as e:
+            raise TableError(f"dirty log of {leg.cfg.dev_path} (site link "
+                             f"{leg.slink_nr}): {e}") from e
+
+    def close_leg(self, leg: Leg) -> None:
+        if leg.dlog is not None:
+            try:
+                leg.dlog.postsuspend()
+                leg.dlog.close()
+            except Exception:
+                pass
+        try:
+            leg.store.close()
+        except OSError:
+            pass
+
+    # -- message and status -------------------------------------------------------------
+
+    def message(self, s: Slink, words: Sequence[str]) -> SlinkConfig:
+        """``policy``, ``fallbehind`` and ``resync_rate`` settings (see
+        :func:`.link.slink_settings`)."""
+        return slink_settings(s.cfg, words)
+
+    def status(self, s: Slink) -> str:
+        return status_word(s)
+
+    # -- copies -------------------------------------------------------------------------
 
     def apply_epoch(self, s: Slink, group: list[Copy]) -> tuple[set[int], Failure | None]:
         """Write the copies of one epoch; returns the sequence numbers written and

@@ -5,8 +5,9 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from dmrepl.replicator._state import (
@@ -16,8 +17,15 @@ from dmrepl.replicator._state import (
     StateMachine,
     machine,
 )
+from dmrepl.replicator.errors import MessageError, TableError
 from dmrepl.replicator.ringlog import Entry
-from dmrepl.replicator.table import SlinkConfig
+from dmrepl.replicator.table import (
+    SlinkConfig,
+    format_rate,
+    parse_fallbehind,
+    parse_policy,
+    parse_rate,
+)
 
 if TYPE_CHECKING:
     from dmrepl.replicator.device import Leg
@@ -100,3 +108,58 @@ def overlaps(iv: list[tuple[int, int]] | None, start: int, end: int) -> bool:
     if i < len(iv) and iv[i][0] < end:
         return True
     return i > 0 and iv[i - 1][1] > start
+
+
+def status_word(s: Slink) -> str:
+    """A site link's word of the replicator's INFO status:
+    ``<slink>:<up|down>[:resync][:rate=<N>k|m|g]``."""
+    return (f"{s.nr}:{'up' if s.up else 'down'}"
+            + (":resync" if s.resyncing else "")
+            + (f":rate={format_rate(s.cfg.resync_rate)}" if s.cfg.resync_rate else ""))
+
+
+SLINK_MESSAGE_USAGE = ("usage: slink message <nr> <setting>... with settings policy "
+                       "<policy>, fallbehind <type> <value> (or <type>=<value>), "
+                       "resync_rate <N>[k|m|g]")
+
+
+def slink_settings(cfg: SlinkConfig, words: Sequence[str]) -> SlinkConfig:
+    """The site link configuration after the settings of ``slink message <nr>
+    <setting>...``; MessageError (nothing applied) if any setting is bad or the
+    result is not a valid site link (as its table line would be refused)."""
+    if not words:
+        raise MessageError(SLINK_MESSAGE_USAGE)
+    seen: set[str] = set()
+    i = 0
+    try:
+        while i < len(words):
+            key = words[i]
+            if key in seen:
+                raise MessageError(f"slink message: {key} given twice")
+            seen.add(key)
+            if key == "policy" and i + 1 < len(words):
+                sync, stall = parse_policy(words[i + 1])
+                cfg = replace(cfg, sync=sync, stall=stall)
+                i += 2
+            elif key == "fallbehind" and i + 1 < len(words):
+                kind, eq, value = words[i + 1].partition("=")
+                if eq:
+                    i += 2
+                elif i + 2 < len(words):
+                    value = words[i + 2]
+                    i += 3
+                else:
+                    raise MessageError("usage: fallbehind <type> <value> or <type>=<value>")
+                cfg = replace(cfg, fallbehind=parse_fallbehind(kind, value))
+            elif key == "resync_rate" and i + 1 < len(words):
+                cfg = replace(cfg, resync_rate=parse_rate(words[i + 1]))
+                i += 2
+            else:
+                raise MessageError(SLINK_MESSAGE_USAGE)
+    except TableError as e:
+        raise MessageError(str(e)) from e
+    if cfg.sync and cfg.fallbehind.enabled:
+        raise MessageError(f"site link {cfg.slink_nr}: a synchronous site link can't keep "
+                           "a fall-behind threshold; clear it in the same message: "
+                           "fallbehind ios 0 policy sync")
+    return cfg
