@@ -17,7 +17,7 @@ engine at import time, so that an engine that cannot be imported is reported as
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from dmrepl.blockio import Opener
 from dmrepl.errors import DmreplError
@@ -32,6 +32,7 @@ class EngineUnavailable(DmreplError):
     the installation (or, to test without replicating, choose ``--engine sim``)."""
 
 
+@runtime_checkable
 class EngineDevice(Protocol):
     """One engine device: an NBD export's backend plus its target's surface."""
 
@@ -52,6 +53,7 @@ class EngineDevice(Protocol):
         ...
 
 
+@runtime_checkable
 class EngineReplicator(Protocol):
     """One replicator: its devices, messages, status, live table and events."""
 
@@ -109,9 +111,9 @@ def load_engine(kind: str = "auto") -> Engine:
     try:
         from dmrepl.replicator import Replicator
     except ImportError as e:
-        missing = e.name or "dmrepl.replicator"
+        where = f" (in module {e.name!r})" if e.name and e.name not in str(e) else ""
         raise EngineUnavailable(
-            f"the replicator engine cannot be imported: module {missing!r}: {e}; "
-            "repair the dmrepl installation (--engine sim is a test-only stand-in "
-            "that does not replicate)") from e
+            f"the replicator engine cannot be imported: {e}{where}; repair the dmrepl "
+            "installation (--engine sim is a test-only stand-in that does not "
+            "replicate)") from e
     return Replicator
