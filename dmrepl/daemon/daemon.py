@@ -78,7 +78,7 @@ class Daemon:
         except BaseException:
             self.owner.release()
             raise
-        self.live = Objects(self.engine, self.nbd, self.nbd_socket,
+        self.registry = Objects(self.engine, self.nbd, self.nbd_socket,
                             kernel_devices=kernel_devices, tuning=dict(tuning or {}),
                             persist=self.state.save)
         self.restore_errors: list[str] = []
@@ -86,7 +86,7 @@ class Daemon:
     @property
     def objects(self) -> dict[str, Obj]:
         """The replicators and devices by name, in creation order."""
-        return self.live.by_name
+        return self.registry.by_name
 
     def restore(self) -> None:
         """Recreate the objects of the last run (after a crash or a clean stop)."""
@@ -96,13 +96,13 @@ class Daemon:
                 _kernel.detach_nbd(stale)   # still bound to the dead daemon's socket
             try:
                 saved = SavedObject.from_json(entry)
-                self.live.create(saved.name, "\n".join(saved.table), saved.uuid, save=False)
+                self.registry.create(saved.name, "\n".join(saved.table), saved.uuid, save=False)
             except Exception as e:
                 msg = (f"could not recreate {entry['name']}: "
                        f"{as_control_error(e, 'restore').message}")
                 log.error("%s", msg)
                 self.restore_errors.append(msg)
-        self.live.save()
+        self.registry.save()
 
     # -- requests ----------------------------------------------------------------
 
@@ -117,7 +117,7 @@ class Daemon:
 
     def op_create(self, name: str, table: str, uuid: str | None = None) -> dict[str, Any]:
         with self.lock:
-            return self._describe(self.live.create(name, table, uuid))
+            return self._describe(self.registry.create(name, table, uuid))
 
     def op_remove(self, name: str, wait: float = 0) -> None:
         """Remove a device or an unused replicator.
@@ -133,7 +133,7 @@ class Daemon:
         while True:
             try:
                 with self.lock:
-                    self.live.remove(self.live.get(name))
+                    self.registry.remove(self.registry.get(name))
                 return
             except ControlError as e:
                 if e.kind != "busy" or time.monotonic() >= deadline:
@@ -142,30 +142,30 @@ class Daemon:
 
     def op_load(self, name: str, table: str) -> None:
         with self.lock:
-            self.live.load(self.live.get(name), table)
+            self.registry.load(self.registry.get(name), table)
 
     def op_suspend(self, name: str) -> None:
         with self.lock:
-            self.live.suspend(self.live.get(name))
+            self.registry.suspend(self.registry.get(name))
 
     def op_resume(self, name: str) -> None:
         with self.lock:
-            self.live.resume(self.live.get(name))
+            self.registry.resume(self.registry.get(name))
 
     def op_message(self, name: str, sector: int, args: list[str]) -> str:
         """A target message; what the engine accepted is persisted (as the live
         table) before the answer, what it refused changed nothing."""
         with self.lock:
-            obj = self.live.get(name)
+            obj = self.registry.get(name)
             if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
                 raise UserError("a message is a list of words")
             if not args:
                 raise UserError("empty message")
             if isinstance(sector, bool) or not isinstance(sector, int) or sector < 0:
                 raise UserError(f"invalid sector {sector!r}: not a sector number")
-            answer = str(self.live.message_target(obj, sector).message(list(args)) or "")
+            answer = str(self.registry.message_target(obj, sector).message(list(args)) or "")
             try:
-                self.live.save()
+                self.registry.save()
             except OSError as e:
                 raise ControlError("runtime", f"message applied, but the live table of "
                                               f"{name} could not be persisted: "
@@ -175,7 +175,7 @@ class Daemon:
     def _names(self, name: str | None) -> list[str]:
         if name is None:
             return list(self.objects)
-        self.live.get(name)
+        self.registry.get(name)
         return [name]
 
     def op_status(self, name: str | None = None, kind: str = "info") -> list[dict[str, Any]]:
@@ -203,7 +203,7 @@ class Daemon:
     def _describe(self, obj: Obj) -> dict[str, Any]:
         desc: dict[str, Any] = {
             "name": obj.name, "type": obj.kind, "uuid": obj.uuid,
-            "table": [line.text for line in self.live.live_lines(obj)],
+            "table": [line.text for line in self.registry.live_lines(obj)],
             "inactive_table": [line.text for line in obj.inactive] if obj.inactive else None,
         }
         if isinstance(obj, ReplicatorObj):
@@ -217,7 +217,7 @@ class Daemon:
     def op_wait(self, name: str, event_nr: int | None = None,
                 timeout: float | None = None) -> int:
         with self.lock:
-            engine = self.live.replicator_of(self.live.get(name)).engine
+            engine = self.registry.replicator_of(self.registry.get(name)).engine
         after = int(engine.event_nr) if event_nr is None else int(event_nr)
         got = int(engine.wait_event(after, timeout))
         if got <= after:
@@ -236,7 +236,7 @@ class Daemon:
                     if isinstance(obj, DeviceObj):
                         with contextlib.suppress(Exception):
                             obj.export.backend.flush()
-                    self.live.destroy(obj)
+                    self.registry.destroy(obj)
                 except Exception as e:
                     log.error("shutdown: %s: %s", obj.name, e)
                 log.info("shutdown: %s closed in %.1fs", obj.name, time.monotonic() - started)
