@@ -23,3 +23,8 @@ class UserError(DmreplError, ValueError):
 class InUse(DmreplError):
     """Another process owns this state directory, socket or device: nothing was
     touched; stop that process (or choose another path) and try again."""
+
+
+class Busy(DmreplError):
+    """Not now: the object still has work in flight (e.g. writes not yet copied to
+    every site); nothing was changed; retry once it drained (or wait longer)."""

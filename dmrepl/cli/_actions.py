@@ -109,7 +109,7 @@ def wait(ns: argparse.Namespace) -> None:
 
 
 def daemon(ns: argparse.Namespace) -> int:
-    from dmrepl.daemon.daemon import run_daemon
+    from dmrepl.daemon.run import run_daemon
     from dmrepl.nbd.server import NbdLimits
     from dmrepl.tuning import parse_tuning
     try:

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Iterator
 
 from dmrepl.cli._exit import KIND_CODES, ExitCode
+from dmrepl.daemon._engine import EngineUnavailable
 from dmrepl.daemon._proto import ControlError
 from dmrepl.daemon.client import DaemonUnreachable
 from dmrepl.errors import InUse, UserError
@@ -30,6 +31,8 @@ def interpret(err: BaseException) -> tuple[ExitCode, str]:
             return ExitCode.INVALID, str(e)
         if isinstance(e, InUse):
             return ExitCode.IN_USE, str(e)
+        if isinstance(e, EngineUnavailable):
+            return ExitCode.ERROR, str(e)
         if isinstance(e, OSError):
             where = f" ({e.filename})" if e.filename else ""
             return ExitCode.ERROR, f"{e.strerror or e}{where}"

@@ -8,6 +8,7 @@ from typing import Any
 
 from dmrepl.cli import _actions as act
 from dmrepl.cli._exit import epilog
+from dmrepl.daemon._engine import ENGINE_CHOICES
 from dmrepl.daemon.client import DEFAULT_SOCKET
 from dmrepl.nbd.server import NbdLimits
 from dmrepl.numbers import argument, parse_decimal
@@ -84,8 +85,10 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
             ("--tuning", {"action": "append", "default": [], "metavar": "KEY=VALUE",
                           "help": "engine tuning (repeatable), e.g. retry_interval=1 or "
                                   "durable_acks=0; keys: " + ", ".join(TUNABLES)}),
-            ("--engine", {"choices": ["auto", "replicator", "sim"], "default": "auto",
-                          "help": "replicator engine (sim: synchronous stand-in)"}),
+            ("--engine", {"choices": ENGINE_CHOICES, "default": "auto",
+                          "help": "replicator engine: auto (= replicator) the real one, "
+                                  "or fail; sim: a test-only synchronous stand-in that "
+                                  "does not replicate"}),
             ("--nbd-max-connections", {
                 "type": argument("--nbd-max-connections"),
                 "default": NBD_DEFAULTS.max_connections, "metavar": "N",

@@ -1,17 +1,18 @@
 """A stand-in replicator engine: synchronous copies to every site, no journal.
 
-It implements the part of :class:`dmrepl.replicator.Replicator`'s interface the
-daemon uses, so the daemon and CLI can be exercised without the real engine
-(``dmrepl daemon --engine sim``).  It is not a replicator: there is no log, no
-async site, no resync.
+It is an engine as the daemon drives one (:mod:`dmrepl.daemon._engine`'s
+protocols, which mypy checks it against), so the daemon and CLI can be exercised
+without the real engine (``dmrepl daemon --engine sim``).  It is not a replicator:
+there is no log, no async site, no resync.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
-from dmrepl.blockio import open_store
+from dmrepl.blockio import BlockIO, Opener, open_store
 from dmrepl.errors import UserError
 from dmrepl.numbers import parse_int
 
@@ -21,7 +22,8 @@ def _int(word: str, what: str) -> int:
 
 
 class SimReplicator:
-    def __init__(self, line: str, slinks: dict[int, list[str]], opener: Any = None) -> None:
+    def __init__(self, line: str, slinks: dict[int, list[str]],
+                 opener: Opener | None = None) -> None:
         self.opener = opener or open_store
         self.line = line
         self.slinks = slinks
@@ -30,7 +32,7 @@ class SimReplicator:
         self._cond = threading.Condition()
 
     @classmethod
-    def from_table(cls, line: str, *, opener: Any = None, **tuning: Any) -> SimReplicator:
+    def from_table(cls, line: str, *, opener: Opener | None = None, **tuning: Any) -> SimReplicator:
         words = line.split()
         if len(words) < 6 or words[2] != "replicator":
             raise UserError(f"not a replicator table line: {line!r}")
@@ -58,14 +60,29 @@ class SimReplicator:
             raise UserError("site link 0 (the local site) is missing")
         return cls(line, slinks, opener)
 
+    def check_device(self, line: str) -> None:
+        self._parse_device(line)
+
     def add_device(self, line: str) -> SimDevice:
+        dev_nr, length, paths = self._parse_device(line)
+        if dev_nr in self.devices:
+            raise UserError(f"device number {dev_nr} is already in use")
+        try:
+            stores = {s: self.opener(p) for s, p in paths.items()}
+        except OSError as e:
+            raise UserError(f"cannot open {e.filename or paths}: {e.strerror}") from e
+        dev = SimDevice(self, dev_nr, length * 512, stores, line)
+        self.devices[dev_nr] = dev
+        self._bump()
+        return dev
+
+    def _parse_device(self, line: str) -> tuple[int, int, dict[int, str]]:
+        """``(dev_nr, length in sectors, path by site link)`` of a replicator-dev line."""
         words = line.split()
         if len(words) < 5 or words[2] != "replicator-dev":
             raise UserError(f"not a replicator-dev table line: {line!r}")
         length = _int(words[1], "length")
         dev_nr = _int(words[4], "dev_nr")
-        if dev_nr in self.devices:
-            raise UserError(f"device number {dev_nr} is already in use")
         i, paths = 5, {}
         while i < len(words):
             slink = _int(words[i], "slink_nr")
@@ -80,14 +97,7 @@ class SimReplicator:
             i += 5 + _int(words[i + 4], "#dlog_params")
         if 0 not in paths:
             raise UserError("the local device (site link 0) is missing")
-        try:
-            stores = {s: self.opener(p) for s, p in paths.items()}
-        except OSError as e:
-            raise UserError(f"cannot open {e.filename or paths}: {e.strerror}") from e
-        dev = SimDevice(self, dev_nr, length * 512, stores, line)
-        self.devices[dev_nr] = dev
-        self._bump()
-        return dev
+        return dev_nr, length, paths
 
     def remove_device(self, dev_nr: int) -> None:
         dev = self.devices.pop(dev_nr)
@@ -105,8 +115,8 @@ class SimReplicator:
         for nr in list(self.devices):
             self.remove_device(nr)
 
-    def message(self, argv: list[str]) -> str:
-        if argv[:1] == ["ping"]:
+    def message(self, argv: Sequence[str]) -> str:
+        if list(argv[:1]) == ["ping"]:
             return "pong"
         raise UserError(f"unknown replicator message {' '.join(argv)!r}")
 
@@ -133,7 +143,7 @@ class SimReplicator:
 
 class SimDevice:
     def __init__(self, rep: SimReplicator, dev_nr: int, size: int,
-                 stores: dict[int, Any], line: str) -> None:
+                 stores: dict[int, BlockIO], line: str) -> None:
         self.rep = rep
         self.dev_nr = dev_nr
         self.size_bytes = size
@@ -158,8 +168,8 @@ class SimDevice:
     def trim(self, offset: int, length: int) -> None:
         del offset, length
 
-    def message(self, argv: list[str]) -> str:
-        if argv[:1] == ["ping"]:
+    def message(self, argv: Sequence[str]) -> str:
+        if list(argv[:1]) == ["ping"]:
             return "pong"
         raise UserError(f"unknown device message {' '.join(argv)!r}")
 

@@ -30,10 +30,18 @@ MAX_TYPE_NAME = 15
 
 _DEVNO = re.compile(r"^([0-9]+):([0-9]+)$")
 _U32_MAX = 0xFFFFFFFF
+_TILE = " (the targets must tile the device from sector 0)"
 
 
 class TableError(UserError):
-    """A table (or one line of it) is malformed; nothing was loaded."""
+    """A table (or one line of it) is malformed; nothing was loaded.
+
+    ``field`` is ``"start"`` or ``"length"`` when that number of a line is bad
+    (callers that name the line name the field too), else ``None``."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +111,40 @@ def _has_space(text: str) -> bool:
 
 
 def _parse_sector(token: str, what: str) -> int:
-    return parse_int(token, what, error=TableError)
+    try:
+        return parse_int(token, what, error=TableError)
+    except TableError as err:
+        raise TableError(str(err), field=what) from None
+
+
+#: Where in a table text an error is: ``(1-based line number, the bad sector field
+#: or None) -> "line 3"``; the error message follows it after ``": "``.
+Locator = Callable[[int, str | None], str]
+
+
+def at_line(number: int, field: str | None) -> str:
+    """The default :data:`Locator`: ``line N`` (the message names the field)."""
+    del field
+    return f"line {number}"
+
+
+def parse_lines(text: str, *, locate: Locator = at_line) -> list[tuple[int, Target]]:
+    """The targets of ``dmsetup table`` text with their 1-based line numbers, in
+    text order; blank lines and ``#`` comments (whole-line or trailing) are skipped.
+
+    The layout (targets tiling the device) is not checked here: see
+    :func:`check_layout`.  A malformed line raises :class:`TableError` whose
+    message starts with ``locate(line number, bad field)``."""
+    targets: list[tuple[int, Target]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            targets.append((number, Target.parse(line)))
+        except TableError as err:
+            raise TableError(f"{locate(number, err.field)}: {err}", field=err.field) from err
+    return targets
 
 
 class Table(Sequence[Target]):
@@ -113,7 +154,7 @@ class Table(Sequence[Target]):
 
     def __init__(self, targets: Iterable[Target]) -> None:
         items = tuple(targets)
-        _check_layout(items, [f"target {i + 1}" for i in range(len(items))])
+        check_layout(items, [f"target {i + 1}" for i in range(len(items))])
         self._targets = items
 
     @classmethod
@@ -123,18 +164,9 @@ class Table(Sequence[Target]):
         Blank lines and ``#`` comments (whole-line or trailing) are ignored.  Errors
         name the 1-based line number.
         """
-        targets: list[Target] = []
-        labels: list[str] = []
-        for number, raw in enumerate(text.splitlines(), start=1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            try:
-                targets.append(Target.parse(line))
-            except TableError as err:
-                raise TableError(f"line {number}: {err}") from err
-            labels.append(f"line {number}")
-        _check_layout(targets, labels)
+        numbered = parse_lines(text)
+        targets = [target for _, target in numbered]
+        check_layout(targets, [f"line {number}" for number, _ in numbered])
         table = cls.__new__(cls)
         table._targets = tuple(targets)
         return table
@@ -175,17 +207,19 @@ class Table(Sequence[Target]):
         return f"Table({list(self._targets)!r})"
 
 
-def _check_layout(targets: Sequence[Target], labels: Sequence[str]) -> None:
+def check_layout(targets: Sequence[Target], labels: Sequence[str]) -> None:
+    """The targets, in this order, tile the device from sector 0 without a gap or
+    an overlap; else :class:`TableError` naming the target by its label."""
     if not targets:
         raise TableError("a table needs at least one target")
     expected = 0
     for target, label in zip(targets, labels, strict=True):
         if target.start < expected:
             raise TableError(f"{label}: target at sector {target.start} overlaps the previous "
-                             f"target, which ends at sector {expected}")
+                             f"target, which ends at sector {expected}{_TILE}")
         if target.start > expected:
             raise TableError(f"{label}: gap in table: target starts at sector {target.start} "
-                             f"but the previous target ends at sector {expected}")
+                             f"but the previous target ends at sector {expected}{_TILE}")
         expected = target.end
 
 

@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from dmrepl.errors import DmreplError, UserError
+from dmrepl.errors import Busy, DmreplError, UserError
 
 
 class ReplicatorError(DmreplError):
@@ -47,6 +47,6 @@ class ReplicatorClosed(ReplicatorError):
     """The replicator or device was closed: open it again to continue."""
 
 
-class DeviceBusy(ReplicatorError):
+class DeviceBusy(ReplicatorError, Busy):
     """The device still has writes that some site link has not copied: it was not
     removed and keeps serving; retry when they drained (or wait longer)."""

@@ -1,0 +1,364 @@
+"""The daemon's objects and their lifecycle: replicators and replicated devices.
+
+A *replicator* comes from a one-line ``replicator`` table and holds one engine
+replicator; a *device* from one or more ``replicator-dev`` lines that tile its
+sectors (each line becomes one engine device; the export concatenates them).
+Each device is served over NBD under its name and, with kernel devices, attached
+to a /dev/nbdN and shown as /dev/mapper/NAME (dm linear over /dev/nbdN).
+
+:class:`Objects` creates, loads (an inactive table), suspends, resumes (switching
+to a loaded table), removes and persists them.  It is not thread-safe: the daemon
+calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dmrepl.blockio import open_store
+from dmrepl.daemon import _kernel
+from dmrepl.daemon._engine import Engine, EngineDevice, EngineReplicator
+from dmrepl.daemon._proto import ControlError
+from dmrepl.daemon.exports import SECTOR, backend_of
+from dmrepl.daemon.state import SavedObject
+from dmrepl.daemon.tables import REPLICATOR, REPLICATOR_DEV, Line, parse_table
+from dmrepl.errors import Busy, UserError
+from dmrepl.nbd.server import Export, NbdServer
+
+log = logging.getLogger("dmrepl.daemon")
+
+#: Seconds an export may take to finish its requests in flight when suspended.
+EXPORT_SUSPEND_TIMEOUT = 60
+
+
+@dataclass
+class ReplicatorObj:
+    name: str
+    lines: list[Line]
+    engine: EngineReplicator
+    uuid: str
+    kind: str = REPLICATOR
+    inactive: list[Line] | None = None
+
+
+@dataclass
+class DeviceObj:
+    name: str
+    lines: list[Line]
+    replicator: str
+    devs: list[EngineDevice]
+    export: Export
+    uuid: str
+    kind: str = REPLICATOR_DEV
+    nbd: str | None = None
+    mapper: str | None = None
+    inactive: list[Line] | None = None
+    suspended: bool = False
+
+    @property
+    def sectors(self) -> int:
+        return sum(line.length for line in self.lines)
+
+
+Obj = ReplicatorObj | DeviceObj
+
+
+class Objects:
+    """The objects by name (in creation order) and every change to them.
+
+    ``persist`` is called after every change (with the objects' live tables
+    refreshed) before the change counts as done; if it fails, a create is undone."""
+
+    def __init__(self, engine: Engine, nbd: NbdServer, nbd_socket: str, *, kernel_devices: bool,
+                 tuning: dict[str, Any], persist: Callable[[list[SavedObject]], None]
+                 ) -> None:
+        self.engine = engine
+        self.nbd = nbd
+        self.nbd_socket = nbd_socket
+        self.kernel_devices = kernel_devices
+        self.tuning = tuning
+        self.persist = persist
+        self.by_name: dict[str, Obj] = {}
+
+    # -- lookups -----------------------------------------------------------------
+
+    def get(self, name: str) -> Obj:
+        obj = self.by_name.get(name)
+        if obj is None:
+            raise ControlError("notfound", f"no device named {name!r}")
+        return obj
+
+    def replicator_of(self, obj: Obj) -> ReplicatorObj:
+        rep = obj if isinstance(obj, ReplicatorObj) else self.by_name[obj.replicator]
+        assert isinstance(rep, ReplicatorObj)
+        return rep
+
+    def devices_of(self, obj: Obj) -> list[DeviceObj]:
+        if isinstance(obj, DeviceObj):
+            return [obj]
+        return [o for o in self.by_name.values()
+                if isinstance(o, DeviceObj) and o.replicator == obj.name]
+
+    def _replicator_named_by(self, lines: list[Line]) -> ReplicatorObj:
+        refs = {line.params[0].removeprefix("/dev/mapper/") for line in lines}
+        if len(refs) != 1:
+            raise UserError("all lines of a device must name the same replicator")
+        ref = refs.pop()
+        rep = self.by_name.get(ref)
+        if not isinstance(rep, ReplicatorObj):
+            raise ControlError("notfound", f"no replicator named {ref!r}")
+        return rep
+
+    # -- persistence -------------------------------------------------------------
+
+    def live_lines(self, obj: Obj) -> list[Line]:
+        """``obj``'s table as its engine has it now (messages change it)."""
+        if isinstance(obj, ReplicatorObj):
+            return [obj.lines[0].with_params(obj.engine.table())]
+        if len(obj.devs) != len(obj.lines):   # between the removal and re-adding of
+            return obj.lines                  # its engine devices
+        return [line.with_params(dev.table())
+                for line, dev in zip(obj.lines, obj.devs, strict=True)]
+
+    def save(self) -> None:
+        for obj in self.by_name.values():
+            obj.lines = self.live_lines(obj)
+        self.persist([SavedObject(o.name, o.kind, o.uuid, [line.text for line in o.lines],
+                                  o.nbd if isinstance(o, DeviceObj) else None)
+                      for o in self.by_name.values()])
+
+    # -- create and destroy ------------------------------------------------------
+
+    def create(self, name: str, table: str, uuid: str | None, save: bool = True) -> Obj:
+        if not name or "/" in name or len(name) > 127 or name.startswith("."):
+            raise UserError(f"invalid device name {name!r}")
+        if name in self.by_name:
+            raise ControlError("exists", f"device {name!r} already exists")
+        lines = parse_table(table)
+        uuid = uuid or f"DMREPL-{uuidlib.uuid4().hex}"
+        obj: Obj
+        if lines[0].target == REPLICATOR:
+            engine = self.engine.from_table(lines[0].text, opener=open_store, **self.tuning)
+            try:
+                engine.start()
+            except BaseException:
+                engine.close()
+                raise
+            obj = ReplicatorObj(name, lines, engine, uuid)
+            self.by_name[name] = obj
+        else:
+            obj = self._create_device(name, lines, uuid)
+        if save:
+            try:
+                self.save()
+            except BaseException:
+                self.destroy(obj)
+                raise
+        return obj
+
+    @staticmethod
+    def _check_lines(rep: ReplicatorObj, lines: list[Line]) -> None:
+        """Every line valid for ``rep`` (grammar, site links) before any is used."""
+        for line in lines:
+            rep.engine.check_device(line.text)
+
+    def _add_devs(self, rep: ReplicatorObj, lines: list[Line]) -> list[EngineDevice]:
+        self._check_lines(rep, lines)
+        devs: list[EngineDevice] = []
+        try:
+            for line in lines:
+                devs.append(rep.engine.add_device(line.text))
+        except BaseException:
+            for dev in devs:
+                with contextlib.suppress(Exception):
+                    rep.engine.remove_device(dev.dev_nr)
+            raise
+        return devs
+
+    def _create_device(self, name: str, lines: list[Line], uuid: str) -> DeviceObj:
+        rep = self._replicator_named_by(lines)
+        devs = self._add_devs(rep, lines)
+        sectors = sum(line.length for line in lines)
+        export = Export(name, backend_of(lines, devs), size=sectors * SECTOR)
+        obj = DeviceObj(name, lines, rep.name, devs, export, uuid)
+        self.by_name[name] = obj
+        self.nbd.add_export(export)
+        if self.kernel_devices:
+            try:
+                busy = {int(o.nbd[8:]) for o in self.by_name.values()
+                        if isinstance(o, DeviceObj) and o.nbd}
+                log.info("%s: attaching the export to an nbd device", name)
+                obj.nbd = _kernel.attach_nbd(self.nbd_socket, name, sectors * SECTOR, busy)
+                log.info("%s: %s attached; creating /dev/mapper/%s", name, obj.nbd, name)
+                obj.mapper = _kernel.create_mapper(name, sectors, obj.nbd, uuid)
+                log.info("%s: %s ready", name, obj.mapper)
+            except BaseException:
+                self.destroy(obj)
+                raise
+        return obj
+
+    def destroy(self, obj: Obj) -> None:
+        """Undo everything an object holds (kernel devices first); no persistence."""
+        if isinstance(obj, DeviceObj):
+            if obj.mapper:
+                _kernel.remove_mapper(obj.name)
+                obj.mapper = None
+            if obj.nbd:
+                _kernel.detach_nbd(obj.nbd)
+                obj.nbd = None
+            self.nbd.remove_export(obj.name)
+            rep = self.by_name.get(obj.replicator)
+            for dev in obj.devs:
+                if isinstance(rep, ReplicatorObj):
+                    with contextlib.suppress(Exception):
+                        rep.engine.remove_device(dev.dev_nr)
+        else:
+            with contextlib.suppress(Exception):
+                obj.engine.stop()
+            obj.engine.close()
+        self.by_name.pop(obj.name, None)
+
+    # -- remove ------------------------------------------------------------------
+
+    def remove(self, obj: Obj) -> None:
+        """Remove a device or an unused replicator; "busy" (nothing changed) if it
+        is in use, has devices, or has writes not yet at every site link."""
+        if isinstance(obj, ReplicatorObj):
+            users = [o.name for o in self.devices_of(obj)]
+            if users:
+                raise ControlError("busy", f"replicator {obj.name!r} still has devices: "
+                                           f"{', '.join(users)}")
+            self.destroy(obj)
+            self.save()
+            return
+        if obj.mapper and _kernel.mapper_open_count(obj.name) > 0:
+            raise ControlError("busy", f"/dev/mapper/{obj.name} is in use")
+        rep = self.replicator_of(obj)
+        # The engine devices go first: it is the engine that may refuse (writes not
+        # yet at every site link), and then the kernel devices must still be there.
+        obj.export.suspend(timeout=EXPORT_SUSPEND_TIMEOUT)   # no request reaches a
+        try:                                                  # device while it goes
+            self._remove_engine_devs(obj, rep)
+        except BaseException:
+            obj.export.resume()
+            raise
+        self.nbd.remove_export(obj.name)   # requests from here on: ESHUTDOWN
+        obj.export.resume()                # (and those that waited fail, not hang)
+        try:
+            self.destroy(obj)
+        except BaseException:
+            # the kernel devices are still there (e.g. opened meanwhile): keep the
+            # device whole rather than leave /dev/mapper/NAME over nothing
+            self._readd_engine_devs(obj, rep)
+            self.nbd.add_export(obj.export)
+            raise
+        self.save()
+
+    def _remove_engine_devs(self, obj: DeviceObj, rep: ReplicatorObj,
+                            what: str = "remove") -> None:
+        """Remove ``obj``'s engine devices, all or none: if the engine refuses one,
+        the ones already removed are added back; "busy" is raised if it refused
+        because of writes not yet copied (Busy), else its error as it is."""
+        removed = 0
+        try:
+            for dev in obj.devs:
+                rep.engine.remove_device(dev.dev_nr)
+                removed += 1
+        except BaseException as e:
+            if removed:
+                self._readd_engine_devs(obj, rep, upto=removed)
+            if not isinstance(e, Busy):
+                raise
+            hint = " (or: dmrepl remove --wait SECONDS)" if what == "remove" else ""
+            raise ControlError("busy", f"cannot {what} {obj.name} yet: {e}{hint}") from e
+        obj.devs = []
+
+    def _readd_engine_devs(self, obj: DeviceObj, rep: ReplicatorObj,
+                           upto: int | None = None) -> None:
+        n = len(obj.lines) if upto is None else upto
+        devs = self._add_devs(rep, obj.lines[:n])
+        obj.devs = devs + obj.devs[n:]
+        obj.export.backend = backend_of(obj.lines, obj.devs)
+
+    # -- load, suspend, resume ---------------------------------------------------
+
+    def load(self, obj: Obj, table: str) -> None:
+        """Check ``table`` and keep it as ``obj``'s inactive table (resume switches)."""
+        lines = parse_table(table)
+        if lines[0].target != obj.kind:
+            raise UserError(f"{obj.name} is a {obj.kind}; cannot load a "
+                            f"{lines[0].target} table")
+        if isinstance(obj, ReplicatorObj):
+            raise UserError("reloading a replicator table is not supported; "
+                            "remove its devices and the replicator, then create it again")
+        if sum(line.length for line in lines) != obj.sectors:
+            raise UserError(f"new table has {sum(x.length for x in lines)} sectors, "
+                            f"{obj.name} has {obj.sectors}: resizing is not supported")
+        self._check_lines(self._replicator_named_by(lines), lines)
+        obj.inactive = lines
+
+    def suspend(self, obj: Obj) -> None:
+        for dev in self.devices_of(obj):
+            if dev.suspended:
+                continue
+            if dev.mapper:
+                _kernel.suspend_mapper(dev.name)   # drains the kernel's queue first
+            dev.export.suspend(timeout=EXPORT_SUSPEND_TIMEOUT)
+            dev.suspended = True
+
+    def resume(self, obj: Obj) -> None:
+        if isinstance(obj, DeviceObj) and obj.inactive is not None:
+            self._swap(obj)
+        self._resume_devices(obj)
+
+    def _resume_devices(self, obj: Obj) -> None:
+        for dev in self.devices_of(obj):
+            if not dev.suspended:
+                continue
+            dev.export.resume()
+            if dev.mapper:
+                _kernel.resume_mapper(dev.name)
+            dev.suspended = False
+
+    def _swap(self, obj: DeviceObj) -> None:
+        new = obj.inactive
+        assert new is not None
+        was_suspended = obj.suspended
+        if not was_suspended:
+            self.suspend(obj)
+        try:
+            rep = self._replicator_named_by(new)
+            old_rep = self.replicator_of(obj)
+            # busy (writes not yet at every site link): nothing changed, the loaded
+            # table stays for a later resume
+            self._remove_engine_devs(obj, old_rep, "switch the table of")
+        except BaseException:
+            if not was_suspended:
+                self._resume_devices(obj)
+            raise
+        try:
+            devs = self._add_devs(rep, new)
+        except BaseException:
+            self._readd_engine_devs(obj, old_rep)   # put the old table back
+            obj.inactive = None
+            raise
+        obj.lines, obj.devs, obj.replicator, obj.inactive = new, devs, rep.name, None
+        obj.export.backend = backend_of(new, devs)
+        self.save()
+
+    # -- messages ----------------------------------------------------------------
+
+    def message_target(self, obj: Obj, sector: int) -> EngineReplicator | EngineDevice:
+        """What a message to ``obj`` at ``sector`` goes to: its engine replicator, or
+        the engine device of the table line holding ``sector``."""
+        if isinstance(obj, ReplicatorObj):
+            return obj.engine
+        for i, line in enumerate(obj.lines):
+            if line.start <= sector < line.start + line.length:
+                return obj.devs[i]
+        raise UserError(f"sector {sector} is outside {obj.name} (0..{obj.sectors - 1})")
