@@ -13,6 +13,7 @@ case and reports every class of defect at once.
 from __future__ import annotations
 
 import random
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -162,6 +163,11 @@ def run_cases(name: str, count: int, seed: int,
     started = time.monotonic()
     print(f"\n{name}: seed {seed}, {count} cases")
 
+    # a server thread that dies of an exception is a finding of the case that killed it
+    died: list[BaseException] = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: died.append(args.exc_value or RuntimeError("?"))
+
     def guarded(fn: Callable[[], None], what: str) -> None:
         gen.current = ""
         try:
@@ -171,6 +177,10 @@ def run_cases(name: str, count: int, seed: int,
         except Exception as e:
             book.add(f"uncaught {_where(e)}",
                      f"{what}: {str(e)[:200]}; input {gen.current[:400]}")
+        while died:
+            e = died.pop()
+            book.add(f"a server thread died: {_where(e)}",
+                     f"{what}: {str(e)[:200]}; input {gen.current[:400]}")
 
     for i in range(count):
         gen.seed(case_seed(seed, i))
@@ -179,6 +189,7 @@ def run_cases(name: str, count: int, seed: int,
             guarded(check, f"health check after case {i}")
     if check is not None:
         guarded(check, "final health check")
+    threading.excepthook = hook
     elapsed = time.monotonic() - started
     found = sum(book.counts.values())
     print(f"{name}: {count} cases in {elapsed:.1f} s ({count / elapsed:.0f}/s), "
