@@ -75,7 +75,7 @@ def _ulog_payload(gen: Gen, rtype: int) -> bytes:
         words = gen.choice(CTR_ARGS).split()
         if gen.random() < 0.5:
             words = gen.mutate_words(words)
-        return " ".join(words).encode() + gen.choice((b"", b"\0"))
+        return " ".join(words).encode("utf-8", "surrogateescape") + gen.choice((b"", b"\0"))
     if rtype in (RT.MARK_REGION, RT.CLEAR_REGION, RT.FLUSH):
         n = gen.randrange(0, 8)
         regions = [gen.randrange(REGIONS) if gen.random() < 0.8 else gen.u64()
