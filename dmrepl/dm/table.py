@@ -70,6 +70,15 @@ class Target:
             raise TableError(f"target end {self.start + self.length} exceeds 64-bit sectors")
         if not self.target_type or _has_space(self.target_type):
             raise TableError(f"bad target type {self.target_type!r}")
+        for what, text in (("target type", self.target_type), ("target params", self.params)):
+            # text from argv or a file read with surrogateescape may hold undecodable
+            # bytes; the kernel gets UTF-8, so refuse them here, naming the field
+            if not text.isascii():
+                try:
+                    text.encode()
+                except UnicodeEncodeError as e:
+                    raise TableError(f"{what} {text!r} is not valid UTF-8 "
+                                     f"(byte {e.start})") from None
         if len(self.target_type.encode()) > MAX_TYPE_NAME:
             raise TableError(f"target type {self.target_type!r} is longer than "
                              f"{MAX_TYPE_NAME} bytes")

@@ -22,6 +22,9 @@ from dmrepl.replicator.crc import crc32c
 
 SECTOR = 512
 
+# how a crash leaves the unflushed writes of a store (see Recorder.crash_image)
+TEARS = ("random", "lost", "applied", "torn-head", "torn-tail", "torn-alternate")
+
 
 @dataclass(frozen=True, slots=True)
 class Op:
@@ -83,27 +86,55 @@ class Recorder:
         return img
 
     def crash_image(self, name: str, size: int, cut: int, rng: random.Random,
-                    base: bytes | None = None) -> bytearray:
+                    base: bytes | None = None, tear: str = "random") -> bytearray:
         """The store's content after a crash at ``cut``: durable writes (followed by a
-        flush, or durable on their own) plus a random choice of the unflushed ones
-        (each lost, applied, or torn by sectors)."""
+        flush, or durable on their own) plus the unflushed ones as ``tear`` says
+        (one of :data:`TEARS`): ``random``, each lost, applied, or torn by sectors
+        at random; ``lost``, none; ``applied``, all; ``torn-head``, all but the last,
+        whose first sector alone arrived; ``torn-tail``, all but the last, which lost
+        its first sector; ``torn-alternate``, all but the last two, whose odd
+        sectors were lost."""
+        if tear not in TEARS:
+            raise ValueError(f"tear {tear!r} is not one of {TEARS}")
         ops = [op for op in self.ops[:cut] if op.store == name]
         last_flush = max((i for i, op in enumerate(ops) if op.kind == "flush"), default=-1)
         img = bytearray(base if base is not None else bytes(size))
+        pending = [op for i, op in enumerate(ops)
+                   if op.kind == "write" and not (i < last_flush or op.durable)]
+        torn = {"torn-head": 1, "torn-tail": 1, "torn-alternate": 2}.get(tear, 0)
+        last = {id(op) for op in pending[len(pending) - torn:]} if torn else set()
         for i, op in enumerate(ops):
             if op.kind != "write":
                 continue
             if i < last_flush or op.durable:
                 img[op.offset:op.offset + len(op.data)] = op.data
                 continue
-            fate = rng.randrange(3)
-            if fate == 1:
-                img[op.offset:op.offset + len(op.data)] = op.data
-            elif fate == 2:
-                for s in range(0, len(op.data), SECTOR):
-                    if rng.random() < 0.5:
-                        img[op.offset + s:op.offset + s + SECTOR] = op.data[s:s + SECTOR]
+            if tear == "random":
+                keep = self._random_sectors(op, rng)
+            elif tear == "lost":
+                keep = []
+            elif id(op) not in last:
+                keep = list(range(0, len(op.data), SECTOR))
+            elif tear == "torn-head":
+                keep = [0]
+            elif tear == "torn-tail":
+                keep = list(range(SECTOR, len(op.data), SECTOR))
+            else:
+                keep = list(range(0, len(op.data), 2 * SECTOR))
+            for s in keep:
+                img[op.offset + s:op.offset + s + SECTOR] = op.data[s:s + SECTOR]
         return img
+
+    @staticmethod
+    def _random_sectors(op: Op, rng: random.Random) -> list[int]:
+        """Sectors of an unflushed write that a crash left: none, all, or a random
+        choice (one rng draw for the fate, one per sector when torn)."""
+        fate = rng.randrange(3)
+        if fate == 0:
+            return []
+        if fate == 1:
+            return list(range(0, len(op.data), SECTOR))
+        return [s for s in range(0, len(op.data), SECTOR) if rng.random() < 0.5]
 
 
 class FakeStore(MemoryBlockIO):

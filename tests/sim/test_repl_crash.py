@@ -11,11 +11,13 @@ the replay; and end with local and remote devices identical.
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Sequence
 
 import pytest
 
 from dmrepl.replicator import Replicator
-from dmrepl.replicator.testing import FakeStore, PrefixChecker, Recorder, StoreSet
+from dmrepl.replicator.testing import TEARS, FakeStore, PrefixChecker, Recorder, StoreSet
 
 DEV = 64 << 10
 LOG_SECTORS = 4096
@@ -37,7 +39,10 @@ def names() -> list[str]:
     return out
 
 
-def run_workload(seed: int, n: int, durable_acks: bool = True, slinks: str = SLINKS):
+def run_workload(seed: int, n: int, durable_acks: bool = True, slinks: str = SLINKS,
+                 outages: Sequence[tuple[int, int, int]] = ()):
+    """Record ``n`` random writes; each outage ``(site, first, end)`` makes the
+    site's stores fail every write from write ``first`` until write ``end``."""
     rec = Recorder()
     stores = StoreSet()
     stores.add(FakeStore((LOG_SECTORS + 8) * 512, name="log", recorder=rec))
@@ -58,6 +63,10 @@ def run_workload(seed: int, n: int, durable_acks: bool = True, slinks: str = SLI
         stamp = f"<{seed}:{i}>".encode()
         data = (stamp * (sectors * 512 // len(stamp) + 1))[:sectors * 512]
         history.append((d, off, data))
+        for nr, first, end in outages:
+            if i in (first, end):
+                for d2 in range(N_DEV):
+                    stores.stores[f"r{nr}_{d2}"].fail_writes = i == first
         rec.mark(("submit", i))
         devs[d].write(off, data)
         if durable_acks:
@@ -72,7 +81,7 @@ def run_workload(seed: int, n: int, durable_acks: bool = True, slinks: str = SLI
 
 
 def crash_and_check(rec: Recorder, history, cut: int, seed: int,
-                    durable: bool = True) -> None:
+                    durable: bool = True, tear: str = "random") -> None:
     marks = [op.note for op in rec.ops[:cut] if op.kind == "mark"]
     assert "created" in marks
     acked = sum(1 for m in marks if isinstance(m, tuple) and m[0] == "ack")
@@ -86,7 +95,7 @@ def crash_and_check(rec: Recorder, history, cut: int, seed: int,
         if name.startswith("r"):
             img = rec.image(name, size, cut)  # remote sites do not crash
         else:
-            img = rec.crash_image(name, size, cut, rng)
+            img = rec.crash_image(name, size, cut, rng, tear=tear)
         stores.add(FakeStore(size, name=name, data=bytes(img), recorder=rec2))
     hist = history[:submitted]
     devsz = {d: DEV for d in range(N_DEV)}
@@ -172,3 +181,33 @@ def test_crash_at_many_cut_points(durable: bool, slinks: str) -> None:
         rec, history = run_workload(seed, 300, durable_acks=durable, slinks=slinks)
         for cut in cut_points(rec, 400, random.Random(seed)):
             crash_and_check(rec, history, cut, seed, durable=durable)
+
+
+# site 1 (async) is down for writes 30..100, site 2 (sync) for 130..180, both again
+# for 200..225: each outage outlives many writes, then the site recovers and resyncs
+OUTAGES = ((1, 30, 100), (2, 130, 180), (1, 200, 225), (2, 200, 225))
+
+
+@pytest.mark.slow
+def test_crash_at_every_cut_point_with_site_outages() -> None:
+    """Every cut point of one recorded workload (two devices, two remote site links
+    that each fail for a while and recover), each under every tear of TEARS."""
+    started = time.monotonic()
+    seed = 31
+    rec, history = run_workload(seed, 250, outages=OUTAGES)
+    assert any(op.store.startswith("r1_") for op in rec.ops[
+        next(i for i, op in enumerate(rec.ops) if op.note == ("submit", 101)):]), \
+        "site 1 never recovered"
+    first = next(i for i, op in enumerate(rec.ops) if op.note == "created") + 1
+    cuts = cut_points(rec, len(rec.ops), random.Random(seed))
+    checked = 0
+    for cut in cuts:
+        for tear in TEARS:
+            crash_and_check(rec, history, cut, seed, tear=tear)
+        checked += 1
+    elapsed = time.monotonic() - started
+    print(f"crash consistency: {checked} cut points (ops {first}..{len(rec.ops)} of "
+          f"{len(rec.ops)} recorded: {sum(op.kind == 'write' for op in rec.ops)} writes, "
+          f"{sum(op.kind == 'flush' for op in rec.ops)} flushes) x {len(TEARS)} tears "
+          f"= {checked * len(TEARS)} reopenings in {elapsed:.0f} s")
+    assert checked == len(rec.ops) - first + 1, "some cut points were skipped"

@@ -105,6 +105,10 @@ def test_an_overlap_is_reported_with_its_line(table: Table, data: st.DataObject)
     ("0 8 zero\n4 8 zero", "line 2: target at sector 4 overlaps"),
     ("0 8 zero\n\n# c\n9 8 zero", "line 4: gap in table"),
     ("5 8 zero", "line 1: gap in table: target starts at sector 5"),
+    # undecodable bytes (argv and files are decoded with surrogateescape): found by
+    # the table-line fuzz run (tests/sim/test_fuzz_parsers.py)
+    ("0 8 zer\udcff", "line 1: target type 'zer\\\\udcff' is not valid UTF-8"),
+    ("0 8 linear /dev/sd\udcff 0", "line 1: target params .* is not valid UTF-8"),
 ])
 def test_bad_tables(text: str, message: str) -> None:
     with pytest.raises(TableError, match=message) as excinfo:
