@@ -228,13 +228,21 @@ def parse_ring_header(data: bytes, log_id: int) -> dict:
 
 def signatures(area: bytes) -> list[str]:
     """The headers of ours whose signature (magic) is in ``area`` (the start of a
-    log: log header and both ring header slots), damaged or not."""
+    log: log header and both ring header slots), damaged or not.  A signature
+    anywhere else in the area counts too (a shifted or partly overwritten header
+    area is still a log of ours: ``auto`` must not re-create it)."""
     found = []
     for name, off, magic in (("log header", LOG_HEADER_OFFSET, LOG_MAGIC),
                              ("ring header A", RING_HEADER_OFFSETS[0], RING_MAGIC),
                              ("ring header B", RING_HEADER_OFFSETS[1], RING_MAGIC)):
         if area[off:off + len(magic)] == magic:
             found.append(name)
+    for what, magic in (("log header", LOG_MAGIC), ("ring header", RING_MAGIC)):
+        at = area.find(magic)
+        while at >= 0:
+            if at not in (LOG_HEADER_OFFSET, *RING_HEADER_OFFSETS):
+                found.append(f"a {what} signature misplaced at byte {at}")
+            at = area.find(magic, at + 1)
     return found
 
 

@@ -214,7 +214,7 @@ class RingLog:
                     raise self._refusal(str(e)) from e
                 found = self._signatures()
                 if found:
-                    raise self._refusal(f"{e} (signature found in the {', '.join(found)})"
+                    raise self._refusal(f"{e} (our signature found: {', '.join(found)})"
                                         ) from e
                 self._create()
         self.epoch += 1

@@ -28,7 +28,7 @@ import pytest
 from fuzzgen import Finding, Gen, run_cases
 
 from dmrepl.daemon._proto import HEADER, FrameDecoder, encode
-from dmrepl.daemon.daemon import ControlServer, Daemon, default_engine
+from dmrepl.daemon.daemon import ControlServer, Daemon, load_engine
 from dmrepl.dirtylog import MemoryStorage, open_dirty_log, parse_dirty_log_args
 from dmrepl.errors import UserError
 from dmrepl.nbd import _proto as nbd
@@ -370,7 +370,7 @@ class DaemonRig:
             os.truncate(path, (4096 + 64) * 512 if name == "log" else DEV_SECTORS * 512)
             self.files[name] = str(path)
         self.daemon = Daemon(str(tmp / "state"), kernel_devices=False,
-                             engine=default_engine("replicator"))
+                             engine=load_engine("replicator"))
         self.path = str(tmp / "control.sock")
         self.server = ControlServer(self.daemon, self.path)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -39,6 +39,11 @@ def flip(store: FakeStore, offset: int) -> None:
     store.data[offset] ^= 0x10
 
 
+def shift(store: FakeStore, by: int) -> None:
+    area = bytes(store.data[:ondisk.RING_OFFSET])
+    store.data[:ondisk.RING_OFFSET] = (bytes(by) + area)[:ondisk.RING_OFFSET]
+
+
 def set_log_version(store: FakeStore, major: int, minor: int) -> None:
     raw = bytes(store.data[:ondisk.SLOT])
     value = dict(ondisk.LogHeader.parse(raw).body.value)
@@ -60,6 +65,9 @@ DAMAGE = {
     "newer minor": (lambda s: set_log_version(s, ondisk.FORMAT_MAJOR,
                                               ondisk.FORMAT_MINOR + 1),
                     ["log header", "version"]),
+    # the header area shifted by a byte: no signature where the format keeps one,
+    # but our signatures are still there (found by the ring-image fuzz run)
+    "header area shifted": (lambda s: shift(s, 1), ["log header: no signature"]),
 }
 
 
