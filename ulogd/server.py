@@ -51,7 +51,6 @@ LogFactory = Callable[[str, Sequence[str], int], Any]
 
 _LAT_RING = 2048  # latencies kept per log (ns), a power of two; allocated as they come
 _LAT_MASK = _LAT_RING - 1
-_NTYPES = 18
 _ZERO8 = p.encode_s64(0)
 _ONE8 = p.encode_s64(1)
 _NO_WORK = p.encode_resync_work(False, 0)
@@ -90,6 +89,16 @@ _HDRS = p.HEADERS_LEN
 _ULOG = p.ULOG_HDRLEN
 _UUID_AT = p.UUID_OFFSET
 _TAIL_AT = p.ULOG_TAIL_OFFSET
+_NLMSG_DONE = p.NLMSG_DONE
+_CN_IDX = p.CN_IDX_DM
+_CN_VAL = p.CN_VAL_DM_USERSPACE_LOG
+_TYPE_MASK = p.REQUEST_MASK
+_ALIGN_ADD = p.NLMSG_ALIGN_ADD
+_ALIGN_MASK = p.NLMSG_ALIGN_MASK
+_REGION = p.REGION_ARG_SIZE
+_REGIONS = p.region_array
+_S64_LEN = p.S64_S.size
+_RR_LEN = p.REMOTE_RECOVERING.size
 _IN_SYNC, _FLUSH, _MARK, _CLEAR, _IRR = (int(RT.IN_SYNC), int(RT.FLUSH), int(RT.MARK_REGION),
                                          int(RT.CLEAR_REGION), int(RT.IS_REMOTE_RECOVERING))
 
@@ -114,7 +123,7 @@ class LogEntry:
         self.dlog = dlog
         self.type_name = type_name
         self.ctr_string = ctr_string
-        self.counts = [0] * _NTYPES
+        self.counts = [0] * p.REQUEST_TYPE_SLOTS
         self.errors = 0
         self.lat = array("q")  # grows to _LAT_RING entries, then is a ring
         self.lat_n = 0
@@ -346,27 +355,28 @@ class Dispatcher:
         if size < _HDRS or not self.fast_path:
             return -1
         nl_len, nl_type, idx, val, cn_len, luid, version, seq, raw_type, dsize = _HOT(buf)
-        if nl_type != 3 or idx != 7 or val != 1 or nl_len != _HDRS + dsize \
-                or cn_len != _ULOG + dsize or (nl_len + 3) & ~3 != size:
+        if nl_type != _NLMSG_DONE or idx != _CN_IDX or val != _CN_VAL \
+                or nl_len != _HDRS + dsize or cn_len != _ULOG + dsize \
+                or (nl_len + _ALIGN_ADD) & _ALIGN_MASK != size:
             return -1
         entry = self._by_luid.get(luid)
         if entry is None or not buf.startswith(entry.raw_uuid, _UUID_AT):
             return -1
-        rtype = raw_type & 0xFF
+        rtype = raw_type & _TYPE_MASK
         dlog = entry.dlog
         try:
             if rtype == _IN_SYNC:
-                if dsize != 8:
+                if dsize != _REGION:
                     return -1
                 answer = 1 if dlog.in_sync(_U64_FROM(buf, _HDRS)[0]) else 0
                 _S64_INTO(buf, _HDRS, answer)
-                n = 8
+                n = _S64_LEN
             elif rtype == _FLUSH or rtype == _MARK or rtype == _CLEAR:
-                if dsize & 7:
+                if dsize % _REGION:
                     return -1
                 if dsize:
-                    regions = (_U64_FROM(buf, _HDRS) if dsize == 8
-                               else p._u64_array(dsize >> 3).unpack_from(buf, _HDRS))
+                    regions = (_U64_FROM(buf, _HDRS) if dsize == _REGION
+                               else _REGIONS(dsize // _REGION).unpack_from(buf, _HDRS))
                     if rtype == _CLEAR:
                         dlog.clear_regions(regions)
                     else:
@@ -374,10 +384,10 @@ class Dispatcher:
                     entry.touched = True
                 n = 0
             elif rtype == _IRR:
-                if dsize != 8 or _U64_FROM(buf, _HDRS)[0] >= dlog.region_count:
+                if dsize != _REGION or _U64_FROM(buf, _HDRS)[0] >= dlog.region_count:
                     return -1
                 _RR_INTO(buf, _HDRS, 0, entry.in_sync_hint())
-                n = 16
+                n = _RR_LEN
             else:
                 return -1
         except Exception:
@@ -400,7 +410,8 @@ class Dispatcher:
             entry.lat[i & _LAT_MASK] = self.clock() - t0
         entry.lat_n = i + 1
         reply_len = _HDRS + n
-        _NL_CN_INTO(buf, 0, reply_len, 3, 0, seq, self.portid, 7, 1, seq, 0, _ULOG + n, 0)
+        _NL_CN_INTO(buf, 0, reply_len, _NLMSG_DONE, 0, seq, self.portid, _CN_IDX, _CN_VAL, seq,
+                    0, _ULOG + n, 0)
         _TAIL_INTO(buf, _TAIL_AT, b"", version, err, seq, rtype, n)
         return reply_len
 
