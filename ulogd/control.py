@@ -168,7 +168,7 @@ def query(path: str, command: str = "status", timeout: float = 10.0) -> dict[str
             s.sendall(command.encode() + b"\n")
         except BrokenPipeError:
             pass  # refused before it read the request: its reply may be waiting
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             try:
                 chunk = s.recv(65536)
