@@ -3,10 +3,13 @@
 A root-only ``AF_UNIX`` stream socket (directory 0700, socket 0600).  Framing:
 the client sends one line (``status\\n``), the server answers one JSON document
 and closes the connection, so the end of the reply is the end of the stream.
+A reply with an ``error`` key is a refusal (a bad request, or ``busy``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -21,18 +24,32 @@ log = logging.getLogger("ulogd.control")
 
 DEFAULT_CONTROL_PATH = "/run/ulogd/control"
 MAX_REQUEST = 4096
-#: Seconds a client has to send its whole request line (connections are served one
-#: at a time: this bounds how long one silent client delays the others).
+#: Seconds a client has to send its whole request line before it is closed.
 REQUEST_TIMEOUT = 5.0
+#: Connections served at once; one more is answered "busy" and closed.
+MAX_CONNECTIONS = 64
 
 
 class ControlServer:
-    """Answers status requests from a thread; ``snapshot`` must be thread-safe."""
+    """Answers status requests, one thread per connection (at most
+    ``max_connections``), so a slow or silent client holds up no other.
+    ``snapshot`` must be thread-safe.
 
-    def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+    Every connection ends with one JSON reply or a clean close: a bad request
+    (unknown, not ASCII, no newline within :data:`MAX_REQUEST` bytes) is answered
+    ``{"error": ...}`` (a line ended by the client's shutdown instead of a newline
+    is served); a client silent for ``request_timeout`` is closed.
+    """
+
+    def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]], *,
+                 max_connections: int = MAX_CONNECTIONS,
+                 request_timeout: float | None = None) -> None:
         self.path = path
         self.snapshot = snapshot
-        self.sock = listen_root_only(path, 8, dir_mode=0o700)
+        self.max_connections = max_connections
+        self.request_timeout = REQUEST_TIMEOUT if request_timeout is None else request_timeout
+        self.sock = listen_root_only(path, 32, dir_mode=0o700)
+        self._slots = threading.BoundedSemaphore(max_connections)
         self._stop = False
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="ulogd-control", daemon=True)
@@ -52,27 +69,64 @@ class ControlServer:
                 self._stopped.wait(backoff.failed(e))
                 continue
             backoff.succeeded()
+            if not self._slots.acquire(blocking=False):
+                self._refuse(conn)
+                continue
+            try:
+                threading.Thread(target=self._serve_connection, args=(conn,),
+                                 name="ulogd-control-conn", daemon=True).start()
+            except RuntimeError as e:  # no thread to be had: like running out of fds
+                self._slots.release()
+                conn.close()
+                self._stopped.wait(backoff.failed(OSError(errno.EAGAIN, str(e))))
+
+    def _refuse(self, conn: socket.socket) -> None:
+        log.warning("control: %d connections already: refusing one", self.max_connections)
+        with conn, contextlib.suppress(OSError):
+            conn.setblocking(False)  # never wait on a peer we refuse
+            conn.send(_encode({"error": f"busy: {self.max_connections} control connections "
+                                        "already; retry later"}))
+            _discard_unread(conn)
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        try:
             with conn:
-                try:
-                    self._handle(conn)
-                except Exception as e:  # a client must never take the daemon down
-                    log.warning("control request failed: %s", e)
+                self._handle(conn)
+        except TimeoutError:
+            log.info("control: closing a connection silent for %ss", self.request_timeout)
+        except OSError as e:
+            log.info("control: connection ended: %s", e)
+        except Exception:
+            # a bug, but one connection's: the daemon serves on
+            log.exception("control: connection failed")
+        finally:
+            self._slots.release()
 
     def _handle(self, conn: socket.socket) -> None:
-        conn.settimeout(REQUEST_TIMEOUT)
+        conn.settimeout(self.request_timeout)
         buf = b""
         while b"\n" not in buf and len(buf) < MAX_REQUEST:
             chunk = conn.recv(MAX_REQUEST)
             if not chunk:
                 break
             buf += chunk
-        command = buf.split(b"\n", 1)[0].strip().decode("ascii", "replace")
+        line, newline, _ = buf.partition(b"\n")
         reply: dict[str, Any]
-        if command == "status":
-            reply = self.snapshot()
-        else:
+        if not newline and len(buf) >= MAX_REQUEST:
+            reply = {"error": f"request not a line of at most {MAX_REQUEST} bytes"}
+        elif not line.isascii():
+            reply = {"error": "request not ASCII"}
+        elif (command := line.strip().decode("ascii")) != "status":
             reply = {"error": f"unknown command {command!r}"}
-        conn.sendall(json.dumps(reply).encode())
+        else:
+            try:
+                reply = self.snapshot()
+            except Exception as e:
+                log.exception("control: status failed")
+                reply = {"error": f"status failed: {e}"}
+        conn.sendall(_encode(reply))
+        conn.setblocking(False)
+        _discard_unread(conn)
 
     def close(self) -> None:
         self._stop = True
@@ -89,15 +143,39 @@ class ControlServer:
             pass
 
 
+def _discard_unread(conn: socket.socket) -> None:
+    """Read (without waiting) what the peer sent beyond its request: a unix socket
+    closed with unread data resets the peer's connection."""
+    with contextlib.suppress(OSError):
+        for _ in range(16):
+            if not conn.recv(MAX_REQUEST):
+                return
+
+
+def _encode(reply: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(reply).encode()
+    except (TypeError, ValueError) as e:
+        return json.dumps({"error": f"reply not encodable: {e}"}).encode()
+
+
 def query(path: str, command: str = "status", timeout: float = 10.0) -> dict[str, Any]:
     """Send ``command`` to the daemon at ``path`` and return its JSON reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(command.encode() + b"\n")
-        chunks = []
+        try:
+            s.sendall(command.encode() + b"\n")
+        except BrokenPipeError:
+            pass  # refused before it read the request: its reply may be waiting
+        chunks: list[bytes] = []
         while True:
-            chunk = s.recv(65536)
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                if not chunks:
+                    raise
+                break  # closed with our request unread, after the reply (a refusal)
             if not chunk:
                 break
             chunks.append(chunk)

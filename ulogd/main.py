@@ -293,6 +293,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"ulogd status: cannot reach the daemon at {args.control}: {e.strerror or e}",
               file=sys.stderr)
         return ExitCode.ERROR
+    except ValueError as e:
+        print(f"ulogd status: the daemon at {args.control} sent no status: {e}",
+              file=sys.stderr)
+        return ExitCode.ERROR
+    if "error" in snap:
+        print(f"ulogd status: the daemon at {args.control} refused: {snap['error']}",
+              file=sys.stderr)
+        return ExitCode.ERROR
     if args.json:
         print(json.dumps(snap, indent=2))
     else:

@@ -42,6 +42,7 @@ from typing import Any, Final
 from construct import Bytes, Construct, FormatField, Int16un, Int32sn, Int32un, Int64sn, Int64un
 from construct import Struct as CStruct
 
+from cdefs import dm_ioctl
 from cdefs.connector import lib
 
 # ---------------------------------------------------------------------------
@@ -159,15 +160,22 @@ CN_HDRLEN: Final = CN_MSG.size
 ULOG_HDRLEN: Final = ULOG_REQUEST.size
 HEADERS_LEN: Final = HEADERS.size
 NLMSG_DONE: Final = int(lib.NLMSG_DONE)
+NLMSG_ALIGNTO: Final = int(lib.NLMSG_ALIGNTO)
 CN_IDX_DM: Final = int(lib.CN_IDX_DM)
 CN_VAL_DM_USERSPACE_LOG: Final = int(lib.CN_VAL_DM_USERSPACE_LOG)
 CONNECTOR_MAX_MSG_SIZE: Final = int(lib.CONNECTOR_MAX_MSG_SIZE)
 REQUEST_MASK: Final = int(lib.DM_ULOG_REQUEST_MASK)
 DM_UUID_LEN: Final = int(lib.DM_UUID_LEN)
+DM_ULOG_REQUEST_VERSION: Final = int(lib.DM_ULOG_REQUEST_VERSION)
 #: DM_NAME_LEN (dm-ioctl.h): the CTR reply buffer.
-DM_NAME_LEN: Final = 128
-#: DM_ULOG_PREALLOCED_SIZE - cn_msg - dm_ulog_request: the largest kernel payload.
-MAX_KERNEL_PAYLOAD: Final = 512 - 20 - 160
+DM_NAME_LEN: Final = int(dm_ioctl.lib.DM_NAME_LEN)
+#: The kernel's preallocated request buffer (dm-log-userspace-transfer.c; not in a
+#: uapi header, so not checkable against one).
+DM_ULOG_PREALLOCED_SIZE: Final = 512
+#: The largest kernel payload: what the preallocated buffer leaves after the headers.
+MAX_KERNEL_PAYLOAD: Final = DM_ULOG_PREALLOCED_SIZE - CN_HDRLEN - ULOG_HDRLEN
+#: One region argument (``region_t``) and the u64/s64 replies: 8 bytes.
+REGION_ARG_SIZE: Final = U64_S.size
 #: Offsets in a whole message (nlmsghdr + cn_msg + dm_ulog_request).
 UUID_OFFSET: Final = NLMSG_HDRLEN + CN_HDRLEN + field_offset(DmUlogRequest, "uuid")
 ULOG_TAIL_OFFSET: Final = NLMSG_HDRLEN + CN_HDRLEN + field_offset(DmUlogRequest, "padding")
@@ -195,17 +203,20 @@ class RequestType(IntEnum):
     IS_REMOTE_RECOVERING = lib.DM_ULOG_IS_REMOTE_RECOVERING
 
 
+#: Size of a table indexed by request number (0 is no request): the largest number + 1.
+REQUEST_TYPE_SLOTS: Final = max(RequestType) + 1
+
 #: Largest reply payload the kernel accepts per request type (its buffer size).
 #: STATUS_* get the remaining status buffer; we cap them far below any real one.
 STATUS_CAPACITY: Final = 512
 REPLY_CAPACITY: Final[dict[int, int]] = {
     RequestType.CTR: DM_NAME_LEN,
-    RequestType.GET_REGION_SIZE: 8,
-    RequestType.IS_CLEAN: 8,
-    RequestType.IN_SYNC: 8,
-    RequestType.GET_SYNC_COUNT: 8,
-    RequestType.GET_RESYNC_WORK: 16,
-    RequestType.IS_REMOTE_RECOVERING: 16,
+    RequestType.GET_REGION_SIZE: U64_S.size,
+    RequestType.IS_CLEAN: S64_S.size,
+    RequestType.IN_SYNC: S64_S.size,
+    RequestType.GET_SYNC_COUNT: U64_S.size,
+    RequestType.GET_RESYNC_WORK: RESYNC_WORK.size,
+    RequestType.IS_REMOTE_RECOVERING: REMOTE_RECOVERING.size,
     RequestType.STATUS_INFO: STATUS_CAPACITY,
     RequestType.STATUS_TABLE: STATUS_CAPACITY,
 }
@@ -296,20 +307,27 @@ _ONE_REGION: Final = frozenset({
     RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.IS_REMOTE_RECOVERING})
 _REGION_LIST: Final = frozenset({
     RequestType.FLUSH, RequestType.MARK_REGION, RequestType.CLEAR_REGION})
-_u64_arrays: dict[int, struct.Struct] = {}
+_region_arrays: dict[int, struct.Struct] = {}
+_REGION_ARRAYS_CACHED = 4096  # array lengths whose Struct is kept (a CLEAR carries <= 32)
 
 
-def _u64_array(n: int) -> struct.Struct:
-    st = _u64_arrays.get(n)
+def region_array(n: int) -> struct.Struct:
+    """The struct of ``n`` region arguments (``region_t[n]``), cached for small ``n``."""
+    st = _region_arrays.get(n)
     if st is None:
         st = struct.Struct(f"={n}{struct_format(U64)}")
-        if n <= 4096:
-            _u64_arrays[n] = st
+        if n <= _REGION_ARRAYS_CACHED:
+            _region_arrays[n] = st
     return st
 
 
+#: ``NLMSG_ALIGN(len)`` is ``(len + NLMSG_ALIGN_ADD) & NLMSG_ALIGN_MASK``.
+NLMSG_ALIGN_ADD: Final = NLMSG_ALIGNTO - 1
+NLMSG_ALIGN_MASK: Final = ~NLMSG_ALIGN_ADD
+
+
 def nlmsg_align(n: int) -> int:
-    return (n + 3) & ~3
+    return (n + NLMSG_ALIGN_ADD) & NLMSG_ALIGN_MASK
 
 
 def decode_datagram(data: bytes) -> list[Event]:
@@ -350,12 +368,12 @@ def _decode_message(data: bytes, off: int, nl_len: int, nl_type: int) -> Event:
         return MalformedRequest(*head, reason=f"data_size {data_size} exceeds cn_msg.len {cn_len}")
     p = off + HEADERS_LEN
     if rtype in _REGION_LIST:
-        if data_size % 8:
+        if data_size % REGION_ARG_SIZE:
             return MalformedRequest(*head, reason=f"region list of {data_size} bytes")
-        n = data_size >> 3
-        return RegionList(*head, _u64_array(n).unpack_from(data, p) if n else ())
+        n = data_size // REGION_ARG_SIZE
+        return RegionList(*head, region_array(n).unpack_from(data, p) if n else ())
     if rtype in _ONE_REGION:
-        if data_size != 8:
+        if data_size != REGION_ARG_SIZE:
             return MalformedRequest(*head, reason=f"region argument of {data_size} bytes")
         return OneRegion(*head, U64_S.unpack_from(data, p)[0])
     if rtype in _NO_PAYLOAD:
@@ -392,7 +410,8 @@ def reply_capacity(req: Request) -> int:
     return REPLY_CAPACITY.get(req.request_type, 0)
 
 
-_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+#: Zero bytes padding a message of length ``n`` to NLMSG_ALIGNTO: ``_PAD[n & NLMSG_ALIGN_ADD]``.
+_PAD = tuple(bytes(-n % NLMSG_ALIGNTO) for n in range(NLMSG_ALIGNTO))
 
 
 def encode_reply(req: Request, error: int = 0, payload: bytes = b"", portid: int = 0) -> bytes:
@@ -409,7 +428,7 @@ def encode_reply(req: Request, error: int = 0, payload: bytes = b"", portid: int
         nl_len, NLMSG_DONE, 0, req.seq, portid,
         CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG, req.seq, 0, ULOG_HDRLEN + n, 0,
         req.luid, req.uuid, b"", req.version, error, req.seq, req.request_type, n,
-    ) + payload + _PAD[nl_len & 3]
+    ) + payload + _PAD[nl_len & NLMSG_ALIGN_ADD]
 
 
 def encode_error(req: Request, err: int) -> bytes:
@@ -418,7 +437,7 @@ def encode_error(req: Request, err: int) -> bytes:
 
 
 def encode_request(seq: int, luid: int, uuid: bytes, request_type: int, payload: bytes = b"",
-                   version: int = 3) -> bytes:
+                   version: int = DM_ULOG_REQUEST_VERSION) -> bytes:
     """A kernel-style request (for the fake kernel in tests and the forgery check)."""
     n = len(payload)
     nl_len = HEADERS_LEN + n
@@ -426,7 +445,7 @@ def encode_request(seq: int, luid: int, uuid: bytes, request_type: int, payload:
         nl_len, NLMSG_DONE, 0, seq, 0,
         CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG, seq, 0, ULOG_HDRLEN + n, 0,
         luid, uuid, b"", version, 0, seq, request_type, n,
-    ) + payload + _PAD[nl_len & 3]
+    ) + payload + _PAD[nl_len & NLMSG_ALIGN_ADD]
 
 
 @dataclass(frozen=True, slots=True)

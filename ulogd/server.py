@@ -51,7 +51,6 @@ LogFactory = Callable[[str, Sequence[str], int], Any]
 
 _LAT_RING = 2048  # latencies kept per log (ns), a power of two; allocated as they come
 _LAT_MASK = _LAT_RING - 1
-_NTYPES = 18
 _ZERO8 = p.encode_s64(0)
 _ONE8 = p.encode_s64(1)
 _NO_WORK = p.encode_resync_work(False, 0)
@@ -90,6 +89,19 @@ _HDRS = p.HEADERS_LEN
 _ULOG = p.ULOG_HDRLEN
 _UUID_AT = p.UUID_OFFSET
 _TAIL_AT = p.ULOG_TAIL_OFFSET
+_NLMSG_DONE = p.NLMSG_DONE
+_CN_IDX = p.CN_IDX_DM
+_CN_VAL = p.CN_VAL_DM_USERSPACE_LOG
+_TYPE_MASK = p.REQUEST_MASK
+_ALIGN_ADD = p.NLMSG_ALIGN_ADD
+_ALIGN_MASK = p.NLMSG_ALIGN_MASK
+_REGION = p.REGION_ARG_SIZE
+_REGIONS = p.region_array
+# a region list's length in bytes is a multiple of _REGION, a power of two
+_REGION_MOD = _REGION - 1
+_REGION_SHIFT = _REGION.bit_length() - 1
+_S64_LEN = p.S64_S.size
+_RR_LEN = p.REMOTE_RECOVERING.size
 _IN_SYNC, _FLUSH, _MARK, _CLEAR, _IRR = (int(RT.IN_SYNC), int(RT.FLUSH), int(RT.MARK_REGION),
                                          int(RT.CLEAR_REGION), int(RT.IS_REMOTE_RECOVERING))
 
@@ -114,7 +126,7 @@ class LogEntry:
         self.dlog = dlog
         self.type_name = type_name
         self.ctr_string = ctr_string
-        self.counts = [0] * _NTYPES
+        self.counts = [0] * p.REQUEST_TYPE_SLOTS
         self.errors = 0
         self.lat = array("q")  # grows to _LAT_RING entries, then is a ring
         self.lat_n = 0
@@ -330,7 +342,16 @@ class Dispatcher:
             replies.append(self._encode(req, err, payload))
         return replies
 
-    def handle_into(self, buf: bytearray, size: int, t0: int) -> int:
+    def handle_into(self, buf: bytearray, size: int, t0: int,
+                    # the protocol's constants as locals (default-argument binding):
+                    # no global or attribute lookups per request; never passed
+                    _nlmsg_done: int = _NLMSG_DONE, _cn_idx: int = _CN_IDX,
+                    _cn_val: int = _CN_VAL, _type_mask: int = _TYPE_MASK,
+                    _align_add: int = _ALIGN_ADD, _align_mask: int = _ALIGN_MASK,
+                    _region: int = _REGION, _region_mod: int = _REGION_MOD,
+                    _region_shift: int = _REGION_SHIFT,
+                    _regions: Callable[[int], Any] = _REGIONS,
+                    _s64_len: int = _S64_LEN, _rr_len: int = _RR_LEN) -> int:
         """The hot path: answer the request in ``buf[:size]`` in place.
 
         Takes a datagram holding exactly one well-formed IN_SYNC,
@@ -346,27 +367,28 @@ class Dispatcher:
         if size < _HDRS or not self.fast_path:
             return -1
         nl_len, nl_type, idx, val, cn_len, luid, version, seq, raw_type, dsize = _HOT(buf)
-        if nl_type != 3 or idx != 7 or val != 1 or nl_len != _HDRS + dsize \
-                or cn_len != _ULOG + dsize or (nl_len + 3) & ~3 != size:
+        if nl_type != _nlmsg_done or idx != _cn_idx or val != _cn_val \
+                or nl_len != _HDRS + dsize or cn_len != _ULOG + dsize \
+                or (nl_len + _align_add) & _align_mask != size:
             return -1
         entry = self._by_luid.get(luid)
         if entry is None or not buf.startswith(entry.raw_uuid, _UUID_AT):
             return -1
-        rtype = raw_type & 0xFF
+        rtype = raw_type & _type_mask
         dlog = entry.dlog
         try:
             if rtype == _IN_SYNC:
-                if dsize != 8:
+                if dsize != _region:
                     return -1
                 answer = 1 if dlog.in_sync(_U64_FROM(buf, _HDRS)[0]) else 0
                 _S64_INTO(buf, _HDRS, answer)
-                n = 8
+                n = _s64_len
             elif rtype == _FLUSH or rtype == _MARK or rtype == _CLEAR:
-                if dsize & 7:
+                if dsize & _region_mod:
                     return -1
                 if dsize:
-                    regions = (_U64_FROM(buf, _HDRS) if dsize == 8
-                               else p._u64_array(dsize >> 3).unpack_from(buf, _HDRS))
+                    regions = (_U64_FROM(buf, _HDRS) if dsize == _region
+                               else _regions(dsize >> _region_shift).unpack_from(buf, _HDRS))
                     if rtype == _CLEAR:
                         dlog.clear_regions(regions)
                     else:
@@ -374,10 +396,10 @@ class Dispatcher:
                     entry.touched = True
                 n = 0
             elif rtype == _IRR:
-                if dsize != 8 or _U64_FROM(buf, _HDRS)[0] >= dlog.region_count:
+                if dsize != _region or _U64_FROM(buf, _HDRS)[0] >= dlog.region_count:
                     return -1
                 _RR_INTO(buf, _HDRS, 0, entry.in_sync_hint())
-                n = 16
+                n = _rr_len
             else:
                 return -1
         except Exception:
@@ -400,7 +422,8 @@ class Dispatcher:
             entry.lat[i & _LAT_MASK] = self.clock() - t0
         entry.lat_n = i + 1
         reply_len = _HDRS + n
-        _NL_CN_INTO(buf, 0, reply_len, 3, 0, seq, self.portid, 7, 1, seq, 0, _ULOG + n, 0)
+        _NL_CN_INTO(buf, 0, reply_len, _nlmsg_done, 0, seq, self.portid, _cn_idx, _cn_val, seq,
+                    0, _ULOG + n, 0)
         _TAIL_INTO(buf, _TAIL_AT, b"", version, err, seq, rtype, n)
         return reply_len
 
