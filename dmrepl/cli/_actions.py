@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dmrepl.cli._errors import CliUserError
+from dmrepl.cli._status_text import human_lines
 from dmrepl.daemon.client import Client
 from dmrepl.errors import UserError
 
@@ -80,6 +81,9 @@ def status(ns: argparse.Namespace) -> None:
     for desc in result:
         for line in _targets(desc, desc["status"]):
             print(f"{desc['name']}: {line}" if ns.name is None else line)
+        if not ns.table_status:
+            for line in human_lines(desc):
+                print(line)
 
 
 def table(ns: argparse.Namespace) -> None:

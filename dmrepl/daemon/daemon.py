@@ -189,6 +189,7 @@ class Daemon:
                     desc["detail"] = obj.engine.status_dict()
                 else:
                     desc["status"] = [dev.status(kind) for dev in obj.devs]
+                    desc["detail"] = [dev.status_dict() for dev in obj.devs]
                 out.append(desc)
             return out
 

@@ -177,5 +177,9 @@ class SimDevice:
         del kind
         return f"sim writes={self.writes}"
 
+    def status_dict(self) -> dict[str, Any]:
+        return {"engine": "sim", "dev_nr": self.dev_nr, "writes": self.writes,
+                "size_bytes": self.size_bytes, "slinks": {}}
+
     def table(self) -> str:
         return " ".join(self.line.split()[3:])

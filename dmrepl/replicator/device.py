@@ -222,3 +222,8 @@ class ReplicatedDevice:
         or ``<R|W|RW|A>,<in_sync>[+]/<regions>``; ``table``: as :meth:`table`."""
         from dmrepl.replicator.status import device_status
         return device_status(self, kind)
+
+    def status_dict(self) -> dict[str, Any]:
+        """Machine-readable state (see :func:`.status.device_status_dict`)."""
+        from dmrepl.replicator.status import device_status_dict
+        return device_status_dict(self)

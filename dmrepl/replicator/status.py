@@ -4,12 +4,14 @@ machine-readable dictionary of the replicator."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dmrepl.errors import UserError
 
 if TYPE_CHECKING:
-    from dmrepl.replicator.device import ReplicatedDevice
+    from dmrepl.replicator.device import Leg, ReplicatedDevice
+    from dmrepl.replicator.slink.link import Slink
     from dmrepl.replicator.target import Replicator
 
 VERSION = "1.0.0"
@@ -45,8 +47,71 @@ def replicator_status(rep: Replicator, kind: str = "info") -> str:
         return " ".join(words)
 
 
+@dataclass
+class Queued:
+    """Writes of one device logged but not yet applied on one site link."""
+
+    writes: int = 0
+    bytes: int = 0
+    # regions the dirty log still calls in sync though writes to them are queued
+    regions: set[int] = field(default_factory=set)
+
+
+def queued_locked(rep: Replicator, s: Slink) -> dict[int, Queued]:
+    """Per device, the writes site link ``s`` still has to apply (a walk of its
+    outstanding entries: status time only)."""
+    out: dict[int, Queued] = {}
+    region_bytes: dict[int, int] = {}
+    for dev_nr, d in rep.devices.items():
+        leg = d.legs.get(s.nr)
+        if leg is not None and leg.dlog is not None:
+            region_bytes[dev_nr] = leg.dlog.region_size * SECTOR
+    ring = rep.ring
+    for seq in range(s.applied + 1, ring.next_seq):
+        e = ring.entry(seq)
+        if e is None or s.nr not in e.slinks or e.lost:
+            continue
+        q = out.get(e.dev)
+        if q is None:
+            q = out[e.dev] = Queued()
+        q.writes += 1
+        q.bytes += e.length
+        rb = region_bytes.get(e.dev)
+        if rb and e.length:
+            q.regions.update(range(e.offset // rb, (e.offset + e.length - 1) // rb + 1))
+    return out
+
+
+@dataclass
+class LegSync:
+    """A remote leg's regions as its device line shows them."""
+
+    regions: int
+    in_sync: int  # in sync per the dirty log, less the regions with writes queued
+    region_bytes: int
+
+
+def leg_sync_locked(leg: Leg, queued: Queued | None) -> LegSync:
+    assert leg.dlog is not None
+    with leg.lock:
+        total = leg.dlog.region_count
+        in_sync = leg.dlog.get_sync_count()
+        if queued is not None and queued.regions:
+            in_sync -= sum(1 for r in queued.regions
+                           if r < total and leg.dlog.in_sync(r))
+    return LegSync(total, in_sync, leg.dlog.region_size * SECTOR)
+
+
+def percent(part: int, whole: int) -> float:
+    return 100.0 if whole == 0 else round(100.0 * part / whole, 1)
+
+
 def replicator_status_dict(rep: Replicator) -> dict[str, Any]:
-    """Machine-readable state (see the keys)."""
+    """Machine-readable state (see the keys).  Per site link: ``lag_writes``,
+    ``lag_bytes``, ``lag_seconds`` (age of the oldest outstanding write); ``sync``:
+    regions and bytes in sync (writes queued count as out of sync), ``in_sync_percent``,
+    the resync's ``resync_rate_bps`` (measured; None before a first measure) and
+    ``resync_eta_seconds`` (None without a rate)."""
     now = time.monotonic()
     with rep.lock:
         out: dict[str, Any] = {
@@ -66,10 +131,20 @@ def replicator_status_dict(rep: Replicator) -> dict[str, Any]:
         for nr, s in sorted(rep.slinks.items()):
             ts = rep.replog.oldest_ts_locked(s)
             out_of_sync = 0
+            queued = queued_locked(rep, s)
+            regions = in_sync = bytes_out = 0
             for d in rep.devices.values():
                 leg = d.legs.get(nr)
                 if leg is not None:
                     out_of_sync += leg.out_of_sync()
+                    if leg.dlog is not None:
+                        ls = leg_sync_locked(leg, queued.get(d.dev_nr))
+                        regions += ls.regions
+                        in_sync += ls.in_sync
+                        bytes_out += (ls.regions - ls.in_sync) * ls.region_bytes
+            s.resync_meter.update(s.resync_bytes, rep.clock())
+            rate = s.resync_meter.rate if s.resyncing else None
+            eta = (bytes_out / rate) if rate else None
             out["slinks"][nr] = {
                 "policy": s.cfg.policy,
                 "fallbehind": {"type": s.cfg.fallbehind.kind,
@@ -78,6 +153,7 @@ def replicator_status_dict(rep: Replicator) -> dict[str, Any]:
                 "error": s.error,
                 "forced_sync": s.forced,
                 "lag_ios": s.out_ios,
+                "lag_writes": s.out_ios,
                 "lag_bytes": s.out_bytes,
                 "lag_seconds": 0.0 if ts is None else now - ts,
                 "applied_seq": s.applied,
@@ -95,6 +171,12 @@ def replicator_status_dict(rep: Replicator) -> dict[str, Any]:
                 "resync_bytes": s.resync_bytes,
                 "regions_out_of_sync": out_of_sync,
                 "consistent": out_of_sync == 0,
+                "regions": regions,
+                "regions_in_sync": in_sync,
+                "in_sync_percent": percent(in_sync, regions),
+                "bytes_out_of_sync": bytes_out,
+                "resync_rate_bps": rate,
+                "resync_eta_seconds": eta,
             }
         for nr, d in sorted(rep.devices.items()):
             legs = {}
@@ -125,9 +207,41 @@ def device_status(dev: ReplicatedDevice, kind: str = "info") -> str:
             if leg.dlog is None:
                 words.append(f"{state},-")
             else:
+                # a region with writes queued for the site link is not in sync there
                 s = dev.rep.slinks.get(nr)
-                with leg.lock:
-                    sync, total = leg.dlog.get_sync_count(), leg.dlog.region_count
+                ls = leg_sync_locked(leg, None if s is None else
+                                     queued_locked(dev.rep, s).get(dev.dev_nr))
+                sync, total = ls.in_sync, ls.regions
                 plus = "+" if s is not None and s.resyncing and sync < total else ""
                 words.append(f"{state},{sync}{plus}/{total}")
         return " ".join(words)
+
+
+def device_status_dict(dev: ReplicatedDevice) -> dict[str, Any]:
+    """A device's machine-readable state: per site link (its leg) the link's state,
+    the device's writes queued for it, and its regions in sync (writes queued count
+    as out of sync, as on the INFO line)."""
+    rep = dev.rep
+    with rep.lock:
+        legs: dict[int, dict[str, Any]] = {}
+        for nr, leg in sorted(dev.legs.items()):
+            s = rep.slinks.get(nr)
+            q = Queued() if s is None else queued_locked(rep, s).get(dev.dev_nr, Queued())
+            info: dict[str, Any] = {
+                "path": leg.cfg.dev_path,
+                "error": leg.error or None,
+                "link": None if s is None else ("up" if s.up else "down"),
+                "queued_writes": q.writes,
+                "queued_bytes": q.bytes,
+            }
+            if leg.dlog is not None:
+                ls = leg_sync_locked(leg, q)
+                info.update(regions=ls.regions, regions_in_sync=ls.in_sync,
+                            in_sync_percent=percent(ls.in_sync, ls.regions),
+                            resyncing=bool(s is not None and s.resyncing
+                                           and ls.in_sync < ls.regions),
+                            resynced_regions=leg.resynced)
+            legs[nr] = info
+        return {"replicator": dev.cfg.replicator, "dev_nr": dev.dev_nr,
+                "size_bytes": dev.size_bytes, "running": dev.running,
+                "slinks": legs}

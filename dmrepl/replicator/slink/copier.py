@@ -463,6 +463,7 @@ class Copiers:
         with self.cond:
             if not s.resyncing:
                 s.resync.fire(ResyncEvent.REGION_STARTED)
+                s.resync_meter.restart(s.resync_bytes, rep.clock())
                 rep.bump_locked(f"slink {s.nr}: resynchronisation started")
         if not s.ops.resync_region(s, dev, leg, region):
             return
@@ -470,6 +471,7 @@ class Copiers:
         lo, hi = region * rs, min((region + 1) * rs, dev.size_bytes)
         with self.cond:
             s.resync_bytes += hi - lo
+            s.resync_meter.update(s.resync_bytes, rep.clock())
             rate = s.cfg.resync_rate
             if rate:
                 # one region at a time: the average rate is the limit, a burst is

@@ -36,6 +36,38 @@ Failure = tuple[Entry, "Leg", OSError]  # a copy that failed
 
 
 @dataclass(eq=False)
+class RateMeter:
+    """A rate (units per second) measured from a growing counter: each update
+    after at least ``min_interval`` seconds folds the interval's rate into an
+    exponentially weighted average with a half-life of ``halflife`` seconds.
+    ``rate`` is None until a first interval was measured (no rate: no ETA)."""
+
+    halflife: float = 5.0
+    min_interval: float = 0.5
+    rate: float | None = None
+    _since: float | None = None
+    _count: int = 0
+
+    def restart(self, count: int, now: float) -> None:
+        """Measure afresh from ``count`` at ``now`` (a new resync)."""
+        self.rate, self._since, self._count = None, now, count
+
+    def update(self, count: int, now: float) -> None:
+        if self._since is None:
+            self.restart(count, now)
+            return
+        dt = now - self._since
+        if dt < self.min_interval:
+            return
+        sample = (count - self._count) / dt
+        if self.rate is None:
+            self.rate = sample
+        else:
+            self.rate += (1 - 0.5 ** (dt / self.halflife)) * (sample - self.rate)
+        self._since, self._count = now, count
+
+
+@dataclass(eq=False)
 class Slink:
     cfg: SlinkConfig
     applied: int
@@ -70,6 +102,9 @@ class Slink:
     resync_throttled: bool = False  # waiting for the rate limit now
     resync_bytes: int = 0
     inflight_max: int = 0  # most copies seen in flight at once
+    # the resync's bytes per second, fed from resync_bytes by the copier (per region)
+    # and by status reads (so a stalled resync's rate decays): never per write
+    resync_meter: RateMeter = field(default_factory=lambda: RateMeter())
 
     @property
     def nr(self) -> int:
