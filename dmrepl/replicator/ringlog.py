@@ -173,14 +173,16 @@ class RingLog:
         self.store.pwrite(self.base + off, data)
 
     def _ensure_size(self, sectors: int) -> None:
+        """The log device must already hold the log: like dmsetup, a table never
+        grows a device (a file grown by a typo would fill the file system)."""
         need = self.base + sectors * SECTOR
         if self.store.size < need:
-            if isinstance(self.store, FileStore) and not self.store.is_blockdev:
-                self.store.grow(need)
-            else:
-                raise TableError(f"replog device {self.cfg.dev_path} too small: needs "
-                                 f"{need} bytes for dev_start {self.cfg.dev_start} and size "
-                                 f"{sectors} sectors, has {self.store.size}")
+            how = (f"`truncate -s {need} {self.cfg.dev_path}`"
+                   if isinstance(self.store, FileStore) and not self.store.is_blockdev
+                   else "a larger device")
+            raise TableError(f"replog device {self.cfg.dev_path} too small: the log needs "
+                             f"{need} bytes (dev_start {self.cfg.dev_start} + {sectors} "
+                             f"sectors), it has {self.store.size}; make room first: {how}")
 
     def _where(self) -> str:
         return f"replog {self.cfg.dev_path}@{self.cfg.dev_start}"
