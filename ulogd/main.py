@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any
 
-from dmrepl.errors import InUse
+from dmrepl.errors import InUse, UserError
 from dmrepl.numbers import argument
 from dmrepl.ownership import Claim, claim_directory, claim_lock_file
 from ulogd.control import DEFAULT_CONTROL_PATH, ControlServer, query
@@ -233,6 +233,16 @@ def make_realtime(priority: int) -> None:
         log.warning("mlockall unavailable: %s", e)
 
 
+def _listen_address(text: str) -> str:
+    """``--metrics ADDR:PORT``, checked as the command line is parsed (exit USAGE)."""
+    from dmrepl.metrics import parse_listen
+    try:
+        parse_listen(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s ulogd[%(process)d] %(levelname)s %(name)s: "
@@ -250,6 +260,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except OSError as e:
         log.error("cannot start: %s", e)
         return ExitCode.ERROR
+    endpoint = None
+    if args.metrics:
+        from dmrepl.metrics import MetricsServer, UlogdCollector
+        try:
+            endpoint = MetricsServer(args.metrics, [UlogdCollector(daemon.status_snapshot)])
+        except UserError as e:
+            log.error("cannot start: %s", e)
+            daemon.close()
+            return ExitCode.ERROR
     if args.realtime:
         make_realtime(args.realtime)
     signal.signal(signal.SIGTERM, daemon.request_stop)
@@ -265,7 +284,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             os.replace(tmp, args.ready_file)
         sd_notify("READY=1")
 
-    daemon.serve(ready)
+    try:
+        daemon.serve(ready)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     log.info("stopped")
     return ExitCode.OK
 
@@ -346,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MiB of region bitmaps of all logs together (two bits a region; "
                           "default %(default)s)")
     run.set_defaults(func=_cmd_run)
+    run.add_argument("--metrics", metavar="ADDR:PORT", type=_listen_address,
+                     help="serve Prometheus metrics on http://ADDR:PORT/metrics (default: off)")
     st = sub.add_parser("status", help="show the logs of a running daemon")
     st.add_argument("--json", action="store_true")
     st.add_argument("--control", default=DEFAULT_CONTROL_PATH)

@@ -114,10 +114,13 @@ def wait(ns: argparse.Namespace) -> None:
 
 def daemon(ns: argparse.Namespace) -> int:
     from dmrepl.daemon.run import run_daemon
+    from dmrepl.metrics import parse_listen
     from dmrepl.nbd.server import NbdLimits
     from dmrepl.tuning import parse_tuning
     try:
         tuning = parse_tuning(ns.tuning)
+        if ns.metrics is not None:
+            parse_listen(ns.metrics)
     except UserError as e:
         raise CliUserError(str(e)) from None
     for flag in ("nbd_max_connections", "nbd_handshake_timeout", "nbd_idle_timeout"):
@@ -129,4 +132,4 @@ def daemon(ns: argparse.Namespace) -> int:
                        idle_timeout=ns.nbd_idle_timeout)
     return run_daemon(ns.socket, ns.state_dir, ns.ready_file,
                       kernel_devices=not ns.no_kernel_devices, engine=ns.engine, tuning=tuning,
-                      nbd_limits=limits)
+                      nbd_limits=limits, metrics=ns.metrics)

@@ -104,6 +104,9 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
                 "default": NBD_DEFAULTS.idle_timeout, "metavar": "SECONDS",
                 "help": "close an NBD connection that sends no whole request for this "
                         "long (default: never; a kernel /dev/nbdN may be idle for days)"}),
+            ("--metrics", {"metavar": "ADDR:PORT",
+                           "help": "serve Prometheus metrics on http://ADDR:PORT/metrics "
+                                   "(default: off)"}),
         ],
         "func": act.daemon,
     }),

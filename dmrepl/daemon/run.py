@@ -33,12 +33,14 @@ __all__ = ["SHUTDOWN_DEADLINE", "EngineUnavailable", "run_daemon"]
 def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, *,
                kernel_devices: bool = True, engine: str = "auto",
                tuning: dict[str, Any] | None = None,
-               nbd_limits: NbdLimits | None = None) -> int:
+               nbd_limits: NbdLimits | None = None, metrics: str | None = None) -> int:
     """``dmrepl daemon``: serve until SIGTERM/SIGINT, then shut down cleanly.
 
     Another daemon on the same state directory or control socket: raises
     :class:`~dmrepl.errors.InUse` (exit code IN_USE) before touching either; an
-    engine that cannot be imported: :class:`EngineUnavailable`, before either."""
+    engine that cannot be imported: :class:`EngineUnavailable`, before either.
+    ``metrics``: ``ADDR:PORT`` of a Prometheus endpoint (read at scrape time from
+    the status op), started once the devices are recreated."""
     logging.basicConfig(level=logging.INFO, format="dmrepl-daemon: %(levelname)s %(message)s")
     # The state directory is claimed first (Daemon), then the control socket:
     # a second daemon stops at whichever another one holds, having touched nothing.
@@ -58,8 +60,13 @@ def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # thread dump on demand
+    endpoint = None
     try:
         daemon.restore()
+        if metrics:
+            from dmrepl.metrics import DmreplCollector, MetricsServer
+            endpoint = MetricsServer(metrics, [DmreplCollector(daemon.op_status)])
+            log.info("metrics: port %d, http://%s/metrics", endpoint.port, metrics)
         if ready_file:
             tmp = ready_file + ".tmp"
             with open(tmp, "w") as f:
@@ -72,6 +79,8 @@ def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, 
         # engine) must not keep SIGTERM waiting forever: dump the threads and exit.
         faulthandler.dump_traceback_later(SHUTDOWN_DEADLINE, exit=True)
         started = time.monotonic()
+        if endpoint is not None:
+            endpoint.close()
         daemon.shutdown()
         faulthandler.cancel_dump_traceback_later()
         if ready_file:

@@ -19,8 +19,10 @@ from typing import Any
 class DaemonProcess:
     def __init__(self, workdir: str | Path, *, kernel_devices: bool = True,
                  engine: str = "auto", log_name: str = "daemon.log",
-                 tuning: dict[str, Any] | None = None) -> None:
+                 tuning: dict[str, Any] | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.tuning = dict(tuning or {})
+        self.extra_args = extra_args  # more `dmrepl daemon` options
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(self.workdir / "control.sock")
@@ -47,6 +49,7 @@ class DaemonProcess:
             argv.append("--no-kernel-devices")
         for key, value in self.tuning.items():
             argv += ["--tuning", f"{key}={int(value) if isinstance(value, bool) else value}"]
+        argv += self.extra_args
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         log.close()
