@@ -9,9 +9,10 @@ names it (``replicator ringbuffer <#p> ...``).  The pending-write index
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+from dmrepl.replicator._registry import Registry
 
 if TYPE_CHECKING:
     from dmrepl.replicator.device import Leg, ReplicatedDevice
@@ -86,19 +87,8 @@ LOST_CLEAR_MESSAGE = "replog clear_lost"
 
 ReplogFactory = Callable[..., Any]  # (replicator, ReplogConfig, opener, cache_bytes=)
 
-_TYPES: dict[str, ReplogFactory | str] = {
+_REGISTRY: Registry[ReplogFactory] = Registry("replication-log type", {
     "ringbuffer": "dmrepl.replicator.replog.ringbuffer:Ringbuffer",
-}
-
-
-def registered() -> list[str]:
-    return list(_TYPES)
-
-
-def factory(name: str) -> ReplogFactory:
-    """The factory of a registered type (KeyError: none of that name)."""
-    found = _TYPES[name]
-    if isinstance(found, str):
-        module, _, attr = found.partition(":")
-        found = _TYPES[name] = getattr(importlib.import_module(module), attr)
-    return found
+})
+registered = _REGISTRY.registered
+factory = _REGISTRY.factory

@@ -16,9 +16,10 @@ This module imports nothing of the engine, so that the table parser can use it.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+from dmrepl.replicator._registry import Registry
 
 if TYPE_CHECKING:
     from dmrepl.replicator.device import Leg, ReplicatedDevice
@@ -76,31 +77,11 @@ class SlinkType(Protocol):
 
 SlinkFactory = Callable[[Any], SlinkType]  # called with the Replicator
 
-_TYPES: dict[str, SlinkFactory | str] = {
+_REGISTRY: Registry[SlinkFactory] = Registry("site-link type", {
     # built in, imported on first use (the module imports the engine)
     "blockdev": "dmrepl.replicator.slink.blockdev:Blockdev",
-}
-
-
-def register(name: str, factory: SlinkFactory) -> None:
-    """Make ``name`` a site-link type of the table grammar."""
-    if name in _TYPES:
-        raise ValueError(f"site-link type {name!r} is already registered")
-    _TYPES[name] = factory
-
-
-def unregister(name: str) -> None:
-    _TYPES.pop(name, None)
-
-
-def registered() -> list[str]:
-    return list(_TYPES)
-
-
-def factory(name: str) -> SlinkFactory:
-    """The factory of a registered type (KeyError: none of that name)."""
-    found = _TYPES[name]
-    if isinstance(found, str):
-        module, _, attr = found.partition(":")
-        found = _TYPES[name] = getattr(importlib.import_module(module), attr)
-    return found
+})
+register = _REGISTRY.register  # make a name a site-link type of the table grammar
+unregister = _REGISTRY.unregister
+registered = _REGISTRY.registered
+factory = _REGISTRY.factory
