@@ -4,6 +4,7 @@ name every subcommand of both commands."""
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,10 +50,10 @@ def test_man_page_and_completions_name_every_subcommand(
 
 
 def test_man_page_renders(generated: Path) -> None:
+    if shutil.which("man") is None:
+        pytest.skip("man is not installed")
     r = subprocess.run(["man", "-l", str(generated / "man" / "man1" / "dmrepl.1")],
                        capture_output=True, text=True, timeout=60,
                        env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin"})
-    if r.returncode != 0 and "not found" in r.stderr:
-        pytest.skip("man is not installed")
     assert r.returncode == 0, r.stderr
     assert "slink message <slink_nr>" in r.stdout   # the message list of `message --help`
