@@ -24,7 +24,6 @@ import logging
 import os
 import queue
 import signal
-import socket
 import sys
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 from dmrepl.errors import InUse, UserError
 from dmrepl.numbers import argument
+from dmrepl.osenv import sd_notify, version
 from dmrepl.ownership import Claim, claim_directory, claim_lock_file
 from ulogd.control import DEFAULT_CONTROL_PATH, ControlServer, query
 from ulogd.server import (
@@ -201,19 +201,6 @@ class Daemon:
             self.claims.pop().release()
 
 
-def sd_notify(message: str) -> None:
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(message.encode(), path)
-        except OSError as e:
-            log.warning("sd_notify failed: %s", e)
-
-
 def make_realtime(priority: int) -> None:
     """SCHED_FIFO and locked memory: every mirror write waits on our round trips, so a
     wakeup delayed behind other runnable tasks (or a page fault) is added to its
@@ -335,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ulogd", description=__doc__.split("\n")[0],
                                      epilog=epilog(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve in the foreground", epilog=epilog(),
                          formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from dmrepl.cli._errors import CliUserError
 from dmrepl.cli._status_text import human_lines
-from dmrepl.daemon.client import Client
+from dmrepl.daemon.client import Client, MustBeRoot
 from dmrepl.errors import UserError
 
 Action = Callable[[argparse.Namespace], int | None]
@@ -55,7 +56,9 @@ def simple(op: str) -> Action:
 
 def remove(ns: argparse.Namespace) -> None:
     wait = max(0.0, ns.wait)
-    _client(ns, timeout=120 + wait).call("remove", name=ns.name, wait=wait)
+    force_drain = 60 if ns.force else 0   # the local copies a forced removal waits for
+    _client(ns, timeout=120 + wait + force_drain).call("remove", name=ns.name, wait=wait,
+                                                       force=ns.force)
 
 
 def message(ns: argparse.Namespace) -> None:
@@ -123,6 +126,9 @@ def daemon(ns: argparse.Namespace) -> int:
             parse_listen(ns.metrics)
     except UserError as e:
         raise CliUserError(str(e)) from None
+    if not ns.no_kernel_devices and os.geteuid() != 0:
+        raise MustBeRoot("`dmrepl daemon` makes /dev/nbdN and /dev/mapper devices (without "
+                         "root: --no-kernel-devices, and a --state-dir and --socket of yours)")
     for flag in ("nbd_max_connections", "nbd_handshake_timeout", "nbd_idle_timeout"):
         value = getattr(ns, flag)
         if value is not None and value <= 0:

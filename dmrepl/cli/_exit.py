@@ -16,13 +16,14 @@ class ExitCode(enum.IntEnum):
     TIMEOUT = 7       # wait timed out / the daemon did not answer in time
     NO_DAEMON = 8     # no daemon on the control socket
     IN_USE = 9        # daemon: another process owns the state dir, socket or log; untouched
+    PERMISSION = 10   # must be root (the control socket refused us; the daemon needs root)
     INTERNAL = 70     # a bug: please report it (rerun with --propagate)
 
 
 KIND_CODES = {
     "user": ExitCode.INVALID, "notfound": ExitCode.NOT_FOUND, "exists": ExitCode.EXISTS,
     "busy": ExitCode.BUSY, "timeout": ExitCode.TIMEOUT, "runtime": ExitCode.ERROR,
-    "internal": ExitCode.INTERNAL,
+    "internal": ExitCode.INTERNAL, "permission": ExitCode.PERMISSION,
 }
 
 

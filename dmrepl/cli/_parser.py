@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 from dmrepl.cli import _actions as act
 from dmrepl.cli._exit import epilog
 from dmrepl.daemon._engine import ENGINE_CHOICES
-from dmrepl.daemon.client import DEFAULT_SOCKET
+from dmrepl.daemon.client import default_socket
 from dmrepl.nbd.server import NbdLimits
 from dmrepl.numbers import argument, parse_decimal
+from dmrepl.osenv import env_or, version
 from dmrepl.tuning import TUNABLES
 
 NBD_DEFAULTS = NbdLimits()
@@ -20,6 +20,21 @@ Spec = dict[str, Any]
 
 NAME = ("name", {"help": "device name"})
 OPT_NAME = ("name", {"nargs": "?", "help": "device name (all devices if omitted)"})
+
+def _messages_epilog() -> str:
+    # the engine's own grammar; the tool works without the engine installed
+    # (only the daemon needs it), and then has no list to show
+    try:
+        from dmrepl.replicator.messages import DEVICE_MESSAGES, REPLICATOR_MESSAGES
+    except ImportError as e:
+        return f"(no list of messages: the replicator engine cannot be imported: {e})"
+
+    def listing(title: str, messages: tuple[tuple[str, str], ...]) -> list[str]:
+        return [title, *(f"  {usage}\n      {what}" for usage, what in messages)]
+    return "\n".join([*listing("messages of a replicator (sector 0):", REPLICATOR_MESSAGES),
+                      *listing("messages of a replicated device (replicator-dev, "
+                               "sector 0):", DEVICE_MESSAGES)])
+
 
 ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
     ("create", {
@@ -43,15 +58,28 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
         "description": "remove a device or an unused replicator.  A busy one (open, with "
                        "writes not yet copied to all its site links, or a replicator "
                        "with devices) is refused with exit code 6 and left as it was, "
-                       "unless --wait is given",
+                       "unless --wait or --force is given.  When a site is down for "
+                       "good, --force is the way out (by hand: `dmrepl message DEV 0 "
+                       "device del SLINK` for the down site's device, `dmrepl message "
+                       "REP 0 slink del SLINK` once no device uses it, then remove)",
         "args": [NAME, ("--wait", {"type": argument("--wait", parse_decimal), "default": 0,
                                    "metavar": "SECONDS",
                                    "help": "while busy, retry for up to SECONDS (like "
-                                           "dmsetup remove --retry)"})],
+                                           "dmsetup remove --retry)"}),
+                 ("--force", {"action": "store_true",
+                              "help": "remove a device even though some of its writes "
+                                      "are not yet at a remote site (e.g. the site is "
+                                      "down; after --wait, if given): gives up the remote "
+                                      "copies of those writes; the regions they touch "
+                                      "are marked out of sync, and the remote device is "
+                                      "left inconsistent and needs a full resync if it "
+                                      "is added again.  The local device keeps every "
+                                      "write; a device still open stays busy"})],
         "func": act.remove,
     }),
     ("message", {
         "help": "send a message to a target",
+        "epilog": _messages_epilog(),
         "args": [NAME, ("sector", {"type": argument("sector"),
                                    "help": "sector selecting the target"}),
                  ("message", {"nargs": "+", "help": "message words"})],
@@ -76,7 +104,7 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
     ("daemon", {
         "help": "run the daemon (foreground)",
         "args": [
-            ("--state-dir", {"default": os.environ.get("DMREPL_STATE_DIR", "/var/lib/dmrepl"),
+            ("--state-dir", {"default": env_or("DMREPL_STATE_DIR", "/var/lib/dmrepl"),
                              "help": "where tables are persisted and the NBD socket lives"}),
             ("--ready-file", {"help": "written with our pid once we serve"}),
             ("--no-kernel-devices", {"action": "store_true",
@@ -126,15 +154,18 @@ def gen_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dmrepl", description="dmsetup-style control of dmrepl replicated devices",
         epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--socket", default=DEFAULT_SOCKET,
-                        help=f"daemon control socket (default {DEFAULT_SOCKET}, "
-                             "or $DMREPL_SOCKET)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--socket", default=default_socket(),
+                        help="daemon control socket (default: $DMREPL_SOCKET if set and "
+                             "not empty, else %(default)s)")
     parser.add_argument("--propagate", action="store_true",
                         help="let errors propagate (tracebacks, for debugging)")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, spec in ROOT_SUBCOMMANDS:
         sub = subs.add_parser(name, help=spec["help"],
-                              description=spec.get("description", spec["help"]))
+                              description=spec.get("description", spec["help"]),
+                              epilog=spec.get("epilog"),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_args(sub, spec)
         sub.set_defaults(func=spec["func"])
     return parser

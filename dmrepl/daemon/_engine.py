@@ -79,9 +79,11 @@ class EngineReplicator(Protocol):
 
     def add_device(self, line: str) -> EngineDevice: ...
 
-    def remove_device(self, dev_nr: int) -> None:
+    def remove_device(self, dev_nr: int, *, force: bool = False) -> None:
         """Remove a device; :class:`dmrepl.errors.Busy` (nothing changed) while it
-        has writes not yet copied to every site link."""
+        has writes not yet copied to every site link.  ``force``: the remote site
+        links give up the writes they do not have yet (their regions are marked
+        out of sync), so only the local device's own copies are waited for."""
         ...
 
     def message(self, argv: Sequence[str]) -> str: ...

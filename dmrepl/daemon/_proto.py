@@ -20,7 +20,8 @@ HEADER = Int32ub
 HEADER_SIZE = HEADER.sizeof()
 MAX_FRAME = 16 * 1024 * 1024
 
-ERROR_KINDS = ("user", "notfound", "exists", "busy", "timeout", "runtime", "internal")
+ERROR_KINDS = ("user", "notfound", "exists", "busy", "timeout", "runtime", "internal",
+               "permission")
 
 
 class FrameError(DmreplError):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any
 
 from dmrepl.daemon._proto import ControlError, FrameDecoder, FrameError, encode
+from dmrepl.osenv import env_or
 
-DEFAULT_SOCKET = os.environ.get("DMREPL_SOCKET", "/run/dmrepl/control.sock")
+SOCKET_ENV = "DMREPL_SOCKET"
+DEFAULT_SOCKET = "/run/dmrepl/control.sock"
+
+
+def default_socket() -> str:
+    """The control socket: ``$DMREPL_SOCKET`` if set and not empty, else
+    :data:`DEFAULT_SOCKET`."""
+    return env_or(SOCKET_ENV, DEFAULT_SOCKET)
 
 
 class DaemonUnreachable(ControlError):
@@ -20,9 +27,17 @@ class DaemonUnreachable(ControlError):
         self.path = path
 
 
+class MustBeRoot(ControlError):
+    """Refused for want of privilege (e.g. the control socket answered EACCES or
+    EPERM): the user must run the command as root."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__("permission", f"must be root: {what}")
+
+
 class Client:
-    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float | None = 60) -> None:
-        self.path = path
+    def __init__(self, path: str | None = None, timeout: float | None = 60) -> None:
+        self.path = path or default_socket()
         self.timeout = timeout
 
     def call(self, op: str, **args: Any) -> Any:
@@ -31,6 +46,9 @@ class Client:
         try:
             try:
                 sock.connect(self.path)
+            except PermissionError as e:   # EACCES or EPERM
+                raise MustBeRoot(f"the dmrepl daemon's control socket {self.path} "
+                                 f"refused us ({e.strerror or e})") from e
             except OSError as e:
                 raise DaemonUnreachable(self.path, e.strerror or str(e)) from e
             sock.sendall(encode({"op": op, **args}))

@@ -119,7 +119,7 @@ class Daemon:
         with self.lock:
             return self._describe(self.registry.create(name, table, uuid))
 
-    def op_remove(self, name: str, wait: float = 0) -> None:
+    def op_remove(self, name: str, wait: float = 0, force: bool = False) -> None:
         """Remove a device or an unused replicator.
 
         A busy object is refused with a "busy" error and left as it was: a device
@@ -128,12 +128,16 @@ class Daemon:
         devices.  With ``wait`` > 0 the removal is retried until it succeeds or
         ``wait`` seconds have passed (like ``dmsetup remove --retry``); the daemon
         lock is released between attempts, so the device keeps serving I/O and
-        other requests are answered meanwhile."""
+        other requests are answered meanwhile.  ``force`` (after ``wait``): the
+        remote site links give up the writes they do not have yet."""
         deadline = time.monotonic() + max(0.0, float(wait))
         while True:
             try:
                 with self.lock:
-                    self.registry.remove(self.registry.get(name))
+                    # forced once the wait is over: a site that comes back meanwhile
+                    # gets its writes rather than a resync
+                    self.registry.remove(self.registry.get(name),
+                                         force=force and time.monotonic() >= deadline)
                 return
             except ControlError as e:
                 if e.kind != "busy" or time.monotonic() >= deadline:

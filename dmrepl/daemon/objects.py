@@ -225,9 +225,11 @@ class Objects:
 
     # -- remove ------------------------------------------------------------------
 
-    def remove(self, obj: Obj) -> None:
+    def remove(self, obj: Obj, *, force: bool = False) -> None:
         """Remove a device or an unused replicator; "busy" (nothing changed) if it
-        is in use, has devices, or has writes not yet at every site link."""
+        is in use, has devices, or has writes not yet at every site link
+        (``force``: the remote site links give those writes up, see
+        :meth:`~dmrepl.daemon._engine.EngineReplicator.remove_device`)."""
         if isinstance(obj, ReplicatorObj):
             users = [o.name for o in self.devices_of(obj)]
             if users:
@@ -243,7 +245,7 @@ class Objects:
         # yet at every site link), and then the kernel devices must still be there.
         obj.export.suspend(timeout=EXPORT_SUSPEND_TIMEOUT)   # no request reaches a
         try:                                                  # device while it goes
-            self._remove_engine_devs(obj, rep)
+            self._remove_engine_devs(obj, rep, force=force)
         except BaseException:
             obj.export.resume()
             raise
@@ -260,21 +262,22 @@ class Objects:
         self.save()
 
     def _remove_engine_devs(self, obj: DeviceObj, rep: ReplicatorObj,
-                            what: str = "remove") -> None:
+                            what: str = "remove", *, force: bool = False) -> None:
         """Remove ``obj``'s engine devices, all or none: if the engine refuses one,
         the ones already removed are added back; "busy" is raised if it refused
         because of writes not yet copied (Busy), else its error as it is."""
         removed = 0
         try:
             for dev in obj.devs:
-                rep.engine.remove_device(dev.dev_nr)
+                rep.engine.remove_device(dev.dev_nr, force=force)
                 removed += 1
         except BaseException as e:
             if removed:
                 self._readd_engine_devs(obj, rep, upto=removed)
             if not isinstance(e, Busy):
                 raise
-            hint = " (or: dmrepl remove --wait SECONDS)" if what == "remove" else ""
+            hint = (" (or: dmrepl remove --wait SECONDS; or, if a site is down, "
+                    "dmrepl remove --force)") if what == "remove" else ""
             raise ControlError("busy", f"cannot {what} {obj.name} yet: {e}{hint}") from e
         obj.devs = []
 

@@ -2,7 +2,9 @@
 
 The engine is loaded first (the real one or a clear failure), then the state
 directory and the control socket are claimed, the objects of the last run are
-recreated, readiness is announced (the ready file), and requests are served until
+recreated, readiness is announced (the ready file and, under systemd, ``READY=1``
+on ``$NOTIFY_SOCKET``: a ``Type=notify`` unit is started only once the devices of
+the last run are back), and requests are served until
 SIGTERM/SIGINT; the shutdown is bounded (a thread dump and a forced exit after
 :data:`SHUTDOWN_DEADLINE`).
 """
@@ -22,6 +24,7 @@ from dmrepl.daemon._engine import EngineUnavailable, load_engine
 from dmrepl.daemon.control import ControlServer
 from dmrepl.daemon.daemon import Daemon
 from dmrepl.nbd.server import NbdLimits
+from dmrepl.osenv import sd_notify
 
 log = logging.getLogger("dmrepl.daemon")
 
@@ -73,6 +76,7 @@ def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, 
                 f.write(f"{os.getpid()}\n")
             os.replace(tmp, ready_file)
         log.info("ready: control %s, nbd %s", socket_path, daemon.nbd_socket)
+        sd_notify("READY=1")
         server.serve_forever()
     finally:
         # A shutdown that cannot finish (a request stuck in a wedged kernel or

@@ -99,7 +99,8 @@ class SimReplicator:
             raise UserError("the local device (site link 0) is missing")
         return dev_nr, length, paths
 
-    def remove_device(self, dev_nr: int) -> None:
+    def remove_device(self, dev_nr: int, *, force: bool = False) -> None:
+        del force   # the stand-in copies nothing: nothing is ever pending
         dev = self.devices.pop(dev_nr)
         for store in dev.stores.values():
             store.close()

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from dmrepl.numbers import parse_int
+from dmrepl.replicator import replog as replog_types
 from dmrepl.replicator import slink as slink_types
 from dmrepl.replicator.device import open_legs
 from dmrepl.replicator.errors import MessageError, TableError
@@ -25,6 +26,33 @@ if TYPE_CHECKING:
     from dmrepl.replicator.target import Replicator
 
 SECTOR = 512
+
+# The usage of every message, as the errors below quote it; ``dmrepl message --help``
+# lists these, so the grammar is written down once.
+STATISTICS_USAGE = "statistics on|off|reset"
+SLINK_ADD_USAGE = "slink add [<type> <#params>] <slink params as in the table>"
+SLINK_DEL_USAGE = "slink del <slink_nr>"
+SLINK_MESSAGE_USAGE = ("slink message <slink_nr> [policy sync|async] "
+                       "[fallbehind ios|size|timeout N] [resync_rate RATE]")
+DEVICE_ADD_USAGE = "device add <replicator> <dev_nr> <device tuples as in the table>"
+DEVICE_DEL_USAGE = "device del <slink_nr>"
+#: (usage, what it does) of the ``replicator`` target's messages.
+REPLICATOR_MESSAGES: tuple[tuple[str, str], ...] = (
+    ("start|resume [all]", "start copying (all: and resume every device)"),
+    ("stop|suspend|postsuspend [all]", "stop copying (all: and suspend every device)"),
+    (SLINK_ADD_USAGE, "add a site link"),
+    (SLINK_DEL_USAGE, "delete a site link no device uses"),
+    (SLINK_MESSAGE_USAGE, "change a site link's settings, checked together"),
+    (STATISTICS_USAGE, "statistics counters"),
+    ("replog ...", replog_types.MESSAGES_USAGE),
+)
+#: (usage, what it does) of the ``replicator-dev`` target's messages.
+DEVICE_MESSAGES: tuple[tuple[str, str], ...] = (
+    ("start|resume", "resume the device's I/O"),
+    ("stop|suspend|postsuspend", "suspend the device's I/O"),
+    (DEVICE_ADD_USAGE, "add the device's devices on site links"),
+    (DEVICE_DEL_USAGE, "delete the device's device on a site link"),
+)
 
 
 def replicator_message(rep: Replicator, argv: Sequence[str]) -> str:
@@ -54,7 +82,7 @@ def replicator_message(rep: Replicator, argv: Sequence[str]) -> str:
         return _slink_message(rep, argv[1:])
     if cmd == "statistics":
         if len(argv) != 2 or argv[1] not in ("on", "off", "reset"):
-            raise MessageError("usage: statistics on|off|reset")
+            raise MessageError(f"usage: {STATISTICS_USAGE}")
         with rep.cond:
             if argv[1] == "on":
                 rep.statistics = True
@@ -97,7 +125,7 @@ def _slink_message(rep: Replicator, argv: list[str]) -> str:
     nr = _msg_int(argv[1], "site link number")
     if sub == "del":
         if len(argv) != 2:
-            raise MessageError("usage: slink del <slink_nr>")
+            raise MessageError(f"usage: {SLINK_DEL_USAGE}")
         if nr == 0:
             raise MessageError("can't delete site link 0 via message")
         with rep.cond:
@@ -162,7 +190,7 @@ def device_message(dev: ReplicatedDevice, argv: Sequence[str]) -> str:
             return _add_legs(dev, argv[2:])
         if argv[1] == "del":
             if len(argv) != 3:
-                raise MessageError("usage: device del <slink_nr>")
+                raise MessageError(f"usage: {DEVICE_DEL_USAGE}")
             nr = _msg_int(argv[2], "site link number")
             if nr < 1:
                 raise MessageError("invalid site link number argument; must be > 0")
@@ -174,7 +202,7 @@ def device_message(dev: ReplicatedDevice, argv: Sequence[str]) -> str:
 
 def _add_legs(dev: ReplicatedDevice, argv: list[str]) -> str:
     if len(argv) < 2:
-        raise MessageError("usage: device add <replicator> <dev_nr> <tuples>")
+        raise MessageError(f"usage: {DEVICE_ADD_USAGE}")
     if _msg_int(argv[1], "device number") != dev.dev_nr:
         raise MessageError(f"device add: device number {argv[1]} is not this device's "
                            f"({dev.dev_nr})")

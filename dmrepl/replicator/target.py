@@ -84,6 +84,9 @@ from dmrepl.replicator.table import (
 from dmrepl.tuning import Tuning
 
 SECTOR = 512
+#: How long a forced removal waits for the local device's copies and the remote
+#: site links' drops.
+FORCE_LOCAL_DRAIN_TIMEOUT = 30.0
 
 
 class Replicator:
@@ -192,10 +195,18 @@ class Replicator:
                 close_leg(leg)
             raise
 
-    def remove_device(self, dev_nr: int, timeout: float = 0.0) -> None:
+    def remove_device(self, dev_nr: int, timeout: float = 0.0, *,
+                      force: bool = False) -> None:
         """Remove a device; waits up to ``timeout`` seconds for its writes to reach
         every site link, then refuses (:class:`DeviceBusy`) while some are not
-        copied.  An unknown device number is a UserError."""
+        copied.  An unknown device number is a UserError.
+
+        ``force``: the writes not yet at a remote site link are given up there,
+        as when the ring is full: that site link drops its outstanding entries
+        into the dirty logs (the regions of every device they touch are marked out
+        of sync; this device's remote copy is left inconsistent and needs a full
+        resync if it is added again).  The local device's own writes are still
+        waited for (up to :data:`FORCE_LOCAL_DRAIN_TIMEOUT`)."""
         deadline = time.monotonic() + timeout
         with self.cond:
             dev = self.devices.get(dev_nr)
@@ -207,6 +218,8 @@ class Replicator:
                 if not pending or left <= 0:
                     break
                 self.cond.wait(min(left, 0.05))
+            if pending and force:
+                pending = self._drop_remote_pending_locked(dev_nr)
             if pending:
                 raise DeviceBusy(f"device {dev_nr} has {pending} writes not yet copied to "
                                  "all its site links; retry when they drained")
@@ -215,6 +228,38 @@ class Replicator:
             self.bump_locked(f"device {dev_nr} removed")
         for leg in dev.legs.values():
             close_leg(leg)
+
+    def _drop_remote_pending_locked(self, dev_nr: int) -> int:
+        """Have every remote site link that still owes ``dev_nr`` writes drop its
+        outstanding entries (the ring-full drop: regions marked out of sync in the
+        dirty logs), and wait for the drops and the local copies; returns the
+        writes still pending (0: the device may go)."""
+        deadline = time.monotonic() + FORCE_LOCAL_DRAIN_TIMEOUT
+        while True:
+            # asked again while entries remain: a drop covers the durable entries
+            # only, and one whose dirty-log flush failed keeps them (its event says so)
+            for s in self._remote_slinks_owing_locked(dev_nr):
+                s.drop_requested = True
+            self.cond.notify_all()
+            pending = self.replog.pending_for_dev_locked(dev_nr)
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                return pending
+            self.cond.wait(min(left, 0.05))
+
+    def _remote_slinks_owing_locked(self, dev_nr: int) -> list[Slink]:
+        ring = self.ring
+        low = min(s.applied for s in self.slinks.values())
+        owing: dict[int, Slink] = {}
+        for seq in range(low + 1, ring.next_seq):
+            e = ring.entry(seq)
+            if e is None or e.dev != dev_nr:
+                continue
+            for nr in e.slinks:
+                s = self.slinks.get(nr)
+                if nr and s is not None and s.applied < seq:
+                    owing[nr] = s
+        return list(owing.values())
 
     # -- lifecycle ------------------------------------------------------------------
 

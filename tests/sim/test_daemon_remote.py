@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,3 +131,31 @@ def test_remove_is_busy_while_writes_are_not_at_the_remote_then_succeeds(
     assert local.read_bytes() == remote.read_bytes()
     assert d.cli("remove", "rep").returncode == 0
     assert d.cli("ls").stdout.strip() == "No devices found"
+
+
+def test_remove_force_gives_up_the_writes_of_a_down_site(
+        setup: tuple[DaemonProcess, Export, list[Path]]) -> None:
+    d, export, (_, local, remote) = setup
+    copy_in(d, 0, 1 * MB)
+    wait_slink(d, "first copy", converged)
+    export.suspend()                                   # the site is down for good
+    copy_in(d, 1 * MB, 1 * MB)              # held in the log for the remote
+    assert d.cli("remove", "vol").returncode == ExitCode.BUSY
+    r = d.cli("remove", "vol", "--force")
+    assert r.returncode == 0, r.stderr + d.log()
+    assert "vol" not in d.cli("ls").stdout
+    # the local device has every write; the remote lacks those given up
+    assert local.read_bytes()[MB:2 * MB] != remote.read_bytes()[MB:2 * MB]
+    assert local.read_bytes()[MB:2 * MB] != bytes(MB)
+    # nothing is left pending for the remote: the replicator goes too
+    r = d.cli("remove", "rep")
+    assert r.returncode == 0, r.stderr + d.log()
+    export.resume()
+
+
+def test_remove_help_says_what_force_gives_up() -> None:
+    r = subprocess.run([sys.executable, "-m", "dmrepl.cli.main", "remove", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    text = " ".join(r.stdout.split())
+    assert "--force" in text and "gives up the remote copies of those writes" in text
+    assert "full resync" in text and "slink del" in text and "device del" in text

@@ -95,7 +95,7 @@ class PendingSim(SimReplicator):
     refusals = 0
     unknown: set[int] = set()  # device numbers the engine says it does not have
 
-    def remove_device(self, dev_nr: int) -> None:
+    def remove_device(self, dev_nr: int, *, force: bool = False) -> None:
         if dev_nr in PendingSim.unknown:
             PendingSim.refusals += 1
             raise UserError(f"no device number {dev_nr}")
@@ -105,7 +105,7 @@ class PendingSim(SimReplicator):
             PendingSim.pending[dev_nr] = n - 1
             raise DeviceBusy(f"device {dev_nr} has {n} writes not yet copied to all its "
                              "site links; retry when they drained")
-        super().remove_device(dev_nr)
+        super().remove_device(dev_nr, force=force)
 
 
 @pytest.fixture

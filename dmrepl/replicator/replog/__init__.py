@@ -84,6 +84,9 @@ class ReplogType(Protocol):
 
 # the message that clears a replay's lost-writes report (an operator checked the data)
 LOST_CLEAR_MESSAGE = "replog clear_lost"
+# the messages of the log types (the ringbuffer's: the only type)
+MESSAGES_USAGE = ("replog resize <sectors> | replog statistics on|off|reset"
+                  f" | {LOST_CLEAR_MESSAGE}")
 
 ReplogFactory = Callable[..., Any]  # (replicator, ReplogConfig, opener, cache_bytes=)
 

@@ -24,7 +24,7 @@ from dmrepl.numbers import parse_int
 from dmrepl.replicator import ondisk
 from dmrepl.replicator._state import AckState
 from dmrepl.replicator.errors import LocalIOError, MessageError, ReplicatorClosed, TableError
-from dmrepl.replicator.replog import LOST_CLEAR_MESSAGE
+from dmrepl.replicator.replog import LOST_CLEAR_MESSAGE, MESSAGES_USAGE
 from dmrepl.replicator.replog.pending import PendingIndex
 from dmrepl.replicator.ringlog import Entry, RingLog
 from dmrepl.replicator.store import DeviceOpener
@@ -47,8 +47,7 @@ _NEVER_SPLIT = ((LOG_SIZE_MIN * SECTOR - ondisk.RING_OFFSET) // 4
 # ftruncate's refusals of a size (nothing changed): too large for the file system,
 # beyond its limits, or no room
 _CANNOT_GROW = frozenset({errno.EFBIG, errno.EINVAL, errno.ENOSPC, errno.EDQUOT})
-USAGE = ("usage: replog resize <sectors> | replog statistics on|off|reset"
-         f" | {LOST_CLEAR_MESSAGE}")
+USAGE = f"usage: {MESSAGES_USAGE}"
 
 _active_lock = threading.Lock()
 _active_logs: set[tuple[str, int]] = set()
