@@ -16,7 +16,7 @@ import struct
 import threading
 from typing import Any
 
-from dmrepl.daemon.testing import Replicated, trace
+from dmrepl_testing.daemon import Replicated, trace
 
 BLOCK = 4096
 MAGIC = b"DMREPLSQ"

@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 
 from dmrepl.replicator import Replicator
-from dmrepl.replicator.testing import (
+from dmrepl_testing.replicator import (
     FakeStore,
     PrefixChecker,
     Recorder,

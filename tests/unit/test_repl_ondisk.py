@@ -15,7 +15,7 @@ from dmrepl.replicator.errors import ReplogCorrupt
 from dmrepl.replicator.ondisk import FormatError
 from dmrepl.replicator.ringlog import RingLog
 from dmrepl.replicator.table import ReplogConfig
-from dmrepl.replicator.testing import FakeStore
+from dmrepl_testing.replicator import FakeStore
 
 LOG_SECTORS = 4096
 
@@ -413,7 +413,7 @@ def test_file_store_durable_write(tmp_path) -> None:
 def test_history_from_ring_rebuilds_large_entries_written_in_two_parts() -> None:
     """Entries from 128 KiB on are written as header + data (two writes, in either
     order); the test helper rebuilding the history must pair them up."""
-    from dmrepl.replicator.testing import Recorder, history_from_ring
+    from dmrepl_testing.replicator import Recorder, history_from_ring
     rec = Recorder()
     store = FakeStore((LOG_SECTORS + 16) * 512, name="log", recorder=rec)
     ring = open_ring(store, "create")
