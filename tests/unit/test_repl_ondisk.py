@@ -399,12 +399,13 @@ def test_file_store_durable_write(tmp_path) -> None:
     path = tmp_path / "f"
     path.write_bytes(bytes(8192))
     st = FileStore(str(path))
+    fallback = FileStore(str(path), dsync=False)  # a file system without RWF_DSYNC
     try:
         st.pwritev_durable(512, [b"h" * 512, b"d" * 1024])
-        st._dsync = False  # the fallback (a file system without RWF_DSYNC)
-        st.pwritev_durable(4096, [b"x" * 512])
+        fallback.pwritev_durable(4096, [b"x" * 512])
     finally:
         st.close()
+        fallback.close()
     raw = path.read_bytes()
     assert raw[512:1024] == b"h" * 512 and raw[1024:2048] == b"d" * 1024
     assert raw[4096:4608] == b"x" * 512 and len(raw) == 8192
