@@ -41,9 +41,10 @@ class FileBlockIO(CompatNames):
     concurrent_writes = False
 
     def __init__(self, path: str | os.PathLike[str], *, direct: bool = False,
-                 size: int | None = None) -> None:
+                 size: int | None = None, dsync: bool = True) -> None:
         """Open ``path`` read-write.  ``size`` exports only the first ``size`` bytes,
-        or grows a shorter regular file to ``size``."""
+        or grows a shorter regular file to ``size``.  ``dsync=False`` makes durable
+        writes a write and an fdatasync, as on a file system without ``RWF_DSYNC``."""
         self.path = os.fspath(path)
         st = os.stat(self.path)
         self.is_blockdev = stat.S_ISBLK(st.st_mode)
@@ -70,7 +71,7 @@ class FileBlockIO(CompatNames):
             os.close(self.fd)
             raise
         self._lock = threading.Lock()  # close, grow, and the bounce buffer
-        self._dsync = hasattr(os, "RWF_DSYNC")
+        self._dsync = dsync and hasattr(os, "RWF_DSYNC")
         self._bounce = mmap.mmap(-1, mmap.PAGESIZE) if direct else None
         self._claim: Claim | None = None
 

@@ -5,7 +5,7 @@ With ``volatile_cache`` it models a device's write cache: writes land in ``data`
 :meth:`MemoryBlockIO.crash` returns the store a power failure leaves.  With
 ``direct`` it refuses unaligned I/O as ``O_DIRECT`` on a real device does.
 Test doubles with latency and fault injection build on it
-(:class:`dmrepl.replicator.testing.FakeStore`).
+(:class:`dmrepl_testing.replicator.FakeStore`, in the test harness).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ An *engine* is a replicator class (:data:`Engine`) whose ``from_table`` builds a
 replicator (:class:`EngineReplicator`, from one ``replicator`` table line) to which the daemon adds
 devices (:class:`EngineDevice`, one per ``replicator-dev`` table line; what an NBD
 export serves).  The real engine is :class:`dmrepl.replicator.Replicator`; the
-simulation engine (:mod:`dmrepl.daemon.simengine`, ``--engine sim``) is a test-only
-stand-in that does not replicate.  mypy checks both against these protocols where
+simulation engine (:mod:`dmrepl_testing.simengine`, ``--engine sim``) is a test-only
+stand-in that does not replicate; it lives in the test harness, not in the installed
+package.  mypy checks both against these protocols where
 :func:`load_engine` returns them as an :data:`Engine` (and with them the
 replicators their ``from_table`` builds and the devices those add).
 
@@ -107,7 +108,12 @@ def load_engine(kind: str = "auto") -> Engine:
     """The engine named by ``--engine``; :class:`EngineUnavailable` if the real
     engine cannot be imported (never the sim in its place: it does not replicate)."""
     if kind == "sim":
-        from dmrepl.daemon.simengine import SimReplicator
+        try:
+            from dmrepl_testing.simengine import SimReplicator
+        except ImportError as e:
+            raise EngineUnavailable(
+                "the simulation engine is part of the test harness (dmrepl_testing), not "
+                "installed; run from the source tree with its root on PYTHONPATH") from e
         return SimReplicator
     if kind not in ENGINE_CHOICES:
         raise EngineUnavailable(f"unknown engine {kind!r} (one of {', '.join(ENGINE_CHOICES)})")

@@ -390,9 +390,13 @@ class DmControl:
 
     # -- the one place that talks to the kernel --------------------------------
 
-    def _call(self, operation: str, name: str | None = None, *, uuid: str | None = None,
-              flags: int = 0, event_nr: int = 0, payload: bytes = b"",
-              target_count: int = 0, retry_full: bool = True) -> Reply:
+    def call(self, operation: str, name: str | None = None, *, uuid: str | None = None,
+             flags: int = 0, event_nr: int = 0, payload: bytes = b"",
+             target_count: int = 0, retry_full: bool = True) -> Reply:
+        """One raw ioctl (``operation`` names it, as in :data:`IOCTLS`), with no
+        check of ours before it: what the kernel answers.  The operations below are
+        built on it; use it directly only to reach the kernel's own checks.
+        :class:`DmIoctlError` carries the errno the kernel returned."""
         raw_name = check_name(name) if name is not None else b""
         raw_uuid = check_uuid(uuid) if uuid is not None else b""
         request = IOCTLS[operation]
@@ -425,24 +429,24 @@ class DmControl:
 
     def version(self) -> tuple[int, int, int]:
         """The kernel's dm-ioctl interface version, e.g. (4, 47, 0)."""
-        header = self._call("DM_VERSION").header
+        header = self.call("DM_VERSION").header
         return int(header.version[0]), int(header.version[1]), int(header.version[2])
 
     def list_devices(self) -> list[DeviceEntry]:
         """Every dm device (``dmsetup ls``), in the kernel's order."""
         # DM_UUID_FLAG asks kernels >= 4.45 to add each uuid; older ones ignore it.
-        return self._call("DM_LIST_DEVICES", flags=lib.DM_UUID_FLAG).name_list()
+        return self.call("DM_LIST_DEVICES", flags=lib.DM_UUID_FLAG).name_list()
 
     def list_targets(self) -> list[TargetVersion]:
         """Every loaded target type with its version (``dmsetup targets``)."""
-        return self._call("DM_LIST_VERSIONS").versions()
+        return self.call("DM_LIST_VERSIONS").versions()
 
     # -- device lifecycle -----------------------------------------------------
 
     def create(self, name: str, uuid: str | None = None, readonly: bool = False) -> DeviceInfo:
         """Create a device with no table (``dmsetup create --notable``)."""
         flags = lib.DM_READONLY_FLAG if readonly else 0
-        return self._call("DM_DEV_CREATE", name, uuid=uuid, flags=flags).info(name)
+        return self.call("DM_DEV_CREATE", name, uuid=uuid, flags=flags).info(name)
 
     def load(self, name: str, targets: Iterable[Target], readonly: bool = False) -> DeviceInfo:
         """Load ``targets`` into the inactive slot (``dmsetup load``); ``resume`` activates it.
@@ -452,12 +456,12 @@ class DmControl:
         table = targets if isinstance(targets, Table) else Table(targets)
         count, payload = encode_targets(table)
         flags = lib.DM_READONLY_FLAG if readonly else 0
-        return self._call("DM_TABLE_LOAD", name, flags=flags, payload=payload,
+        return self.call("DM_TABLE_LOAD", name, flags=flags, payload=payload,
                           target_count=count).info(name)
 
     def resume(self, name: str) -> DeviceInfo:
         """Swap in the inactive table if any and resume I/O (``dmsetup resume``)."""
-        return self._call("DM_DEV_SUSPEND", name).info(name)
+        return self.call("DM_DEV_SUSPEND", name).info(name)
 
     def suspend(self, name: str, noflush: bool = False, skip_lockfs: bool = False) -> DeviceInfo:
         """Suspend I/O (``dmsetup suspend [--noflush] [--nolockfs]``)."""
@@ -466,7 +470,7 @@ class DmControl:
             flags |= lib.DM_NOFLUSH_FLAG
         if skip_lockfs:
             flags |= lib.DM_SKIP_LOCKFS_FLAG
-        return self._call("DM_DEV_SUSPEND", name, flags=flags).info(name)
+        return self.call("DM_DEV_SUSPEND", name, flags=flags).info(name)
 
     def remove(self, name: str, deferred: bool = False, retry_busy: float = 0.0) -> bool:
         """Remove the device (``dmsetup remove [--deferred] [--retry]``) and our node.
@@ -482,7 +486,7 @@ class DmControl:
         pause = 0.05
         while True:
             try:
-                self._call("DM_DEV_REMOVE", name, flags=flags)
+                self.call("DM_DEV_REMOVE", name, flags=flags)
                 break
             except DmIoctlError as err:
                 if err.errno != errno_mod.EBUSY or time.monotonic() + pause > deadline:
@@ -497,13 +501,13 @@ class DmControl:
 
     def clear(self, name: str) -> DeviceInfo:
         """Drop the inactive table (``dmsetup clear``)."""
-        return self._call("DM_TABLE_CLEAR", name).info(name)
+        return self.call("DM_TABLE_CLEAR", name).info(name)
 
     def rename(self, name: str, new_name: str) -> DeviceInfo:
         """Rename the device (``dmsetup rename``); a node we made follows the name."""
         raw = check_name(new_name)
         before = self.info(name)
-        info = self._call("DM_DEV_RENAME", name, payload=raw + b"\0").info(new_name)
+        info = self.call("DM_DEV_RENAME", name, payload=raw + b"\0").info(new_name)
         if before.exists and self._remove_node(name, before.dev):
             self.ensure_node(new_name)
         return info
@@ -511,7 +515,7 @@ class DmControl:
     def set_uuid(self, name: str, uuid: str) -> DeviceInfo:
         """Give a device without uuid one (``dmsetup rename --setuuid``)."""
         raw = check_uuid(uuid)
-        return self._call("DM_DEV_RENAME", name, flags=lib.DM_UUID_FLAG,
+        return self.call("DM_DEV_RENAME", name, flags=lib.DM_UUID_FLAG,
                           payload=raw + b"\0").info(name)
 
     def create_device(self, name: str, targets: Iterable[Target], uuid: str | None = None,
@@ -545,7 +549,7 @@ class DmControl:
         """
         flags = lib.DM_QUERY_INACTIVE_TABLE_FLAG if inactive else 0
         try:
-            return self._call("DM_DEV_STATUS", name, flags=flags).info(name)
+            return self.call("DM_DEV_STATUS", name, flags=flags).info(name)
         except DmIoctlError as err:
             if err.errno == errno_mod.ENXIO:
                 return DeviceInfo(name=name, exists=False)
@@ -559,17 +563,17 @@ class DmControl:
         flags = lib.DM_STATUS_TABLE_FLAG
         if inactive:
             flags |= lib.DM_QUERY_INACTIVE_TABLE_FLAG
-        return self._call("DM_TABLE_STATUS", name, flags=flags).targets()
+        return self.call("DM_TABLE_STATUS", name, flags=flags).targets()
 
     def status(self, name: str, inactive: bool = False) -> list[Target]:
         """Each target's status line (``dmsetup status``); ``params`` is the status text."""
         flags = lib.DM_QUERY_INACTIVE_TABLE_FLAG if inactive else 0
-        return self._call("DM_TABLE_STATUS", name, flags=flags).targets()
+        return self.call("DM_TABLE_STATUS", name, flags=flags).targets()
 
     def deps(self, name: str) -> list[tuple[int, int]]:
         """(major, minor) of every device the live table uses (``dmsetup deps``)."""
         return [(os.major(dev), os.minor(dev))
-                for dev in self._call("DM_TABLE_DEPS", name).deps()]
+                for dev in self.call("DM_TABLE_DEPS", name).deps()]
 
     def message(self, name: str, sector: int, text: str) -> str:
         """Send ``text`` to the target at ``sector`` (``dmsetup message``); returns its reply.
@@ -586,7 +590,7 @@ class DmControl:
         msg = ffi.new("struct dm_target_msg *")
         msg.sector = sector
         payload = bytes(ffi.buffer(msg, ffi.sizeof("struct dm_target_msg")))
-        return self._call("DM_TARGET_MSG", name, payload=payload + text.encode() + b"\0").text()
+        return self.call("DM_TARGET_MSG", name, payload=payload + text.encode() + b"\0").text()
 
     def wait_event(self, name: str, event_nr: int, timeout: float | None = None) -> DeviceInfo:
         """Block until the device's event counter differs from ``event_nr`` (``dmsetup wait``).
@@ -598,7 +602,7 @@ class DmControl:
         armed with DM_DEV_ARM_POLL and raises ``TimeoutError`` when time runs out.
         """
         if timeout is None:
-            return self._call("DM_DEV_WAIT", name, event_nr=event_nr,
+            return self.call("DM_DEV_WAIT", name, event_nr=event_nr,
                               retry_full=False).info(name)
         deadline = time.monotonic() + timeout
         # Arming is per open file: a descriptor of our own cannot be re-armed (and
@@ -607,8 +611,8 @@ class DmControl:
             poller = select.poll()
             poller.register(own.fd, select.POLLIN)
             while True:
-                own._call("DM_DEV_ARM_POLL")
-                info = own._call("DM_DEV_STATUS", name).info(name)
+                own.call("DM_DEV_ARM_POLL")
+                info = own.call("DM_DEV_STATUS", name).info(name)
                 if info.event_nr != event_nr:
                     return info
                 left = deadline - time.monotonic()

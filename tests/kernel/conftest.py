@@ -167,7 +167,7 @@ DMREPL_SITE_DISK_MB = 16
 
 @pytest.fixture(scope="session")
 def dmrepl_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from dmrepl.daemon.testing import DaemonProcess, KernelLab
+    from dmrepl_testing.daemon import DaemonProcess, KernelLab
     with KernelLab("k") as lab:
         disks = [lab.disk(f"{TEST_PREFIX}site-r{i}", DMREPL_SITE_DISK_MB)
                  for i in range(DMREPL_SITE_DISKS)]
@@ -186,7 +186,7 @@ def dmrepl_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def dmrepl(dmrepl_session: Any) -> Iterator[Any]:
     """``(daemon, site, lab)``: the shared daemon (running) and site (link up, 20 ms),
     and a KernelLab for the test's own disks (removed after it)."""
-    from dmrepl.daemon.testing import KernelLab
+    from dmrepl_testing.daemon import KernelLab
     daemon, site = dmrepl_session
     if daemon.proc is None or daemon.proc.poll() is not None:
         daemon.start()

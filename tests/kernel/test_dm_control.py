@@ -312,7 +312,7 @@ def test_layout_errors_from_kernel_too(dm: DmControl, dm_name) -> None:
     dm.create(name)
     count, payload = encode_targets([Target(0, 8, "zero"), Target(16, 8, "zero")])
     with pytest.raises(DmIoctlError) as excinfo:
-        dm._call("DM_TABLE_LOAD", name, payload=payload, target_count=count)
+        dm.call("DM_TABLE_LOAD", name, payload=payload, target_count=count)
     assert excinfo.value.errno == errno.EINVAL
     assert not dm.info(name).inactive_table
 

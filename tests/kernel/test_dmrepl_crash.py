@@ -16,7 +16,7 @@ import struct
 import threading
 from typing import Any
 
-from dmrepl.daemon.testing import Replicated, trace
+from dmrepl_testing.daemon import Replicated, trace
 
 BLOCK = 4096
 MAGIC = b"DMREPLSQ"
@@ -45,9 +45,9 @@ class Writer:
         self.acked = -1
         self.error: OSError | None = None
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = threading.Thread(target=self.run, daemon=True)
 
-    def _run(self) -> None:
+    def run(self) -> None:
         fds = {dev: os.open(dev, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
                for dev in {d for d, _ in self.targets}}
         buf = mmap.mmap(-1, BLOCK)
@@ -140,7 +140,7 @@ def test_kill_9_during_writes_no_acked_write_lost(dmrepl: Any) -> None:
         trace("converged")
         # and the device takes writes again
         w2 = Writer([(r.mapper(), blocks - 1)])
-        w2._run()
+        w2.run()
         assert w2.error is None and w2.acked == 0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from dmrepl.daemon.testing import DaemonProcess, KernelLab, trace
+from dmrepl_testing.daemon import DaemonProcess, KernelLab, trace
 
 MB = 1 << 20
 SIZE_MB = 16

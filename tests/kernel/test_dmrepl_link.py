@@ -9,7 +9,7 @@ import subprocess
 import threading
 from typing import Any
 
-from dmrepl.daemon.testing import Replicated, trace
+from dmrepl_testing.daemon import Replicated, trace
 
 MB = 1 << 20
 

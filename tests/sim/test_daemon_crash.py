@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl.daemon.testing import DaemonProcess, converged
 from dmrepl.nbd import Export, FileBackend, NbdServer
 from dmrepl.nbd.client import NbdStore
+from dmrepl_testing.daemon import DaemonProcess, converged
 
 MB = 1 << 20
 BLOCK = 4096

@@ -18,7 +18,7 @@ import pytest
 
 from dmrepl.cli._exit import ExitCode
 from dmrepl.cli.main import run
-from dmrepl.daemon.testing import DaemonProcess
+from dmrepl_testing.daemon import DaemonProcess
 
 MB = 1 << 20
 SECTORS = 4 * MB // 512

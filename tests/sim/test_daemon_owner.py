@@ -16,14 +16,14 @@ import pytest
 
 from dmrepl.cli._exit import ExitCode
 from dmrepl.cli.main import run
-from dmrepl.daemon.testing import DaemonProcess
 from dmrepl.errors import InUse
 from dmrepl.nbd.client import NbdStore
 from dmrepl.ownership import LOCK_FILE
 from dmrepl.unixsock import listen_root_only
+from dmrepl_testing.daemon import DaemonProcess
+from dmrepl_testing.ulogd import FakeKernel
 from ulogd import main as ulogd_main
 from ulogd.control import query
-from ulogd.testing import FakeKernel
 
 MB = 1 << 20
 SECTORS = 8 * MB // 512

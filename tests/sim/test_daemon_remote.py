@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from dmrepl.cli._exit import ExitCode
-from dmrepl.daemon.testing import DaemonProcess
 from dmrepl.nbd import Export, FileBackend, NbdServer
+from dmrepl_testing.daemon import DaemonProcess
 
 MB = 1 << 20
 pytestmark = pytest.mark.skipif(not shutil.which("nbdcopy"), reason="nbdcopy not installed")

@@ -21,7 +21,7 @@ from dmrepl.replicator.errors import ReplogCorrupt
 from dmrepl.replicator.errors import TableError as ReplicatorTableError
 from dmrepl.replicator.ringlog import RingLog
 from dmrepl.replicator.table import LOG_SIZE_MIN, parse_device, parse_replicator, parse_replog
-from dmrepl.replicator.testing import FakeStore, StoreSet
+from dmrepl_testing.replicator import FakeStore, StoreSet
 
 pytestmark = pytest.mark.slow
 

@@ -36,10 +36,10 @@ from dmrepl.nbd.backend import MemoryBackend
 from dmrepl.nbd.server import Export, NbdServer
 from dmrepl.replicator import Replicator
 from dmrepl.replicator.errors import ReplicatorError
+from dmrepl_testing.ulogd import FakeKernel
 from ulogd import protocol as p
 from ulogd.main import Daemon as Ulogd
 from ulogd.protocol import RequestType as RT
-from ulogd.testing import FakeKernel
 
 pytestmark = pytest.mark.slow
 

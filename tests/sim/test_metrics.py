@@ -15,14 +15,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dmrepl.daemon._engine import load_engine
 from dmrepl.daemon.daemon import Daemon
-from dmrepl.daemon.testing import DaemonProcess
 from dmrepl.errors import UserError
 from dmrepl.metrics import DmreplCollector, MetricsServer, UlogdCollector, parse_listen
+from dmrepl_testing.daemon import DaemonProcess
+from dmrepl_testing.ulogd import FakeKernel
 from ulogd.control import query
 from ulogd.main import Daemon as Ulogd
 from ulogd.main import main as ulogd_main
 from ulogd.protocol import RequestType as RT
-from ulogd.testing import FakeKernel
 
 MB = 1 << 20
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

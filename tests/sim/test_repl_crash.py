@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import pytest
 
 from dmrepl.replicator import Replicator
-from dmrepl.replicator.testing import TEARS, FakeStore, PrefixChecker, Recorder, StoreSet
+from dmrepl_testing.replicator import TEARS, FakeStore, PrefixChecker, Recorder, StoreSet
 
 DEV = 64 << 10
 LOG_SECTORS = 4096

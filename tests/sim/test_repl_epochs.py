@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 
 from dmrepl.replicator import Replicator
-from dmrepl.replicator.testing import (
+from dmrepl_testing.replicator import (
     FakeStore,
     PrefixChecker,
     Recorder,
@@ -71,15 +71,15 @@ def test_epochs_never_overlap_across_acknowledged_writes() -> None:
     def slow() -> float:
         return 0.02 if getattr(current, "slow", False) else 0.0
 
-    orig = remote._pwrite
-
-    def pwrite(offset: int, data) -> None:
+    def before_write(offset: int) -> None:
         current.slow = offset // 4096 in delayed
-        orig(offset, data)
+
+    def on_write(offset: int, data: bytes) -> None:
         with lock:
             order.append(offset // 4096)
 
-    remote._pwrite = pwrite  # type: ignore[method-assign]
+    remote.before_write = before_write
+    remote.on_write = on_write
     remote.delay = slow
     remote.concurrent_writes = True  # a remote site: epochs may go out together
     remote.gate.clear()
@@ -203,13 +203,7 @@ def test_a_failing_site_gets_at_most_copy_inflight_copies_of_an_epoch() -> None:
     rep, dev, _stores, remote = make(durable_acks=False, copy_inflight=4)
     rep.tuning = replace(rep.tuning, retry_interval=3600.0)  # no retry during the test
     attempts = []
-    orig = remote._pwrite
-
-    def pwrite(offset: int, data) -> None:
-        attempts.append(offset)
-        orig(offset, data)
-
-    remote._pwrite = pwrite  # type: ignore[method-assign]
+    remote.before_write = attempts.append
     for i in range(64):
         dev.write(i * 8192, block(i))
     dev.flush()  # one epoch of 64 copies

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from dmrepl.replicator import Replicator
-from dmrepl.replicator.testing import (
+from dmrepl_testing.replicator import (
     FakeStore,
     PrefixChecker,
     Recorder,

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from dmrepl.replicator import Replicator
-from dmrepl.replicator.testing import FakeStore, Recorder, StoreSet, wait_for
+from dmrepl_testing.replicator import FakeStore, Recorder, StoreSet, wait_for
 
 DEV = 1 << 20
 LOG_SECTORS = 4096

@@ -16,7 +16,7 @@ import pytest
 from dmrepl.replicator import Replicator
 from dmrepl.replicator.errors import MessageError, TableError
 from dmrepl.replicator.table import parse_replicator
-from dmrepl.replicator.testing import FakeStore, StoreSet
+from dmrepl_testing.replicator import FakeStore, StoreSet
 
 DEV = 64 << 10
 REGION = 4096  # "core 2 8": 8 sectors

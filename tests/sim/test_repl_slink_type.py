@@ -13,7 +13,7 @@ from memory_slink import MemorySlink
 
 from dmrepl.replicator import Replicator, TableError
 from dmrepl.replicator import slink as slink_types
-from dmrepl.replicator.testing import FakeStore, StoreSet
+from dmrepl_testing.replicator import FakeStore, StoreSet
 
 DEV_SIZE = 32 << 10
 N_DEV = 2

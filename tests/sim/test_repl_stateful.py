@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from dmrepl.replicator import Replicator
-from dmrepl.replicator.testing import FakeStore, StoreSet
+from dmrepl_testing.replicator import FakeStore, StoreSet
 
 DEV = 32 << 10
 SECT = DEV // 512

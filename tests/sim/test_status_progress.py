@@ -13,7 +13,7 @@ import time
 from dmrepl.cli._status_text import human_bytes, human_duration, human_lines
 from dmrepl.replicator import Replicator
 from dmrepl.replicator.slink.link import RateMeter
-from dmrepl.replicator.testing import FakeStore, StoreSet
+from dmrepl_testing.replicator import FakeStore, StoreSet
 
 DEV = 64 << 10
 REGION = 4096  # "core 2 8": 8 sectors

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from dmrepl.dirtylog import open_dirty_log
+from dmrepl_testing.ulogd import FakeKernel, s64
 from ulogd import protocol as p
 from ulogd.main import Daemon
 from ulogd.protocol import RequestType as RT
-from ulogd.testing import FakeKernel, s64
 
 SMALL, BIG = b"SMALL-LOG", b"BIG-LOG"
 HELD_SECTORS = 1 << 20  # the target length whose construction the test holds

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from dmrepl.ownership import LOCK_FILE
+from dmrepl_testing.ulogd import FakeKernel, s64, u64
 from ulogd import protocol as p
 from ulogd.control import query
 from ulogd.main import Daemon
 from ulogd.protocol import RequestType as RT
-from ulogd.testing import FakeKernel, s64, u64
 
 REPO = Path(__file__).resolve().parents[2]
 U = b"SIM-UUID-0001"

@@ -217,7 +217,7 @@ def test_daemon_opener_is_the_one_opener_and_simengine_needs_no_daemon() -> None
     from there, not from the daemon (the old import circle)."""
     import subprocess
     import sys
-    code = ("import sys, dmrepl.daemon.simengine as s, dmrepl.blockio as b; "
+    code = ("import sys, dmrepl_testing.simengine as s, dmrepl.blockio as b; "
             "assert 'dmrepl.daemon.daemon' not in sys.modules, 'simengine imports daemon'; "
             "import dmrepl.daemon.daemon as d; assert d.open_store is b.open_store")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

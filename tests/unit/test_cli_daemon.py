@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from dmrepl.daemon.daemon import ConcatBackend, Daemon, DeviceObj, ReplicatorObj
-from dmrepl.daemon.simengine import SimReplicator
 from dmrepl.errors import UserError
 from dmrepl.nbd import MemoryBackend
 from dmrepl.replicator.errors import DeviceBusy
+from dmrepl_testing.simengine import SimReplicator
 
 MB = 1 << 20
 

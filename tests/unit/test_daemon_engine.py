@@ -11,9 +11,9 @@ from pathlib import Path
 
 from dmrepl.cli._exit import ExitCode
 from dmrepl.daemon._engine import EngineDevice, EngineReplicator
-from dmrepl.daemon.simengine import SimReplicator
 from dmrepl.replicator import Replicator
-from dmrepl.replicator.testing import FakeStore, StoreSet
+from dmrepl_testing.replicator import FakeStore, StoreSet
+from dmrepl_testing.simengine import SimReplicator
 
 # Run in a fresh interpreter: the real engine (the dmrepl.replicator package and
 # everything under it) cannot be imported, as in a broken installation.

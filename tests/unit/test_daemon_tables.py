@@ -13,8 +13,8 @@ from dmrepl.cli._exit import ExitCode
 from dmrepl.cli.main import run
 from dmrepl.daemon.control import ControlServer
 from dmrepl.daemon.daemon import Daemon
-from dmrepl.daemon.simengine import SimReplicator
 from dmrepl.dm.table import Table, TableError
+from dmrepl_testing.simengine import SimReplicator
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from dmrepl.errors import UserError
 from dmrepl.numbers import MAX_DIGITS, parse_decimal, parse_int
 from dmrepl.replicator import MessageError, Replicator, TableError
 from dmrepl.replicator.table import parse_device, parse_fallbehind, parse_rate, parse_replicator
-from dmrepl.replicator.testing import FakeStore, StoreSet
 from dmrepl.tuning import parse_tuning
+from dmrepl_testing.replicator import FakeStore, StoreSet
 from ulogd import protocol as p
 from ulogd.main import build_parser
 from ulogd.server import Dispatcher

@@ -19,7 +19,7 @@ from dmrepl.replicator import (
     parse_replicator,
 )
 from dmrepl.replicator.engine import ReplicatedDevice
-from dmrepl.replicator.testing import FakeStore, StoreSet, run_with_deadline, wait_for
+from dmrepl_testing.replicator import FakeStore, StoreSet, run_with_deadline, wait_for
 
 DEV = 256 << 10
 

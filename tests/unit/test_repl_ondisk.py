@@ -15,7 +15,7 @@ from dmrepl.replicator.errors import ReplogCorrupt
 from dmrepl.replicator.ondisk import FormatError
 from dmrepl.replicator.ringlog import RingLog
 from dmrepl.replicator.table import ReplogConfig
-from dmrepl.replicator.testing import FakeStore
+from dmrepl_testing.replicator import FakeStore
 
 LOG_SECTORS = 4096
 
@@ -399,12 +399,13 @@ def test_file_store_durable_write(tmp_path) -> None:
     path = tmp_path / "f"
     path.write_bytes(bytes(8192))
     st = FileStore(str(path))
+    fallback = FileStore(str(path), dsync=False)  # a file system without RWF_DSYNC
     try:
         st.pwritev_durable(512, [b"h" * 512, b"d" * 1024])
-        st._dsync = False  # the fallback (a file system without RWF_DSYNC)
-        st.pwritev_durable(4096, [b"x" * 512])
+        fallback.pwritev_durable(4096, [b"x" * 512])
     finally:
         st.close()
+        fallback.close()
     raw = path.read_bytes()
     assert raw[512:1024] == b"h" * 512 and raw[1024:2048] == b"d" * 1024
     assert raw[4096:4608] == b"x" * 512 and len(raw) == 8192
@@ -413,7 +414,7 @@ def test_file_store_durable_write(tmp_path) -> None:
 def test_history_from_ring_rebuilds_large_entries_written_in_two_parts() -> None:
     """Entries from 128 KiB on are written as header + data (two writes, in either
     order); the test helper rebuilding the history must pair them up."""
-    from dmrepl.replicator.testing import Recorder, history_from_ring
+    from dmrepl_testing.replicator import Recorder, history_from_ring
     rec = Recorder()
     store = FakeStore((LOG_SECTORS + 16) * 512, name="log", recorder=rec)
     ring = open_ring(store, "create")

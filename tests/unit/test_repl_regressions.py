@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from dmrepl.replicator import ReplicatedDevice, Replicator
-from dmrepl.replicator.testing import FakeStore, StoreSet, run_with_deadline, wait_for
+from dmrepl_testing.replicator import FakeStore, StoreSet, run_with_deadline, wait_for
 
 DEV = 8 << 20
 LOG_SECTORS = 4096  # a 2 MiB log

@@ -11,7 +11,7 @@ from dmrepl.replicator import Replicator, ondisk
 from dmrepl.replicator.errors import ReplogCorrupt
 from dmrepl.replicator.ringlog import RingLog
 from dmrepl.replicator.table import ReplogConfig
-from dmrepl.replicator.testing import FakeStore, StoreSet
+from dmrepl_testing.replicator import FakeStore, StoreSet
 
 LOG_SECTORS = 4096
 LOG_BYTES = (LOG_SECTORS + 16) * 512

@@ -29,7 +29,7 @@ from dmrepl.replicator._state import (
     machine,
 )
 from dmrepl.replicator.errors import ReplicatorClosed
-from dmrepl.replicator.testing import FakeStore, StoreSet
+from dmrepl_testing.replicator import FakeStore, StoreSet
 
 ROOT = Path(__file__).resolve().parents[2]
 

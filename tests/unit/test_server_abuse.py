@@ -16,9 +16,9 @@ import pytest
 
 from dmrepl.daemon._proto import HEADER, FrameDecoder, encode
 from dmrepl.daemon.daemon import ControlServer, Daemon
-from dmrepl.daemon.simengine import SimReplicator
 from dmrepl.nbd import Export, MemoryBackend, NbdServer
 from dmrepl.nbd.server import NbdLimits
+from dmrepl_testing.simengine import SimReplicator
 
 IHAVEOPT = 0x49484156454F5054
 OPT_EXPORT_NAME = 1

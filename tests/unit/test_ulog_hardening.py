@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from dmrepl.dirtylog import MemoryStorage, open_dirty_log, parse_dirty_log_args
+from dmrepl_testing.ulogd import s64
 from ulogd import protocol as p
 from ulogd.protocol import RequestType as RT
 from ulogd.server import Dispatcher, LogLimits
-from ulogd.testing import s64
 
 U = b"HARDEN-UUID"
 

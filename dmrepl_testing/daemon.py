@@ -15,6 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+#: The source tree's root: where ``dmrepl_testing`` (this harness, not installed) is.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def harness_env() -> dict[str, str]:
+    """The environment for a child the harness starts: the source tree's root on
+    ``PYTHONPATH``, so that ``--engine sim`` can import the simulation engine
+    wherever the child runs."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
 
 class DaemonProcess:
     def __init__(self, workdir: str | Path, *, kernel_devices: bool = True,
@@ -51,7 +64,8 @@ class DaemonProcess:
             argv += ["--tuning", f"{key}={int(value) if isinstance(value, bool) else value}"]
         argv += self.extra_args
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                     env=harness_env())
         log.close()
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.ready_file):

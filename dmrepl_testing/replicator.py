@@ -157,7 +157,12 @@ class FakeStore(MemoryBlockIO):
         self.writes = 0
         self.in_flight = 0  # pwrite calls under way now
         self.max_in_flight = 0  # most pwrite calls seen under way at once
-        self.on_write: Callable[[int, bytes], None] | None = None  # after each write
+        # the harness's hooks on every write that reaches the store (``pwrite`` and
+        # ``pwritev_durable``), in the writing thread: ``before_write(offset)`` first,
+        # before the latency, the gate and any injected fault (it sees every attempt);
+        # ``on_write(offset, data)`` once the write is stored
+        self.before_write: Callable[[int], None] | None = None
+        self.on_write: Callable[[int, bytes], None] | None = None
 
     def _io_error(self, what: str) -> OSError:
         return OSError(errno.EIO, f"{self.name}: injected {what} error")
@@ -190,8 +195,9 @@ class FakeStore(MemoryBlockIO):
 
     def _pwrite(self, offset: int, data: bytes | bytearray | memoryview,
                 durable: bool = False) -> None:
-        """Latency, the gate, injected faults, then the write, recorded (tests wrap
-        this one to watch the writes that reach the store)."""
+        """The hooks, latency, the gate, injected faults, then the write, recorded."""
+        if self.before_write is not None:
+            self.before_write(offset)
         if self.delay is not None:
             d = self.delay()
             if d > 0:
