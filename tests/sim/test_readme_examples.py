@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl.daemon.testing import DaemonProcess
 from dmrepl.nbd import Export, FileBackend, NbdServer
+from dmrepl_testing.daemon import DaemonProcess
 
 REPO = Path(__file__).resolve().parents[2]
 

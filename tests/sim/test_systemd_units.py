@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl.daemon.testing import DaemonProcess
+from dmrepl_testing.daemon import DaemonProcess
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = ["dmrepl.service", "dmrepl-ulogd.service"]
