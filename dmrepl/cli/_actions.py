@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -106,6 +108,36 @@ def wait(ns: argparse.Namespace) -> None:
     timeout = None if ns.timeout is None else ns.timeout + 30
     print(_client(ns, timeout=timeout).call("wait", name=ns.name, event_nr=ns.event_nr,
                                             timeout=ns.timeout))
+
+
+def _reader_gone(fd: int) -> bool:
+    """Whether the reader of our stdout (a pipe) closed its end: POLLERR."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+#: Seconds ``events`` waits for an event before checking its reader is still there.
+EVENTS_IDLE_CHECK = 1.0
+
+
+def events(ns: argparse.Namespace) -> int:
+    """One JSON object a line, flushed each: a pipe (``| head -3``) ends it quietly,
+    also while no event comes."""
+    stream = _client(ns, timeout=30).stream("events", idle=EVENTS_IDLE_CHECK,
+                                            name=ns.name, now=ns.now)
+    try:
+        for event in stream:
+            if event is None:
+                if _reader_gone(sys.stdout.fileno()):
+                    break
+                continue
+            sys.stdout.write(json.dumps(event, separators=(", ", ": ")) + "\n")
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away: nothing more to say, and nothing to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def daemon(ns: argparse.Namespace) -> int:

@@ -73,6 +73,20 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
                                 "help": "give up after this many seconds"})],
         "func": act.wait,
     }),
+    ("events", {
+        "help": "stream state changes as JSON lines (like drbdsetup events2)",
+        "description": "One JSON object a line per change: link down/up, forced sync "
+                       "on/off, resync start/end, errors (lost writes, I/O errors), "
+                       "devices and objects added or removed; each with a sequence "
+                       "number (seq) and an ISO 8601 UTC time.  A reader too slow "
+                       "gets {\"kind\": \"lost\", \"count\": N} in place of what it "
+                       "missed.",
+        "args": [OPT_NAME, ("--now", {"action": "store_true",
+                                      "help": "first the current state of every object "
+                                              "and site link (kind \"exists\"), ended by "
+                                              "an object \"-\""})],
+        "func": act.events,
+    }),
     ("daemon", {
         "help": "run the daemon (foreground)",
         "args": [
