@@ -138,3 +138,20 @@ class Subscription:
         if not events and self.log.closed:
             return None
         return events
+
+
+def log_events(events: EventLog, logger: logging.Logger) -> threading.Thread:
+    """Start a thread that logs every event at its level (:data:`LEVELS`) until
+    ``events`` is closed: a subscriber like any other, so a slow log (a stalled
+    journal) costs lost events in the log, never a stalled engine."""
+    sub = events.subscribe()
+
+    def run() -> None:
+        while (batch := sub.read()) is not None:
+            for event in batch:
+                name = event.get("event") or event["kind"]
+                logger.log(LEVELS.get(name, logging.INFO), "%s", describe(event))
+
+    thread = threading.Thread(target=run, name="event-log", daemon=True)
+    thread.start()
+    return thread

@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from dmrepl.errors import InUse
+from dmrepl.logfmt import LOG_LEVELS, setup_logging
 from dmrepl.numbers import argument
 from dmrepl.ownership import Claim, claim_directory, claim_lock_file
 from ulogd.control import DEFAULT_CONTROL_PATH, ControlServer, query
@@ -234,9 +235,7 @@ def make_realtime(priority: int) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s ulogd[%(process)d] %(levelname)s %(name)s: "
-                               "%(message)s")
+    setup_logging("ulogd", args.log_level)
     try:
         daemon = Daemon(control_path=args.control or None,
                         state_dir=args.state_dir or None,
@@ -315,8 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve in the foreground", epilog=epilog(),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--log-level", default="info",
-                     choices=["debug", "info", "warning", "error", "critical"])
+    run.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     run.add_argument("--ready-file", help="written (with our pid) once the kernel can reach us")
     run.add_argument("--control", default=DEFAULT_CONTROL_PATH,
                      help="control socket path ('' for none; default %(default)s)")

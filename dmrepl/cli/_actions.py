@@ -157,4 +157,4 @@ def daemon(ns: argparse.Namespace) -> int:
                        idle_timeout=ns.nbd_idle_timeout)
     return run_daemon(ns.socket, ns.state_dir, ns.ready_file,
                       kernel_devices=not ns.no_kernel_devices, engine=ns.engine, tuning=tuning,
-                      nbd_limits=limits)
+                      nbd_limits=limits, log_level=ns.log_level)

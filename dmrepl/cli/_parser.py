@@ -10,6 +10,7 @@ from dmrepl.cli import _actions as act
 from dmrepl.cli._exit import epilog
 from dmrepl.daemon._engine import ENGINE_CHOICES
 from dmrepl.daemon.client import DEFAULT_SOCKET
+from dmrepl.logfmt import LOG_LEVELS
 from dmrepl.nbd.server import NbdLimits
 from dmrepl.numbers import argument, parse_decimal
 from dmrepl.tuning import TUNABLES
@@ -93,6 +94,11 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
             ("--state-dir", {"default": os.environ.get("DMREPL_STATE_DIR", "/var/lib/dmrepl"),
                              "help": "where tables are persisted and the NBD socket lives"}),
             ("--ready-file", {"help": "written with our pid once we serve"}),
+            ("--log-level", {"choices": LOG_LEVELS, "default": "info",
+                             "help": "least severe messages logged (default %(default)s): "
+                                     "link down, forced sync on: warning; link up, "
+                                     "resync start/end, devices added/removed: info; "
+                                     "lost writes, I/O errors: error"}),
             ("--no-kernel-devices", {"action": "store_true",
                                      "help": "export over NBD only: no /dev/nbdN, "
                                              "no /dev/mapper (no kernel needed)"}),

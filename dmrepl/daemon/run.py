@@ -21,6 +21,8 @@ from typing import Any
 from dmrepl.daemon._engine import EngineUnavailable, load_engine
 from dmrepl.daemon.control import ControlServer
 from dmrepl.daemon.daemon import Daemon
+from dmrepl.eventlog import log_events
+from dmrepl.logfmt import setup_logging
 from dmrepl.nbd.server import NbdLimits
 
 log = logging.getLogger("dmrepl.daemon")
@@ -33,17 +35,19 @@ __all__ = ["SHUTDOWN_DEADLINE", "EngineUnavailable", "run_daemon"]
 def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, *,
                kernel_devices: bool = True, engine: str = "auto",
                tuning: dict[str, Any] | None = None,
-               nbd_limits: NbdLimits | None = None) -> int:
+               nbd_limits: NbdLimits | None = None, log_level: str = "info") -> int:
     """``dmrepl daemon``: serve until SIGTERM/SIGINT, then shut down cleanly.
 
     Another daemon on the same state directory or control socket: raises
     :class:`~dmrepl.errors.InUse` (exit code IN_USE) before touching either; an
     engine that cannot be imported: :class:`EngineUnavailable`, before either."""
-    logging.basicConfig(level=logging.INFO, format="dmrepl-daemon: %(levelname)s %(message)s")
+    setup_logging("dmrepl-daemon", log_level)
     # The state directory is claimed first (Daemon), then the control socket:
     # a second daemon stops at whichever another one holds, having touched nothing.
     daemon = Daemon(state_dir, kernel_devices=kernel_devices, engine=load_engine(engine),
                     tuning=tuning, nbd_limits=nbd_limits)
+    # every state change (restored objects' too) is logged at its level
+    event_logger = log_events(daemon.events, logging.getLogger("dmrepl.events"))
     try:
         server = ControlServer(daemon, socket_path)
     except BaseException:
@@ -74,6 +78,7 @@ def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, 
         started = time.monotonic()
         daemon.shutdown()
         faulthandler.cancel_dump_traceback_later()
+        event_logger.join(5)   # the last events (objects closed) reach the log
         if ready_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(ready_file)

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,15 @@ def test_now_then_link_down_up_and_resync_in_order(
         assert times == sorted(times) and all(t.endswith("Z") for t in times), times
     finally:
         events.close()
+    # and the daemon's log has each at its level (written by its own subscriber)
+    wanted = ["WARNING dmrepl.events: link-down object=slink name=rep slink=1",
+              "INFO dmrepl.events: link-up object=slink name=rep slink=1",
+              "INFO dmrepl.events: resync-start object=slink name=rep slink=1",
+              "INFO dmrepl.events: resync-end object=slink name=rep slink=1"]
+    deadline = time.monotonic() + EVENT_DEADLINE     # a hang guard only
+    while not all(w in d.log() for w in wanted):
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.1)
 
 
 def test_changes_only_without_now_and_objects_come_and_go(
