@@ -20,6 +20,8 @@ from __future__ import annotations
 import collections
 import datetime
 import logging
+import select
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -155,3 +157,11 @@ def log_events(events: EventLog, logger: logging.Logger) -> threading.Thread:
     thread = threading.Thread(target=run, name="event-log", daemon=True)
     thread.start()
     return thread
+
+
+def stdout_reader_gone() -> bool:
+    """Whether the reader of our stdout (a pipe) closed its end (POLLERR): an
+    events stream idle behind ``| head`` ends then, not at the next event."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from dmrepl.cli._errors import CliUserError
 from dmrepl.daemon.client import Client
 from dmrepl.errors import UserError
+from dmrepl.eventlog import stdout_reader_gone
 
 Action = Callable[[argparse.Namespace], int | None]
 
@@ -110,13 +110,6 @@ def wait(ns: argparse.Namespace) -> None:
                                             timeout=ns.timeout))
 
 
-def _reader_gone(fd: int) -> bool:
-    """Whether the reader of our stdout (a pipe) closed its end: POLLERR."""
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
-
-
 #: Seconds ``events`` waits for an event before checking its reader is still there.
 EVENTS_IDLE_CHECK = 1.0
 
@@ -129,7 +122,7 @@ def events(ns: argparse.Namespace) -> int:
     try:
         for event in stream:
             if event is None:
-                if _reader_gone(sys.stdout.fileno()):
+                if stdout_reader_gone():
                     break
                 continue
             sys.stdout.write(json.dumps(event, separators=(", ", ": ")) + "\n")
