@@ -132,6 +132,9 @@ def test_now_then_link_down_up_and_resync_in_order(
         assert [e["slink"] for e in down + after if e["event"].startswith("link-")] \
             == [1, 1]
         changes = down + after
+        start, end = names.index("resync-start"), names.index("resync-end")
+        progress = [e["percent"] for e in changes[start:end] if e["event"] == "resync-progress"]
+        assert progress and progress == sorted(progress), names
         seqs = [e["seq"] for e in changes]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
         times = [e["time"] for e in changes]   # ISO 8601 UTC: ordered as text

@@ -473,6 +473,19 @@ class Copiers:
                             bytes=s.resync_bytes)
         return None
 
+    def _report_progress_locked(self, s: Slink, dev: ReplicatedDevice, leg: Leg) -> None:
+        """A resync-progress event each time a device's in-sync share passes a
+        tenth (not per region: a large device has millions)."""
+        with leg.lock:
+            total = leg.dlog.region_count
+            in_sync = leg.dlog.get_sync_count()
+        percent = 100 * in_sync // total if total else 100
+        if percent // 10 > leg.resync_decile:
+            leg.resync_decile = percent // 10
+            self.rep.emit_locked("change", "resync-progress", "slink", slink=s.nr,
+                                 device=dev.dev_nr, percent=percent,
+                                 regions_in_sync=in_sync, regions=total)
+
     def _do_resync(self, s: Slink, dev: ReplicatedDevice, leg: Leg, region: int) -> None:
         rep = self.rep
         with self.cond:
@@ -481,12 +494,16 @@ class Copiers:
                 rep.bump_locked(f"slink {s.nr}: resynchronisation started")
                 rep.emit_locked("change", "resync-start", "slink", slink=s.nr,
                                 resync="resyncing")
+                for d in rep.devices.values():
+                    if s.nr in d.legs:
+                        d.legs[s.nr].resync_decile = -1
         if not s.ops.resync_region(s, dev, leg, region):
             return
         rs = leg.dlog.region_size * SECTOR
         lo, hi = region * rs, min((region + 1) * rs, dev.size_bytes)
         with self.cond:
             s.resync_bytes += hi - lo
+            self._report_progress_locked(s, dev, leg)
             rate = s.cfg.resync_rate
             if rate:
                 # one region at a time: the average rate is the limit, a burst is
