@@ -9,6 +9,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from dmrepl.daemon.testing import Replicated, trace
@@ -91,4 +92,14 @@ def test_events_show_link_down_up_and_resync_in_order(dmrepl: Any) -> None:
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
         times = [e["time"] for e in current + changes]
         assert times == sorted(times) and all(t.endswith("Z") for t in times), times
+        start, end = names.index("resync-start"), names.index("resync-end")
+        progress = [e["percent"] for e in remote[start:end] if e["event"] == "resync-progress"]
+        assert progress and progress == sorted(progress), names
         r.wait_converged(timeout=300)
+    # the daemon logged each at its level (its own subscriber: it may lag the stream)
+    wanted = [f"WARNING dmrepl.events: link-down object=slink name={r.rep} slink=1",
+              f"INFO dmrepl.events: link-up object=slink name={r.rep} slink=1"]
+    deadline = time.monotonic() + EVENT_DEADLINE     # a hang guard only
+    while not all(w in d.log_path.read_text(errors="replace") for w in wanted):
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.2)
