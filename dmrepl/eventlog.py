@@ -108,9 +108,10 @@ class EventLog:
             self.closed = True
             self._cond.notify_all()
 
-    def subscribe(self) -> Subscription:
-        """A reader of the events emitted from now on."""
-        return Subscription(self, self.last_seq)
+    def subscribe(self, after: int | None = None) -> Subscription:
+        """A reader of the events emitted from now on (``after``: of those after
+        that sequence number, as far as they are still kept; 0: all kept)."""
+        return Subscription(self, self.last_seq if after is None else after)
 
     def _read(self, after: int, timeout: float | None) -> tuple[list[dict[str, Any]], int]:
         with self._cond:
