@@ -9,7 +9,7 @@ there is no log, no async site, no resync.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dmrepl.blockio import BlockIO, Opener, open_store
@@ -23,8 +23,10 @@ def _int(word: str, what: str) -> int:
 
 class SimReplicator:
     def __init__(self, line: str, slinks: dict[int, list[str]],
-                 opener: Opener | None = None) -> None:
+                 opener: Opener | None = None,
+                 on_event: Callable[..., Any] | None = None) -> None:
         self.opener = opener or open_store
+        self.on_event: Callable[..., Any] = on_event or (lambda *a, **k: None)
         self.line = line
         self.slinks = slinks
         self.devices: dict[int, SimDevice] = {}
@@ -32,7 +34,9 @@ class SimReplicator:
         self._cond = threading.Condition()
 
     @classmethod
-    def from_table(cls, line: str, *, opener: Opener | None = None, **tuning: Any) -> SimReplicator:
+    def from_table(cls, line: str, *, opener: Opener | None = None,
+                   on_event: Callable[..., Any] | None = None,
+                   **tuning: Any) -> SimReplicator:
         words = line.split()
         if len(words) < 6 or words[2] != "replicator":
             raise UserError(f"not a replicator table line: {line!r}")
@@ -58,7 +62,7 @@ class SimReplicator:
             i += 2 + k
         if 0 not in slinks:
             raise UserError("site link 0 (the local site) is missing")
-        return cls(line, slinks, opener)
+        return cls(line, slinks, opener, on_event)
 
     def check_device(self, line: str) -> None:
         self._parse_device(line)
@@ -74,6 +78,7 @@ class SimReplicator:
         dev = SimDevice(self, dev_nr, length * 512, stores, line)
         self.devices[dev_nr] = dev
         self._bump()
+        self.on_event("create", "device-add", "device", device=dev_nr, size=length * 512)
         return dev
 
     def _parse_device(self, line: str) -> tuple[int, int, dict[int, str]]:
@@ -105,6 +110,14 @@ class SimReplicator:
         for store in dev.stores.values():
             store.close()
         self._bump()
+        self.on_event("destroy", "device-remove", "device", device=dev_nr)
+
+    def current_state(self) -> list[tuple[str, dict[str, Any]]]:
+        """Sites are always up and in sync here (it does not replicate)."""
+        return ([("slink", {"slink": nr, "link": "up", "ack": "async", "resync": "idle"})
+                 for nr in sorted(self.slinks)]
+                + [("device", {"device": nr, "state": "running"})
+                   for nr in sorted(self.devices)])
 
     def start(self) -> None:
         pass

@@ -4,6 +4,12 @@ A root-only ``AF_UNIX`` stream socket (directory 0700, socket 0600).  Framing:
 the client sends one line (``status\\n``), the server answers one JSON document
 and closes the connection, so the end of the reply is the end of the stream.
 A reply with an ``error`` key is a refusal (a bad request, or ``busy``).
+
+``events`` (or ``events --now``: first each log's current state, ``kind:
+exists``, ended by an ``exists`` of object ``-``) is answered with a line
+``{"stream": "events"}`` (subscribed), then one JSON object a line per change
+(log create/destroy, suspend/resume, refused requests; :mod:`dmrepl.eventlog`)
+until the client closes the connection.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import errno
 import json
 import logging
 import os
+import select
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from dmrepl.eventlog import EventLog, Subscription
 from dmrepl.unixsock import AcceptBackoff, listen_root_only
 
 log = logging.getLogger("ulogd.control")
@@ -28,6 +36,8 @@ MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0
 #: Connections served at once; one more is answered "busy" and closed.
 MAX_CONNECTIONS = 64
+#: Seconds an events stream waits for an event before checking its client is there.
+EVENTS_IDLE_CHECK = 1.0
 
 
 class ControlServer:
@@ -43,9 +53,13 @@ class ControlServer:
 
     def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]], *,
                  max_connections: int = MAX_CONNECTIONS,
-                 request_timeout: float | None = None) -> None:
+                 request_timeout: float | None = None,
+                 events: EventLog | None = None,
+                 current: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.path = path
         self.snapshot = snapshot
+        self.events = events
+        self.current = current
         self.max_connections = max_connections
         self.request_timeout = REQUEST_TIMEOUT if request_timeout is None else request_timeout
         self.sock = listen_root_only(path, 32, dir_mode=0o700)
@@ -116,7 +130,11 @@ class ControlServer:
             reply = {"error": f"request not a line of at most {MAX_REQUEST} bytes"}
         elif not line.isascii():
             reply = {"error": "request not ASCII"}
-        elif (command := line.strip().decode("ascii")) != "status":
+        elif (command := line.strip().decode("ascii")) in ("events", "events --now") \
+                and self.events is not None:
+            self._stream(conn, self.events, now=command.endswith("--now"))
+            return
+        elif command != "status":
             reply = {"error": f"unknown command {command!r}"}
         else:
             try:
@@ -127,6 +145,23 @@ class ControlServer:
         conn.sendall(_encode(reply))
         conn.setblocking(False)
         _discard_unread(conn)
+
+    def _stream(self, conn: socket.socket, events: EventLog, *, now: bool) -> None:
+        """JSON lines until the client closes (EOF while idle, EPIPE on a send)."""
+        sub = events.subscribe()   # before the current state: no change lost
+        conn.sendall(b'{"stream": "events"}\n')   # subscribed: what follows is new
+        current = []
+        if now:
+            current = [events.stamp("exists", "exists", "log", **fields)
+                       for fields in (self.current() if self.current else [])]
+            current.append(events.stamp("exists", "exists", "-"))
+        for item in _event_items(sub, current):
+            if item is not None:
+                conn.sendall(json.dumps(item).encode() + b"\n")
+                continue
+            readable, _, _ = select.select([conn], [], [], 0)
+            if readable and not conn.recv(MAX_REQUEST, socket.MSG_PEEK):
+                return
 
     def close(self) -> None:
         self._stop = True
@@ -141,6 +176,45 @@ class ControlServer:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def _event_items(sub: Subscription, current: list[dict[str, Any]]
+                 ) -> Iterator[dict[str, Any] | None]:
+    yield from current
+    while (batch := sub.read(EVENTS_IDLE_CHECK)) is not None:
+        if not batch:
+            yield None
+        yield from batch
+
+
+def stream_events(path: str, now: bool = False, timeout: float = 10.0,
+                  idle: float = EVENTS_IDLE_CHECK) -> Iterator[dict[str, Any] | None]:
+    """``ulogd events``: each event from the daemon at ``path`` as it comes;
+    ``None`` once subscribed (every change from then on comes) and after each
+    ``idle`` seconds without one (the caller may check its own
+    reader is still there).  ValueError if the daemon refuses."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(b"events --now\n" if now else b"events\n")
+        s.settimeout(idle)   # events may be hours apart
+        buf = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                yield None
+                continue
+            if not chunk:
+                if buf.strip():   # a refusal: one JSON document, no newline
+                    reply = json.loads(buf)
+                    raise ValueError(f"refused: {reply.get('error', reply)}")
+                return
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                item = json.loads(line)
+                yield None if item == {"stream": "events"} else item
 
 
 def _discard_unread(conn: socket.socket) -> None:

@@ -30,10 +30,12 @@ import time
 from typing import Any
 
 from dmrepl.errors import InUse, UserError
+from dmrepl.eventlog import EventLog, stdout_reader_gone
+from dmrepl.logfmt import LOG_LEVELS, setup_logging
 from dmrepl.numbers import argument
 from dmrepl.osenv import sd_notify, version
 from dmrepl.ownership import Claim, claim_directory, claim_lock_file
-from ulogd.control import DEFAULT_CONTROL_PATH, ControlServer, query
+from ulogd.control import DEFAULT_CONTROL_PATH, ControlServer, query, stream_events
 from ulogd.server import (
     DEFAULT_MAX_BITMAP_BYTES,
     DEFAULT_MAX_LOGS,
@@ -93,7 +95,9 @@ class Daemon:
                 self.claims.append(claim_lock_file(lock_file, f"ulogd lock {lock_file}"))
             if state_dir:
                 self.claims.append(claim_directory(state_dir, "ulogd state directory"))
-            self.control = (ControlServer(control_path, self.status_snapshot)
+            self.events = EventLog()
+            self.control = (ControlServer(control_path, self.status_snapshot,
+                                          events=self.events, current=self.current_state)
                             if control_path else None)
         except BaseException:
             self._release()
@@ -102,7 +106,7 @@ class Daemon:
             self.transport = transport if transport is not None else Transport()
             self.dispatcher = Dispatcher(log_factory, portid=self.transport.portid,
                                          persist_marks=persist_marks, state_dir=state_dir,
-                                         limits=limits, offload=True)
+                                         limits=limits, offload=True, events=self.events)
         except BaseException:
             if self.control is not None:
                 self.control.close()
@@ -118,6 +122,10 @@ class Daemon:
     def request_stop(self, *_: Any) -> None:
         """The signal handler: only sets a flag (the loop polls it every 0.2 s)."""
         self._stop = True
+
+    def current_state(self) -> list[dict[str, Any]]:
+        with self.dispatcher.lock:
+            return self.dispatcher.current_state()
 
     def status_snapshot(self) -> dict[str, Any]:
         with self.dispatcher.lock:
@@ -231,9 +239,7 @@ def _listen_address(text: str) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s ulogd[%(process)d] %(levelname)s %(name)s: "
-                               "%(message)s")
+    setup_logging("ulogd", args.log_level)
     try:
         daemon = Daemon(control_path=args.control or None,
                         state_dir=args.state_dir or None,
@@ -296,6 +302,30 @@ def _fmt_status(snap: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cmd_events(args: argparse.Namespace) -> int:
+    """JSON lines, flushed each; a closed pipe (``| head``) ends it quietly."""
+    try:
+        for event in stream_events(args.control, now=args.now):
+            if event is None:
+                if stdout_reader_gone():
+                    return 0
+                continue
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except KeyboardInterrupt:
+        return 130
+    except OSError as e:
+        print(f"ulogd events: cannot reach the daemon at {args.control}: {e.strerror or e}",
+              file=sys.stderr)
+        return ExitCode.ERROR
+    except ValueError as e:
+        print(f"ulogd events: the daemon at {args.control} {e}", file=sys.stderr)
+        return ExitCode.ERROR
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     try:
         snap = query(args.control)
@@ -326,8 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve in the foreground", epilog=epilog(),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--log-level", default="info",
-                     choices=["debug", "info", "warning", "error", "critical"])
+    run.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     run.add_argument("--ready-file", help="written (with our pid) once the kernel can reach us")
     run.add_argument("--control", default=DEFAULT_CONTROL_PATH,
                      help="control socket path ('' for none; default %(default)s)")
@@ -363,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--control", default=DEFAULT_CONTROL_PATH)
     st.set_defaults(func=_cmd_status)
+    ev = sub.add_parser("events", help="stream the changes of a running daemon as JSON "
+                                       "lines: logs created/destroyed, suspended/resumed, "
+                                       "refused requests")
+    ev.add_argument("--now", action="store_true",
+                    help="first the current state of every log (kind \"exists\")")
+    ev.add_argument("--control", default=DEFAULT_CONTROL_PATH)
+    ev.set_defaults(func=_cmd_events)
     return parser
 
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from dmrepl.dirtylog import bitmap_memory, parse_dirty_log_args
 from dmrepl.errors import UserError
+from dmrepl.eventlog import EventLog
 from dmrepl.numbers import parse_int
 from ulogd import protocol as p
 from ulogd.protocol import RequestType as RT
@@ -241,6 +242,13 @@ class Job:
             self.error = e
 
 
+def _request_name(rtype: int) -> str:
+    try:
+        return RT(rtype).name
+    except ValueError:
+        return str(rtype)
+
+
 class Dispatcher:
     """Applies decoded requests to the logs and produces the reply datagrams."""
 
@@ -248,7 +256,10 @@ class Dispatcher:
                  persist_marks: bool = True, fast_path: bool = True,
                  state_dir: str | None = None,
                  clock: Callable[[], int] = time.perf_counter_ns,
-                 limits: LogLimits | None = None, offload: bool = False) -> None:
+                 limits: LogLimits | None = None, offload: bool = False,
+                 events: EventLog | None = None) -> None:
+        # log create/destroy, suspend/resume, refused requests (``ulogd events``)
+        self.events = events if events is not None else EventLog()
         self.logs: dict[tuple[bytes, int], LogEntry] = {}
         # the newest entry per luid, for the hot path (which then checks the uuid)
         self._by_luid: dict[int, LogEntry] = {}
@@ -288,6 +299,12 @@ class Dispatcher:
             RT.STATUS_TABLE: self._status_table,
             RT.IS_REMOTE_RECOVERING: self._is_remote_recovering,
         }
+
+    def current_state(self) -> list[dict[str, Any]]:
+        """Each log as the fields of an ``exists`` event (``ulogd events --now``);
+        the caller holds :attr:`lock`."""
+        return [{"uuid": _u(e.uuid), "luid": e.luid, "type": e.type_name, "args": e.ctr_string,
+                 "suspended": not e.resumed} for e in self.logs.values()]
 
     # -- batch entry point ---------------------------------------------------
 
@@ -464,6 +481,9 @@ class Dispatcher:
             if rtype == RT.DTR:
                 return None, 0, b"", False
             self.unknown_key += 1
+            self.events.emit("error", "refused", "log", uuid=_u(req.uuid), luid=req.luid,
+                             request=_request_name(rtype), errno=errno.ESRCH,
+                             error="unknown log")
             log.info("request type %d for unknown log %s/%d: -ESRCH (kernel will reconnect)",
                      rtype, _u(req.uuid), req.luid)
             return None, -errno.ESRCH, b"", False
@@ -488,6 +508,8 @@ class Dispatcher:
             assert result is not None
             return entry, result[0], result[1], False
         rtype = req.request_type
+        self.events.emit("error", "refused", "log", uuid=_u(req.uuid), luid=req.luid,
+                         request=_request_name(rtype), error=str(error))
         if isinstance(error, (UserError, IndexError)):
             log.warning("request type %d on %s/%d rejected: %s", rtype, _u(req.uuid), req.luid,
                         error)
@@ -584,6 +606,8 @@ class Dispatcher:
                                 f"(ulogd run --max-bitmap-memory)")
 
     def _ctr_failed(self, req: p.Ctr, e: Exception) -> Outcome:
+        self.events.emit("error", "refused", "log", uuid=_u(req.uuid), luid=req.luid,
+                         request=RT.CTR.name, error=str(e))
         if isinstance(e, LimitExceeded):
             log.error("%s", e)
             return None, -errno.ENOMEM, b"", False
@@ -611,6 +635,8 @@ class Dispatcher:
         entry.counts[RT.CTR] += 1
         self.logs[key] = entry
         self._by_luid[req.luid] = entry
+        self.events.emit("create", "log-create", "log", uuid=_u(req.uuid), luid=req.luid,
+                         args=req.args, reconnect=bool(req.reconnect))
         log.info("constructed log %s/%d: %s%s", _u(req.uuid), req.luid, req.args,
                  " (reconnect)" if req.reconnect else "")
         payload = b""
@@ -637,6 +663,8 @@ class Dispatcher:
         if self.state is not None:
             self.state.delete(entry)
         self._close(entry)
+        self.events.emit("destroy", "log-destroy", "log", uuid=_u(entry.uuid),
+                         luid=entry.luid)
         log.info("destroyed log %s/%d", _u(entry.uuid), entry.luid)
         return 0, b""
 
@@ -648,6 +676,7 @@ class Dispatcher:
         entry.dlog.postsuspend()
         entry.touched = False
         entry.resumed = False
+        self.events.emit("change", "suspend", "log", uuid=_u(entry.uuid), luid=entry.luid)
         return 0, b""
 
     def _resume(self, req: Any, entry: LogEntry) -> tuple[int, bytes]:
@@ -655,6 +684,7 @@ class Dispatcher:
         dlog.resume()
         entry.resumed = True
         entry.watermark = 0
+        self.events.emit("change", "resume", "log", uuid=_u(entry.uuid), luid=entry.luid)
         if self.state is None:
             return 0, b""
         if entry.restore_pending:

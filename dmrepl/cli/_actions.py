@@ -13,6 +13,7 @@ from dmrepl.cli._errors import CliUserError
 from dmrepl.cli._status_text import human_lines
 from dmrepl.daemon.client import Client, MustBeRoot
 from dmrepl.errors import UserError
+from dmrepl.eventlog import stdout_reader_gone
 
 Action = Callable[[argparse.Namespace], int | None]
 
@@ -115,6 +116,29 @@ def wait(ns: argparse.Namespace) -> None:
                                             timeout=ns.timeout))
 
 
+#: Seconds ``events`` waits for an event before checking its reader is still there.
+EVENTS_IDLE_CHECK = 1.0
+
+
+def events(ns: argparse.Namespace) -> int:
+    """One JSON object a line, flushed each: a pipe (``| head -3``) ends it quietly,
+    also while no event comes."""
+    stream = _client(ns, timeout=30).stream("events", idle=EVENTS_IDLE_CHECK,
+                                            name=ns.name, now=ns.now)
+    try:
+        for event in stream:
+            if event is None:
+                if stdout_reader_gone():
+                    break
+                continue
+            sys.stdout.write(json.dumps(event, separators=(", ", ": ")) + "\n")
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away: nothing more to say, and nothing to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def daemon(ns: argparse.Namespace) -> int:
     from dmrepl.daemon.run import run_daemon
     from dmrepl.metrics import parse_listen
@@ -138,4 +162,4 @@ def daemon(ns: argparse.Namespace) -> int:
                        idle_timeout=ns.nbd_idle_timeout)
     return run_daemon(ns.socket, ns.state_dir, ns.ready_file,
                       kernel_devices=not ns.no_kernel_devices, engine=ns.engine, tuning=tuning,
-                      nbd_limits=limits, metrics=ns.metrics)
+                      nbd_limits=limits, metrics=ns.metrics, log_level=ns.log_level)

@@ -9,6 +9,7 @@ from dmrepl.cli import _actions as act
 from dmrepl.cli._exit import epilog
 from dmrepl.daemon._engine import ENGINE_CHOICES
 from dmrepl.daemon.client import default_socket
+from dmrepl.logfmt import LOG_LEVELS
 from dmrepl.nbd.server import NbdLimits
 from dmrepl.numbers import argument, parse_decimal
 from dmrepl.osenv import env_or, version
@@ -101,12 +102,31 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
                                 "help": "give up after this many seconds"})],
         "func": act.wait,
     }),
+    ("events", {
+        "help": "stream state changes as JSON lines (like drbdsetup events2)",
+        "description": "One JSON object a line per change: link down/up, forced sync "
+                       "on/off, resync start/end, errors (lost writes, I/O errors), "
+                       "devices and objects added or removed; each with a sequence "
+                       "number (seq) and an ISO 8601 UTC time.  A reader too slow "
+                       "gets {\"kind\": \"lost\", \"count\": N} in place of what it "
+                       "missed.",
+        "args": [OPT_NAME, ("--now", {"action": "store_true",
+                                      "help": "first the current state of every object "
+                                              "and site link (kind \"exists\"), ended by "
+                                              "an object \"-\""})],
+        "func": act.events,
+    }),
     ("daemon", {
         "help": "run the daemon (foreground)",
         "args": [
             ("--state-dir", {"default": env_or("DMREPL_STATE_DIR", "/var/lib/dmrepl"),
                              "help": "where tables are persisted and the NBD socket lives"}),
             ("--ready-file", {"help": "written with our pid once we serve"}),
+            ("--log-level", {"choices": LOG_LEVELS, "default": "info",
+                             "help": "least severe messages logged (default %(default)s): "
+                                     "link down, forced sync on: warning; link up, "
+                                     "resync start/end, devices added/removed: info; "
+                                     "lost writes, I/O errors: error"}),
             ("--no-kernel-devices", {"action": "store_true",
                                      "help": "export over NBD only: no /dev/nbdN, "
                                              "no /dev/mapper (no kernel needed)"}),

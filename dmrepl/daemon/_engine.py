@@ -17,7 +17,7 @@ engine at import time, so that an engine that cannot be imported is reported as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from dmrepl.blockio import Opener
@@ -61,9 +61,17 @@ class EngineReplicator(Protocol):
 
     @classmethod
     def from_table(cls, line: str, *, opener: Opener | None = None,
+                   on_event: Callable[..., Any] | None = None,
                    **tuning: Any) -> EngineReplicator:
         """Build from a ``replicator`` table line (the daemon opens its devices
-        with ``opener``); ``tuning``: the engine's knobs (:mod:`dmrepl.tuning`)."""
+        with ``opener``); ``on_event(kind, event, object, **fields)`` receives its
+        state changes (:meth:`dmrepl.eventlog.EventLog.emit`; called under the
+        engine's lock: it must not block); ``tuning``: the engine's knobs
+        (:mod:`dmrepl.tuning`)."""
+        ...
+
+    def current_state(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each site link and device as ``(object, fields)``: ``events --now``."""
         ...
 
     @property

@@ -5,11 +5,16 @@
 Requests are ``{"op": NAME, ...arguments}``; replies are ``{"ok": true,
 "result": ...}`` or ``{"ok": false, "error": {"kind": KIND, "message": TEXT}}``
 where KIND is one of :data:`ERROR_KINDS` (the CLI maps it to an exit code).
+
+A streaming op (``events``) answers ``{"ok": true, "stream": true}`` and then
+sends ``{"event": ...}`` frames on the same connection until the client closes
+it, or ``{"end": true}`` when the daemon stops; its errors are ordinary replies.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from construct import Int32ub
@@ -104,3 +109,20 @@ class ControlError(DmreplError):
 
     def to_wire(self) -> dict[str, Any]:
         return {"ok": False, "error": {"kind": self.kind, "message": self.message}}
+
+
+class Stream:
+    """The result of a streaming op: ``items`` yields each event to send, or
+    ``None`` when there was none for a while (the server then checks that the
+    client is still there).  :meth:`close` ends it (the client went away)."""
+
+    def __init__(self, items: Iterator[dict[str, Any] | None]) -> None:
+        self.items = items
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        return self.items
+
+    def close(self) -> None:
+        close = getattr(self.items, "close", None)
+        if close is not None:
+            close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from dmrepl.daemon._proto import ControlError, FrameDecoder, FrameError, encode
@@ -71,3 +72,51 @@ class Client:
             return reply.get("result")
         err = reply.get("error") or {}
         raise ControlError(str(err.get("kind", "internal")), str(err.get("message", reply)))
+
+    def stream(self, op: str, idle: float | None = None,
+               **args: Any) -> Iterator[dict[str, Any] | None]:
+        """A streaming op (``events``): each item until the daemon ends the stream
+        (a ControlError if it refuses the request; DaemonUnreachable if it goes);
+        ``None`` once the daemon subscribed us (every change from then on comes)
+        and after each ``idle`` seconds without one (the caller may check its own
+        reader is still there)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            try:
+                sock.connect(self.path)
+            except OSError as e:
+                raise DaemonUnreachable(self.path, e.strerror or str(e)) from e
+            sock.sendall(encode({"op": op, **args}))
+            decoder = FrameDecoder()
+            started = False
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError as e:
+                    if started:
+                        yield None
+                        continue
+                    raise ControlError("timeout", f"daemon did not answer {op!r} in "
+                                                  "time") from e
+                if not data:
+                    raise DaemonUnreachable(self.path, "daemon closed the connection")
+                try:
+                    frames = decoder.feed(data)
+                except FrameError as e:
+                    raise ControlError("internal", f"bad reply from daemon: {e}") from e
+                for frame in frames:
+                    if not started:
+                        if not frame.get("ok"):
+                            err = frame.get("error") or {}
+                            raise ControlError(str(err.get("kind", "internal")),
+                                               str(err.get("message", frame)))
+                        started = True
+                        sock.settimeout(idle)   # events may be hours apart
+                        yield None              # subscribed: what follows is new
+                    elif frame.get("end"):
+                        return
+                    else:
+                        yield frame["event"]
+        finally:
+            sock.close()

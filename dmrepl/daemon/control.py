@@ -18,7 +18,14 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from dmrepl.daemon._proto import BadFrame, ControlError, FrameDecoder, FrameError, encode
+from dmrepl.daemon._proto import (
+    BadFrame,
+    ControlError,
+    FrameDecoder,
+    FrameError,
+    Stream,
+    encode,
+)
 from dmrepl.daemon._schema import schema_of
 from dmrepl.errors import DmreplError, InUse, UserError
 from dmrepl.unixsock import AcceptBackoff, listen_root_only
@@ -192,4 +199,25 @@ class ControlServer:
                     return
                 if frame is None:
                     break
-                self._reply(conn, self.daemon.handle(frame))
+                reply = self.daemon.handle(frame)
+                if isinstance(reply.get("result"), Stream):
+                    self._stream(conn, reply["result"])
+                    return
+                self._reply(conn, reply)
+
+    def _stream(self, conn: socket.socket, stream: Stream) -> None:
+        """Send a streaming op's items until it ends or the client goes away (a
+        closed connection: EOF when idle, EPIPE when sending)."""
+        try:
+            conn.sendall(encode({"ok": True, "stream": True}))
+            for item in stream:
+                if item is not None:
+                    conn.sendall(encode({"event": item}))
+                    continue
+                # (not recv(MSG_DONTWAIT): a socket with a timeout polls first)
+                readable, _, _ = select.select([conn], [], [], 0)
+                if readable and not conn.recv(1, socket.MSG_PEEK):
+                    return   # the client closed its end
+            conn.sendall(encode({"end": True}))
+        finally:
+            stream.close()

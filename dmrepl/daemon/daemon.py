@@ -23,12 +23,13 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from dmrepl.blockio import open_store  # the engine's device opener; a compatibility name here
 from dmrepl.daemon import _kernel
 from dmrepl.daemon._engine import Engine, load_engine
-from dmrepl.daemon._proto import ControlError
+from dmrepl.daemon._proto import ControlError, Stream
 from dmrepl.daemon.control import (
     CONTROL_MAX_CONNECTIONS,
     CONTROL_REQUEST_TIMEOUT,
@@ -41,10 +42,14 @@ from dmrepl.daemon.objects import DeviceObj, Obj, Objects, ReplicatorObj
 from dmrepl.daemon.state import STATE_FILE, SavedObject, StateFile
 from dmrepl.daemon.tables import Line, parse_table
 from dmrepl.errors import UserError
+from dmrepl.eventlog import EventLog, Subscription
 from dmrepl.nbd.server import NbdLimits, NbdServer
 from dmrepl.ownership import claim_directory
 
 log = logging.getLogger("dmrepl.daemon")
+
+#: Seconds an events stream waits for an event before checking its client is there.
+EVENTS_IDLE_CHECK = 1.0
 
 REMOVE_RETRY_INTERVAL = 0.2  # seconds between the attempts of a waiting remove
 
@@ -78,9 +83,10 @@ class Daemon:
         except BaseException:
             self.owner.release()
             raise
+        self.events = EventLog()
         self.registry = Objects(self.engine, self.nbd, self.nbd_socket,
                             kernel_devices=kernel_devices, tuning=dict(tuning or {}),
-                            persist=self.state.save)
+                            persist=self.state.save, events=self.events)
         self.restore_errors: list[str] = []
 
     @property
@@ -230,6 +236,48 @@ class Daemon:
                                           f"within {timeout}s")
         return got
 
+    def op_events(self, name: str | None = None, now: bool = False) -> Stream:
+        """Stream the state changes (of ``name`` and its replicator, or of all);
+        ``now``: first each object's current state (``kind: exists``), ended by
+        ``{"kind": "exists", "object": "-"}``."""
+        sub = self.events.subscribe()   # before the current state: no change lost
+        with self.lock:
+            names = None if name is None else {name, self.registry.replicator_of(
+                self.registry.get(name)).name}
+            current = self._current_state(names) if now else []
+        return Stream(self._event_items(sub, names, current))
+
+    def _current_state(self, names: set[str] | None) -> list[dict[str, Any]]:
+        stamp = self.events.stamp
+        out = []
+        for obj in self.objects.values():
+            if names is not None and obj.name not in names:
+                continue
+            if isinstance(obj, ReplicatorObj):
+                out.append(stamp("exists", "exists", obj.kind, name=obj.name))
+                out += [stamp("exists", "exists", what, name=obj.name, **fields)
+                        for what, fields in obj.engine.current_state()]
+            else:
+                out.append(stamp("exists", "exists", obj.kind, name=obj.name,
+                                 replicator=obj.replicator,
+                                 devices=[d.dev_nr for d in obj.devs]))
+        out.append(stamp("exists", "exists", "-"))
+        return out
+
+    @staticmethod
+    def _event_items(sub: Subscription, names: set[str] | None,
+                     current: list[dict[str, Any]]) -> Iterator[dict[str, Any] | None]:
+        yield from current
+        while True:
+            events = sub.read(timeout=EVENTS_IDLE_CHECK)
+            if events is None:
+                return
+            if not events:
+                yield None   # the server checks whether the client is still there
+            for e in events:
+                if names is None or e.get("name") in names or e["kind"] == "lost":
+                    yield e
+
     # -- lifetime ----------------------------------------------------------------
 
     def shutdown(self) -> None:
@@ -246,4 +294,5 @@ class Daemon:
                     log.error("shutdown: %s: %s", obj.name, e)
                 log.info("shutdown: %s closed in %.1fs", obj.name, time.monotonic() - started)
             self.nbd.close()
+            self.events.close()
             self.owner.release()

@@ -14,6 +14,7 @@ calls it under its lock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import uuid as uuidlib
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from dmrepl.daemon.exports import SECTOR, backend_of
 from dmrepl.daemon.state import SavedObject
 from dmrepl.daemon.tables import REPLICATOR, REPLICATOR_DEV, Line, parse_table
 from dmrepl.errors import Busy, UserError
+from dmrepl.eventlog import EventLog
 from dmrepl.nbd.server import Export, NbdServer
 
 log = logging.getLogger("dmrepl.daemon")
@@ -75,9 +77,10 @@ class Objects:
     refreshed) before the change counts as done; if it fails, a create is undone."""
 
     def __init__(self, engine: Engine, nbd: NbdServer, nbd_socket: str, *, kernel_devices: bool,
-                 tuning: dict[str, Any], persist: Callable[[list[SavedObject]], None]
-                 ) -> None:
+                 tuning: dict[str, Any], persist: Callable[[list[SavedObject]], None],
+                 events: EventLog | None = None) -> None:
         self.engine = engine
+        self.events = events if events is not None else EventLog()
         self.nbd = nbd
         self.nbd_socket = nbd_socket
         self.kernel_devices = kernel_devices
@@ -143,7 +146,9 @@ class Objects:
         uuid = uuid or f"DMREPL-{uuidlib.uuid4().hex}"
         obj: Obj
         if lines[0].target == REPLICATOR:
-            engine = self.engine.from_table(lines[0].text, opener=open_store, **self.tuning)
+            engine = self.engine.from_table(
+                lines[0].text, opener=open_store,
+                on_event=functools.partial(self.events.emit, name=name), **self.tuning)
             try:
                 engine.start()
             except BaseException:
@@ -159,6 +164,7 @@ class Objects:
             except BaseException:
                 self.destroy(obj)
                 raise
+        self.events.emit("create", "object-create", obj.kind, name=name)
         return obj
 
     @staticmethod
@@ -221,7 +227,8 @@ class Objects:
             with contextlib.suppress(Exception):
                 obj.engine.stop()
             obj.engine.close()
-        self.by_name.pop(obj.name, None)
+        if self.by_name.pop(obj.name, None) is not None:
+            self.events.emit("destroy", "object-remove", obj.kind, name=obj.name)
 
     # -- remove ------------------------------------------------------------------
 

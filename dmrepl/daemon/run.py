@@ -23,6 +23,8 @@ from typing import Any
 from dmrepl.daemon._engine import EngineUnavailable, load_engine
 from dmrepl.daemon.control import ControlServer
 from dmrepl.daemon.daemon import Daemon
+from dmrepl.eventlog import log_events
+from dmrepl.logfmt import setup_logging
 from dmrepl.nbd.server import NbdLimits
 from dmrepl.osenv import sd_notify
 
@@ -36,7 +38,8 @@ __all__ = ["SHUTDOWN_DEADLINE", "EngineUnavailable", "run_daemon"]
 def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, *,
                kernel_devices: bool = True, engine: str = "auto",
                tuning: dict[str, Any] | None = None,
-               nbd_limits: NbdLimits | None = None, metrics: str | None = None) -> int:
+               nbd_limits: NbdLimits | None = None, metrics: str | None = None,
+               log_level: str = "info") -> int:
     """``dmrepl daemon``: serve until SIGTERM/SIGINT, then shut down cleanly.
 
     Another daemon on the same state directory or control socket: raises
@@ -44,11 +47,13 @@ def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, 
     engine that cannot be imported: :class:`EngineUnavailable`, before either.
     ``metrics``: ``ADDR:PORT`` of a Prometheus endpoint (read at scrape time from
     the status op), started once the devices are recreated."""
-    logging.basicConfig(level=logging.INFO, format="dmrepl-daemon: %(levelname)s %(message)s")
+    setup_logging("dmrepl-daemon", log_level)
     # The state directory is claimed first (Daemon), then the control socket:
     # a second daemon stops at whichever another one holds, having touched nothing.
     daemon = Daemon(state_dir, kernel_devices=kernel_devices, engine=load_engine(engine),
                     tuning=tuning, nbd_limits=nbd_limits)
+    # every state change (restored objects' too) is logged at its level
+    event_logger = log_events(daemon.events, logging.getLogger("dmrepl.events"))
     try:
         server = ControlServer(daemon, socket_path)
     except BaseException:
@@ -87,6 +92,7 @@ def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, 
             endpoint.close()
         daemon.shutdown()
         faulthandler.cancel_dump_traceback_later()
+        event_logger.join(5)   # the last events (objects closed) reach the log
         if ready_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(ready_file)

@@ -38,6 +38,7 @@ class Leg:
     lock: threading.Lock = field(default_factory=threading.Lock)
     cursor: int = 0  # resync scan position
     resynced: int = 0  # regions copied by resync
+    resync_decile: int = -1  # in-sync tenths last reported as resync-progress
 
     def out_of_sync(self) -> int:
         if self.dlog is None:

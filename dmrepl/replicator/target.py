@@ -60,6 +60,7 @@ from dataclasses import replace
 from typing import Any
 
 from dmrepl.errors import UserError
+from dmrepl.eventlog import EventLog
 from dmrepl.replicator import replog as replog_types
 from dmrepl.replicator import slink as slink_types
 from dmrepl.replicator._state import DeviceEvent
@@ -98,8 +99,12 @@ class Replicator:
 
     def __init__(self, cfg: ReplicatorConfig, *, opener: DeviceOpener | None = None,
                  tuning: Tuning | None = None,
-                 clock: Callable[[], float] = time.monotonic, **knobs: Any) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_event: Callable[..., Any] | None = None, **knobs: Any) -> None:
         self.cfg = cfg
+        # where state changes go (emit_locked): the daemon's event log, or our own
+        self.events = EventLog()
+        self.on_event: Callable[..., Any] = on_event or self.events.emit
         self.tuning = replace(tuning or Tuning(), **knobs)
         self.clock = clock  # the resync rate limiter's time (tests: a fake one)
         self.opener: DeviceOpener = opener or open_file_store
@@ -124,14 +129,19 @@ class Replicator:
         report = self.replog.lost_report()  # (logged by the log as it opened)
         if report is not None:
             self.messages.append(report)
+            self.on_event("error", "lost-writes", "replog", report=report,
+                          entries=self.ring.lost["entries"])
 
     # -- construction -----------------------------------------------------------
 
     @classmethod
     def from_table(cls, line: str, *, opener: DeviceOpener | None = None,
+                   on_event: Callable[..., Any] | None = None,
                    **tuning: Any) -> Replicator:
-        """Build from a ``replicator`` table line (or its parameters only)."""
-        return cls(parse_replicator(line), opener=opener, **tuning)
+        """Build from a ``replicator`` table line (or its parameters only);
+        ``on_event(kind, event, object, **fields)`` receives its state changes
+        (:meth:`dmrepl.eventlog.EventLog.emit`; default: :attr:`events`)."""
+        return cls(parse_replicator(line), opener=opener, on_event=on_event, **tuning)
 
     def add_slink_locked(self, s: SlinkConfig, *, fresh: bool) -> Slink:
         """A new site link, its position given by the log (``fresh``: added by
@@ -152,6 +162,23 @@ class Replicator:
             self.messages.append(note)
             del self.messages[:-50]
         self.cond.notify_all()
+
+    def emit_locked(self, kind: str, event: str, obj: str, **fields: Any) -> None:
+        """A state change for the event stream (never blocks: see
+        :mod:`dmrepl.eventlog`)."""
+        self.on_event(kind, event, obj, **fields)
+
+    def current_state(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every site link and device as (object, fields), for ``events --now``."""
+        with self.lock:
+            out: list[tuple[str, dict[str, Any]]] = [
+                ("slink", {"slink": nr, "link": s.link.state.value,
+                           "ack": s.ack.state.value, "resync": s.resync.state.value,
+                           **({"error": s.error} if s.error else {})})
+                for nr, s in sorted(self.slinks.items())]
+            out += [("device", {"device": nr, "state": d.sm.state.value})
+                    for nr, d in sorted(self.devices.items())]
+            return out
 
     def wait_event(self, after: int, timeout: float | None) -> int:
         """Block until ``event_nr > after`` (or timeout); return ``event_nr``."""
@@ -189,6 +216,8 @@ class Replicator:
                     raise TableError(f"device number {cfg.dev_nr} is already in use")
                 self.devices[cfg.dev_nr] = dev
                 self.bump_locked(f"device {cfg.dev_nr} added")
+                self.emit_locked("create", "device-add", "device", device=cfg.dev_nr,
+                                 size=size)
             return dev
         except BaseException:
             for leg in legs.values():
@@ -226,6 +255,7 @@ class Replicator:
             del self.devices[dev_nr]
             dev.sm.fire(DeviceEvent.REMOVE)
             self.bump_locked(f"device {dev_nr} removed")
+            self.emit_locked("destroy", "device-remove", "device", device=dev_nr)
         for leg in dev.legs.values():
             close_leg(leg)
 

@@ -121,6 +121,7 @@ def test_sync_slink_holds_the_ack_until_its_copy_is_durable(env) -> None:
 
 def test_async_falls_behind_up_to_its_threshold_then_forced_sync(env) -> None:
     e = env("blockdev 2 0 async blockdev 4 1 async ios 2")
+    events = e.rep.events.subscribe()
     e.rep.start()
     remote = e.s("r1_0")
     remote.gate.clear()
@@ -140,6 +141,9 @@ def test_async_falls_behind_up_to_its_threshold_then_forced_sync(env) -> None:
     wait_for(lambda: not e.slink(1)["forced_sync"], "release of forced sync")
     assert e.rep.wait_event(ev, 1) > ev
     assert any("releasing fallbehind sync" in n for n in e.rep.status_dict()["notes"])
+    changes = [(x["event"], x["slink"]) for x in events.read(0) or []
+               if x["event"].startswith("forced-sync")]
+    assert changes == [("forced-sync-on", 1), ("forced-sync-off", 1)]
 
 
 def test_size_and_timeout_thresholds(env) -> None:

@@ -169,6 +169,10 @@ def test_lost_entry_is_marked_reported_survives_reopen_and_clears(caplog) -> Non
         rep, dev = reopen(ss)
     try:
         assert "acknowledged writes lost" in caplog.text
+        # and on the event stream, as an error
+        [lost] = [x for x in rep.events.subscribe(after=0).read(0) or []
+                  if x["kind"] == "error"]
+        assert (lost["kind"], lost["event"], lost["entries"]) == ("error", "lost-writes", 1)
         # the lost entry's region is out of sync for the remote site link
         assert out_of_sync_regions(rep) == {offset // REGION}
         text = rep.status()

@@ -61,6 +61,8 @@ class Copiers:
             s.ack.fire(AckEvent.OVER_THRESHOLD if over else AckEvent.UNDER_THRESHOLD)
             self.rep.bump_locked(f"{'enforcing' if over else 'releasing'} fallbehind "
                                  f"sync on slink={s.nr}")
+            self.rep.emit_locked("change", "forced-sync-on" if over else "forced-sync-off",
+                                 "slink", slink=s.nr, ack=s.ack.state.value)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -120,6 +122,8 @@ class Copiers:
             except ReplogIOError as err:
                 with self.cond:
                     self.rep.bump_locked(f"slink {s.nr}: replication log failed: {err}")
+                    self.rep.emit_locked("error", "replog-failed", "slink", slink=s.nr,
+                                         error=str(err))
                     s.closing = True
                 return
 
@@ -284,11 +288,17 @@ class Copiers:
         assert self.rep.lock.locked()
         if kind not in leg.error:
             leg.error = "RW" if leg.error else kind
+        was_up = s.up
         s.link.fire(LinkEvent.IO_ERROR)
         s.failures += 1
         s.error = f"{leg.cfg.dev_path}: {err}"
         s.next_retry = time.monotonic() + self.rep.tuning.retry_interval
         self.rep.bump_locked(f"slink {s.nr} down: {leg.cfg.dev_path}: {err}")
+        if was_up:
+            self.rep.emit_locked("change", "link-down", "slink", slink=s.nr, link="down",
+                                 error=s.error)
+        self.rep.emit_locked("error", "io-error", "slink", slink=s.nr,
+                             path=leg.cfg.dev_path, io=kind, error=str(err))
 
     # -- flush and persist ---------------------------------------------------------------
 
@@ -388,9 +398,11 @@ class Copiers:
             s.drop_requested = False
             s.drops += 1
             s.ack.fire(AckEvent.DROPPED)
+            out_of_sync = sum(len(r) for _, r in marks.values())
             rep.bump_locked(f"slink {s.nr}: {dropped} entries dropped to dirty logs "
-                            f"({sum(len(r) for _, r in marks.values())} regions out of "
-                            "sync)")
+                            f"({out_of_sync} regions out of sync)")
+            rep.emit_locked("change", "entries-dropped", "slink", slink=s.nr,
+                            entries=dropped, regions=out_of_sync, ack=s.ack.state.value)
             up = s.up
         # Persist the new position (releasing the ring head) even if this site's
         # devices can't be flushed (it is down): what it may lack is in its dirty
@@ -425,6 +437,7 @@ class Copiers:
                 s.link.fire(LinkEvent.RETRY_OK)
                 s.error = ""
                 rep.bump_locked(f"slink {s.nr} up again")
+                rep.emit_locked("change", "link-up", "slink", slink=s.nr, link="up")
             else:
                 s.next_retry = time.monotonic() + rep.tuning.retry_interval
 
@@ -456,7 +469,22 @@ class Copiers:
         if s.resyncing:
             s.resync.fire(ResyncEvent.ALL_IN_SYNC)
             rep.bump_locked(f"slink {s.nr}: resynchronisation complete")
+            rep.emit_locked("change", "resync-end", "slink", slink=s.nr, resync="idle",
+                            bytes=s.resync_bytes)
         return None
+
+    def _report_progress_locked(self, s: Slink, dev: ReplicatedDevice, leg: Leg) -> None:
+        """A resync-progress event each time a device's in-sync share passes a
+        tenth (not per region: a large device has millions)."""
+        with leg.lock:
+            total = leg.dlog.region_count
+            in_sync = leg.dlog.get_sync_count()
+        percent = 100 * in_sync // total if total else 100
+        if percent // 10 > leg.resync_decile:
+            leg.resync_decile = percent // 10
+            self.rep.emit_locked("change", "resync-progress", "slink", slink=s.nr,
+                                 device=dev.dev_nr, percent=percent,
+                                 regions_in_sync=in_sync, regions=total)
 
     def _do_resync(self, s: Slink, dev: ReplicatedDevice, leg: Leg, region: int) -> None:
         rep = self.rep
@@ -465,6 +493,11 @@ class Copiers:
                 s.resync.fire(ResyncEvent.REGION_STARTED)
                 s.resync_meter.restart(s.resync_bytes, rep.clock())
                 rep.bump_locked(f"slink {s.nr}: resynchronisation started")
+                rep.emit_locked("change", "resync-start", "slink", slink=s.nr,
+                                resync="resyncing")
+                for d in rep.devices.values():
+                    if s.nr in d.legs:
+                        d.legs[s.nr].resync_decile = -1
         if not s.ops.resync_region(s, dev, leg, region):
             return
         rs = leg.dlog.region_size * SECTOR
@@ -472,6 +505,7 @@ class Copiers:
         with self.cond:
             s.resync_bytes += hi - lo
             s.resync_meter.update(s.resync_bytes, rep.clock())
+            self._report_progress_locked(s, dev, leg)
             rate = s.cfg.resync_rate
             if rate:
                 # one region at a time: the average rate is the limit, a burst is
