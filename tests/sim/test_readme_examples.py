@@ -51,6 +51,11 @@ NOT_RUN = {
     "mkfs.ext4 /dev/mapper/vol": "needs /dev/mapper (root, kernel): tests/kernel/"
                                  "test_dmrepl_fs.py makes a filesystem on a device",
     "tools/vmtest -- uname -r": "the VM runner itself",
+    "dmrepl status": "status lines: tests/sim/test_status_progress.py, test_daemon_cli.py",
+    "dmrepl events --now": "tests/sim/test_daemon_events.py; in the VM with a link cut: "
+                           "tests/kernel/test_dmrepl_events.py",
+    "dmrepl daemon --metrics 127.0.0.1:9134 &": "tests/sim/test_metrics.py scrapes a "
+                                                "daemon started with --metrics",
     "tools/vmtest -- .venv/bin/python -m pytest tests/kernel -q --require-kernel":
         "the kernel tier itself",
 }
