@@ -25,6 +25,7 @@ class Tunable:
     minimum: float
     maximum: float | None
     meaning: str
+    default: Any = None
 
 
 def _knob(default: Any, minimum: float, maximum: float | None, meaning: str) -> Any:
@@ -70,7 +71,7 @@ class Tuning:
 
 TUNABLES: dict[str, Tunable] = {
     f.name: Tunable(type(f.default), f.metadata["minimum"], f.metadata["maximum"],
-                    f.metadata["meaning"])
+                    f.metadata["meaning"], f.default)
     for f in fields(Tuning)
 }
 
@@ -99,6 +100,16 @@ def parse_tuning(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def _shown(value: Any) -> str:
+    return str(int(value)) if isinstance(value, bool) else f"{value:g}" \
+        if isinstance(value, float) else str(value)
+
+
 def describe() -> str:
-    """One line per knob (for ``--help``)."""
-    return "\n".join(f"  {k}: {t.meaning}" for k, t in TUNABLES.items())
+    """The knobs for ``dmrepl daemon --help``: name, default, bounds, meaning."""
+    lines = []
+    for k, t in TUNABLES.items():
+        top = "" if t.maximum is None else _shown(t.kind(t.maximum))
+        lines.append(f"  {k}={_shown(t.default)} ({_shown(t.kind(t.minimum))}..{top}): "
+                     f"{t.meaning}")
+    return "\n".join(lines)

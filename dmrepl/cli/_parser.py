@@ -13,7 +13,7 @@ from dmrepl.logfmt import LOG_LEVELS
 from dmrepl.nbd.server import NbdLimits
 from dmrepl.numbers import argument, parse_decimal
 from dmrepl.osenv import env_or, version
-from dmrepl.tuning import TUNABLES
+from dmrepl.tuning import TUNABLES, describe
 
 NBD_DEFAULTS = NbdLimits()
 
@@ -156,6 +156,8 @@ ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
                            "help": "serve Prometheus metrics on http://ADDR:PORT/metrics "
                                    "(default: off)"}),
         ],
+        "epilog": "tuning keys (--tuning KEY=VALUE; default, bounds, meaning):\n"
+                  + describe(),
         "func": act.daemon,
     }),
 ]

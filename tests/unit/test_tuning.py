@@ -76,3 +76,25 @@ def test_daemon_refuses_bad_tuning_before_starting(tmp_path, capsys) -> None:
     assert err.strip() == ("dmrepl: error: invalid tuning copy_inflight '2.5': not a "
                            "whole number")
     assert not state.exists()  # nothing was started
+
+
+def test_daemon_help_lists_every_knob_with_default_and_meaning() -> None:
+    """`dmrepl daemon --help` says what each --tuning key means and its default."""
+    import contextlib
+    import io
+
+    import pytest as _pytest
+
+    from dmrepl.cli._parser import gen_parser
+    from dmrepl.tuning import TUNABLES, Tuning
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), _pytest.raises(SystemExit):
+        gen_parser().parse_args(["daemon", "--help"])
+    text = " ".join(out.getvalue().split())
+    for key, knob in TUNABLES.items():
+        default = getattr(Tuning(), key)
+        shown = str(int(default)) if isinstance(default, bool) else (
+            f"{default:g}" if isinstance(default, float) else str(default))
+        assert f"{key}={shown} (" in text, key
+        assert " ".join(knob.meaning.split()) in text, key
