@@ -8,7 +8,7 @@ the CLI never disagree."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -17,13 +17,18 @@ from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from dmrepl.errors import UserError
+from dmrepl.nbd.latency import LatencySnapshot
 
 Snapshot = Callable[[], Any]
+#: :meth:`dmrepl.nbd.server.NbdServer.latency_snapshot`
+LatencySnapshots = Callable[[], Mapping[tuple[str, str], LatencySnapshot]]
 
 
 def parse_listen(text: str, option: str = "--metrics") -> tuple[str, int]:
@@ -61,10 +66,13 @@ def ratio(part: int, whole: int) -> float:
 
 
 class DmreplCollector(Collector):
-    """Site links and devices of every replicator, from the daemon's status op."""
+    """Site links and devices of every replicator, from the daemon's status op;
+    NBD request latencies per export and command, from the NBD server's
+    histograms (``nbd_latency``; None: a daemon without an NBD server)."""
 
-    def __init__(self, status: Snapshot) -> None:
+    def __init__(self, status: Snapshot, nbd_latency: LatencySnapshots | None = None) -> None:
         self._status = status
+        self._nbd_latency = nbd_latency
 
     def collect(self) -> Iterator[Metric]:
         sl = ["replicator", "slink"]
@@ -109,7 +117,10 @@ class DmreplCollector(Collector):
         for obj in self._status():
             detail = obj.get("detail")
             if obj.get("type") == "replicator" and isinstance(detail, dict):
-                for nr, s in detail.get("slinks", {}).items():
+                slinks = detail.get("slinks")
+                if not isinstance(slinks, dict):
+                    continue  # not the replicator engine (the test-only sim's list)
+                for nr, s in slinks.items():
                     if "lag_writes" not in s:
                         continue  # not the replicator engine (the test-only sim)
                     lv = [obj["name"], str(nr)]
@@ -142,6 +153,20 @@ class DmreplCollector(Collector):
         yield from c.values()
         yield dq
         yield ds
+        if self._nbd_latency is not None:
+            yield nbd_latency_metric(self._nbd_latency())
+
+
+def nbd_latency_metric(snapshots: Mapping[tuple[str, str], LatencySnapshot]) -> Metric:
+    h = HistogramMetricFamily(
+        "dmrepl_nbd_request_latency_seconds",
+        "NBD request service time, request header received to reply sent",
+        labels=["export", "command"])
+    for (export, command), snap in sorted(snapshots.items()):
+        h.add_metric([export, command],
+                     [(floatToGoString(le), n) for le, n in snap.buckets],
+                     snap.sum_seconds)
+    return h
 
 
 class UlogdCollector(Collector):

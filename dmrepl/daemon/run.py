@@ -73,7 +73,8 @@ def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, 
         daemon.restore()
         if metrics:
             from dmrepl.metrics import DmreplCollector, MetricsServer
-            endpoint = MetricsServer(metrics, [DmreplCollector(daemon.op_status)])
+            endpoint = MetricsServer(metrics, [DmreplCollector(
+                daemon.op_status, nbd_latency=daemon.nbd.latency_snapshot)])
             log.info("metrics: port %d, http://%s/metrics", endpoint.port, metrics)
         if ready_file:
             tmp = ready_file + ".tmp"

@@ -37,12 +37,16 @@ from dataclasses import dataclass
 from dmrepl.errors import UserError
 from dmrepl.nbd import _proto as p
 from dmrepl.nbd.backend import Backend
+from dmrepl.nbd.latency import LatencyHistogram, LatencySnapshot
 from dmrepl.ownership import claim_socket_path
 from dmrepl.unixsock import AcceptBackoff
 
 log = logging.getLogger(__name__)
 
 WRITES = (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM)
+#: The ``command`` label of a request's latency; a command the protocol does
+#: not know is "unknown" (a label per garbage value would grow without bound).
+COMMAND_NAMES = {int(c): c.name.lower() for c in p.Cmd}
 TIMEVAL = struct.Struct("@ll")   # struct timeval, for SO_RCVTIMEO
 RECV_SIZE = 65536     # a receive of the handshake, whose messages have no known size
 #: A short receive after this share of its timeout is that timeout (the kernel's
@@ -169,6 +173,10 @@ class NbdServer:
         self._refusing = False
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        # service times by (export, command); recorded by every request, read
+        # at scrape time (latency_snapshot)
+        self._latency: dict[tuple[str, str], LatencyHistogram] = {}
+        self._latency_lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, name="nbd-accept",
                                         daemon=True)
 
@@ -177,6 +185,22 @@ class NbdServer:
 
     def remove_export(self, name: str) -> Export | None:
         return self.exports.pop(name, None)
+
+    def latency_snapshot(self) -> dict[tuple[str, str], LatencySnapshot]:
+        """Service times so far (request header received to reply sent), by
+        ``(export, command)``; commands never requested are absent."""
+        with self._latency_lock:
+            return {key: h.snapshot() for key, h in self._latency.items()}
+
+    def record_latency(self, export: str, command: int, elapsed_ns: int) -> None:
+        """Count one request's service time (the request path: no allocation
+        but a histogram's first request)."""
+        key = (export, COMMAND_NAMES.get(command, "unknown"))
+        with self._latency_lock:
+            h = self._latency.get(key)
+            if h is None:
+                h = self._latency[key] = LatencyHistogram()
+            h.record(elapsed_ns)
 
     def start(self) -> NbdServer:
         self._thread.start()
@@ -294,11 +318,16 @@ class _Connection:
             pool.shutdown(wait=True)
 
     def _loop(self, pool: ThreadPoolExecutor) -> None:
+        # when the first receive of the request being read completed (its
+        # header: receives are of exactly the bytes the protocol wants)
+        header_at: int | None = None
         while True:
             event = self.proto.next_event()
             self.send(self.proto.data_to_send())
             if event is p.NEED_DATA:
                 self.proto.receive_data(self._receive())
+                if header_at is None:
+                    header_at = time.monotonic_ns()
                 continue
             if isinstance(event, p.Disconnect):
                 return
@@ -306,14 +335,17 @@ class _Connection:
                 self.export = self.server.exports[event.name]
                 self.handshake_deadline = None
                 _set_recv_timeout(self.sock, self.server.limits.idle_timeout)
+                header_at = None
                 continue
             assert isinstance(event, p.Request)
+            received_at = time.monotonic_ns() if header_at is None else header_at
+            header_at = None
             ticket = self.next_ticket
             if event.command in WRITES:
                 with self.pending:
                     self.write_tickets.add(ticket)
                 self.next_ticket += 1
-            pool.submit(self._execute, event, ticket)
+            pool.submit(self._execute, event, ticket, received_at)
 
     def _receive(self) -> bytes:
         """The bytes the protocol wants next, within the connection's deadline:
@@ -345,8 +377,9 @@ class _Connection:
             if data is not None:
                 return data
 
-    def _execute(self, req: p.Request, ticket: int) -> None:
+    def _execute(self, req: p.Request, ticket: int, received_at: int) -> None:
         error, data = 0, b""
+        export = self.export
         try:
             if req.command == p.Cmd.FLUSH:
                 # the writes received before this flush complete first
@@ -354,7 +387,6 @@ class _Connection:
                     self.pending.wait_for(lambda: not self.write_tickets
                                           or min(self.write_tickets) >= ticket)
             error = self.proto.check(req)
-            export = self.export
             if export is None or self.server.exports.get(export.name) is not export:
                 error = errno.ESHUTDOWN
             if not error:
@@ -376,8 +408,14 @@ class _Connection:
                 with self.pending:
                     self.write_tickets.discard(ticket)
                     self.pending.notify_all()
+        reply = self.proto.reply_parts(req.handle, error, data)
+        if export is not None:
+            # counted as the reply is handed to the socket, not after: a client
+            # that has its reply finds its request in the next scrape
+            self.server.record_latency(export.name, req.command,
+                                       time.monotonic_ns() - received_at)
         with contextlib.suppress(OSError):
-            self.send_reply(*self.proto.reply_parts(req.handle, error, data))
+            self.send_reply(*reply)
 
     @staticmethod
     def _do(backend: Backend, req: p.Request, export: Export) -> bytes:

@@ -17,6 +17,7 @@ from dmrepl.daemon._engine import load_engine
 from dmrepl.daemon.daemon import Daemon
 from dmrepl.errors import UserError
 from dmrepl.metrics import DmreplCollector, MetricsServer, UlogdCollector, parse_listen
+from dmrepl.nbd.client import NbdStore
 from dmrepl_testing.daemon import DaemonProcess
 from dmrepl_testing.ulogd import FakeKernel
 from ulogd.control import query
@@ -143,3 +144,48 @@ def test_dmrepl_daemon_serves_metrics_with_the_option(tmp_path: Path) -> None:
         assert scrape(int(m.group(1))) is not None
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_dmrepl_daemon_serves_nbd_request_latencies(tmp_path: Path) -> None:
+    log, local, remote = files(tmp_path, "log", "local", "remote")
+    with open(log, "r+b") as f:
+        f.truncate(4 * MB)
+    d = DaemonProcess(tmp_path / "d", kernel_devices=False, engine="sim",
+                      extra_args=("--metrics", "127.0.0.1:0"))
+    d.start()
+    try:
+        for name, table in (
+                ("rep", f"0 1 replicator ringbuffer 4 {log} 0 auto 8192 blockdev 2 0 async "
+                        "blockdev 2 1 async"),
+                ("vol", f"0 2048 replicator-dev rep 0 0 1 {local} nolog 0 1 1 {remote} "
+                        "core 2 8 nosync")):
+            r = d.cli("create", name, "--table", table)
+            assert r.returncode == 0, r.stderr
+        store = NbdStore(f"nbd+unix:///vol?socket={d.nbd_socket}", timeout=30)
+        try:
+            for i in range(3):
+                store.pwrite(i * 4096, b"\x5a" * 4096)
+            store.flush()
+            for i in range(5):
+                assert store.pread(i * 4096, 4096)[:1] in (b"\x5a", b"\0")
+            store.flush()
+        finally:
+            store.close()
+        m = re.search(r"metrics: port (\d+)", d.log())
+        assert m, d.log()
+        got = scrape(int(m.group(1)))
+    finally:
+        assert d.stop() == 0, d.log()
+    name = "dmrepl_nbd_request_latency_seconds"
+    for command, n in (("write", 3), ("read", 5), ("flush", 2)):
+        lv = (("command", command), ("export", "vol"))
+        assert got[(f"{name}_count", lv)] == n
+        assert got[(f"{name}_sum", lv)] > 0
+        buckets = sorted((float(dict(labels)["le"]), v) for (s, labels), v in got.items()
+                         if s == f"{name}_bucket"
+                         and ("command", command) in labels and ("export", "vol") in labels)
+        assert buckets[-1] == (float("inf"), n)
+        counts = [v for _, v in buckets]
+        assert counts == sorted(counts)      # cumulative
+    assert not any(s.startswith(name) and ("command", "trim") in labels
+                   for s, labels in got)    # never requested: absent
