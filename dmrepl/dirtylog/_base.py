@@ -170,6 +170,11 @@ class DirtyLog(abc.ABC):
     region_count: int
     config: DirtyLogConfig
 
+    @property
+    def persistent(self) -> bool:
+        """Do the marks survive a crash of the host (a ``disk`` log, once flushed)?"""
+        return self.type_name == "disk"
+
     @abc.abstractmethod
     def resume(self) -> None:
         """disk: read header and bitmap (or initialise); both: restart the resync scan."""

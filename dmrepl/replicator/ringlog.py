@@ -669,18 +669,25 @@ class RingLog:
         self.generation = gen
         self.stats["header_writes"] += 1
 
-    def persist(self, positions: dict[int, int] | Callable[[], dict[int, int]]
+    def persist(self, positions: dict[int, int] | Callable[[], dict[int, int]],
+                floors: Callable[[], dict[int, int]] | None = None
                 ) -> tuple[int, dict[int, int]]:
         """Persist per-slink positions and release the entries all of them passed.
 
         ``positions`` (or the function giving them, called with the lock held and
         in the same order as the header writes, so that positions on disk never go
-        back) must only hold progress already durable on the devices.  Returns the
-        number of entries released and the positions written."""
+        back) must only hold progress already durable on the devices.  ``floors``
+        (called right after, under the lock): positions the header records at most
+        for some site links (the release still follows ``positions``: a recorded
+        position below the head tells the next open that the site link lost
+        released entries).  Returns the number of entries released and the
+        positions persisted as progress (``positions``, not floored)."""
         with self._persist_lock:
             with self.lock:
                 if callable(positions):
                     positions = positions()
+                low = floors() if floors is not None else {}
+                recorded = {nr: min(pos, low.get(nr, pos)) for nr, pos in positions.items()}
                 release = min(positions.values()) if positions else self.durable_seq
                 release = min(release, self.durable_seq)
                 head = None
@@ -693,10 +700,10 @@ class RingLog:
                     # every live entry is released: keep the durable ones only
                     release = min(release, self.next_seq - 1)
                 pos_copy = dict(positions)
-            self._write_ring_header(pos_copy, head)
+            self._write_ring_header(recorded, head)
             n = 0
             with self.cond:
-                self.positions = pos_copy
+                self.positions = recorded
                 while self.entries and self.entries[0].seq <= release \
                         and self.entries[0].seq not in self._unwritten:
                     e = self.entries.popleft()

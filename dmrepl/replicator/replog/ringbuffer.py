@@ -125,7 +125,18 @@ class Ringbuffer:
             pos = ring.next_seq - 1
         else:
             base = ring.head_seq - 1
-            pos = max(ring.positions.get(s.nr, base), base)
+            recorded = ring.positions.get(s.nr, base)
+            if recorded < base:
+                # entries it never applied were released: dropped to dirty logs that
+                # may not have survived (core); its devices go whole out of sync as
+                # they are added (mark_lost), and the header keeps this position
+                # until that resync is done (a crash during it starts it again)
+                s.lost_to_drop = s.header_floor = recorded
+                log.warning("%s: site link %d: its recorded position %d is below the "
+                            "log's head %d (entries dropped while it was behind): its "
+                            "devices will be resynchronised whole", self.cfg.dev_path,
+                            s.nr, recorded, base)
+            pos = max(recorded, base)  # copying starts at the head
         s.applied = s.durable = s.persisted = pos
         # the lag counters cover the replayed entries this site link still needs
         # (else they go negative as the replay applies them)
@@ -223,6 +234,12 @@ class Ringbuffer:
         the local device's content there)."""
         ring = self.ring
         ranges = [(lo, hi) for d, lo, hi in ring.lost_regions if d == dev_nr]
+        with self.cond:
+            dropped = {nr for nr, s in self.rep.slinks.items()
+                       if s.lost_to_drop is not None}
+        legs = list(legs)
+        if dropped:
+            self._mark_dropped(dev_nr, [leg for leg in legs if leg.slink_nr in dropped])
         if not ranges and not ring.lost_whole:
             return
         for leg in legs:
@@ -246,6 +263,34 @@ class Ringbuffer:
                                  f"of {leg.cfg.dev_path}: {err}") from err
             log.warning("device %d, site link %d: %d regions marked out of sync after "
                         "lost replication log entries", dev_nr, leg.slink_nr, len(regions))
+
+    def _mark_dropped(self, dev_nr: int, legs: list[Leg]) -> None:
+        """Mark whole out of sync the legs of site links that lost released entries
+        to a drop (see slink_add_locked): not an error, the local device has the
+        data; the resync copies it."""
+        for leg in legs:
+            if leg.dlog is None:
+                continue
+            with self.cond:
+                # (again, if a resync of the devices added before lifted it)
+                s = self.rep.slinks[leg.slink_nr]
+                s.header_floor = s.lost_to_drop
+            try:
+                with leg.lock:
+                    for r in range(leg.dlog.region_count):
+                        leg.dlog.mark_region(r)
+                        leg.dlog.set_region_sync(r, False)
+                    leg.dlog.flush()
+            except Exception as err:
+                raise TableError(f"device {dev_nr}: cannot mark {leg.cfg.dev_path} out of "
+                                 f"sync in its dirty log (site link {leg.slink_nr} lost "
+                                 f"dropped entries): {err}") from err
+            note = (f"device {dev_nr}, site link {leg.slink_nr}: whole device marked "
+                    "out of sync (entries dropped while the site link was behind were "
+                    "released before a restart)")
+            log.warning("%s", note)
+            with self.cond:
+                self.rep.bump_locked(note)
 
     def lost_report(self) -> str | None:
         """The lost-writes error (one line), or None: shown until cleared."""
@@ -503,7 +548,11 @@ class Ringbuffer:
             self.space_wanted = False
             return positions()
 
-        _, written = self.ring.persist(snapshot)
+        def floors() -> dict[int, int]:
+            return {nr: s.header_floor for nr, s in self.rep.slinks.items()
+                    if s.header_floor is not None}
+
+        _, written = self.ring.persist(snapshot, floors)
         return written
 
 

@@ -156,7 +156,9 @@ class Copiers:
                 return (Job.PERSIST, None)
             self.cond.wait(tuning.persist_interval)
             return None
-        dirty = s.applied > s.persisted or s.touched
+        # (or the header records a floor that the resync has lifted since)
+        dirty = s.applied > s.persisted or s.touched or (
+            s.header_floor is None and rep.ring.positions.get(s.nr, s.persisted) < s.persisted)
         if dirty and (rep.replog.space_wanted or s.window_n >= tuning.window_entries
                       or now - s.last_persist >= tuning.persist_interval):
             return (Job.PERSIST, None)
@@ -391,6 +393,12 @@ class Copiers:
                                 f"{err}")
             return
         with self.cond:
+            if s.header_floor is None and any(not leg.dlog.persistent
+                                              for leg, _r in marks.values()):
+                # the marks die with this host: until the resync has copied their
+                # regions the ring header keeps the position from before the jump,
+                # and a reopen resynchronises the whole devices instead
+                s.header_floor = s.persisted
             s.applied = max(s.applied, upto)
             s.durable = max(s.durable, upto)
             s.out_ios -= dropped
@@ -445,14 +453,22 @@ class Copiers:
 
     def _resync_work_locked(self, s: Slink) -> tuple[ReplicatedDevice, Leg, int] | None:
         rep = self.rep
+        # every device of the site link is in sync (none suspended; at least one:
+        # before its devices are added, a site link's floor stays)
+        in_sync: bool | None = None
         for dev in rep.devices.values():
             leg = dev.legs.get(s.nr)
-            if leg is None or leg.dlog is None or not dev.running:
+            if leg is None or leg.dlog is None:
+                continue
+            in_sync = in_sync is not False
+            if not dev.running:
+                in_sync = False
                 continue
             with leg.lock:
                 log = leg.dlog
                 if log.get_sync_count() >= log.region_count:
                     continue
+                in_sync = False
                 # from the cursor on, then wrapping round (the bitmap is scanned
                 # whole by the log, not region by region here)
                 found = log.first_out_of_sync(leg.cursor % log.region_count)
@@ -471,6 +487,10 @@ class Copiers:
             rep.bump_locked(f"slink {s.nr}: resynchronisation complete")
             rep.emit_locked("change", "resync-end", "slink", slink=s.nr, resync="idle",
                             bytes=s.resync_bytes)
+        if in_sync is True and s.header_floor is not None and not s.drop_requested:
+            # what was dropped is at the site now: the header may record the real
+            # position (the next persist does)
+            s.header_floor = None
         return None
 
     def _report_progress_locked(self, s: Slink, dev: ReplicatedDevice, leg: Leg) -> None:

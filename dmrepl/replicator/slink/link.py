@@ -105,6 +105,15 @@ class Slink:
     # the resync's bytes per second, fed from resync_bytes by the copier (per region)
     # and by status reads (so a stalled resync's rate decays): never per write
     resync_meter: RateMeter = field(default_factory=lambda: RateMeter())
+    # the position the ring header records at most (None: the real one): after a
+    # ring-full drop whose out-of-sync marks are in a dirty log that a crash loses
+    # (core), the header keeps the pre-drop position until the resync of this site
+    # link is done, so that a reopen sees that it lost released entries
+    header_floor: int | None = None
+    # at open, the ring header's position (this) was below the head: entries it
+    # never applied were released by a drop, so each of its devices goes whole out
+    # of sync as it is added (and the header keeps this position until resynced)
+    lost_to_drop: int | None = None
 
     @property
     def nr(self) -> int:
