@@ -252,11 +252,7 @@ class Ringbuffer:
                 regions = {r for lo, hi in ranges
                            for r in range(lo // rs, (max(hi, lo + 1) - 1) // rs + 1)}
             try:
-                with leg.lock:
-                    for r in sorted(regions):
-                        leg.dlog.mark_region(r)
-                        leg.dlog.set_region_sync(r, False)
-                    leg.dlog.flush()
+                leg.ops.mark_out_of_sync(leg, sorted(regions))
             except Exception as err:
                 raise TableError(f"device {dev_nr}: cannot mark the regions of lost "
                                  f"replication log entries out of sync in the dirty log "
@@ -276,11 +272,7 @@ class Ringbuffer:
                 s = self.rep.slinks[leg.slink_nr]
                 s.header_floor = s.lost_to_drop
             try:
-                with leg.lock:
-                    for r in range(leg.dlog.region_count):
-                        leg.dlog.mark_region(r)
-                        leg.dlog.set_region_sync(r, False)
-                    leg.dlog.flush()
+                leg.ops.mark_out_of_sync(leg, range(leg.dlog.region_count))
             except Exception as err:
                 raise TableError(f"device {dev_nr}: cannot mark {leg.cfg.dev_path} out of "
                                  f"sync in its dirty log (site link {leg.slink_nr} lost "
