@@ -10,9 +10,7 @@ open one (a loop device needs root): elsewhere that test is skipped.
 from __future__ import annotations
 
 import errno
-import glob
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,33 +145,6 @@ def test_file_that_shrank_under_the_store_reads_short_as_eio(tmp_path: Path) -> 
         store.pread(SIZE // 2 - 512, 1024)
     assert err.value.errno == errno.EIO
     store.close()
-
-
-def _writable_block_device() -> str | None:
-    for dev in sorted(glob.glob("/dev/loop[0-9]*")):
-        try:
-            if stat.S_ISBLK(os.stat(dev).st_mode) and os.access(dev, os.R_OK | os.W_OK):
-                with open(f"/sys/class/block/{os.path.basename(dev)}/size") as f:
-                    if int(f.read()):  # attached to a backing file
-                        return dev
-        except OSError:
-            continue
-    return None
-
-
-def test_block_device_size_through_blkgetsize64() -> None:
-    dev = _writable_block_device()
-    if dev is None:
-        pytest.skip("no attached loop device (attaching one needs root and a loop kernel)")
-    with open(f"/sys/class/block/{os.path.basename(dev)}/size") as f:
-        sectors = int(f.read())
-    bd = FileBlockIO(dev)
-    try:
-        assert bd.is_blockdev and bd.size == sectors * 512
-        st = os.stat(dev)
-        assert bd.name == f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    finally:
-        bd.close()
 
 
 # -- the opener: path or URL -> the kind of store ------------------------------
