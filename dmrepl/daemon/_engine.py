@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from dmrepl.blockio import Opener
 from dmrepl.errors import DmreplError
+from dmrepl.nbd.backend import Backend
 
 #: ``dmrepl daemon --engine``: the real engine (``auto`` and ``replicator`` are
 #: the same: the real engine or :class:`EngineUnavailable`) or the sim stand-in.
@@ -34,18 +35,11 @@ class EngineUnavailable(DmreplError):
 
 
 @runtime_checkable
-class EngineDevice(Protocol):
+class EngineDevice(Backend, Protocol):
     """One engine device: an NBD export's backend plus its target's surface."""
 
     @property
     def dev_nr(self) -> int: ...
-    @property
-    def size_bytes(self) -> int: ...
-
-    def read(self, offset: int, length: int) -> bytes: ...
-    def write(self, offset: int, data: bytes, fua: bool = False) -> None: ...
-    def flush(self) -> None: ...
-    def trim(self, offset: int, length: int) -> None: ...
 
     def message(self, argv: Sequence[str]) -> str: ...
     def status(self, kind: str = "info") -> str: ...

@@ -78,11 +78,7 @@ class MemorySlink:
         pass
 
     def mark_out_of_sync(self, leg: Any, regions: Iterable[int]) -> None:
-        with leg.lock:
-            for r in regions:
-                leg.dlog.mark_region(r)
-                leg.dlog.set_region_sync(r, False)
-            leg.dlog.flush()
+        self._blockdev.mark_out_of_sync(leg, regions)  # the record is the dirty log's
 
     def resync_region(self, s: Any, dev: Any, leg: Any, region: int) -> bool:
         rs = leg.dlog.region_size * SECTOR
