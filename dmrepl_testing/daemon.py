@@ -480,8 +480,28 @@ class Replicated:
                 raise AssertionError(f"timed out waiting for {what}: {st['slinks']}")
             time.sleep(interval)
 
+    def journals_in_sync(self) -> bool:
+        """Every device's kernel mirror has every region in its journal leg (true
+        for a device that is not a mirror)."""
+        import json
+        for dev in self.devs:
+            desc = json.loads(self.check(self.daemon.cli("status", dev, "--json")))[0]
+            journal = desc.get("journal")
+            if journal is not None and journal["in_sync"] < journal["regions"]:
+                trace(f"{dev}: journal leg {journal}")
+                return False
+        return True
+
     def wait_converged(self, timeout: float = 180) -> dict[str, Any]:
-        return self.wait_for("remote in sync", converged, timeout)
+        """The remote site equals the local devices: every device's mirror is in
+        sync (what it missed is in the log) and the log is copied everywhere."""
+        deadline = time.monotonic() + timeout
+        while not self.journals_in_sync():
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out waiting for the mirrors' journal legs")
+            time.sleep(0.2)
+        return self.wait_for("remote in sync", converged,
+                             max(1.0, deadline - time.monotonic()))
 
     def __enter__(self) -> Replicated:
         return self

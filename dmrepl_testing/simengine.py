@@ -182,6 +182,15 @@ class SimDevice:
     def trim(self, offset: int, length: int) -> None:
         del offset, length
 
+    def local_device(self) -> str:
+        # replicator-dev <rep> <dev_nr> <slink#> <#dev_params> <dev_path> ...
+        return self.line.split()[3:][4]
+
+    def journal(self) -> SimDevice:
+        # (the sim copies to every store itself: writing the local one again,
+        # after the kernel did, is harmless)
+        return self
+
     def message(self, argv: Sequence[str]) -> str:
         if list(argv[:1]) == ["ping"]:
             return "pong"

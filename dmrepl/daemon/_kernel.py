@@ -1,8 +1,21 @@
-"""Present an NBD export as a kernel block device: /dev/nbdN, then /dev/mapper/NAME.
+"""Present a replicated device as a kernel block device, /dev/mapper/NAME.
 
-The export is attached with ``nbd-client`` (netlink mode: the kernel holds the
-socket, nbd-client exits), and NAME is a dm ``linear`` target over /dev/nbdN,
-made through :class:`dmrepl.dm.DmControl`.
+The device's NBD export is attached with ``nbd-client`` (netlink mode: the kernel
+holds the socket, nbd-client exits) as /dev/nbdN, and NAME is made through
+:class:`dmrepl.dm.DmControl`, one target per ``replicator-dev`` table line:
+
+* a local device that is a block device: a dm ``mirror`` (:func:`mirror_target`)
+  whose default leg is the local device (every read, and the local copy of every
+  write, at the kernel's speed) and whose second leg is /dev/nbdN, the *journal
+  leg*: the export logs each write for the remote site links.  Its dirty log is
+  the kernel's ``disk`` log on a loop device over a file of the daemon's
+  (:func:`attach_mirror_log`).  ``handle_errors keep_log``: when the journal leg
+  fails (the daemon died), writes go on to the local device and their regions
+  stay marked in the log; a restarted daemon loads the mirror again with a new
+  journal leg, and the mirror's recovery copies those regions into it, so into
+  the log and to the remote sites.
+* otherwise (a file): a ``linear`` target over /dev/nbdN (all I/O through the
+  daemon; it fails while the daemon is down).
 """
 
 from __future__ import annotations
@@ -11,8 +24,10 @@ import contextlib
 import glob
 import logging
 import os
+import stat
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from dmrepl.errors import DmreplError
@@ -41,8 +56,12 @@ def nbd_indexes() -> list[int]:
 
 
 def attach_nbd(socket_path: str, export: str, size: int, avoid: set[int],
-               timeout: float = 30.0) -> str:
-    """Attach ``export`` to a free /dev/nbdN and wait until the kernel sees its size."""
+               timeout: float = 30.0, request_timeout: int = 120) -> str:
+    """Attach ``export`` to a free /dev/nbdN and wait until the kernel sees its size.
+
+    ``request_timeout``: seconds after which the kernel gives up a request (with a
+    dead daemon: the requests that were in flight when it died; the others fail at
+    once)."""
     if not nbd_indexes():
         raise KernelDeviceError("no /dev/nbd* devices: is the nbd module loaded?")
     block = 4096 if size % 4096 == 0 else 512
@@ -54,7 +73,7 @@ def attach_nbd(socket_path: str, export: str, size: int, avoid: set[int],
         if not os.path.exists(path):
             continue
         argv = ["nbd-client", "-N", export, "-u", socket_path, path, "-b", str(block),
-                "-t", "120"]
+                "-t", str(request_timeout)]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
@@ -83,24 +102,168 @@ def _dm() -> Any:
     return DmControl()
 
 
+#: The mirror's features: a failed journal leg degrades the mirror (regions marked
+#: out of sync, writes go on to the local leg) instead of failing writes, and the
+#: regions stay marked in the log; a failed *log* fails writes (nothing would
+#: remember what the journal leg missed).
+MIRROR_FEATURES = ("handle_errors", "keep_log")
+#: Region size of the mirror's dirty log (sectors, a power of two): what a daemon
+#: outage resynchronises per region written meanwhile.
+MIRROR_REGION_SECTORS = 1024
+#: Seconds the kernel waits for a journal-leg request before giving it up (a dead
+#: daemon's requests in flight; a live daemon answers long before).
+JOURNAL_REQUEST_TIMEOUT = 10
+
+
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class MirrorPart:
+    """One table line of a device as a mirror: sectors [start, start+length) of
+    /dev/mapper/NAME; its local device (leg 0, from its sector 0); its dirty log's
+    device; the journal leg is /dev/nbdN from sector ``start``."""
+
+    start: int
+    length: int
+    local: str
+    log: str
+
+
+def mirror_target(part: MirrorPart, nbd: str, region: int = MIRROR_REGION_SECTORS) -> Any:
+    """``mirror disk 3 LOG REGION nosync 2 LOCAL 0 NBD START 2 handle_errors keep_log``.
+
+    ``nosync``: a new log starts with every region in sync (the remote sites get
+    the local data by their own resync, not through the journal); a log that
+    exists keeps what it recorded."""
+    from dmrepl.dm.table import Target
+    params = (f"disk 3 {part.log} {region} nosync 2 {part.local} 0 {nbd} {part.start} "
+              f"{len(MIRROR_FEATURES)} {' '.join(MIRROR_FEATURES)}")
+    return Target(part.start, part.length, "mirror", params)
+
+
 def _linear(sectors: int, nbd: str) -> list[Any]:
     from dmrepl.dm.table import Target
     return [Target(0, sectors, "linear", f"{nbd} 0")]
 
 
-def create_mapper(name: str, sectors: int, nbd: str, uuid: str | None = None) -> str:
-    """Create (or, when it survived a daemon crash, retarget) /dev/mapper/NAME."""
+def _place(name: str, targets: list[Any], uuid: str | None) -> str:
     dm = _dm()
     try:
         if dm.exists(name):
-            dm.load(name, _linear(sectors, nbd))
-            dm.resume(name)
+            # it survived the daemon: point it at the new nbd device.  skip_lockfs:
+            # freezing a filesystem would flush through the dead journal leg
+            dm.suspend(name, skip_lockfs=True)
+            try:
+                dm.load(name, targets)
+            finally:
+                dm.resume(name)
         else:
-            dm.create_device(name, _linear(sectors, nbd), uuid=uuid)
+            dm.create_device(name, targets, uuid=uuid)
         dm.ensure_node(name)
     except OSError as e:
         raise KernelDeviceError(f"device-mapper {name}: {e}") from e
     return f"/dev/mapper/{name}"
+
+
+def create_mapper(name: str, sectors: int, nbd: str, uuid: str | None = None) -> str:
+    """Create (or, when it survived a daemon crash, retarget) /dev/mapper/NAME as
+    a linear target over /dev/nbdN."""
+    return _place(name, _linear(sectors, nbd), uuid)
+
+
+def create_mirror(name: str, parts: list[MirrorPart], nbd: str,
+                  uuid: str | None = None) -> str:
+    """Create (or, when it survived a daemon crash, load with the new journal
+    leg) /dev/mapper/NAME as mirrors of its local devices and /dev/nbdN."""
+    return _place(name, [mirror_target(p, nbd) for p in parts], uuid)
+
+
+def load_mirror(name: str, parts: list[MirrorPart], nbd: str) -> None:
+    """Load a new mirror table as NAME's inactive table (a resume switches)."""
+    try:
+        _dm().load(name, [mirror_target(p, nbd) for p in parts])
+    except OSError as e:
+        raise KernelDeviceError(f"device-mapper {name}: {e}") from e
+
+
+def mirror_log_size(sectors: int, region: int = MIRROR_REGION_SECTORS) -> int:
+    """Bytes of a ``disk`` log for a mirror of ``sectors``: header and bitmap."""
+    from dmrepl.dirtylog.format import area_size
+    return max(1 << 20, -(-area_size(-(-sectors // region)) // 4096) * 4096)
+
+
+def _loop_of(path: str) -> str | None:
+    real = os.path.realpath(path)
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(backing) as f:
+                if f.read().strip() == real:
+                    return "/dev/" + backing.split("/")[3]
+        except OSError:
+            continue
+    return None
+
+
+def attach_mirror_log(path: str, sectors: int) -> str:
+    """The loop device over the mirror log file ``path`` (made, zeroed, if it does
+    not exist; reused if a loop device already holds it: the mirror survived a
+    daemon crash)."""
+    size = mirror_log_size(sectors)
+    try:
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif os.path.getsize(path) < size:
+            os.truncate(path, size)
+    except OSError as e:
+        raise KernelDeviceError(f"mirror log {path}: {e.strerror or e}") from e
+    found = _loop_of(path)
+    if found:
+        return found
+    proc = subprocess.run(["losetup", "--find", "--show", path], capture_output=True,
+                          text=True, timeout=60)
+    if proc.returncode != 0:
+        raise KernelDeviceError(f"cannot attach mirror log {path} to a loop device: "
+                                f"{proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def detach_mirror_log(path: str, *, delete: bool) -> None:
+    """Detach the loop device over a mirror log file (and delete the file)."""
+    loop = _loop_of(path)
+    if loop:
+        proc = subprocess.run(["losetup", "-d", loop], capture_output=True, text=True,
+                              timeout=60)
+        if proc.returncode != 0:
+            log.warning("losetup -d %s: %s", loop, proc.stderr.strip())
+    if delete:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def mirror_sync(name: str) -> list[tuple[int, int]]:
+    """Per mirror target of NAME: (regions in sync, regions); [] if not a mirror."""
+    out = []
+    with contextlib.suppress(OSError):
+        for t in _dm().status(name):
+            if t.target_type != "mirror":
+                return []
+            words = t.params.split()
+            # "2 LOCAL NBD IN/TOTAL 1 AD 3 disk LOG A"
+            n = int(words[0])
+            done, total = words[1 + n].split("/")
+            out.append((int(done), int(total)))
+    return out
 
 
 def mapper_open_count(name: str) -> int:

@@ -86,7 +86,8 @@ class Daemon:
         self.events = EventLog()
         self.registry = Objects(self.engine, self.nbd, self.nbd_socket,
                             kernel_devices=kernel_devices, tuning=dict(tuning or {}),
-                            persist=self.state.save, events=self.events)
+                            persist=self.state.save, events=self.events,
+                            mirror_log_dir=os.path.join(state_dir, "mirror-logs"))
         self.restore_errors: list[str] = []
 
     @property
@@ -222,7 +223,15 @@ class Daemon:
         else:
             desc.update(replicator=obj.replicator, nbd=obj.nbd, mapper=obj.mapper,
                         export=obj.name, suspended=obj.suspended, size=obj.sectors * SECTOR,
-                        dev_nrs=[d.dev_nr for d in obj.devs])
+                        dev_nrs=[d.dev_nr for d in obj.devs],
+                        structure="mirror" if obj.mirrored else
+                        ("linear" if obj.mapper else None))
+            if obj.mirrored and obj.mapper:
+                # the regions the journal leg (so the remote sites) has: below all,
+                # the kernel mirror is copying what it missed (a daemon outage)
+                parts = _kernel.mirror_sync(obj.name)
+                desc["journal"] = {"in_sync": sum(p[0] for p in parts),
+                                   "regions": sum(p[1] for p in parts)}
         return desc
 
     def op_wait(self, name: str, event_nr: int | None = None,

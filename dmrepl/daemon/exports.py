@@ -41,9 +41,12 @@ class ConcatBackend:
             b.trim(o, n)
 
 
-def backend_of(lines: Sequence[Line], devs: Sequence[EngineDevice]) -> Backend:
-    """The export's backend for the engine devices of ``lines`` (sorted, tiling)."""
-    if len(devs) == 1 and lines[0].start == 0:
-        return devs[0]
-    return ConcatBackend([(line.start * SECTOR, line.length * SECTOR, dev)
-                          for line, dev in zip(lines, devs, strict=True)])
+def backend_of(lines: Sequence[Line], devs: Sequence[EngineDevice], *,
+               journal: bool = False) -> Backend:
+    """The export's backend for the engine devices of ``lines`` (sorted, tiling);
+    ``journal``: their journal legs (the export is a kernel mirror's second leg)."""
+    parts: list[Backend] = [dev.journal() if journal else dev for dev in devs]
+    if len(parts) == 1 and lines[0].start == 0:
+        return parts[0]
+    return ConcatBackend([(line.start * SECTOR, line.length * SECTOR, part)
+                          for line, part in zip(lines, parts, strict=True)])

@@ -4,7 +4,10 @@ A *replicator* comes from a one-line ``replicator`` table and holds one engine
 replicator; a *device* from one or more ``replicator-dev`` lines that tile its
 sectors (each line becomes one engine device; the export concatenates them).
 Each device is served over NBD under its name and, with kernel devices, attached
-to a /dev/nbdN and shown as /dev/mapper/NAME (dm linear over /dev/nbdN).
+to a /dev/nbdN and shown as /dev/mapper/NAME: a dm mirror of its local devices
+and /dev/nbdN, whose export then logs writes for the remote site links only
+(:mod:`dmrepl.daemon._kernel`), or, over local devices that are files, dm linear
+over /dev/nbdN.
 
 :class:`Objects` creates, loads (an inactive table), suspends, resumes (switching
 to a loaded table), removes and persists them.  It is not thread-safe: the daemon
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +65,8 @@ class DeviceObj:
     mapper: str | None = None
     inactive: list[Line] | None = None
     suspended: bool = False
+    #: /dev/mapper/NAME is a mirror (its export serves the journal legs)
+    mirrored: bool = False
 
     @property
     def sectors(self) -> int:
@@ -78,8 +84,10 @@ class Objects:
 
     def __init__(self, engine: Engine, nbd: NbdServer, nbd_socket: str, *, kernel_devices: bool,
                  tuning: dict[str, Any], persist: Callable[[list[SavedObject]], None],
-                 events: EventLog | None = None) -> None:
+                 events: EventLog | None = None, mirror_log_dir: str | None = None) -> None:
         self.engine = engine
+        #: where the mirrors' dirty-log files are (None: no mirrors, linear only)
+        self.mirror_log_dir = mirror_log_dir
         self.events = events if events is not None else EventLog()
         self.nbd = nbd
         self.nbd_socket = nbd_socket
@@ -186,12 +194,30 @@ class Objects:
             raise
         return devs
 
+    def _mirrorable(self, devs: list[EngineDevice]) -> bool:
+        return (self.kernel_devices and self.mirror_log_dir is not None
+                and all(_kernel.is_block_device(d.local_device()) for d in devs))
+
+    def _mirror_log_file(self, name: str, line: Line) -> str:
+        assert self.mirror_log_dir is not None
+        return os.path.join(self.mirror_log_dir, f"{name}@{line.start}.log")
+
+    def _mirror_parts(self, obj: DeviceObj, lines: list[Line],
+                      devs: list[EngineDevice]) -> list[_kernel.MirrorPart]:
+        """The mirror of each line (its log file attached to a loop device)."""
+        return [_kernel.MirrorPart(line.start, line.length, dev.local_device(),
+                                   _kernel.attach_mirror_log(
+                                       self._mirror_log_file(obj.name, line), line.length))
+                for line, dev in zip(lines, devs, strict=True)]
+
     def _create_device(self, name: str, lines: list[Line], uuid: str) -> DeviceObj:
         rep = self._replicator_named_by(lines)
         devs = self._add_devs(rep, lines)
         sectors = sum(line.length for line in lines)
-        export = Export(name, backend_of(lines, devs), size=sectors * SECTOR)
-        obj = DeviceObj(name, lines, rep.name, devs, export, uuid)
+        mirrored = self._mirrorable(devs)
+        export = Export(name, backend_of(lines, devs, journal=mirrored),
+                        size=sectors * SECTOR)
+        obj = DeviceObj(name, lines, rep.name, devs, export, uuid, mirrored=mirrored)
         self.by_name[name] = obj
         self.nbd.add_export(export)
         if self.kernel_devices:
@@ -199,9 +225,19 @@ class Objects:
                 busy = {int(o.nbd[8:]) for o in self.by_name.values()
                         if isinstance(o, DeviceObj) and o.nbd}
                 log.info("%s: attaching the export to an nbd device", name)
-                obj.nbd = _kernel.attach_nbd(self.nbd_socket, name, sectors * SECTOR, busy)
-                log.info("%s: %s attached; creating /dev/mapper/%s", name, obj.nbd, name)
-                obj.mapper = _kernel.create_mapper(name, sectors, obj.nbd, uuid)
+                obj.nbd = _kernel.attach_nbd(
+                    self.nbd_socket, name, sectors * SECTOR, busy,
+                    request_timeout=_kernel.JOURNAL_REQUEST_TIMEOUT if mirrored else 120)
+                if mirrored:
+                    log.info("%s: %s attached (journal leg); creating /dev/mapper/%s as "
+                             "a mirror of the local device", name, obj.nbd, name)
+                    obj.mapper = _kernel.create_mirror(
+                        name, self._mirror_parts(obj, lines, devs), obj.nbd, uuid)
+                else:
+                    log.warning("%s: a local device is not a block device: /dev/mapper/%s "
+                                "is linear over %s (all I/O through the daemon)",
+                                name, name, obj.nbd)
+                    obj.mapper = _kernel.create_mapper(name, sectors, obj.nbd, uuid)
                 log.info("%s: %s ready", name, obj.mapper)
             except BaseException:
                 self.destroy(obj)
@@ -217,6 +253,10 @@ class Objects:
             if obj.nbd:
                 _kernel.detach_nbd(obj.nbd)
                 obj.nbd = None
+            if obj.mirrored and self.mirror_log_dir is not None:
+                for line in obj.lines:
+                    _kernel.detach_mirror_log(self._mirror_log_file(obj.name, line),
+                                              delete=True)
             self.nbd.remove_export(obj.name)
             rep = self.by_name.get(obj.replicator)
             for dev in obj.devs:
@@ -293,7 +333,7 @@ class Objects:
         n = len(obj.lines) if upto is None else upto
         devs = self._add_devs(rep, obj.lines[:n])
         obj.devs = devs + obj.devs[n:]
-        obj.export.backend = backend_of(obj.lines, obj.devs)
+        obj.export.backend = backend_of(obj.lines, obj.devs, journal=obj.mirrored)
 
     # -- load, suspend, resume ---------------------------------------------------
 
@@ -351,14 +391,25 @@ class Objects:
             if not was_suspended:
                 self._resume_devices(obj)
             raise
+        devs: list[EngineDevice] = []
         try:
             devs = self._add_devs(rep, new)
+            if obj.mirrored:
+                if not self._mirrorable(devs):
+                    raise UserError(f"{obj.name} is a mirror of its local devices: "
+                                    "a new table's local devices must be block devices")
+                assert obj.nbd is not None
+                # (the old lines' log files stay: same starts, same files)
+                _kernel.load_mirror(obj.name, self._mirror_parts(obj, new, devs), obj.nbd)
         except BaseException:
+            for dev in devs:
+                with contextlib.suppress(Exception):
+                    rep.engine.remove_device(dev.dev_nr)
             self._readd_engine_devs(obj, old_rep)   # put the old table back
             obj.inactive = None
             raise
         obj.lines, obj.devs, obj.replicator, obj.inactive = new, devs, rep.name, None
-        obj.export.backend = backend_of(new, devs)
+        obj.export.backend = backend_of(new, devs, journal=obj.mirrored)
         self.save()
 
     # -- messages ----------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from dmrepl.errors import UserError
 from dmrepl.replicator._state import DeviceEvent, DeviceState, machine
-from dmrepl.replicator.errors import ReplicatorClosed, TableError
+from dmrepl.replicator.errors import LocalIOError, ReplicatorClosed, TableError
 from dmrepl.replicator.store import BlockStore
 from dmrepl.replicator.table import DeviceConfig, LegConfig
 
@@ -208,6 +208,14 @@ class ReplicatedDevice:
             raise ReplicatorClosed(f"device {self.dev_nr} is removed")
         self.sm.fire(event)
 
+    def local_device(self) -> str:
+        return self.legs[0].cfg.dev_path
+
+    def journal(self) -> JournalLeg:
+        """The device as the *journal leg* of a kernel mirror whose other leg is
+        the local device: see :class:`JournalLeg`."""
+        return JournalLeg(self)
+
     def message(self, argv: Sequence[str]) -> str:
         """replicator-dev messages: device add|del, start|resume, stop|suspend|postsuspend."""
         from dmrepl.replicator.messages import device_message
@@ -228,3 +236,44 @@ class ReplicatedDevice:
         """Machine-readable state (see :func:`.status.device_status_dict`)."""
         from dmrepl.replicator.status import device_status_dict
         return device_status_dict(self)
+
+
+class JournalLeg:
+    """A replicated device seen as the second leg of a kernel ``mirror`` whose
+    first leg is the local device (site link 0).
+
+    The kernel writes the local device itself, in parallel; a write here is only
+    logged for the remote site links (entries without site link 0) and returns
+    when their policies acknowledge it.  Reads (the mirror reads this leg only if
+    the local one fails, never for recovery) come from the local device, which
+    the kernel keeps newest."""
+
+    def __init__(self, dev: ReplicatedDevice) -> None:
+        self.dev = dev
+        self.size_bytes = dev.size_bytes
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview,
+              fua: bool = False) -> None:
+        dev = self.dev
+        payload = data if isinstance(data, bytes) else bytes(data)
+        dev._check(offset, len(payload))
+        if payload:
+            dev.rep.replog.write(dev, offset, payload, len(payload), fua, count=True,
+                                 journal=True)
+
+    def read(self, offset: int, length: int) -> bytes:
+        dev = self.dev
+        dev._check(offset, length)
+        try:
+            return dev.legs[0].store.pread(offset, length)
+        except OSError as err:
+            raise LocalIOError(f"device {dev.dev_nr}: read failed: {err}") from err
+
+    def flush(self) -> None:
+        self.dev.flush()
+
+    def trim(self, offset: int, length: int) -> None:
+        dev = self.dev
+        dev._check(offset, length)
+        if length:
+            dev.rep.replog.write(dev, offset, None, length, journal=True)

@@ -61,8 +61,10 @@ class ReplogType(Protocol):
         """Clear the lost-writes report (the operator checked); returns it."""
 
     def write(self, dev: ReplicatedDevice, offset: int, data: bytes | None, length: int,
-              fua: bool = False, count: bool = False) -> None:
-        """io (write): log it, return once acknowledged; ``data`` None: zeros."""
+              fua: bool = False, count: bool = False, journal: bool = False) -> None:
+        """io (write): log it, return once acknowledged; ``data`` None: zeros;
+        ``journal``: for the remote site links only (the kernel writes the local
+        device)."""
 
     def read(self, dev: ReplicatedDevice, offset: int, length: int) -> bytes:
         """io (read): the newest data of the device."""

@@ -40,6 +40,7 @@ SECTOR = 512
 OFFSET_MAX = (1 << 63) - 1  # byte offsets on the log device are signed 64-bit
 MAX_ENTRY = 8 << 20  # larger writes are split into several entries
 _NO_SYNCS: frozenset[int] = frozenset()  # a write no site link holds
+_LOCAL = frozenset((0,))  # site link 0: the local device
 # writes up to this size fit a quarter of the smallest ring (see write): never split
 _NEVER_SPLIT = ((LOG_SIZE_MIN * SECTOR - ondisk.RING_OFFSET) // 4
                 - ondisk.ENTRY_HEADER_SIZE) // SECTOR * SECTOR
@@ -307,8 +308,13 @@ class Ringbuffer:
     # -- write path -----------------------------------------------------------------
 
     def write(self, dev: ReplicatedDevice, offset: int, data: bytes | None,
-              length: int, fua: bool = False, count: bool = False) -> None:
-        """Log a write (``data`` None: zeros) and wait for its acknowledgement."""
+              length: int, fua: bool = False, count: bool = False,
+              journal: bool = False) -> None:
+        """Log a write (``data`` None: zeros) and wait for its acknowledgement.
+
+        ``journal``: the kernel writes the local device itself (the device is a
+        mirror's journal leg, :class:`~dmrepl.replicator.device.JournalLeg`), so
+        the entry is for the remote site links only."""
         last: Entry | None = None
         sync_sets: list[tuple[Entry, frozenset[int]]] = []
         pos = 0
@@ -323,7 +329,8 @@ class Ringbuffer:
         while pos < length:
             n = min(limit, length - pos)
             chunk = None if data is None else (data if n == length else data[pos:pos + n])
-            e, syncs = self._append(dev, offset + pos, chunk, n, count and pos == 0)
+            e, syncs = self._append(dev, offset + pos, chunk, n, count and pos == 0,
+                                    journal)
             ring.write_entry(e, chunk, durable=durable or bool(syncs))
             sync_sets.append((e, syncs))
             held = held or bool(syncs)
@@ -341,13 +348,16 @@ class Ringbuffer:
             ring.commit(last.seq)
 
     def _append(self, dev: ReplicatedDevice, offset: int, data: bytes | None,
-                length: int, count: bool = False) -> tuple[Entry, frozenset[int]]:
+                length: int, count: bool = False,
+                journal: bool = False) -> tuple[Entry, frozenset[int]]:
         rep = self.rep
         with self.lock:  # (the condition's lock; cheaper to enter than the condition)
             waited: float | None = None
             while True:
                 self._check_io_locked(dev)
                 targets = frozenset(dev.legs.keys() & rep.slinks.keys())
+                if journal:
+                    targets = targets - _LOCAL
                 now = time.monotonic()
                 e = self.ring.reserve(dev.dev_nr, offset, length, targets, data,
                                       zero=data is None, now=now)
