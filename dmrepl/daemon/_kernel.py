@@ -132,17 +132,21 @@ class MirrorPart:
     length: int
     local: str
     log: str
+    #: the log was just made: it starts with every region in sync
+    new_log: bool = False
 
 
 def mirror_target(part: MirrorPart, nbd: str, region: int = MIRROR_REGION_SECTORS) -> Any:
-    """``mirror disk 3 LOG REGION nosync 2 LOCAL 0 NBD START 2 handle_errors keep_log``.
+    """``mirror disk 2|3 LOG REGION [nosync] 2 LOCAL 0 NBD START 2 handle_errors keep_log``.
 
-    ``nosync``: a new log starts with every region in sync (the remote sites get
-    the local data by their own resync, not through the journal); a log that
-    exists keeps what it recorded."""
+    A new log is loaded with ``nosync``: every region in sync (the remote sites
+    get the local data by their own resync, not through the journal).  A log that
+    exists is loaded without it: the kernel takes *any* explicit ``sync`` or
+    ``nosync`` as "start a new log" and would forget the regions it recorded."""
     from dmrepl.dm.table import Target
-    params = (f"disk 3 {part.log} {region} nosync 2 {part.local} 0 {nbd} {part.start} "
-              f"{len(MIRROR_FEATURES)} {' '.join(MIRROR_FEATURES)}")
+    log_args = [part.log, str(region)] + (["nosync"] if part.new_log else [])
+    params = (f"disk {len(log_args)} {' '.join(log_args)} 2 {part.local} 0 {nbd} "
+              f"{part.start} {len(MIRROR_FEATURES)} {' '.join(MIRROR_FEATURES)}")
     return Target(part.start, part.length, "mirror", params)
 
 
@@ -209,13 +213,15 @@ def _loop_of(path: str) -> str | None:
     return None
 
 
-def attach_mirror_log(path: str, sectors: int) -> str:
+def attach_mirror_log(path: str, sectors: int) -> tuple[str, bool]:
     """The loop device over the mirror log file ``path`` (made, zeroed, if it does
     not exist; reused if a loop device already holds it: the mirror survived a
-    daemon crash)."""
+    daemon crash), and whether the file was made now."""
     size = mirror_log_size(sectors)
+    made = False
     try:
         if not os.path.exists(path):
+            made = True
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -229,13 +235,13 @@ def attach_mirror_log(path: str, sectors: int) -> str:
         raise KernelDeviceError(f"mirror log {path}: {e.strerror or e}") from e
     found = _loop_of(path)
     if found:
-        return found
+        return found, made
     proc = subprocess.run(["losetup", "--find", "--show", path], capture_output=True,
                           text=True, timeout=60)
     if proc.returncode != 0:
         raise KernelDeviceError(f"cannot attach mirror log {path} to a loop device: "
                                 f"{proc.stderr.strip()}")
-    return proc.stdout.strip()
+    return proc.stdout.strip(), made
 
 
 def detach_mirror_log(path: str, *, delete: bool) -> None:
@@ -249,6 +255,22 @@ def detach_mirror_log(path: str, *, delete: bool) -> None:
     if delete:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def journal_leg_failed(name: str) -> bool:
+    """Whether a mirror target of NAME reports its journal leg (leg 1) failed
+    (health other than ``A``, alive)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for t in _dm().status(name):
+            if t.target_type != "mirror":
+                return False
+            words = t.params.split()
+            n = int(words[0])
+            # "2 LOCAL NBD IN/TOTAL 1 HEALTH ..." -- HEALTH: one letter per leg
+            health = words[3 + n]
+            if health[1:2] != "A":
+                return True
+    return False
 
 
 def mirror_sync(name: str) -> list[tuple[int, int]]:

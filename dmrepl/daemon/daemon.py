@@ -61,6 +61,12 @@ __all__ = [
 ]
 
 
+#: Seconds between looks at the mirrors' journal legs, and at least between two
+#: attempts to give one device a new journal leg.
+JOURNAL_WATCH_INTERVAL = 1.0
+JOURNAL_REJOIN_BACKOFF = 10.0
+
+
 class Daemon:
     """Holds the objects and answers control requests (see :meth:`handle`)."""
 
@@ -89,6 +95,8 @@ class Daemon:
                             persist=self.state.save, events=self.events,
                             mirror_log_dir=os.path.join(state_dir, "mirror-logs"))
         self.restore_errors: list[str] = []
+        self._stopping = threading.Event()
+        self._watch: threading.Thread | None = None
 
     @property
     def objects(self) -> dict[str, Obj]:
@@ -289,8 +297,43 @@ class Daemon:
 
     # -- lifetime ----------------------------------------------------------------
 
+    def watch_journal_legs(self) -> None:
+        """Start watching the mirrors: one whose journal leg failed while this
+        daemon runs (the kernel gave up a request after JOURNAL_REQUEST_TIMEOUT,
+        e.g. a sync site link held it that long) is given a new one."""
+        if self.kernel_devices and self._watch is None:
+            self._watch = threading.Thread(target=self._watch_loop, name="journal-watch",
+                                           daemon=True)
+            self._watch.start()
+
+    def _watch_loop(self) -> None:
+        backoff: dict[str, float] = {}   # name -> no new attempt before
+        while not self._stopping.wait(JOURNAL_WATCH_INTERVAL):
+            with self.lock:
+                for obj in list(self.objects.values()):
+                    if not (isinstance(obj, DeviceObj) and obj.mirrored and obj.mapper
+                            and obj.nbd and not obj.suspended):
+                        continue
+                    if time.monotonic() < backoff.get(obj.name, 0.0):
+                        continue
+                    if not _kernel.journal_leg_failed(obj.name):
+                        backoff.pop(obj.name, None)
+                        continue
+                    log.warning("%s: the journal leg %s failed: attaching a new one",
+                                obj.name, obj.nbd)
+                    try:
+                        self.registry.rejoin(obj)
+                    except Exception as e:   # one device's trouble; the loop watches on
+                        log.error("%s: rejoining the journal leg failed: %s", obj.name, e)
+                        self.events.emit("error", "journal-leg-rejoin-failed", obj.kind,
+                                         name=obj.name, error=str(e))
+                    backoff[obj.name] = time.monotonic() + JOURNAL_REJOIN_BACKOFF
+
     def shutdown(self) -> None:
         """Tear down kernel devices and engines; the state file stays for the next start."""
+        self._stopping.set()
+        if self._watch is not None:
+            self._watch.join()
         with self.lock:
             for obj in reversed(list(self.objects.values())):
                 started = time.monotonic()
@@ -298,7 +341,7 @@ class Daemon:
                     if isinstance(obj, DeviceObj):
                         with contextlib.suppress(Exception):
                             obj.export.backend.flush()
-                    self.registry.destroy(obj)
+                    self.registry.destroy(obj, keep_logs=True)
                 except Exception as e:
                     log.error("shutdown: %s: %s", obj.name, e)
                 log.info("shutdown: %s closed in %.1fs", obj.name, time.monotonic() - started)

@@ -205,10 +205,13 @@ class Objects:
     def _mirror_parts(self, obj: DeviceObj, lines: list[Line],
                       devs: list[EngineDevice]) -> list[_kernel.MirrorPart]:
         """The mirror of each line (its log file attached to a loop device)."""
-        return [_kernel.MirrorPart(line.start, line.length, dev.local_device(),
-                                   _kernel.attach_mirror_log(
-                                       self._mirror_log_file(obj.name, line), line.length))
-                for line, dev in zip(lines, devs, strict=True)]
+        parts = []
+        for line, dev in zip(lines, devs, strict=True):
+            loop, new = _kernel.attach_mirror_log(self._mirror_log_file(obj.name, line),
+                                                  line.length)
+            parts.append(_kernel.MirrorPart(line.start, line.length, dev.local_device(),
+                                            loop, new_log=new))
+        return parts
 
     def _create_device(self, name: str, lines: list[Line], uuid: str) -> DeviceObj:
         rep = self._replicator_named_by(lines)
@@ -244,8 +247,11 @@ class Objects:
                 raise
         return obj
 
-    def destroy(self, obj: Obj) -> None:
-        """Undo everything an object holds (kernel devices first); no persistence."""
+    def destroy(self, obj: Obj, *, keep_logs: bool = False) -> None:
+        """Undo everything an object holds (kernel devices first); no persistence.
+
+        ``keep_logs``: a mirror's dirty-log files stay (a daemon's shutdown: the
+        next start finds what the journal leg missed)."""
         if isinstance(obj, DeviceObj):
             if obj.mapper:
                 _kernel.remove_mapper(obj.name)
@@ -256,7 +262,7 @@ class Objects:
             if obj.mirrored and self.mirror_log_dir is not None:
                 for line in obj.lines:
                     _kernel.detach_mirror_log(self._mirror_log_file(obj.name, line),
-                                              delete=True)
+                                              delete=not keep_logs)
             self.nbd.remove_export(obj.name)
             rep = self.by_name.get(obj.replicator)
             for dev in obj.devs:
@@ -269,6 +275,23 @@ class Objects:
             obj.engine.close()
         if self.by_name.pop(obj.name, None) is not None:
             self.events.emit("destroy", "object-remove", obj.kind, name=obj.name)
+
+    def rejoin(self, obj: DeviceObj) -> None:
+        """Give a mirror whose journal leg failed a new one: a new /dev/nbdN on the
+        export, loaded into the mirror (whose recovery then copies the regions the
+        old leg missed)."""
+        assert obj.mirrored and obj.mapper and obj.nbd
+        old = obj.nbd
+        _kernel.detach_nbd(old)   # fails what still waits on it (the mirror marks it)
+        busy = {int(o.nbd[8:]) for o in self.by_name.values()
+                if isinstance(o, DeviceObj) and o.nbd and o is not obj}
+        obj.nbd = None
+        obj.nbd = _kernel.attach_nbd(self.nbd_socket, obj.name, obj.sectors * SECTOR, busy,
+                                     request_timeout=_kernel.JOURNAL_REQUEST_TIMEOUT)
+        _kernel.create_mirror(obj.name, self._mirror_parts(obj, obj.lines, obj.devs), obj.nbd)
+        self.save()
+        self.events.emit("warning", "journal-leg-rejoined", obj.kind, name=obj.name,
+                         old=old, new=obj.nbd)
 
     # -- remove ------------------------------------------------------------------
 

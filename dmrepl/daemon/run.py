@@ -71,6 +71,7 @@ def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, 
     endpoint = None
     try:
         daemon.restore()
+        daemon.watch_journal_legs()
         if metrics:
             from dmrepl.metrics import DmreplCollector, MetricsServer
             endpoint = MetricsServer(metrics, [DmreplCollector(
