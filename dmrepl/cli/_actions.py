@@ -39,7 +39,11 @@ def _read_table(ns: argparse.Namespace) -> str:
 def create(ns: argparse.Namespace) -> None:
     desc = _client(ns).call("create", name=ns.name, table=_read_table(ns))
     if desc.get("mapper"):
-        print(f"{ns.name}: {desc['mapper']} (over {desc['nbd']})")
+        if desc.get("structure") == "mirror":
+            print(f"{ns.name}: {desc['mapper']} (mirror of the local device and the "
+                  f"journal leg {desc['nbd']})")
+        else:
+            print(f"{ns.name}: {desc['mapper']} (over {desc['nbd']})")
     elif desc.get("type") == "replicator-dev":
         print(f"{ns.name}: NBD export {desc['export']!r}")
 

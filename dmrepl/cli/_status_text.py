@@ -69,6 +69,12 @@ def human_lines(desc: dict[str, Any]) -> list[str]:
             if "lag_writes" in s:
                 lines.append("  " + slink_line(nr, s))
     elif isinstance(detail, list):
+        journal = desc.get("journal")
+        if journal:
+            state = ("in sync" if journal["in_sync"] >= journal["regions"]
+                     else "copying what the journal leg missed")
+            lines.append(f"  journal leg {desc.get('nbd') or DASH}: {state} "
+                         f"({journal['in_sync']}/{journal['regions']} regions)")
         for dev in detail:
             for nr, leg in dev.get("slinks", {}).items():
                 if nr != "0" and "queued_writes" in leg:

@@ -257,35 +257,37 @@ def detach_mirror_log(path: str, *, delete: bool) -> None:
             os.unlink(path)
 
 
-def journal_leg_failed(name: str) -> bool:
-    """Whether a mirror target of NAME reports its journal leg (leg 1) failed
-    (health other than ``A``, alive)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for t in _dm().status(name):
-            if t.target_type != "mirror":
-                return False
-            words = t.params.split()
-            n = int(words[0])
-            # "2 LOCAL NBD IN/TOTAL 1 HEALTH ..." -- HEALTH: one letter per leg
-            health = words[3 + n]
-            if health[1:2] != "A":
-                return True
-    return False
+@dataclass(frozen=True)
+class MirrorStatus:
+    """One mirror target's INFO status."""
+
+    in_sync: int   # regions in sync on every leg
+    regions: int
+    health: str    # one letter per leg: A alive, D write failure, S sync failure, ...
+
+    @property
+    def journal_leg_failed(self) -> bool:
+        return self.health[1:2] != "A"
 
 
-def mirror_sync(name: str) -> list[tuple[int, int]]:
-    """Per mirror target of NAME: (regions in sync, regions); [] if not a mirror."""
-    out = []
-    with contextlib.suppress(OSError):
-        for t in _dm().status(name):
-            if t.target_type != "mirror":
-                return []
-            words = t.params.split()
-            # "2 LOCAL NBD IN/TOTAL 1 AD 3 disk LOG A"
-            n = int(words[0])
-            done, total = words[1 + n].split("/")
-            out.append((int(done), int(total)))
-    return out
+def parse_mirror_status(params: str) -> MirrorStatus:
+    """``2 LOCAL NBD IN/TOTAL 1 HEALTH <log status>`` (dm-raid1's INFO status)."""
+    words = params.split()
+    try:
+        n = int(words[0])
+        done, total = words[1 + n].split("/")
+        return MirrorStatus(int(done), int(total), words[3 + n])
+    except (ValueError, IndexError) as e:
+        raise KernelDeviceError(f"unexpected mirror status {params!r}") from e
+
+
+def mirror_status(name: str) -> list[MirrorStatus]:
+    """The status of each mirror target of NAME ([] if it is not a mirror or gone)."""
+    try:
+        targets = _dm().status(name)
+    except OSError:
+        return []
+    return [parse_mirror_status(t.params) for t in targets if t.target_type == "mirror"]
 
 
 def mapper_open_count(name: str) -> int:

@@ -237,9 +237,10 @@ class Daemon:
             if obj.mirrored and obj.mapper:
                 # the regions the journal leg (so the remote sites) has: below all,
                 # the kernel mirror is copying what it missed (a daemon outage)
-                parts = _kernel.mirror_sync(obj.name)
-                desc["journal"] = {"in_sync": sum(p[0] for p in parts),
-                                   "regions": sum(p[1] for p in parts)}
+                parts = _kernel.mirror_status(obj.name)
+                desc["journal"] = {"in_sync": sum(p.in_sync for p in parts),
+                                   "regions": sum(p.regions for p in parts),
+                                   "failed": any(p.journal_leg_failed for p in parts)}
         return desc
 
     def op_wait(self, name: str, event_nr: int | None = None,
@@ -316,12 +317,13 @@ class Daemon:
                         continue
                     if time.monotonic() < backoff.get(obj.name, 0.0):
                         continue
-                    if not _kernel.journal_leg_failed(obj.name):
-                        backoff.pop(obj.name, None)
-                        continue
-                    log.warning("%s: the journal leg %s failed: attaching a new one",
-                                obj.name, obj.nbd)
                     try:
+                        if not any(p.journal_leg_failed
+                                   for p in _kernel.mirror_status(obj.name)):
+                            backoff.pop(obj.name, None)
+                            continue
+                        log.warning("%s: the journal leg %s failed: attaching a new one",
+                                    obj.name, obj.nbd)
                         self.registry.rejoin(obj)
                     except Exception as e:   # one device's trouble; the loop watches on
                         log.error("%s: rejoining the journal leg failed: %s", obj.name, e)

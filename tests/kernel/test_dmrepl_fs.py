@@ -44,7 +44,8 @@ def replicated(dmrepl_session: Any) -> Iterator[tuple[DaemonProcess, KernelLab, 
                       f"0 {SIZE_MB * MB // 512} replicator-dev dmrepl-test-fs-rep 0 "
                       f"0 1 {local} nolog 0 1 1 {site.url_of(disk)} core 2 1024 sync")
             assert r.returncode == 0, r.stderr + d.log()
-            assert r.stdout.startswith("dmrepl-test-fs: /dev/mapper/dmrepl-test-fs (over /dev/nbd")
+            assert r.stdout.startswith("dmrepl-test-fs: /dev/mapper/dmrepl-test-fs (mirror of "
+                                       "the local device and the journal leg /dev/nbd")
             yield d, lab, local, remote
         finally:
             for name in ("dmrepl-test-fs", "dmrepl-test-fs-rep"):

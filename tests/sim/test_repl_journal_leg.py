@@ -1,0 +1,74 @@
+"""A replicated device as a kernel mirror's journal leg (``ReplicatedDevice.journal``).
+
+The kernel writes the local device itself; the journal leg logs each write for the
+remote site links only, reads the local device, and acknowledges per the remote
+site links' policies."""
+
+from __future__ import annotations
+
+import threading
+
+from dmrepl.replicator import Replicator
+from dmrepl_testing.replicator import FakeStore, StoreSet
+
+DEV = 64 << 10
+LOG = 4096
+
+
+def setup(policy: str = "async") -> tuple[Replicator, StoreSet]:
+    stores = StoreSet()
+    for name, size in (("log", (LOG + 8) * 512), ("l0", DEV), ("r1", DEV)):
+        stores.add(FakeStore(size, name=name))
+    rep = Replicator.from_table(
+        f"0 1 replicator ringbuffer 4 log 0 create {LOG} blockdev 2 0 async "
+        f"blockdev 2 1 {policy}", opener=stores.open, persist_interval=0.002)
+    rep.add_device(f"0 {DEV // 512} replicator-dev rep 0 0 1 l0 nolog 0 1 1 r1 core 2 8 nosync")
+    rep.start()
+    return rep, stores
+
+
+def test_journal_writes_reach_the_remote_and_never_the_local_device() -> None:
+    rep, stores = setup()
+    try:
+        journal = rep.devices[0].journal()
+        assert journal.size_bytes == DEV
+        journal.write(4096, b"\x07" * 4096)
+        journal.trim(8192, 4096)
+        journal.flush()
+        assert rep.wait_drained(30)
+        remote = stores.stores["r1"].snapshot()
+        assert remote[4096:8192] == b"\x07" * 4096
+        # the kernel's own write is the local copy: the engine did not write it
+        assert stores.stores["l0"].snapshot() == bytes(DEV)
+        # reads come from the local device as the kernel left it
+        stores.stores["l0"].pwrite(0, b"\x05" * 512)
+        assert journal.read(0, 1024) == b"\x05" * 512 + bytes(512)
+    finally:
+        rep.close()
+
+
+def test_a_sync_site_link_holds_the_journal_write_until_the_remote_has_it() -> None:
+    rep, stores = setup("sync")
+    remote = stores.stores["r1"]
+    gate = threading.Event()
+    real_pwrite = remote.pwrite
+
+    def slow_pwrite(offset: int, data: bytes) -> None:
+        gate.wait(30)
+        real_pwrite(offset, data)
+
+    remote.pwrite = slow_pwrite  # type: ignore[method-assign]
+    try:
+        journal = rep.devices[0].journal()
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (journal.write(0, b"\x09" * 4096), done.set()))
+        t.start()
+        assert not done.wait(0.5), "acknowledged before the sync site link had it"
+        gate.set()
+        assert done.wait(30)
+        t.join()
+        assert remote.snapshot()[:4096] == b"\x09" * 4096
+    finally:
+        gate.set()
+        rep.close()
+
