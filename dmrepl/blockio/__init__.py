@@ -35,7 +35,12 @@ from typing import Protocol, runtime_checkable
 from dmrepl.blockio._range import Buffer
 from dmrepl.blockio.file import FileBlockIO, open_file
 from dmrepl.blockio.memory import MemoryBlockIO
-from dmrepl.blockio.opener import SCHEMES, UnknownScheme, open_store
+from dmrepl.blockio.opener import (
+    SCHEMES,
+    UnknownScheme,
+    open_store,
+    open_store_beside_the_kernel,
+)
 
 
 @runtime_checkable
@@ -73,4 +78,5 @@ __all__ = [
     "UnknownScheme",
     "open_file",
     "open_store",
+    "open_store_beside_the_kernel",
 ]

@@ -41,10 +41,14 @@ class FileBlockIO(CompatNames):
     concurrent_writes = False
 
     def __init__(self, path: str | os.PathLike[str], *, direct: bool = False,
-                 size: int | None = None, dsync: bool = True) -> None:
+                 size: int | None = None, dsync: bool = True,
+                 direct_reads: bool = False) -> None:
         """Open ``path`` read-write.  ``size`` exports only the first ``size`` bytes,
         or grows a shorter regular file to ``size``.  ``dsync=False`` makes durable
-        writes a write and an fdatasync, as on a file system without ``RWF_DSYNC``."""
+        writes a write and an fdatasync, as on a file system without ``RWF_DSYNC``.
+        ``direct_reads``: a block device is read with ``O_DIRECT`` (past the page
+        cache; writes still go through it): the kernel writes it too, behind the
+        page cache (a kernel mirror's local leg), and a cached page would be stale."""
         self.path = os.fspath(path)
         st = os.stat(self.path)
         self.is_blockdev = stat.S_ISBLK(st.st_mode)
@@ -74,6 +78,11 @@ class FileBlockIO(CompatNames):
         self._dsync = dsync and hasattr(os, "RWF_DSYNC")
         self._bounce = mmap.mmap(-1, mmap.PAGESIZE) if direct else None
         self._claim: Claim | None = None
+        self._read_fd = -1   # the O_DIRECT descriptor of direct_reads
+        if direct_reads and self.is_blockdev and not direct:
+            self._read_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            self._read_lock = threading.Lock()
+            self._read_bounce = mmap.mmap(-1, mmap.PAGESIZE)
 
     def claim_exclusive(self) -> None:
         """Own this file or device alone for as long as the store is open (a
@@ -103,6 +112,8 @@ class FileBlockIO(CompatNames):
 
     def pread(self, offset: int, length: int) -> bytes:
         check_read(self.name, self.size, offset, length)
+        if self._read_fd >= 0:
+            return self._pread_direct(offset, length)
         if self._bounce is None:
             data = os.pread(self.fd, length, offset)  # one call, one copy: the usual case
             if len(data) == length:
@@ -115,10 +126,20 @@ class FileBlockIO(CompatNames):
             self._read_into(view, offset)
             return bytes(view)
 
-    def _read_into(self, view: memoryview, offset: int) -> None:
+    def _pread_direct(self, offset: int, length: int) -> bytes:
+        with self._read_lock:
+            if len(self._read_bounce) < length:
+                self._read_bounce.close()
+                self._read_bounce = mmap.mmap(-1, -(-length // mmap.PAGESIZE) * mmap.PAGESIZE)
+            with memoryview(self._read_bounce)[:length] as view:
+                self._read_into(view, offset, self._read_fd)
+                return bytes(view)
+
+    def _read_into(self, view: memoryview, offset: int, fd: int | None = None) -> None:
+        fd = self.fd if fd is None else fd
         done = 0
         while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
+            n = os.preadv(fd, [view[done:]], offset + done)
             if n == 0:  # the file shrank under us
                 raise OSError(errno.EIO, f"short read at {offset + done} of {self.path}")
             done += n
@@ -199,17 +220,22 @@ class FileBlockIO(CompatNames):
                 self.fd = -1
                 if self._bounce is not None:
                     self._bounce.close()
+            if self._read_fd >= 0:
+                os.close(self._read_fd)
+                self._read_fd = -1
+                self._read_bounce.close()
             if self._claim is not None:
                 self._claim.release()
                 self._claim = None
 
 
-def open_file(url: str) -> FileBlockIO:
-    """A path, or a ``file:`` URL (``file:///dev/sdb``, ``file:/var/disk.img``)."""
+def open_file(url: str, *, direct_reads: bool = False) -> FileBlockIO:
+    """A path, or a ``file:`` URL (``file:///dev/sdb``, ``file:/var/disk.img``);
+    ``direct_reads``: see :class:`FileBlockIO`."""
     if url.startswith("file:"):
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise OSError(errno.EINVAL, f"{url}: a file: URL names a local path, "
                                         f"not host {parts.netloc!r}")
-        return FileBlockIO(unquote(parts.path))
-    return FileBlockIO(url)
+        return FileBlockIO(unquote(parts.path), direct_reads=direct_reads)
+    return FileBlockIO(url, direct_reads=direct_reads)

@@ -49,3 +49,13 @@ def open_store(path: str) -> BlockIO:
     module, function = target.split(":")
     opened: BlockIO = getattr(importlib.import_module(module), function)(path)
     return opened
+
+
+def open_store_beside_the_kernel(path: str) -> BlockIO:
+    """As :func:`open_store`, but a block device is read past the page cache: the
+    daemon's opener when it makes kernel devices, whose mirrors write the local
+    devices behind the page cache of the daemon's own descriptors."""
+    if (scheme_of(path) or "file") == "file":
+        from dmrepl.blockio.file import open_file
+        return open_file(path, direct_reads=True)
+    return open_store(path)

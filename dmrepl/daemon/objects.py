@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dmrepl.blockio import open_store
+from dmrepl.blockio import open_store, open_store_beside_the_kernel
 from dmrepl.daemon import _kernel
 from dmrepl.daemon._engine import Engine, EngineDevice, EngineReplicator
 from dmrepl.daemon._proto import ControlError
@@ -155,7 +155,8 @@ class Objects:
         obj: Obj
         if lines[0].target == REPLICATOR:
             engine = self.engine.from_table(
-                lines[0].text, opener=open_store,
+                lines[0].text,
+                opener=open_store_beside_the_kernel if self.kernel_devices else open_store,
                 on_event=functools.partial(self.events.emit, name=name), **self.tuning)
             try:
                 engine.start()

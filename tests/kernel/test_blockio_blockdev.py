@@ -30,3 +30,32 @@ def test_a_loop_device_through_the_block_io_surface(loop_device) -> None:  # typ
         assert bd.pread(bd.size - 512, 512) == b"z" * 512
     finally:
         bd.close()
+
+
+def test_direct_reads_see_what_the_kernel_wrote_behind_the_page_cache(dm_name, loop_device,
+                                                                      dmsetup) -> None:  # type: ignore[no-untyped-def]
+    """A kernel mirror writes its local leg with bios, behind the page cache of the
+    leg's /dev node: a buffered reader of that node keeps a stale page, a store
+    opened beside the kernel (``open_store_beside_the_kernel``) does not."""
+    from dmrepl.blockio import open_store_beside_the_kernel
+    loop = loop_device(16)
+    name = dm_name("direct-reads")
+    dmsetup("create", name, "--table", f"0 {16 << 11} linear {loop} 0")
+    dev = f"/dev/mapper/{name}"
+    buffered, beside = open_store(dev), open_store_beside_the_kernel(dev)
+    try:
+        assert buffered.pread(0, 4096) == bytes(4096)     # now in the page cache
+        fd = os.open(loop, os.O_WRONLY | os.O_DIRECT)     # the kernel's write, below
+        try:
+            import mmap
+            buf = mmap.mmap(-1, 4096)
+            buf[:] = b"k" * 4096
+            os.pwrite(fd, buf, 0)
+        finally:
+            os.close(fd)
+        assert buffered.pread(0, 4096) == bytes(4096), \
+            "the page cache was not stale: this test shows nothing"
+        assert beside.pread(0, 4096) == b"k" * 4096
+    finally:
+        buffered.close()
+        beside.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import mmap
 import os
 import subprocess
 import threading
@@ -29,15 +30,18 @@ def sh(*argv: str, timeout: float = 300) -> str:
 
 
 def digest(dev: str, size: int) -> str:
+    """sha256 of the device, read past the page cache (O_DIRECT): the kernel mirror
+    writes the local device behind the cache of its /dev node."""
     h = hashlib.sha256()
-    fd = os.open(dev, os.O_RDONLY)
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, MB)
     try:
         pos = 0
         while pos < size:
-            chunk = os.pread(fd, min(MB, size - pos), pos)
-            assert chunk, f"{dev}: short read at {pos}"
-            h.update(chunk)
-            pos += len(chunk)
+            n = os.preadv(fd, [memoryview(buf)[:min(MB, size - pos)]], pos)
+            assert n > 0, f"{dev}: short read at {pos}"
+            h.update(memoryview(buf)[:n])
+            pos += n
     finally:
         os.close(fd)
     return h.hexdigest()
