@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dmrepl.blockio import AckWait, WriteOp
 from dmrepl.errors import UserError
@@ -207,15 +207,17 @@ class NbdServer:
         with self._latency_lock:
             return {key: h.snapshot() for key, h in self._latency.items()}
 
-    def record_latency(self, export: str, command: int, elapsed_ns: int) -> None:
-        """Count one request's service time (the request path: no allocation
-        but a histogram's first request)."""
+    def record_latency(self, export: str, command: int, elapsed_ns: int,
+                       requests: int = 1) -> None:
+        """Count the service time of ``requests`` requests of one command that
+        took the same time (a batch's replies leave together; the request path:
+        no allocation but a histogram's first request)."""
         key = (export, COMMAND_NAMES.get(command, "unknown"))
         with self._latency_lock:
             h = self._latency.get(key)
             if h is None:
                 h = self._latency[key] = LatencyHistogram()
-            h.record(elapsed_ns)
+            h.record(elapsed_ns, requests)
 
     def start(self) -> NbdServer:
         self._thread.start()
@@ -425,7 +427,7 @@ class _Connection:
         one send."""
         export = self.export
         assert export is not None
-        replies: list[bytes] = []
+        replies = _Replies()
         writes: list[p.Request] = []
         with export.io() as backend:
             for req in batch:
@@ -437,21 +439,23 @@ class _Connection:
                     self._write_run(backend, export, writes, received_at, replies)
                     writes = []
                 if not error and req.command == p.Cmd.FLUSH and self._writes_waiting():
-                    # after the writes handed over before it
+                    # after the writes handed over before it; the replies of those
+                    # done here leave first (the client sees its writes, then the
+                    # flush)
+                    self._send(replies, export, received_at)
+                    replies = _Replies()
                     self._hand_off(export, backend, req, received_at)
                     continue
                 data = b""
                 if not error:
                     error, data = self._attempt(req, functools.partial(_do, backend, req))
-                self._reply(replies, export, req, received_at, error, data)
+                self._reply(replies, req, error, data)
             if writes:
                 self._write_run(backend, export, writes, received_at, replies)
-        if replies:
-            with contextlib.suppress(OSError):
-                self.send_replies(replies)
+        self._send(replies, export, received_at)
 
     def _write_run(self, backend: Backend, export: Export, writes: list[p.Request],
-                   received_at: int, replies: list[bytes]) -> None:
+                   received_at: int, replies: _Replies) -> None:
         """Writes received one after the other: one ``write_many`` (where the
         backend has it) for those it takes, the waiter for the rest."""
         write_many = getattr(backend, "write_many", None)
@@ -462,11 +466,11 @@ class _Connection:
             except Exception as e:   # the log failed: no write of the run is acknowledged
                 error = self._errno_of(writes[0], e)
                 for req in writes:
-                    self._reply(replies, export, req, received_at, error)
+                    self._reply(replies, req, error)
                 return
         for req, outcome in zip(writes, outcomes, strict=False):
             if outcome is None:
-                self._reply(replies, export, req, received_at)
+                self._reply(replies, req)
             else:
                 self._hand_off(export, backend, req, received_at, outcome)
         for req in writes[len(outcomes):]:
@@ -482,16 +486,25 @@ class _Connection:
             return errno.EPERM
         return error
 
-    def _reply(self, replies: list[bytes], export: Export, req: p.Request,
-               received_at: int, error: int = 0, data: bytes = b"") -> None:
+    def _reply(self, replies: _Replies, req: p.Request, error: int = 0,
+               data: bytes = b"") -> None:
         head, payload = self.proto.reply_parts(req.handle, error, data)
-        replies.append(head)
+        replies.parts.append(head)
         if payload:
-            replies.append(payload)
-        # counted as the reply is handed to the socket, not after: a client that
-        # has its reply finds its request in the next scrape
-        self.server.record_latency(export.name, req.command,
-                                   time.monotonic_ns() - received_at)
+            replies.parts.append(payload)
+        replies.commands[req.command] = replies.commands.get(req.command, 0) + 1
+
+    def _send(self, replies: _Replies, export: Export, received_at: int) -> None:
+        """Send the replies gathered; their service times are counted as they are
+        handed to the socket, not after: a client that has its reply finds its
+        request in the next scrape."""
+        if not replies.parts:
+            return
+        elapsed = time.monotonic_ns() - received_at
+        for command, n in replies.commands.items():
+            self.server.record_latency(export.name, command, elapsed, n)
+        with contextlib.suppress(OSError):
+            self.send_replies(replies.parts)
 
     def _attempt(self, req: p.Request, fn: Callable[[], bytes]) -> tuple[int, bytes]:
         """``fn()`` (the request served): (0, its data), or (errno, b"")."""
@@ -537,12 +550,19 @@ class _Connection:
 
         def done(error: int, data: bytes) -> None:
             export.release()
-            replies: list[bytes] = []
-            self._reply(replies, export, req, received_at, error, data)
-            with contextlib.suppress(OSError):
-                self.send_replies(replies)
+            replies = _Replies()
+            self._reply(replies, req, error, data)
+            self._send(replies, export, received_at)
 
         waiter.submit(req, lambda: self._attempt(req, serve), done)
+
+
+@dataclass(slots=True)
+class _Replies:
+    """Replies gathered to leave in one send, and how many of each command."""
+
+    parts: list[bytes] = field(default_factory=list)
+    commands: dict[int, int] = field(default_factory=dict)
 
 
 class _Waiter:
@@ -574,13 +594,12 @@ class _Waiter:
                 with self.cond:
                     self.cond.wait_for(lambda: not self.writes or min(self.writes) >= ticket)
             try:
-                error, data = attempt()
+                done(*attempt())
             finally:
-                if write:
+                if write:   # (once replied: a flush after it replies after it)
                     with self.cond:
                         self.writes.discard(ticket)
                         self.cond.notify_all()
-            done(error, data)
 
         self.pool.submit(run)
 
