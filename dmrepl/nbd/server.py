@@ -429,9 +429,10 @@ class _Connection:
         assert export is not None
         replies = _Replies()
         writes: list[p.Request] = []
+        removed = self.server.exports.get(export.name) is not export
         with export.io() as backend:
             for req in batch:
-                error = self._refusal(req, export)
+                error = errno.ESHUTDOWN if removed else self._refusal(req, export)
                 if not error and req.command in WRITES:
                     writes.append(req)
                     continue
@@ -477,10 +478,8 @@ class _Connection:
             self._hand_off(export, backend, req, received_at)
 
     def _refusal(self, req: p.Request, export: Export) -> int:
-        """The errno a request is refused with before it reaches the backend (0:
-        none)."""
-        if self.server.exports.get(export.name) is not export:
-            return errno.ESHUTDOWN
+        """The errno a request to a live export is refused with before it reaches
+        the backend (0: none)."""
         error = self.proto.check(req)
         if not error and export.read_only and req.command in WRITES:
             return errno.EPERM

@@ -362,11 +362,12 @@ class Ringbuffer:
             if not dev.running or dev.closed or rep.closed or dev.legs[0].error:
                 return []
             now = time.monotonic()
+            targets = self._targets_locked(dev, journal)
             for offset, data, length, _fua in ops:
                 if length > _NEVER_SPLIT:
                     break
-                got = self._reserve_locked(dev, offset, data, length, now,
-                                           count=data is not None, journal=journal)
+                got = self._reserve_locked(dev, targets, offset, data, length, now,
+                                           count=data is not None)
                 if got is None:
                     break  # ring full: those left wait in write()
                 rep.stats["nc"] += 1
@@ -401,7 +402,8 @@ class Ringbuffer:
             while True:
                 self._check_io_locked(dev)
                 now = time.monotonic()
-                got = self._reserve_locked(dev, offset, data, length, now, count=count)
+                got = self._reserve_locked(dev, self._targets_locked(dev), offset, data,
+                                           length, now, count=count)
                 if got is not None:
                     break
                 if waited is None:
@@ -413,15 +415,18 @@ class Ringbuffer:
                 rep.stats["nc"] += 1
             return got
 
-    def _reserve_locked(self, dev: ReplicatedDevice, offset: int, data: bytes | None,
-                        length: int, now: float, *, count: bool,
-                        journal: bool = False) -> tuple[Entry, frozenset[int]] | None:
-        """Reserve the entry of a write and count it on its site links (the ones
-        holding its acknowledgement returned); None: the ring is full."""
+    def _targets_locked(self, dev: ReplicatedDevice, journal: bool = False) -> frozenset[int]:
+        """The site links a write of the device is copied to (a journal write:
+        not site link 0, whose copy the kernel writes)."""
+        targets = frozenset(dev.legs.keys() & self.rep.slinks.keys())
+        return targets - {0} if journal else targets
+
+    def _reserve_locked(self, dev: ReplicatedDevice, targets: frozenset[int], offset: int,
+                        data: bytes | None, length: int, now: float, *,
+                        count: bool) -> tuple[Entry, frozenset[int]] | None:
+        """Reserve the entry of a write to ``targets`` and count it on them (the
+        ones holding its acknowledgement returned); None: the ring is full."""
         rep = self.rep
-        targets = frozenset(dev.legs.keys() & rep.slinks.keys())
-        if journal:
-            targets -= {0}
         e = self.ring.reserve(dev.dev_nr, offset, length, targets, data,
                               zero=data is None, now=now)
         if e is None:
