@@ -68,14 +68,22 @@ class BlockIO(Protocol):
 #: Path or URL -> an open store (the engine's device opener).
 Opener = Callable[[str], BlockIO]
 
+#: One write of a batch (an NBD backend's ``write_many``): offset, data (None:
+#: zeros, a discard), length, FUA.
+WriteOp = tuple[int, bytes | None, int, bool]
+#: Returns once a write of a batch is acknowledged (raises if it cannot be).
+AckWait = Callable[[], None]
+
 __all__ = [
     "SCHEMES",
+    "AckWait",
     "BlockIO",
     "Buffer",
     "FileBlockIO",
     "MemoryBlockIO",
     "Opener",
     "UnknownScheme",
+    "WriteOp",
     "open_file",
     "open_store",
     "open_store_beside_the_kernel",

@@ -147,7 +147,16 @@ class FileBlockIO(CompatNames):
     # -- writes ------------------------------------------------------------------
 
     def pwrite(self, offset: int, data: Buffer) -> None:
-        self.pwritev(offset, [data])
+        if self._bounce is not None:
+            self.pwritev(offset, [data])
+            return
+        # one buffer through the page cache (every copy a site link applies):
+        # one call, no list, no generator
+        length = len(data)
+        check_write(self.name, self.size, offset, length)
+        n = os.pwrite(self.fd, data, offset)
+        if n != length:
+            self._writev_all(offset + n, [memoryview(data)[n:]], length - n, 0)
 
     def pwritev(self, offset: int, bufs: Sequence[Buffer]) -> None:
         self._writev(offset, bufs, 0)

@@ -23,7 +23,7 @@ import errno
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from construct import (
     Bytes,
@@ -210,9 +210,10 @@ class ExportSelected:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One transmission-phase command.  ``data`` is the payload of WRITE only."""
+class Request(NamedTuple):
+    """One transmission-phase command.  ``data`` is the payload of WRITE only.
+    (A named tuple: one is made per request, three times faster than a frozen
+    dataclass.)"""
 
     command: int
     flags: int
@@ -464,6 +465,12 @@ class ServerConnection:
             if cmd == Cmd.WRITE and length > MAX_REQUEST:
                 # We cannot even skip the payload safely: drop the connection.
                 raise RemoteProtocolError(f"write of {length} bytes exceeds {MAX_REQUEST}")
+            if cmd == Cmd.WRITE and length and len(self._in) >= REQUEST_SIZE + length:
+                # the whole write is here (a pipelining client): one copy, one cut
+                with memoryview(self._in) as view:
+                    whole = bytes(view[REQUEST_SIZE:REQUEST_SIZE + length])
+                del self._in[:REQUEST_SIZE + length]
+                return Request(cmd, flags, handle, offset, length, whole)
             del self._in[:REQUEST_SIZE]
             if cmd == Cmd.DISC:
                 self.state = State.CLOSED

@@ -39,9 +39,10 @@ class LatencyHistogram:
         self.counts = [0] * (len(BOUNDS_NS) + 1)   # the last one: beyond 10 s
         self.sum_ns = 0
 
-    def record(self, elapsed_ns: int) -> None:
-        self.counts[bisect_left(BOUNDS_NS, elapsed_ns)] += 1
-        self.sum_ns += elapsed_ns
+    def record(self, elapsed_ns: int, requests: int = 1) -> None:
+        """``requests`` that each took ``elapsed_ns``."""
+        self.counts[bisect_left(BOUNDS_NS, elapsed_ns)] += requests
+        self.sum_ns += elapsed_ns * requests
 
     def snapshot(self) -> LatencySnapshot:
         buckets = []

@@ -1,17 +1,17 @@
-"""Threaded NBD server: unix (or TCP) listener, one reader thread per connection.
+"""Threaded NBD server: unix (or TCP) listener, one thread per connection.
 
-Requests of one connection run concurrently on a small worker pool (many in
-flight, replies in completion order, as the protocol allows).  A FLUSH waits
-(in its worker, the reader goes on) until every write received before it has
-completed, then flushes the backend, so "flush makes all completed writes
-durable" holds even with workers racing.  An export can be paused
-(:meth:`Export.suspend`): new requests wait, requests in flight drain, then the
-backend is flushed.
-
-The reader takes a request header, then a write's payload, each with one
-``recv(n, MSG_WAITALL)`` of exactly the bytes the protocol wants: the payload
-goes to the backend as received (no copy), and a reply's data is sent with its
-header by one ``sendmsg`` (no join).
+A connection's thread receives whatever the socket holds and serves the
+requests complete in it as one batch, on that thread (a hand-off between
+Python threads can wait the interpreter's switch interval): a run of writes
+goes to the backend as one ``write_many`` where it has one (the replicated
+device: one log append, one flush), reads are served inline, the replies leave
+in one ``sendmsg``.  Requests that wait (held by a sync site link, or not taken
+by ``write_many``: a full ring, a suspended device; every write of a backend
+without it) go to the connection's *waiter* pool, which replies as each
+completes.  A FLUSH completes after every write received before it: inline
+when none of them is at the waiter, else at the waiter after them.  An export
+can be paused (:meth:`Export.suspend`): new requests wait, requests in flight
+(the waiter's included) drain, then the backend is flushed.
 
 Abuse is bounded (:class:`NbdLimits`): connections beyond a cap are closed at
 once; a client has a deadline to finish the handshake and, if configured, an
@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from dmrepl.blockio import AckWait, WriteOp
 from dmrepl.errors import UserError
 from dmrepl.nbd import _proto as p
 from dmrepl.nbd.backend import Backend
@@ -48,10 +50,11 @@ WRITES = (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM)
 #: not know is "unknown" (a label per garbage value would grow without bound).
 COMMAND_NAMES = {int(c): c.name.lower() for c in p.Cmd}
 TIMEVAL = struct.Struct("@ll")   # struct timeval, for SO_RCVTIMEO
-RECV_SIZE = 65536     # a receive of the handshake, whose messages have no known size
-#: A short receive after this share of its timeout is that timeout (the kernel's
-#: clock and ours differ by a tick).
-TIMEOUT_SLACK = 0.9
+RECV_SIZE = 256 * 1024   # bytes one receive takes at most
+#: Requests served as one batch at most (their replies: one sendmsg, and a
+#: bounded amount of read data held at once).
+BATCH_MAX = 64
+IOV_MAX = os.sysconf("SC_IOV_MAX")   # buffers one sendmsg takes
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,18 @@ class Export:
             with self._cond:
                 self._inflight -= 1
                 self._cond.notify_all()
+
+    def hold(self) -> None:
+        """One more request in flight, taken over from one holding :meth:`io`
+        (it does not wait for a resume: the request was admitted)."""
+        with self._cond:
+            self._inflight += 1
+
+    def release(self) -> None:
+        """A request counted by :meth:`hold` is done."""
+        with self._cond:
+            self._inflight -= 1
+            self._cond.notify_all()
 
     def suspend(self, timeout: float | None = None) -> None:
         with self._cond:
@@ -192,15 +207,17 @@ class NbdServer:
         with self._latency_lock:
             return {key: h.snapshot() for key, h in self._latency.items()}
 
-    def record_latency(self, export: str, command: int, elapsed_ns: int) -> None:
-        """Count one request's service time (the request path: no allocation
-        but a histogram's first request)."""
+    def record_latency(self, export: str, command: int, elapsed_ns: int,
+                       requests: int = 1) -> None:
+        """Count the service time of ``requests`` requests of one command that
+        took the same time (a batch's replies leave together; the request path:
+        no allocation but a histogram's first request)."""
         key = (export, COMMAND_NAMES.get(command, "unknown"))
         with self._latency_lock:
             h = self._latency.get(key)
             if h is None:
                 h = self._latency[key] = LatencyHistogram()
-            h.record(elapsed_ns)
+            h.record(elapsed_ns, requests)
 
     def start(self) -> NbdServer:
         self._thread.start()
@@ -277,83 +294,119 @@ class NbdServer:
 
 
 class _Connection:
+    """One client: the handshake, then batches of requests served on this thread.
+
+    Each receive takes whatever the socket holds (up to :data:`RECV_SIZE`); the
+    requests complete in it (at most :data:`BATCH_MAX`) are one batch, served in
+    the order received: a run of writes goes to the backend as one
+    ``write_many`` (where it has one: one log append, one flush), reads are
+    served inline, and the batch's replies leave in one ``sendmsg``.  A request
+    that would wait (a write held by a sync site link, or one the backend did not
+    take: a full ring, a suspended device; every write of a backend without
+    ``write_many``) is handed to the connection's *waiter*, a thread that runs
+    such requests one after the other and replies to each as it completes; a
+    FLUSH follows them there while any is outstanding, so it completes after
+    every write received before it."""
+
     def __init__(self, server: NbdServer, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
         self.proto = p.ServerConnection(_Exports(server))
         self.send_lock = threading.Lock()
         self.export: Export | None = None
-        # writes in flight by ticket, for FLUSH barriers
-        self.pending = threading.Condition()
-        self.write_tickets: set[int] = set()
-        self.next_ticket = 0
+        self.handshake_deadline: float | None = None
+        # requests handed to the waiter and not replied to yet
+        self.waiter: _Waiter | None = None
 
     def send(self, data: bytes) -> None:
         if data:
             with self.send_lock:
                 self.sock.sendall(data)
 
-    def send_reply(self, head: bytes, data: bytes) -> None:
-        if not data:
-            self.send(head)
-            return
+    def send_replies(self, parts: list[bytes]) -> None:
+        """Reply headers and data, in one ``sendmsg`` (several if the kernel takes
+        less, or more buffers than one call carries)."""
         with self.send_lock:
-            sent = self.sock.sendmsg([head, data])
-            if sent < len(head):
-                self.sock.sendall(head[sent:])
-                sent = len(head)
-            if sent - len(head) < len(data):
-                with memoryview(data) as view:
-                    self.sock.sendall(view[sent - len(head):])
+            for i in range(0, len(parts), IOV_MAX):
+                chunk = parts[i:i + IOV_MAX]
+                sent = self.sock.sendmsg(chunk)
+                total = sum(len(b) for b in chunk)
+                if sent < total:
+                    with memoryview(b"".join(chunk)) as view:
+                        self.sock.sendall(view[sent:])
 
     def run(self) -> None:
         limits = self.server.limits
         self.handshake_deadline = (None if limits.handshake_timeout is None
                                    else time.monotonic() + limits.handshake_timeout)
         self.send(self.proto.data_to_send())
-        pool = ThreadPoolExecutor(self.server.workers, thread_name_prefix="nbd-io")
         try:
-            self._loop(pool)
+            if self._handshake():
+                self._transmit()
         finally:
-            pool.shutdown(wait=True)
+            if self.waiter is not None:
+                self.waiter.close()
 
-    def _loop(self, pool: ThreadPoolExecutor) -> None:
-        # when the first receive of the request being read completed (its
-        # header: receives are of exactly the bytes the protocol wants)
-        header_at: int | None = None
+    def _handshake(self) -> bool:
+        """Options until an export is chosen (True) or the client leaves."""
         while True:
             event = self.proto.next_event()
             self.send(self.proto.data_to_send())
             if event is p.NEED_DATA:
-                self.proto.receive_data(self._receive())
-                if header_at is None:
-                    header_at = time.monotonic_ns()
+                self.proto.receive_data(self._receive_handshake())
                 continue
             if isinstance(event, p.Disconnect):
-                return
-            if isinstance(event, p.ExportSelected):
-                self.export = self.server.exports[event.name]
-                self.handshake_deadline = None
-                _set_recv_timeout(self.sock, self.server.limits.idle_timeout)
-                header_at = None
-                continue
-            assert isinstance(event, p.Request)
-            received_at = time.monotonic_ns() if header_at is None else header_at
-            header_at = None
-            ticket = self.next_ticket
-            if event.command in WRITES:
-                with self.pending:
-                    self.write_tickets.add(ticket)
-                self.next_ticket += 1
-            pool.submit(self._execute, event, ticket, received_at)
+                return False
+            assert isinstance(event, p.ExportSelected), event
+            self.export = self.server.exports[event.name]
+            self.handshake_deadline = None
+            return True
 
-    def _receive(self) -> bytes:
-        """The bytes the protocol wants next, within the connection's deadline:
-        the handshake's (set before each receive), then the idle timeout (set
-        once, when the export is chosen).  A receive cut short by something
-        else than its timeout (a signal) returns what it got."""
+    def _transmit(self) -> None:
+        idle = self.server.limits.idle_timeout
+        last_request = time.monotonic()
+        received_at = time.monotonic_ns()
+        _set_recv_timeout(self.sock, idle)
+        batch: list[p.Request] = []
+        while True:
+            event = self.proto.next_event()
+            if isinstance(event, p.Request):
+                batch.append(event)
+                if len(batch) < BATCH_MAX:
+                    continue
+            if batch:
+                self._serve(batch, received_at)
+                batch = []
+                last_request = time.monotonic()
+                if isinstance(event, p.Request):
+                    continue      # (a full batch: more may be buffered)
+            if isinstance(event, p.Disconnect):
+                return
+            assert event is p.NEED_DATA, event
+            data = self._receive(idle, last_request)
+            received_at = time.monotonic_ns()
+            self.proto.receive_data(data)
+
+    def _receive(self, idle: float | None, last_request: float) -> bytes:
+        """What the socket holds (waiting for some): ``b""`` when the client
+        closed.  ClientTimeout when no whole request came for ``idle`` seconds
+        (a request stalled half-sent included)."""
+        while True:
+            if idle is not None:
+                left = last_request + idle - time.monotonic()
+                if left <= 0:
+                    raise ClientTimeout(f"no whole request in {idle}s")
+                _set_recv_timeout(self.sock, left)
+            try:
+                return self.sock.recv(RECV_SIZE)
+            except BlockingIOError:   # SO_RCVTIMEO expired with nothing received
+                continue
+
+    def _receive_handshake(self) -> bytes:
+        """The bytes of the handshake the socket holds, within its deadline (set
+        before each receive).  A receive cut short by something else than its
+        timeout (a signal) returns what it got."""
         limits = self.server.limits
-        want = self.proto.bytes_wanted()
         while True:
             timeout = limits.idle_timeout
             if self.handshake_deadline is not None:
@@ -361,77 +414,219 @@ class _Connection:
                 if timeout <= 0:
                     raise ClientTimeout("handshake not finished in "
                                         f"{limits.handshake_timeout}s")
-                _set_recv_timeout(self.sock, timeout)
-            started = time.monotonic()
-            data: bytes | None
+            _set_recv_timeout(self.sock, timeout)
             try:
-                data = self.sock.recv(want or RECV_SIZE, socket.MSG_WAITALL if want else 0)
+                return self.sock.recv(RECV_SIZE)
             except BlockingIOError:   # SO_RCVTIMEO expired with nothing received
-                data = None
-            short = data is None or 0 < len(data) < want
-            if short and timeout and time.monotonic() - started >= timeout * TIMEOUT_SLACK:
-                if self.handshake_deadline is not None:
-                    raise ClientTimeout("handshake not finished in "
-                                        f"{limits.handshake_timeout}s")
-                raise ClientTimeout(f"no whole request in {timeout}s")
-            if data is not None:
-                return data
+                continue
 
-    def _execute(self, req: p.Request, ticket: int, received_at: int) -> None:
-        error, data = 0, b""
+    # -- serving ---------------------------------------------------------------
+
+    def _serve(self, batch: list[p.Request], received_at: int) -> None:
+        """Serve a batch in order; the replies not handed to the waiter leave in
+        one send."""
         export = self.export
-        try:
-            if req.command == p.Cmd.FLUSH:
-                # the writes received before this flush complete first
-                with self.pending:
-                    self.pending.wait_for(lambda: not self.write_tickets
-                                          or min(self.write_tickets) >= ticket)
-            error = self.proto.check(req)
-            if export is None or self.server.exports.get(export.name) is not export:
-                error = errno.ESHUTDOWN
-            if not error:
-                assert export is not None
-                with export.io() as backend:
-                    data = self._do(backend, req, export)
-        except OSError as e:
-            log.warning("nbd: %s failed: %s", p.Cmd(req.command).name, e)
-            error = e.errno or errno.EIO
-        except (UserError, ValueError) as e:
-            # the backend refused the request (e.g. unaligned I/O): the client's fault
-            log.info("nbd: %s refused: %s", p.Cmd(req.command).name, e)
-            error = errno.EINVAL
-        except Exception:
-            log.exception("nbd: %s failed", req.command)
-            error = errno.EIO
-        finally:
-            if req.command in WRITES:
-                with self.pending:
-                    self.write_tickets.discard(ticket)
-                    self.pending.notify_all()
-        reply = self.proto.reply_parts(req.handle, error, data)
-        if export is not None:
-            # counted as the reply is handed to the socket, not after: a client
-            # that has its reply finds its request in the next scrape
-            self.server.record_latency(export.name, req.command,
-                                       time.monotonic_ns() - received_at)
+        assert export is not None
+        replies = _Replies()
+        writes: list[p.Request] = []
+        removed = self.server.exports.get(export.name) is not export
+        with export.io() as backend:
+            for req in batch:
+                error = errno.ESHUTDOWN if removed else self._refusal(req, export)
+                if not error and req.command in WRITES:
+                    writes.append(req)
+                    continue
+                if writes:
+                    self._write_run(backend, export, writes, received_at, replies)
+                    writes = []
+                if not error and req.command == p.Cmd.FLUSH and self._writes_waiting():
+                    # after the writes handed over before it; the replies of those
+                    # done here leave first (the client sees its writes, then the
+                    # flush)
+                    self._send(replies, export, received_at)
+                    replies = _Replies()
+                    self._hand_off(export, backend, req, received_at)
+                    continue
+                data = b""
+                if not error:
+                    error, data = self._attempt(req, functools.partial(_do, backend, req))
+                self._reply(replies, req, error, data)
+            if writes:
+                self._write_run(backend, export, writes, received_at, replies)
+        self._send(replies, export, received_at)
+
+    def _write_run(self, backend: Backend, export: Export, writes: list[p.Request],
+                   received_at: int, replies: _Replies) -> None:
+        """Writes received one after the other: one ``write_many`` (where the
+        backend has it) for those it takes, the waiter for the rest."""
+        write_many = getattr(backend, "write_many", None)
+        outcomes: list[AckWait | None] = []
+        if write_many is not None:
+            try:
+                outcomes = write_many([_write_op(req) for req in writes])
+            except Exception as e:   # the log failed: no write of the run is acknowledged
+                error = self._errno_of(writes[0], e)
+                for req in writes:
+                    self._reply(replies, req, error)
+                return
+        for req, outcome in zip(writes, outcomes, strict=False):
+            if outcome is None:
+                self._reply(replies, req)
+            else:
+                self._hand_off(export, backend, req, received_at, outcome)
+        for req in writes[len(outcomes):]:
+            self._hand_off(export, backend, req, received_at)
+
+    def _refusal(self, req: p.Request, export: Export) -> int:
+        """The errno a request to a live export is refused with before it reaches
+        the backend (0: none)."""
+        error = self.proto.check(req)
+        if not error and export.read_only and req.command in WRITES:
+            return errno.EPERM
+        return error
+
+    def _reply(self, replies: _Replies, req: p.Request, error: int = 0,
+               data: bytes = b"") -> None:
+        head, payload = self.proto.reply_parts(req.handle, error, data)
+        replies.parts.append(head)
+        if payload:
+            replies.parts.append(payload)
+        replies.commands[req.command] = replies.commands.get(req.command, 0) + 1
+
+    def _send(self, replies: _Replies, export: Export, received_at: int) -> None:
+        """Send the replies gathered; their service times are counted as they are
+        handed to the socket, not after: a client that has its reply finds its
+        request in the next scrape."""
+        if not replies.parts:
+            return
+        elapsed = time.monotonic_ns() - received_at
+        for command, n in replies.commands.items():
+            self.server.record_latency(export.name, command, elapsed, n)
         with contextlib.suppress(OSError):
-            self.send_reply(*reply)
+            self.send_replies(replies.parts)
+
+    def _attempt(self, req: p.Request, fn: Callable[[], bytes]) -> tuple[int, bytes]:
+        """``fn()`` (the request served): (0, its data), or (errno, b"")."""
+        try:
+            return 0, fn()
+        except Exception as e:
+            return self._errno_of(req, e), b""
 
     @staticmethod
-    def _do(backend: Backend, req: p.Request, export: Export) -> bytes:
-        cmd = req.command
-        if export.read_only and cmd in (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM):
-            raise OSError(errno.EPERM, "export is read-only")
-        if cmd == p.Cmd.READ:
-            return backend.read(req.offset, req.length)
-        if cmd == p.Cmd.WRITE:
-            backend.write(req.offset, req.data, fua=req.fua)
-        elif cmd == p.Cmd.WRITE_ZEROES:
-            backend.write(req.offset, bytes(req.length), fua=req.fua)
-        elif cmd == p.Cmd.TRIM:
-            backend.trim(req.offset, req.length)
-            if req.fua:
-                backend.flush()
-        elif cmd == p.Cmd.FLUSH:
+    def _errno_of(req: p.Request, exc: Exception) -> int:
+        """The reply's errno for a request the backend failed (the one funnel)."""
+        name = p.Cmd(req.command).name if req.command in COMMAND_NAMES else req.command
+        if isinstance(exc, OSError):
+            log.warning("nbd: %s failed: %s", name, exc)
+            return exc.errno or errno.EIO
+        if isinstance(exc, UserError | ValueError):
+            # the backend refused the request (e.g. unaligned I/O): the client's fault
+            log.info("nbd: %s refused: %s", name, exc)
+            return errno.EINVAL
+        log.error("nbd: %s failed", name, exc_info=exc)
+        return errno.EIO
+
+    # -- the waiter ------------------------------------------------------------
+
+    def _writes_waiting(self) -> bool:
+        return self.waiter is not None and self.waiter.writes_waiting()
+
+    def _hand_off(self, export: Export, backend: Backend, req: p.Request,
+                  received_at: int, wait: AckWait | None = None) -> None:
+        """The waiter serves ``req`` (or, given ``wait``, a write logged already:
+        waits for its acknowledgement) and replies; the request counts as in
+        flight on the export until then."""
+        if self.waiter is None:
+            self.waiter = _Waiter(self.server.workers)
+        waiter = self.waiter
+        export.hold()
+
+        def serve() -> bytes:
+            if wait is not None:
+                wait()
+                return b""
+            return _do(backend, req)
+
+        def done(error: int, data: bytes) -> None:
+            export.release()
+            replies = _Replies()
+            self._reply(replies, req, error, data)
+            self._send(replies, export, received_at)
+
+        waiter.submit(req, lambda: self._attempt(req, serve), done)
+
+
+@dataclass(slots=True)
+class _Replies:
+    """Replies gathered to leave in one send, and how many of each command."""
+
+    parts: list[bytes] = field(default_factory=list)
+    commands: dict[int, int] = field(default_factory=dict)
+
+
+class _Waiter:
+    """Requests of one connection that wait (sync site links, a full ring, a
+    suspended device...), served on a small pool; a FLUSH waits there for the
+    writes handed over before it."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="nbd-io")
+        self.cond = threading.Condition()
+        self.writes: set[int] = set()    # tickets of the writes not done
+        self.next_ticket = 0
+
+    def writes_waiting(self) -> bool:
+        with self.cond:
+            return bool(self.writes)
+
+    def submit(self, req: p.Request, attempt: Callable[[], tuple[int, bytes]],
+               done: Callable[[int, bytes], None]) -> None:
+        write = req.command in WRITES
+        with self.cond:
+            ticket = self.next_ticket
+            if write:
+                self.writes.add(ticket)
+                self.next_ticket += 1
+
+        def run() -> None:
+            if req.command == p.Cmd.FLUSH:
+                with self.cond:
+                    self.cond.wait_for(lambda: not self.writes or min(self.writes) >= ticket)
+            try:
+                done(*attempt())
+            finally:
+                if write:   # (once replied: a flush after it replies after it)
+                    with self.cond:
+                        self.writes.discard(ticket)
+                        self.cond.notify_all()
+
+        self.pool.submit(run)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _write_op(req: p.Request) -> WriteOp:
+    """A write request as one write of a batch."""
+    if req.command == p.Cmd.WRITE:
+        return (req.offset, req.data, req.length, req.fua)
+    if req.command == p.Cmd.WRITE_ZEROES:
+        return (req.offset, bytes(req.length), req.length, req.fua)
+    return (req.offset, None, req.length, req.fua)   # TRIM
+
+
+def _do(backend: Backend, req: p.Request) -> bytes:
+    cmd = req.command
+    if cmd == p.Cmd.READ:
+        return backend.read(req.offset, req.length)
+    if cmd == p.Cmd.WRITE:
+        backend.write(req.offset, req.data, fua=req.fua)
+    elif cmd == p.Cmd.WRITE_ZEROES:
+        backend.write(req.offset, bytes(req.length), fua=req.fua)
+    elif cmd == p.Cmd.TRIM:
+        backend.trim(req.offset, req.length)
+        if req.fua:
             backend.flush()
-        return b""
+    elif cmd == p.Cmd.FLUSH:
+        backend.flush()
+    return b""

@@ -19,6 +19,7 @@ from dmrepl.replicator.store import BlockStore
 from dmrepl.replicator.table import DeviceConfig, LegConfig
 
 if TYPE_CHECKING:
+    from dmrepl.blockio import AckWait, WriteOp
     from dmrepl.replicator.slink import SlinkType
     from dmrepl.replicator.target import Replicator
 
@@ -179,6 +180,27 @@ class ReplicatedDevice:
         if payload:
             self.rep.replog.write(self, offset, payload, len(payload), fua, count=True)
 
+    def write_many(self, ops: Sequence[WriteOp], journal: bool = False
+                   ) -> list[AckWait | None]:
+        """Writes (``(offset, data or None for zeros, length, fua)``) logged as one
+        batch without waiting: the outcomes of the ones taken, a prefix of ``ops``
+        (None: acknowledged; else a function returning once acknowledged); the
+        caller does the rest with :meth:`write`/:meth:`trim`, which wait (see
+        :meth:`Ringbuffer.write_many
+        <dmrepl.replicator.replog.ringbuffer.Ringbuffer.write_many>`).  A write
+        this device refuses (unaligned, beyond its end) ends the prefix."""
+        n = 0
+        for offset, data, length, _fua in ops:
+            if offset < 0 or offset % SECTOR or length <= 0 or length % SECTOR or \
+                    offset + length > self.size_bytes or \
+                    (data is not None and len(data) != length):
+                break
+            n += 1
+        if not n:
+            return []
+        return self.rep.replog.write_many(self, ops[:n] if n < len(ops) else ops,
+                                          journal=journal)
+
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         return self.rep.replog.read(self, offset, length)
@@ -260,6 +282,11 @@ class JournalLeg:
         if payload:
             dev.rep.replog.write(dev, offset, payload, len(payload), fua, count=True,
                                  journal=True)
+
+    def write_many(self, ops: Sequence[WriteOp]) -> list[AckWait | None]:
+        """A batch of writes, logged for the remote site links (see
+        :meth:`ReplicatedDevice.write_many`)."""
+        return self.dev.write_many(ops, journal=True)
 
     def read(self, offset: int, length: int) -> bytes:
         dev = self.dev

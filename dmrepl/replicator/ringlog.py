@@ -31,10 +31,11 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from dmrepl.blockio._range import Buffer
 from dmrepl.replicator import ondisk
 from dmrepl.replicator.crc import crc32c
 from dmrepl.replicator.errors import ReplogCorrupt, ReplogIOError, TableError
@@ -51,6 +52,8 @@ from dmrepl.replicator.table import LOG_SIZE_MIN, ReplogConfig
 
 LOST_DEV = -1  # the device of a placeholder for a lost entry (see _scan)
 PARALLEL_DATA_WRITE = 128 << 10  # bytes: from here on, data write and CRC overlap
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one pwritev takes
+_ZERO_PAD = bytes(SECTOR)  # the tail of an entry's last sector
 
 
 @dataclass(eq=False, slots=True)
@@ -89,7 +92,7 @@ class RingLog:
                  cache_bytes: int = 64 << 20) -> None:
         self.store = store
         # a store that writes durably in one call (FileStore: RWF_DSYNC), or None
-        self._durable_write: Callable[[int, list[bytes | memoryview]], None] | None = \
+        self._durable_write: Callable[[int, Sequence[Buffer]], None] | None = \
             getattr(store, "pwritev_durable", None)
         self.cfg = cfg
         self.base = cfg.dev_start * SECTOR
@@ -511,6 +514,64 @@ class RingLog:
             self._fail(err)
             raise ReplogIOError(f"replication log write failed: {err}") from err
         self._written(e, lone)
+
+    def write_entries(self, batch: Sequence[tuple[Entry, Buffer | None]],
+                      durable: bool = False) -> None:
+        """Write header and data of reserved entries of consecutive sequence
+        numbers (no lock held): one ``pwritev`` per run of them contiguous in the
+        ring (two where the batch wraps), then one update of the bookkeeping.
+
+        ``durable``: as :meth:`write_entry`'s.  A batch written by one call after
+        every earlier entry was durable is written durably by that call (the
+        batch is then one group commit of its own, and durable on return)."""
+        if not batch:
+            return
+        first, last = batch[0][0], batch[-1][0]
+        runs: list[tuple[int, list[Buffer]]] = []
+        end = -1
+        for e, data in batch:
+            if e.pos != end:
+                runs.append((e.pos, []))
+            bufs = runs[-1][1]
+            if e.zero or data is None:
+                crc = 0
+            else:
+                crc = crc32c(data)
+            bufs.append(ondisk.entry_header(self.log_id, self.epoch, e.seq, e.pos, e.dev,
+                                            e.offset, e.length, crc,
+                                            ondisk.slink_bitmap(e.slinks), e.flags,
+                                            self.durable_seq))
+            if not e.zero and data is not None:
+                bufs.append(data)
+                pad = -e.length % SECTOR
+                if pad:
+                    bufs.append(_ZERO_PAD[:pad])
+            end = e.pos + e.size
+        durable_write = (self._durable_write if durable and len(runs) == 1
+                         and len(runs[0][1]) <= IOV_MAX
+                         and self.durable_seq == first.seq - 1 else None)
+        try:
+            for pos, bufs in runs:
+                if durable_write is not None:
+                    durable_write(self.base + pos, bufs)
+                    continue
+                for i in range(0, len(bufs), IOV_MAX):
+                    part = bufs[i:i + IOV_MAX]
+                    pwritev(self.store, self.base + pos, part)
+                    pos += sum(len(b) for b in part)
+        except OSError as err:
+            self._fail(err)
+            raise ReplogIOError(f"replication log write failed: {err}") from err
+        with self.lock:
+            for e, _data in batch:
+                self._unwritten.discard(e.seq)
+                self.stats["bytes"] += e.length
+            self.stats["entries"] += len(batch)
+            if durable_write is not None:
+                self.stats["durable_writes"] += 1
+                if self.durable_seq == first.seq - 1:
+                    self._durable_upto(last.seq)   # the batch: a group of its own
+            self.cond.notify_all()
 
     def _pool(self) -> ThreadPoolExecutor:
         with self.lock:

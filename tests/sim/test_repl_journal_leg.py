@@ -72,3 +72,22 @@ def test_a_sync_site_link_holds_the_journal_write_until_the_remote_has_it() -> N
         gate.set()
         rep.close()
 
+
+
+def test_a_batch_of_journal_writes_reaches_the_remote_only() -> None:
+    rep, stores = setup()
+    try:
+        journal = rep.devices[0].journal()
+        waits = journal.write_many([(0, b"\x01" * 4096, 4096, False),
+                                    (8192, None, 4096, False),
+                                    (12288, b"\x03" * 512, 512, True)])
+        assert len(waits) == 3
+        for wait in waits:
+            if wait is not None:
+                wait()
+        assert rep.wait_drained(30)
+        remote = stores.stores["r1"].snapshot()
+        assert remote[:4096] == b"\x01" * 4096 and remote[12288:12800] == b"\x03" * 512
+        assert stores.stores["l0"].snapshot() == bytes(DEV)
+    finally:
+        rep.close()

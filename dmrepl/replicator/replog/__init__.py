@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dmrepl.blockio import AckWait, WriteOp
 from dmrepl.replicator._registry import Registry
 
 if TYPE_CHECKING:
@@ -65,6 +66,11 @@ class ReplogType(Protocol):
         """io (write): log it, return once acknowledged; ``data`` None: zeros;
         ``journal``: for the remote site links only (the kernel writes the local
         device)."""
+
+    def write_many(self, dev: ReplicatedDevice, ops: Sequence[WriteOp],
+                   journal: bool = False) -> list[AckWait | None]:
+        """io (writes of a batch): log a prefix of them without waiting; its
+        outcomes (None: acknowledged; else a wait for the acknowledgement)."""
 
     def read(self, dev: ReplicatedDevice, offset: int, length: int) -> bytes:
         """io (read): the newest data of the device."""

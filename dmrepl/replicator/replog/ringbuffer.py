@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from dmrepl.blockio import AckWait, WriteOp
 from dmrepl.numbers import parse_int
 from dmrepl.replicator import ondisk
 from dmrepl.replicator._state import AckState
@@ -347,6 +348,59 @@ class Ringbuffer:
             # (a lone writer's entry is durable already: its write was)
             ring.commit(last.seq)
 
+    def write_many(self, dev: ReplicatedDevice, ops: Sequence[WriteOp],
+                   journal: bool = False) -> list[AckWait | None]:
+        """Log a batch of writes (``(offset, data or None for zeros, length,
+        fua)``) without waiting for space nor for a site link: reserve their entries
+        under one lock, write them with one ``pwritev`` and make them durable with
+        one flush (when acknowledgements are durable, or one is ``fua``, or a site
+        link holds one).
+
+        Returns one outcome per write taken, a prefix of ``ops``: None
+        (acknowledged), or a function that returns once the site links holding it
+        acknowledged it (raising if they cannot).  The rest is not logged: the
+        caller writes it with :meth:`write`, which waits (a full ring, a
+        suspended device, a write larger than the batch takes, a device in error).
+        ``journal``: as :meth:`write`'s.  Raises ReplogIOError when the log
+        fails (no write of the batch is acknowledged)."""
+        rep = self.rep
+        taken: list[tuple[Entry, bytes | None, frozenset[int]]] = []
+        with self.lock:
+            if not dev.running or dev.closed or rep.closed or dev.legs[0].error:
+                return []
+            now = time.monotonic()
+            targets = self._targets_locked(dev, journal)
+            for offset, data, length, _fua in ops:
+                if length > _NEVER_SPLIT:
+                    break
+                got = self._reserve_locked(dev, targets, offset, data, length, now,
+                                           count=data is not None)
+                if got is None:
+                    break  # ring full: those left wait in write()
+                rep.stats["nc"] += 1
+                taken.append((got[0], data, got[1]))
+        if not taken:
+            return []
+        ring = self.ring
+        held = any(syncs for _e, _d, syncs in taken)
+        durable = (held or self.rep.tuning.durable_acks
+                   or any(op[3] for op in ops[:len(taken)]))
+        ring.write_entries([(e, data) for e, data, _s in taken], durable=durable)
+        last = taken[-1][0]
+        if durable and ring.durable_seq < last.seq:
+            ring.commit(last.seq)
+        if not held:
+            return [None] * len(taken)
+        return [None if not syncs else self._sync_waiter(dev, e, syncs)
+                for e, _d, syncs in taken]
+
+    def _sync_waiter(self, dev: ReplicatedDevice, e: Entry,
+                     syncs: frozenset[int]) -> AckWait:
+        def wait() -> None:
+            with self.cond:
+                self._wait_sync_locked(dev, e, syncs)
+        return wait
+
     def _append(self, dev: ReplicatedDevice, offset: int, data: bytes | None,
                 length: int, count: bool = False,
                 journal: bool = False) -> tuple[Entry, frozenset[int]]:
@@ -355,14 +409,11 @@ class Ringbuffer:
             waited: float | None = None
             while True:
                 self._check_io_locked(dev)
-                targets = frozenset(dev.legs.keys() & rep.slinks.keys())
-                if journal:
-                    targets = targets - _LOCAL
                 now = time.monotonic()
-                e = self.ring.reserve(dev.dev_nr, offset, length, targets, data,
-                                      zero=data is None, now=now)
-                if e is not None:
-                    self.pending.add(e)
+                got = self._reserve_locked(dev, self._targets_locked(dev, journal), offset,
+                                           data,
+                                           length, now, count=count)
+                if got is not None:
                     break
                 if waited is None:
                     waited = now
@@ -371,26 +422,43 @@ class Ringbuffer:
                 self.cond.wait(0.05)
             if waited is None:
                 rep.stats["nc"] += 1
-            else:
-                now = time.monotonic()
-            syncs = []
-            for nr in targets:
-                s = rep.slinks[nr]
-                s.out_ios += 1
-                s.out_bytes += length
-                cfg = s.cfg
-                if not cfg.sync and not cfg.fallbehind.value and \
-                        s.ack.state is AckState.ASYNC:
-                    continue  # plain async: nothing to check, never holds the ack
-                rep.copiers.check_fallbehind_locked(s, now)
-                if s.holds_ack:
-                    syncs.append(nr)
-                    s.want_durable = max(s.want_durable, e.seq)
-                    s.hurry.set()
-            rep.stats["ws"] += 1
-            if count:
-                rep.stats["w"] += 1
-            return e, frozenset(syncs) if syncs else _NO_SYNCS
+            return got
+
+    def _targets_locked(self, dev: ReplicatedDevice, journal: bool = False) -> frozenset[int]:
+        """The site links a write of the device is copied to (a journal write:
+        not site link 0, whose copy the kernel writes)."""
+        targets = frozenset(dev.legs.keys() & self.rep.slinks.keys())
+        return targets - _LOCAL if journal else targets
+
+    def _reserve_locked(self, dev: ReplicatedDevice, targets: frozenset[int], offset: int,
+                        data: bytes | None, length: int, now: float, *,
+                        count: bool) -> tuple[Entry, frozenset[int]] | None:
+        """Reserve the entry of a write to ``targets`` and count it on them (the
+        ones holding its acknowledgement returned); None: the ring is full."""
+        rep = self.rep
+        e = self.ring.reserve(dev.dev_nr, offset, length, targets, data,
+                              zero=data is None, now=now)
+        if e is None:
+            return None
+        self.pending.add(e)
+        syncs = []
+        for nr in targets:
+            s = rep.slinks[nr]
+            s.out_ios += 1
+            s.out_bytes += length
+            cfg = s.cfg
+            if not cfg.sync and not cfg.fallbehind.value and \
+                    s.ack.state is AckState.ASYNC:
+                continue  # plain async: nothing to check, never holds the ack
+            rep.copiers.check_fallbehind_locked(s, now)
+            if s.holds_ack:
+                syncs.append(nr)
+                s.want_durable = max(s.want_durable, e.seq)
+                s.hurry.set()
+        rep.stats["ws"] += 1
+        if count:
+            rep.stats["w"] += 1
+        return e, frozenset(syncs) if syncs else _NO_SYNCS
 
     def _check_io_locked(self, dev: ReplicatedDevice) -> None:
         rep = self.rep

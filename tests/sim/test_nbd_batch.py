@@ -1,0 +1,344 @@
+"""The NBD export's batch path: the requests of one receive served as a batch on
+the connection's thread (writes through one ``write_many``), waits handed to the
+waiter, FLUSH after the writes received before it; and the engine's
+``write_many`` (one log append; sync site links, a full ring)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from dmrepl.blockio import AckWait, WriteOp
+from dmrepl.nbd import Export, MemoryBackend, NbdServer
+from dmrepl.nbd import _proto as p
+from dmrepl.replicator import Replicator
+from dmrepl.replicator.ringlog import RingLog
+from dmrepl_testing.replicator import FakeStore, StoreSet, wait_for
+
+BLOCK = 4096
+SIZE = 1 << 20
+IHAVEOPT = 0x49484156454F5054
+CLIENT_FLAGS = 3            # fixed newstyle, no zeroes
+GREETING_SIZE = 18          # NBDMAGIC, IHAVEOPT, handshake flags
+EXPORT_REPLY_SIZE = 10      # size, transmission flags (no zeroes)
+REPLY_SIZE = p.SIMPLE_REPLY_S.size
+
+
+# -- a raw pipelining client -----------------------------------------------------
+
+class Client:
+    """Requests sent back to back without waiting; replies read by handle."""
+
+    def __init__(self, path: str, export: str = "d") -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        assert len(self.sock.recv(GREETING_SIZE, socket.MSG_WAITALL)) == GREETING_SIZE
+        name = export.encode()
+        self.sock.sendall(struct.pack(">IQII", CLIENT_FLAGS, IHAVEOPT, p.Opt.EXPORT_NAME,
+                                      len(name)) + name)
+        assert len(self.sock.recv(EXPORT_REPLY_SIZE, socket.MSG_WAITALL)) == \
+            EXPORT_REPLY_SIZE
+        self.read_lengths: dict[int, int] = {}
+        self.handle = 0
+
+    def request(self, cmd: p.Cmd, offset: int = 0, length: int = 0, data: bytes = b"",
+                flags: int = 0) -> tuple[int, bytes]:
+        """(handle, the bytes of the request), to send with others."""
+        self.handle += 1
+        if cmd == p.Cmd.READ:
+            self.read_lengths[self.handle] = length
+        return self.handle, p.REQUEST_S.pack(p.REQUEST_MAGIC, flags, cmd, self.handle,
+                                             offset, length) + data
+
+    def replies(self, n: int, timeout: float = 10) -> list[tuple[int, int, bytes]]:
+        """The next ``n`` replies: (handle, error, data), in arrival order."""
+        self.sock.settimeout(timeout)
+        out = []
+        for _ in range(n):
+            head = self.sock.recv(REPLY_SIZE, socket.MSG_WAITALL)
+            assert len(head) == REPLY_SIZE, "connection closed"
+            magic, error, handle = p.SIMPLE_REPLY_S.unpack(head)
+            assert magic == p.SIMPLE_REPLY_MAGIC
+            data = b""
+            length = self.read_lengths.pop(handle, 0)
+            if length and not error:
+                data = self.sock.recv(length, socket.MSG_WAITALL)
+            out.append((handle, error, data))
+        return out
+
+    def nothing_within(self, seconds: float) -> bool:
+        self.sock.settimeout(seconds)
+        try:
+            return not self.sock.recv(1, socket.MSG_PEEK)
+        except TimeoutError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def block(i: int) -> bytes:
+    return bytes([i % 251 + 1]) * BLOCK
+
+
+# -- backends --------------------------------------------------------------------
+
+class BatchMemory(MemoryBackend):
+    """A memory backend with ``write_many``: records each batch's size, takes at
+    most ``take`` writes of a batch, and holds the writes at ``held`` offsets
+    until ``release`` is set (their outcome: a wait)."""
+
+    def __init__(self, size: int, take: int = 1 << 30) -> None:
+        super().__init__(size)
+        self.take = take
+        self.batches: list[int] = []
+        self.held: set[int] = set()
+        self.release = threading.Event()
+        self.acked: list[int] = []     # offsets of held writes, as acknowledged
+        self.one_by_one: list[int] = []   # offsets written through write()
+
+    def write_many(self, ops: Sequence[WriteOp]) -> list[AckWait | None]:
+        self.batches.append(len(ops))
+        out: list[AckWait | None] = []
+        for offset, data, length, _fua in ops[:self.take]:
+            if data is None:
+                self.trim(offset, length)
+            else:
+                super().write(offset, data)
+            if offset in self.held:
+                def wait(offset: int = offset) -> None:
+                    assert self.release.wait(10)
+                    self.acked.append(offset)
+                out.append(wait)
+            else:
+                out.append(None)
+        return out
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self.one_by_one.append(offset)
+        super().write(offset, data, fua)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, BatchMemory, NbdServer]]:
+    path = str(tmp_path / "nbd.sock")
+    backend = BatchMemory(SIZE)
+    with NbdServer(path) as srv:
+        srv.add_export(Export("d", backend))
+        yield path, backend, srv
+
+
+def test_pipelined_writes_reach_the_backend_in_batches_and_reads_see_them(
+        served: tuple[str, BatchMemory, NbdServer]) -> None:
+    path, backend, _srv = served
+    c = Client(path)
+    n = 48
+    wire = []
+    writes, reads = {}, {}
+    for i in range(n):
+        h, req = c.request(p.Cmd.WRITE, i * BLOCK, BLOCK, block(i))
+        writes[h] = i
+        wire.append(req)
+    for i in range(n):
+        h, req = c.request(p.Cmd.READ, i * BLOCK, BLOCK)
+        reads[h] = i
+        wire.append(req)
+    flush, req = c.request(p.Cmd.FLUSH)
+    wire.append(req)
+    c.sock.sendall(b"".join(wire))
+    got = c.replies(2 * n + 1)
+    c.close()
+    assert sorted(h for h, _, _ in got) == sorted([*writes, *reads, flush])
+    assert all(error == 0 for _, error, _ in got)
+    for h, _, data in got:
+        if h in reads:
+            assert data == block(reads[h])     # written earlier in the pipeline
+    assert sum(backend.batches) == n and not backend.one_by_one
+    assert max(backend.batches) > 1            # writes of one receive: one call
+
+
+def test_a_held_write_holds_neither_other_replies_nor_a_flush_before_it(
+        served: tuple[str, BatchMemory, NbdServer]) -> None:
+    path, backend, _srv = served
+    backend.held = {0}
+    c = Client(path)
+    c.sock.sendall(b"".join(c.request(p.Cmd.WRITE, 0, BLOCK, block(1))[1:]))
+    assert c.nothing_within(0.3)               # held: no reply yet
+    h_write2, w2 = c.request(p.Cmd.WRITE, 2 * BLOCK, BLOCK, block(2))
+    h_read, r = c.request(p.Cmd.READ, 4 * BLOCK, BLOCK)
+    h_flush, f = c.request(p.Cmd.FLUSH)
+    c.sock.sendall(w2 + r + f)
+    early = c.replies(2)
+    assert {h for h, _, _ in early} == {h_write2, h_read}
+    assert c.nothing_within(0.3)               # the flush waits for the held write
+    backend.release.set()
+    late = c.replies(2)
+    assert [h for h, _, _ in late] == [1, h_flush]   # the write, then the flush
+    assert backend.acked == [0]
+    c.close()
+
+
+def test_a_flush_with_no_write_waiting_is_answered_in_its_batch(
+        served: tuple[str, BatchMemory, NbdServer]) -> None:
+    path, backend, _srv = served
+    backend.held = {8 * BLOCK}
+    c = Client(path)
+    h_w, w = c.request(p.Cmd.WRITE, 0, BLOCK, block(3))
+    h_f, f = c.request(p.Cmd.FLUSH)
+    c.sock.sendall(w + f)
+    assert [h for h, _, _ in c.replies(2)] == [h_w, h_f]
+    c.close()
+
+
+def test_writes_a_batch_leaves_are_written_one_by_one_and_answered(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "nbd.sock")
+    backend = BatchMemory(SIZE, take=2)        # e.g. a full ring after two
+    with NbdServer(path) as srv:
+        srv.add_export(Export("d", backend))
+        c = Client(path)
+        wire = b"".join(c.request(p.Cmd.WRITE, i * BLOCK, BLOCK, block(i))[1]
+                        for i in range(10))
+        _, flush = c.request(p.Cmd.FLUSH)
+        c.sock.sendall(wire + flush)
+        got = c.replies(11)
+        assert all(error == 0 for _, error, _ in got)
+        assert got[-1][0] == 11                # the flush: after every write
+        assert backend.one_by_one              # the ones not taken
+        assert bytes(backend.read(0, 10 * BLOCK)) == b"".join(block(i) for i in range(10))
+        c.close()
+
+
+def test_a_backend_without_write_many_serves_pipelined_writes(tmp_path: Path) -> None:
+    path = str(tmp_path / "nbd.sock")
+    backend = MemoryBackend(SIZE)
+    with NbdServer(path) as srv:
+        srv.add_export(Export("d", backend))
+        c = Client(path)
+        wire = b"".join(c.request(p.Cmd.WRITE, i * BLOCK, BLOCK, block(i))[1]
+                        for i in range(20))
+        h_f, flush = c.request(p.Cmd.FLUSH)
+        _, read = c.request(p.Cmd.READ, 0, 20 * BLOCK)
+        c.sock.sendall(wire + flush + read)
+        got = c.replies(22)
+        assert all(error == 0 for _, error, _ in got)
+        order = [h for h, _, _ in got]
+        assert all(order.index(h_f) > order.index(w) for w in range(1, 21))
+        assert backend.read(0, 20 * BLOCK) == b"".join(block(i) for i in range(20))
+        c.close()
+
+
+# -- the engine's write_many -------------------------------------------------------
+
+def replicator(slinks: str, *, log_sectors: int = 8192,
+               **tuning: object) -> tuple[Replicator, StoreSet]:
+    stores = StoreSet()
+    stores.add(FakeStore((log_sectors + 64) * 512, name="log"))
+    stores.add(FakeStore(SIZE, name="l0"))
+    stores.add(FakeStore(SIZE, name="r1"))
+    tuning.setdefault("retry_interval", 0.01)
+    tuning.setdefault("persist_interval", 0.01)
+    rep = Replicator.from_table(
+        f"0 1 replicator ringbuffer 4 log 0 create {log_sectors} {slinks}",
+        opener=stores.open, **tuning)
+    rep.add_device(f"0 {SIZE // 512} replicator-dev rep 0 0 1 l0 nolog 0 "
+                   "1 1 r1 core 2 8 nosync")
+    return rep, stores
+
+
+def test_write_many_is_one_log_append_and_the_ring_replays_it() -> None:
+    rep, stores = replicator("blockdev 2 0 async blockdev 2 1 async")
+    dev = rep.devices[0]
+    rep.start()
+    ops: list[WriteOp] = [(i * BLOCK, block(i), BLOCK, False) for i in range(16)]
+    ops.append((16 * BLOCK, None, BLOCK, False))   # a discard: a zero entry
+    before = stores.stores["log"].writes
+    assert dev.write_many(ops) == [None] * len(ops)
+    assert stores.stores["log"].writes - before == 1   # one write, durable
+    assert dev.read(0, 17 * BLOCK) == b"".join(block(i) for i in range(16)) + bytes(BLOCK)
+    assert rep.wait_drained(10)
+    assert stores.stores["r1"].snapshot()[:16 * BLOCK] == \
+        b"".join(block(i) for i in range(16))
+    # what the batch wrote is entries the replay accepts, in order
+    ring = RingLog(stores.stores["log"], rep.replog.cfg)
+    ring._load()
+    replayed = [(e.offset, e.length, e.zero) for e in ring.entries]
+    assert replayed[-17:] == [(i * BLOCK, BLOCK, False) for i in range(16)] + \
+        [(16 * BLOCK, BLOCK, True)]
+    rep.close()
+
+
+def test_write_many_under_a_sync_site_link_acknowledges_once_the_remote_has_it() -> None:
+    rep, stores = replicator("blockdev 2 0 async blockdev 2 1 sync")
+    dev = rep.devices[0]
+    remote = stores.stores["r1"]
+    rep.start()
+    remote.gate.clear()
+    outcomes = dev.write_many([(0, block(7), BLOCK, False), (BLOCK, block(8), BLOCK, False)])
+    assert len(outcomes) == 2 and all(o is not None for o in outcomes)
+    done = threading.Event()
+
+    def acknowledge() -> None:
+        for wait in outcomes:
+            assert wait is not None
+            wait()
+        done.set()
+
+    threading.Thread(target=acknowledge, daemon=True).start()
+    assert not done.wait(0.3)                  # the remote does not have it
+    assert dev.read(0, BLOCK) == block(7)      # (the log has it)
+    remote.gate.set()
+    assert done.wait(10)
+    assert remote.snapshot()[:2 * BLOCK] == block(7) + block(8)
+    rep.close()
+
+
+def test_write_many_takes_what_a_full_ring_holds_and_leaves_the_rest() -> None:
+    rep, stores = replicator("blockdev 2 0 async blockdev 2 1 async+stall",
+                             log_sectors=4096)
+    dev = rep.devices[0]
+    remote = stores.stores["r1"]
+    remote.fail_writes = remote.fail_reads = True   # down: holds every entry (stall)
+    rep.start()
+    ops: list[WriteOp] = [((i % 64) * BLOCK, block(i), BLOCK, False) for i in range(1000)]
+    taken = dev.write_many(ops)
+    assert 0 < len(taken) < len(ops)
+    assert dev.write_many(ops[len(taken):]) == []   # still full: nothing taken
+    remote.fail_writes = remote.fail_reads = False
+    wait_for(lambda: dev.write_many(ops[len(taken):len(taken) + 1]) != [],
+             "room in the ring once the site link is back")
+    rep.close()
+
+
+def test_a_sync_site_link_holds_only_its_writes_replies_through_the_export(
+        tmp_path: Path) -> None:
+    rep, stores = replicator("blockdev 2 0 async blockdev 2 1 sync")
+    dev = rep.devices[0]
+    remote = stores.stores["r1"]
+    rep.start()
+    dev.write(8 * BLOCK, block(5))
+    path = str(tmp_path / "nbd.sock")
+    with NbdServer(path) as srv:
+        srv.add_export(Export("d", dev))
+        c = Client(path)
+        remote.gate.clear()
+        h_w, w = c.request(p.Cmd.WRITE, 0, BLOCK, block(9))
+        h_r, r = c.request(p.Cmd.READ, 8 * BLOCK, BLOCK)
+        started = time.monotonic()
+        c.sock.sendall(w + r)
+        first = c.replies(1)
+        assert first == [(h_r, 0, block(5))]   # the read, while the write waits
+        assert c.nothing_within(0.2)
+        remote.gate.set()
+        assert c.replies(1) == [(h_w, 0, b"")]
+        assert time.monotonic() - started >= 0.2
+        assert remote.snapshot()[:BLOCK] == block(9)
+        c.close()
+    rep.close()
