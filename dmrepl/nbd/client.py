@@ -20,7 +20,7 @@ import itertools
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from urllib.parse import parse_qs, urlparse
@@ -201,8 +201,12 @@ class NbdStore:
         except OSError as e:
             self._drop(sock, e)
 
-    def _call(self, cmd: int, offset: int = 0, length: int = 0,
-              data: bytes | memoryview = b"", flags: int = 0) -> bytes:
+    def _send(self, cmd: int, offset: int = 0, length: int = 0,
+              data: bytes | memoryview = b"", flags: int = 0) -> Callable[[], bytes]:
+        """Send one request; returns the wait for its reply (within ``timeout`` of
+        the call to the wait).  The reader thread completes it: several requests
+        can be in flight from one thread (one hand-off per reply, no thread per
+        request)."""
         fut: Future[bytes] = Future()
         err: OSError | None = None
         if cmd == p.Cmd.READ:
@@ -225,12 +229,33 @@ class NbdStore:
         if err is not None:
             self._drop(sock, err)
             raise err
-        try:
-            return fut.result(self.timeout)
-        except FutureTimeout:
-            timeout = OSError(errno.ETIMEDOUT, f"{self.url}: no reply in {self.timeout}s")
-            self._drop(sock, timeout)
-            raise timeout from None
+
+        def wait() -> bytes:
+            try:
+                return fut.result(self.timeout)
+            except FutureTimeout:
+                timeout = OSError(errno.ETIMEDOUT, f"{self.url}: no reply in {self.timeout}s")
+                self._drop(sock, timeout)
+                raise timeout from None
+        return wait
+
+    def _call(self, cmd: int, offset: int = 0, length: int = 0,
+              data: bytes | memoryview = b"", flags: int = 0) -> bytes:
+        return self._send(cmd, offset, length, data, flags)()
+
+    def start_write(self, offset: int, data: Buffer) -> Callable[[], None]:
+        """Send a write without waiting for it; returns the wait for its reply
+        (raises OSError as :meth:`pwrite`).  How a site link's copier keeps an
+        epoch's writes in flight from its own thread."""
+        view = memoryview(data)
+        waits = [self._send(p.Cmd.WRITE, offset + i, len(view[i:i + REQUEST_CHUNK]),
+                            view[i:i + REQUEST_CHUNK])
+                 for i in range(0, len(view), REQUEST_CHUNK)]
+
+        def wait() -> None:
+            for w in waits:
+                w()
+        return wait
 
     # -- BlockIO -----------------------------------------------------------------
 

@@ -4,7 +4,7 @@ block devices, NBD exports), out-of-sync regions in their dirty logs."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -120,7 +120,7 @@ class Blockdev:
                                                initializer=self.rep.copiers.set_nice)
         # at most copy_inflight submitted at once, and none after a failure: a dead
         # site costs one round of time-outs, not one per copy of the epoch
-        inflight: deque[tuple[Entry, Leg, Future[None]]] = deque()
+        inflight: deque[tuple[Entry, Leg, Future[None] | _Sent]] = deque()
         failure: Failure | None = None
         most = 0
 
@@ -140,7 +140,16 @@ class Blockdev:
                 reap()
                 if failure is not None:
                     break
-            inflight.append((e, leg, pool.submit(self._copy_one, e, leg)))
+            start = getattr(leg.store, "start_write", None)
+            if start is not None:
+                # sent from this thread, its reply awaited later: no thread per copy
+                try:
+                    inflight.append((e, leg, _Sent(start(e.offset, self._copy_data(e)))))
+                except OSError as err:
+                    failure = (e, leg, err)
+                    break
+            else:
+                inflight.append((e, leg, pool.submit(self._copy_one, e, leg)))
             most = max(most, len(inflight))
         while inflight:
             reap()
@@ -153,6 +162,10 @@ class Blockdev:
             _write_zeros(leg.store, e.offset, e.length)
         else:
             leg.store.pwrite(e.offset, self.rep.ring.entry_data(e))
+
+    def _copy_data(self, e: Entry) -> bytes:
+        """What a copy of the entry writes (a zero-write: its zeros)."""
+        return bytes(e.length) if e.zero else self.rep.ring.entry_data(e)
 
     def flush(self, leg: Leg) -> None:
         leg.store.flush()
@@ -202,6 +215,19 @@ class Blockdev:
             leg.cursor = region + 1
             leg.resynced += 1
         return True
+
+
+class _Sent:
+    """A copy sent by the copier's own thread: ``result()`` waits for its reply
+    (as a pool's future does)."""
+
+    __slots__ = ("wait",)
+
+    def __init__(self, wait: Callable[[], None]) -> None:
+        self.wait = wait
+
+    def result(self) -> None:
+        self.wait()
 
 
 def _write_zeros(store: BlockStore, offset: int, length: int) -> None:
