@@ -119,3 +119,29 @@ def test_peer_that_stops_reading_fails_writes_with_etimedout(tmp_path: Path) -> 
     for c in conns:
         c.close()
     listener.close()
+
+
+def test_writes_in_flight_from_one_thread(tmp_path: Path) -> None:
+    """start_write sends and returns; the waits collect the replies afterwards (a
+    copier keeps an epoch in flight from its own thread); a refused write fails
+    its own wait only."""
+    backend = MemoryBackend(1 << 20)
+    with NbdServer(str(tmp_path / "s")) as srv:
+        srv.add_export(Export("d", backend))
+        store = NbdStore(f"nbd+unix:///d?socket={tmp_path / 's'}")
+        try:
+            blocks = [os.urandom(4096) for _ in range(32)]
+            waits = [store.start_write(i * 8192, b) for i, b in enumerate(blocks)]
+            bad = store.start_write((1 << 20) - 512, b"z" * 4096)   # beyond the end
+            big = os.urandom(512 << 10)
+            waits.append(store.start_write(0x40000, big))
+            for w in waits:
+                w()
+            with pytest.raises(OSError) as exc:
+                bad()
+            assert exc.value.errno == errno.ENOSPC
+            for i, b in enumerate(blocks):
+                assert store.pread(i * 8192, 4096) == b
+            assert store.pread(0x40000, 512 << 10) == big
+        finally:
+            store.close()
