@@ -55,8 +55,13 @@ def nbd_indexes() -> list[int]:
     return sorted(int(p.rsplit("nbd", 1)[1]) for p in glob.glob("/sys/block/nbd*"))
 
 
+#: Seconds the kernel waits for a request of an nbd device that carries all of a
+#: device's I/O (``linear`` over it) before giving it up.
+NBD_REQUEST_TIMEOUT = 120
+
+
 def attach_nbd(socket_path: str, export: str, size: int, avoid: set[int],
-               timeout: float = 30.0, request_timeout: int = 120) -> str:
+               timeout: float = 30.0, request_timeout: int | None = None) -> str:
     """Attach ``export`` to a free /dev/nbdN and wait until the kernel sees its size.
 
     ``request_timeout``: seconds after which the kernel gives up a request (with a
@@ -73,7 +78,7 @@ def attach_nbd(socket_path: str, export: str, size: int, avoid: set[int],
         if not os.path.exists(path):
             continue
         argv = ["nbd-client", "-N", export, "-u", socket_path, path, "-b", str(block),
-                "-t", str(request_timeout)]
+                "-t", str(request_timeout or NBD_REQUEST_TIMEOUT)]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]

@@ -214,6 +214,17 @@ class Objects:
                                             loop, new_log=new))
         return parts
 
+    def _attach_nbd(self, obj: DeviceObj) -> str:
+        """Attach ``obj``'s export to a free /dev/nbdN (its journal leg's request
+        timeout if it is a mirror) and record it in ``obj.nbd``."""
+        obj.nbd = None
+        busy = {int(o.nbd[8:]) for o in self.by_name.values()
+                if isinstance(o, DeviceObj) and o.nbd}
+        obj.nbd = _kernel.attach_nbd(
+            self.nbd_socket, obj.name, obj.sectors * SECTOR, busy,
+            request_timeout=_kernel.JOURNAL_REQUEST_TIMEOUT if obj.mirrored else None)
+        return obj.nbd
+
     def _create_device(self, name: str, lines: list[Line], uuid: str) -> DeviceObj:
         rep = self._replicator_named_by(lines)
         devs = self._add_devs(rep, lines)
@@ -226,22 +237,18 @@ class Objects:
         self.nbd.add_export(export)
         if self.kernel_devices:
             try:
-                busy = {int(o.nbd[8:]) for o in self.by_name.values()
-                        if isinstance(o, DeviceObj) and o.nbd}
                 log.info("%s: attaching the export to an nbd device", name)
-                obj.nbd = _kernel.attach_nbd(
-                    self.nbd_socket, name, sectors * SECTOR, busy,
-                    request_timeout=_kernel.JOURNAL_REQUEST_TIMEOUT if mirrored else 120)
+                nbd = self._attach_nbd(obj)
                 if mirrored:
                     log.info("%s: %s attached (journal leg); creating /dev/mapper/%s as "
-                             "a mirror of the local device", name, obj.nbd, name)
+                             "a mirror of the local device", name, nbd, name)
                     obj.mapper = _kernel.create_mirror(
-                        name, self._mirror_parts(obj, lines, devs), obj.nbd, uuid)
+                        name, self._mirror_parts(obj, lines, devs), nbd, uuid)
                 else:
                     log.warning("%s: a local device is not a block device: /dev/mapper/%s "
                                 "is linear over %s (all I/O through the daemon)",
-                                name, name, obj.nbd)
-                    obj.mapper = _kernel.create_mapper(name, sectors, obj.nbd, uuid)
+                                name, name, nbd)
+                    obj.mapper = _kernel.create_mapper(name, sectors, nbd, uuid)
                 log.info("%s: %s ready", name, obj.mapper)
             except BaseException:
                 self.destroy(obj)
@@ -284,15 +291,11 @@ class Objects:
         assert obj.mirrored and obj.mapper and obj.nbd
         old = obj.nbd
         _kernel.detach_nbd(old)   # fails what still waits on it (the mirror marks it)
-        busy = {int(o.nbd[8:]) for o in self.by_name.values()
-                if isinstance(o, DeviceObj) and o.nbd and o is not obj}
-        obj.nbd = None
-        obj.nbd = _kernel.attach_nbd(self.nbd_socket, obj.name, obj.sectors * SECTOR, busy,
-                                     request_timeout=_kernel.JOURNAL_REQUEST_TIMEOUT)
-        _kernel.create_mirror(obj.name, self._mirror_parts(obj, obj.lines, obj.devs), obj.nbd)
+        nbd = self._attach_nbd(obj)
+        _kernel.create_mirror(obj.name, self._mirror_parts(obj, obj.lines, obj.devs), nbd)
         self.save()
         self.events.emit("warning", "journal-leg-rejoined", obj.kind, name=obj.name,
-                         old=old, new=obj.nbd)
+                         old=old, new=nbd)
 
     # -- remove ------------------------------------------------------------------
 
