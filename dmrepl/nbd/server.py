@@ -469,11 +469,14 @@ class _Connection:
                 for req in writes:
                     self._reply(replies, req, error)
                 return
+        held: list[tuple[p.Request, AckWait]] = []
         for req, outcome in zip(writes, outcomes, strict=False):
             if outcome is None:
                 self._reply(replies, req)
             else:
-                self._hand_off(export, backend, req, received_at, outcome)
+                held.append((req, outcome))
+        if held:
+            self._hand_off_held(export, held, received_at)
         for req in writes[len(outcomes):]:
             self._hand_off(export, backend, req, received_at)
 
@@ -531,21 +534,16 @@ class _Connection:
     def _writes_waiting(self) -> bool:
         return self.waiter is not None and self.waiter.writes_waiting()
 
-    def _hand_off(self, export: Export, backend: Backend, req: p.Request,
-                  received_at: int, wait: AckWait | None = None) -> None:
-        """The waiter serves ``req`` (or, given ``wait``, a write logged already:
-        waits for its acknowledgement) and replies; the request counts as in
-        flight on the export until then."""
+    def _waiter(self) -> _Waiter:
         if self.waiter is None:
             self.waiter = _Waiter(self.server.workers)
-        waiter = self.waiter
-        export.hold()
+        return self.waiter
 
-        def serve() -> bytes:
-            if wait is not None:
-                wait()
-                return b""
-            return _do(backend, req)
+    def _hand_off(self, export: Export, backend: Backend, req: p.Request,
+                  received_at: int) -> None:
+        """The waiter serves ``req`` and replies; the request counts as in flight
+        on the export until then."""
+        export.hold()
 
         def done(error: int, data: bytes) -> None:
             export.release()
@@ -553,7 +551,29 @@ class _Connection:
             self._reply(replies, req, error, data)
             self._send(replies, export, received_at)
 
-        waiter.submit(req, lambda: self._attempt(req, serve), done)
+        self._waiter().submit(req, lambda: self._attempt(req, lambda: _do(backend, req)),
+                              done)
+
+    def _hand_off_held(self, export: Export, held: list[tuple[p.Request, AckWait]],
+                       received_at: int) -> None:
+        """Writes of one batch, logged already, whose acknowledgement site links
+        hold: one task of the waiter waits for them in log order and their
+        replies leave in one send.  A thread and a send per write would cost a
+        hand-off each, and the pool's size would cap how many sync writes are in
+        flight; one wait for the batch costs what its last write costs, since the
+        site links release writes by durable position, in log order."""
+        for _ in held:
+            export.hold()
+
+        def serve() -> None:
+            replies = _Replies()
+            for req, wait in held:
+                error, _data = self._attempt(req, functools.partial(_acked, wait))
+                export.release()
+                self._reply(replies, req, error)
+            self._send(replies, export, received_at)
+
+        self._waiter().submit_writes(len(held), serve)
 
 
 @dataclass(slots=True)
@@ -602,6 +622,24 @@ class _Waiter:
 
         self.pool.submit(run)
 
+    def submit_writes(self, count: int, serve: Callable[[], None]) -> None:
+        """``count`` writes served together by ``serve`` (which replies to them):
+        a FLUSH received after them waits for it."""
+        with self.cond:
+            tickets = range(self.next_ticket, self.next_ticket + count)
+            self.writes.update(tickets)
+            self.next_ticket += count
+
+        def run() -> None:
+            try:
+                serve()
+            finally:
+                with self.cond:
+                    self.writes.difference_update(tickets)
+                    self.cond.notify_all()
+
+        self.pool.submit(run)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
@@ -613,6 +651,13 @@ def _write_op(req: p.Request) -> WriteOp:
     if req.command == p.Cmd.WRITE_ZEROES:
         return (req.offset, bytes(req.length), req.length, req.fua)
     return (req.offset, None, req.length, req.fua)   # TRIM
+
+
+def _acked(wait: AckWait) -> bytes:
+    """A logged write's reply, once its acknowledgement came (``wait`` raises
+    if it cannot)."""
+    wait()
+    return b""
 
 
 def _do(backend: Backend, req: p.Request) -> bytes:

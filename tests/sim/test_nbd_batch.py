@@ -5,6 +5,7 @@ waiter, FLUSH after the writes received before it; and the engine's
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import threading
@@ -102,6 +103,7 @@ class BatchMemory(MemoryBackend):
         self.held: set[int] = set()
         self.release = threading.Event()
         self.acked: list[int] = []     # offsets of held writes, as acknowledged
+        self.refused: set[int] = set()  # held writes whose acknowledgement fails
         self.one_by_one: list[int] = []   # offsets written through write()
 
     def write_many(self, ops: Sequence[WriteOp]) -> list[AckWait | None]:
@@ -115,6 +117,8 @@ class BatchMemory(MemoryBackend):
             if offset in self.held:
                 def wait(offset: int = offset) -> None:
                     assert self.release.wait(10)
+                    if offset in self.refused:
+                        raise OSError(errno.EIO, "the sync site link failed")
                     self.acked.append(offset)
                 out.append(wait)
             else:
@@ -183,6 +187,38 @@ def test_a_held_write_holds_neither_other_replies_nor_a_flush_before_it(
     assert [h for h, _, _ in late] == [1, h_flush]   # the write, then the flush
     assert backend.acked == [0]
     c.close()
+
+
+def test_held_writes_of_one_batch_are_answered_each_with_its_outcome_before_a_flush(
+        tmp_path: Path) -> None:
+    # more held writes than the waiter may have threads: none waits for a free one
+    path = str(tmp_path / "nbd.sock")
+    backend = BatchMemory(SIZE)
+    n = 12
+    backend.held = {i * BLOCK for i in range(n)}
+    backend.refused = {5 * BLOCK}
+    with NbdServer(path, workers=8) as srv:
+        srv.add_export(Export("d", backend))
+        c = Client(path)
+        wire, handles = [], {}
+        for i in range(n):
+            h, req = c.request(p.Cmd.WRITE, i * BLOCK, BLOCK, block(i))
+            handles[h] = i * BLOCK
+            wire.append(req)
+        h_flush, f = c.request(p.Cmd.FLUSH)
+        c.sock.sendall(b"".join(wire) + f)
+        assert c.nothing_within(0.3)           # all held
+        # the batch's waits take one thread of the waiter, not one per write (and
+        # the flush one): three if the batch came in two receives
+        assert sum(t.name.startswith("nbd-io") for t in threading.enumerate()) <= 3
+        backend.release.set()
+        got = c.replies(n + 1)
+        c.close()
+    assert got[-1][:2] == (h_flush, 0)         # the flush after every write before it
+    errors = {handles[h]: error for h, error, _ in got[:-1]}
+    assert errors == {off: (p.ERRORS[errno.EIO] if off in backend.refused else 0)
+                      for off in backend.held}
+    assert sorted(backend.acked) == sorted(backend.held - backend.refused)
 
 
 def test_a_flush_with_no_write_waiting_is_answered_in_its_batch(
