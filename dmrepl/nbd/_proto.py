@@ -254,6 +254,9 @@ TRANSMISSION_FLAGS = (FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SE
                       | FLAG_SEND_WRITE_ZEROES | FLAG_CAN_MULTI_CONN)
 
 
+_WRITE, _DISC = int(Cmd.WRITE), int(Cmd.DISC)   # (compared once per request)
+
+
 class ServerConnection:
     """The server half of one NBD connection, as a state machine over bytes.
 
@@ -331,6 +334,37 @@ class ServerConnection:
             event = self._step()
             if event is not None:
                 return event
+
+    def requests(self, limit: int) -> list[Request]:
+        """The complete requests buffered, at most ``limit``, parsed in one pass
+        (the transmission phase's fast path: a pipelining client sends many per
+        receive).  Stops before anything else (a disconnect, a write whose payload
+        is not all here, a malformed request): :meth:`next_event` handles it."""
+        out: list[Request] = []
+        if self.state is not State.TRANSMISSION or self._write_head is not None:
+            return out
+        buf = self._in
+        size = len(buf)
+        pos = 0
+        unpack = REQUEST_S.unpack_from
+        with memoryview(buf) as view:
+            while len(out) < limit and size - pos >= REQUEST_SIZE:
+                magic, flags, cmd, handle, offset, length = unpack(buf, pos)
+                if magic != REQUEST_MAGIC or cmd == _DISC:
+                    break
+                start = pos + REQUEST_SIZE
+                if cmd == _WRITE and length:
+                    if length > MAX_REQUEST or size - start < length:
+                        break
+                    pos = start + length
+                    out.append(Request(cmd, flags, handle, offset, length,
+                                       bytes(view[start:pos])))   # one copy
+                else:
+                    pos = start
+                    out.append(Request(cmd, flags, handle, offset, length))
+        if pos:
+            del buf[:pos]
+        return out
 
     def _step(self) -> Event | None:
         if self.state is State.CLOSED:

@@ -369,6 +369,13 @@ class _Connection:
         _set_recv_timeout(self.sock, idle)
         batch: list[p.Request] = []
         while True:
+            if not batch:
+                batch = self.proto.requests(BATCH_MAX)
+                if batch:
+                    self._serve(batch, received_at)
+                    batch = []
+                    last_request = time.monotonic()
+                    continue
             event = self.proto.next_event()
             if isinstance(event, p.Request):
                 batch.append(event)

@@ -182,6 +182,55 @@ def test_requests_any_fragmentation(cuts: list[int]) -> None:
     assert got == EXPECTED
 
 
+def batched_events(conn: p.ServerConnection, limit: int = 3) -> list[object]:
+    """As :func:`events`, through the batch parser first (as the server reads)."""
+    out: list[object] = []
+    while conn.state is not p.State.CLOSED:
+        batch = conn.requests(limit)
+        assert len(batch) <= limit
+        out += batch
+        if batch:
+            continue
+        ev = conn.next_event()
+        if ev is p.NEED_DATA:
+            break
+        out.append(ev)
+    return out
+
+
+def test_requests_in_batches_whole_buffer() -> None:
+    conn = transmitting()
+    conn.receive_data(STREAM)
+    assert batched_events(conn) == EXPECTED
+
+
+@settings(deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=64), max_size=40),
+       st.integers(min_value=1, max_value=4))
+def test_requests_in_batches_any_fragmentation(cuts: list[int], limit: int) -> None:
+    conn = transmitting()
+    got: list[object] = []
+    pos = 0
+    for n in cuts:
+        conn.receive_data(STREAM[pos:pos + n])
+        pos += n
+        got += batched_events(conn, limit)
+    conn.receive_data(STREAM[pos:])
+    got += batched_events(conn, limit)
+    assert got == EXPECTED
+
+
+def test_a_batch_stops_before_a_malformed_request() -> None:
+    for bad, match in ((b"\xde\xad\xbe\xef" + bytes(24), "request magic"),
+                       (request(p.Cmd.WRITE, 2, 0, p.MAX_REQUEST + 1), "exceeds")):
+        conn = transmitting()
+        conn.receive_data(request(p.Cmd.FLUSH, 1) + bad)
+        assert conn.requests(64) == [p.Request(p.Cmd.FLUSH, 0, 1, 0, 0)]
+        assert conn.requests(64) == []
+        with pytest.raises(p.RemoteProtocolError, match=match):
+            conn.next_event()
+
+
 def test_requests_with_trailing_bytes_wait_for_more() -> None:
     conn = transmitting()
     conn.receive_data(request(p.Cmd.FLUSH, 1) + request(p.Cmd.READ, 2)[:10])
