@@ -34,6 +34,7 @@ from dmrepl.numbers import parse_decimal
 # Payloads from this size on are sent after their header (two sends) instead of
 # being copied behind it (one send).
 SEND_COPY_LIMIT = 64 << 10
+RECV_SIZE = 256 << 10   # bytes the reader takes per receive at most
 
 # Reads and writes larger than this go as several requests.
 REQUEST_CHUNK = 4 << 20
@@ -174,21 +175,32 @@ class NbdStore:
                 fut.set_exception(OSError(error.errno, error.strerror))
 
     def _reader(self, sock: socket.socket) -> None:
+        """Complete the requests in flight as their replies come.  One receive
+        takes what the socket holds: the replies to an epoch of copies arrive
+        together, and are parsed from one buffer (not a system call and a GIL
+        hand-off each)."""
+        buf = bytearray()
+        head_size = p.SIMPLE_REPLY_S.size
         try:
             while True:
-                try:
-                    head = _recv(sock, p.SIMPLE_REPLY_S.size)
-                except TimeoutError:
-                    if self._sock is not sock:
-                        return
-                    continue           # idle; request deadlines are enforced in _call
-                magic, err, handle = p.SIMPLE_REPLY_S.unpack(head)
+                if len(buf) < head_size:
+                    if not _receive_into(sock, buf) and not buf and self._sock is not sock:
+                        return      # idle and replaced; request deadlines are in _call
+                    continue
+                magic, err, handle = p.SIMPLE_REPLY_S.unpack_from(buf)
                 if magic != p.SIMPLE_REPLY_MAGIC:
                     raise OSError(errno.EPROTO, "bad reply magic")
                 with self._lock:
                     fut, _ = self._pending.get(handle, (None, 0))
-                    length = getattr(fut, "read_length", 0) if fut else 0
-                data = _recv(sock, length) if (length and not err) else b""
+                    length = getattr(fut, "read_length", 0) if fut and not err else 0
+                end = head_size + length
+                while len(buf) < end:
+                    _receive_into(sock, buf)  # mid-message: a dead peer is dropped by _call
+                data = b""
+                if length:
+                    with memoryview(buf) as view:
+                        data = bytes(view[head_size:end])
+                del buf[:end]
                 with self._lock:
                     self._pending.pop(handle, None)
                 if fut is None:
@@ -306,6 +318,19 @@ class NbdStore:
             with contextlib.suppress(OSError):
                 sock.sendall(p.REQUEST_S.pack(p.REQUEST_MAGIC, 0, p.Cmd.DISC, 0, 0, 0))
             self._drop(sock, OSError(errno.EBADF, "store closed"))
+
+
+def _receive_into(sock: socket.socket, buf: bytearray) -> bool:
+    """Append what the socket holds (waiting for some); False if its timeout
+    passed with nothing received."""
+    try:
+        chunk = sock.recv(RECV_SIZE)
+    except TimeoutError:
+        return False
+    if not chunk:
+        raise OSError(errno.ECONNRESET, "connection closed by the NBD server")
+    buf += chunk
+    return True
 
 
 def _recv(sock: socket.socket, n: int) -> bytes:

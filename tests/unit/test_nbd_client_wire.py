@@ -3,9 +3,12 @@ client and the server share each wire struct, so neither can drift alone."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 from pathlib import Path
+
+import pytest
 
 from dmrepl.nbd import _proto as p
 from dmrepl.nbd.client import NbdStore
@@ -22,6 +25,73 @@ def recv_exact(conn: socket.socket, n: int) -> bytes:
     return buf
 
 
+def handshake(conn: socket.socket, seen: dict[str, bytes]) -> None:
+    """The server's side of a GO handshake (what the client sent: in ``seen``)."""
+    flags = p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES
+    conn.sendall(p.GREETING.build({"flags": flags}))
+    seen["client_flags"] = recv_exact(conn, p.CLIENT_FLAGS.sizeof())
+    seen["option"] = recv_exact(conn, p.OPTION.sizeof())
+    length = p.OPTION.parse(seen["option"]).length
+    seen["go"] = recv_exact(conn, length)
+    for rep, payload in (
+            (p.Rep.INFO, p.INFO_EXPORT.build(
+                {"size": SIZE, "flags": p.TRANSMISSION_FLAGS})),
+            (p.Rep.INFO, p.INFO_BLOCK_SIZE.build(
+                {"minimum": 4096, "preferred": 4096, "maximum": 1 << 20})),
+            (p.Rep.ACK, b"")):
+        conn.sendall(p.OPTION_REPLY.build({"option": p.Opt.GO, "reply": rep,
+                                           "length": len(payload)}) + payload)
+
+
+def test_replies_that_arrive_together_complete_each_their_own_request(
+        tmp_path: Path) -> None:
+    """A server that answers a whole epoch in one send, out of order, with a read's
+    data between the headers and one error: every wait gets its own outcome."""
+    path = str(tmp_path / "s")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    n_writes, failing = 19, 7     # the 8th write is refused
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            handshake(conn, {})
+            got = []
+            while len(got) < n_writes + 1:
+                req = p.REQUEST.parse(recv_exact(conn, p.REQUEST.sizeof()))
+                if req.type == p.Cmd.WRITE:
+                    recv_exact(conn, req.length)
+                got.append(req)
+            replies = []
+            for i, req in reversed(list(enumerate(got))):
+                error = p.ERRORS[errno.EIO] if i == failing else 0
+                data = bytes([req.offset // 4096 % 251]) * req.length \
+                    if req.type == p.Cmd.READ else b""
+                replies.append(p.SIMPLE_REPLY.build({"error": error, "handle": req.handle})
+                               + data)
+            conn.sendall(b"".join(replies))
+            while conn.recv(4096):     # until the client's disconnect
+                pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    store = NbdStore(f"nbd+unix:///disk?socket={path}", timeout=5)
+    try:
+        waits = [store.start_write(i * 4096, b"w" * 4096) for i in range(n_writes)]
+        assert store.pread(5 * 4096, 4096) == bytes([5]) * 4096
+        for i, wait in enumerate(waits):
+            if i == failing:
+                with pytest.raises(OSError) as exc:
+                    wait()
+                assert exc.value.errno == errno.EIO
+            else:
+                wait()
+    finally:
+        store.close()
+        listener.close()
+
+
 def test_client_headers_equal_the_declarations_build(tmp_path: Path) -> None:
     path = str(tmp_path / "s")
     listener = socket.socket(socket.AF_UNIX)
@@ -33,20 +103,7 @@ def test_client_headers_equal_the_declarations_build(tmp_path: Path) -> None:
     def serve() -> None:
         conn, _ = listener.accept()
         with conn:
-            flags = p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES
-            conn.sendall(p.GREETING.build({"flags": flags}))
-            seen["client_flags"] = recv_exact(conn, p.CLIENT_FLAGS.sizeof())
-            seen["option"] = recv_exact(conn, p.OPTION.sizeof())
-            length = p.OPTION.parse(seen["option"]).length
-            seen["go"] = recv_exact(conn, length)
-            for rep, payload in (
-                    (p.Rep.INFO, p.INFO_EXPORT.build(
-                        {"size": SIZE, "flags": p.TRANSMISSION_FLAGS})),
-                    (p.Rep.INFO, p.INFO_BLOCK_SIZE.build(
-                        {"minimum": 4096, "preferred": 4096, "maximum": 1 << 20})),
-                    (p.Rep.ACK, b"")):
-                conn.sendall(p.OPTION_REPLY.build({"option": p.Opt.GO, "reply": rep,
-                                                   "length": len(payload)}) + payload)
+            handshake(conn, seen)
             while True:
                 head = recv_exact(conn, p.REQUEST.sizeof())
                 requests.append(head)
