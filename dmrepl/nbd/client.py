@@ -31,10 +31,8 @@ from dmrepl.blockio._range import Buffer, joined
 from dmrepl.nbd import _proto as p
 from dmrepl.numbers import parse_decimal
 
-# Payloads from this size on are sent after their header (two sends) instead of
-# being copied behind it (one send).
-SEND_COPY_LIMIT = 64 << 10
 RECV_SIZE = 256 << 10   # bytes the reader takes per receive at most
+IOV_MAX = os.sysconf("SC_IOV_MAX")   # buffers one sendmsg takes
 
 # Reads and writes larger than this go as several requests.
 REQUEST_CHUNK = 4 << 20
@@ -219,37 +217,53 @@ class NbdStore:
         the call to the wait).  The reader thread completes it: several requests
         can be in flight from one thread (one hand-off per reply, no thread per
         request)."""
-        fut: Future[bytes] = Future()
+        return self._send_many([(cmd, offset, length, data, flags)])[0]
+
+    def _send_many(self, requests: Sequence[tuple[int, int, int, Buffer, int]]
+                   ) -> list[Callable[[], bytes]]:
+        """Send requests (``(command, offset, length, payload, flags)``) with one
+        ``sendmsg`` (headers and payloads as they are: nothing copied); returns
+        the wait of each (see :meth:`_send`)."""
+        futures: list[Future[bytes]] = []
+        parts: list[Buffer] = []
         err: OSError | None = None
-        if cmd == p.Cmd.READ:
-            fut.read_length = length  # type: ignore[attr-defined]
         with self._lock:
             sock = self._connect()
-            handle = next(self._handles)
-            self._pending[handle] = (fut, id(sock))
+            handles = []
+            for cmd, offset, length, data, flags in requests:
+                fut: Future[bytes] = Future()
+                if cmd == p.Cmd.READ:
+                    fut.read_length = length  # type: ignore[attr-defined]
+                handle = next(self._handles)
+                self._pending[handle] = (fut, id(sock))
+                handles.append(handle)
+                futures.append(fut)
+                parts.append(p.REQUEST_S.pack(p.REQUEST_MAGIC, flags, cmd, handle, offset,
+                                              length))
+                if len(data):
+                    parts.append(data)
             try:
-                head = p.REQUEST_S.pack(p.REQUEST_MAGIC, flags, cmd, handle, offset, length)
-                if len(data) < SEND_COPY_LIMIT:
-                    sock.sendall(head + data)  # one system call
-                else:
-                    sock.sendall(head)  # no copy of a large payload to prepend it
-                    sock.sendall(data)
+                _sendmsg_all(sock, parts)
             except OSError as e:   # including TimeoutError: the peer stopped reading
-                self._pending.pop(handle, None)
+                for handle in handles:
+                    self._pending.pop(handle, None)
                 err = e if not isinstance(e, TimeoutError) else OSError(
                     errno.ETIMEDOUT, f"{self.url}: send timed out after {self.timeout}s")
         if err is not None:
             self._drop(sock, err)
             raise err
 
-        def wait() -> bytes:
-            try:
-                return fut.result(self.timeout)
-            except FutureTimeout:
-                timeout = OSError(errno.ETIMEDOUT, f"{self.url}: no reply in {self.timeout}s")
-                self._drop(sock, timeout)
-                raise timeout from None
-        return wait
+        def waiter(fut: Future[bytes]) -> Callable[[], bytes]:
+            def wait() -> bytes:
+                try:
+                    return fut.result(self.timeout)
+                except FutureTimeout:
+                    timeout = OSError(errno.ETIMEDOUT,
+                                      f"{self.url}: no reply in {self.timeout}s")
+                    self._drop(sock, timeout)
+                    raise timeout from None
+            return wait
+        return [waiter(fut) for fut in futures]
 
     def _call(self, cmd: int, offset: int = 0, length: int = 0,
               data: bytes | memoryview = b"", flags: int = 0) -> bytes:
@@ -259,15 +273,27 @@ class NbdStore:
         """Send a write without waiting for it; returns the wait for its reply
         (raises OSError as :meth:`pwrite`).  How a site link's copier keeps an
         epoch's writes in flight from its own thread."""
-        view = memoryview(data)
-        waits = [self._send(p.Cmd.WRITE, offset + i, len(view[i:i + REQUEST_CHUNK]),
-                            view[i:i + REQUEST_CHUNK])
-                 for i in range(0, len(view), REQUEST_CHUNK)]
+        return self.start_writes([(offset, data)])[0]
 
-        def wait() -> None:
-            for w in waits:
-                w()
-        return wait
+    def start_writes(self, writes: Sequence[tuple[int, Buffer]]) -> list[Callable[[], None]]:
+        """:meth:`start_write` for several writes, sent with one system call: the
+        wait of each."""
+        requests: list[tuple[int, int, int, Buffer, int]] = []
+        counts = []
+        for offset, data in writes:
+            view = memoryview(data)
+            chunks = range(0, len(view), REQUEST_CHUNK)
+            for i in chunks:
+                chunk = view[i:i + REQUEST_CHUNK]
+                requests.append((p.Cmd.WRITE, offset + i, len(chunk), chunk, 0))
+            counts.append(len(chunks))
+        sent = self._send_many(requests)
+        waits = []
+        pos = 0
+        for n in counts:
+            waits.append(_all_of(sent[pos:pos + n]))
+            pos += n
+        return waits
 
     # -- BlockIO -----------------------------------------------------------------
 
@@ -318,6 +344,25 @@ class NbdStore:
             with contextlib.suppress(OSError):
                 sock.sendall(p.REQUEST_S.pack(p.REQUEST_MAGIC, 0, p.Cmd.DISC, 0, 0, 0))
             self._drop(sock, OSError(errno.EBADF, "store closed"))
+
+
+def _all_of(waits: Sequence[Callable[[], bytes]]) -> Callable[[], None]:
+    def wait() -> None:
+        for w in waits:
+            w()
+    return wait
+
+
+def _sendmsg_all(sock: socket.socket, parts: Sequence[Buffer]) -> None:
+    """Send ``parts`` in order, as few ``sendmsg`` calls as the kernel allows."""
+    views = [memoryview(b).cast("B") for b in parts]
+    while views:
+        sent = sock.sendmsg(views[:IOV_MAX])
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
 
 
 def _receive_into(sock: socket.socket, buf: bytearray) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from dmrepl.errors import UserError
 from dmrepl.replicator.device import Leg
@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from dmrepl.replicator.target import Replicator
 
 SECTOR = 512
+
+#: A store's ``start_writes`` (an NBD site's): sends writes at once, returns the
+#: wait of each.
+StartWrites = Callable[[Sequence[tuple[int, bytes]]], list[Callable[[], None]]]
 
 
 class Blockdev:
@@ -78,9 +82,10 @@ class Blockdev:
         the first failure (None: all written).
 
         Copies to stores that take several writes at once (``concurrent_writes``:
-        the NBD client of a remote site) go to the site link's I/O threads, up to
-        ``copy_inflight`` at once, and all of them are waited for (the epoch
-        barrier); no more are sent after a failure.  The others (files, local
+        the NBD client of a remote site) are in flight together, up to
+        ``copy_inflight`` at once (sent from this thread by a store that can,
+        else through the site link's I/O threads), and all of them are waited for
+        (the epoch barrier); no more are sent after a failure.  The others (files, local
         block devices through the page cache) are written inline, one after the
         other, stopping at a failure: there a thread per write costs more CPU and
         GIL hand-offs than it overlaps (measured: it slowed 4 KiB and 1 MiB copies
@@ -120,7 +125,7 @@ class Blockdev:
                                                initializer=self.rep.copiers.set_nice)
         # at most copy_inflight submitted at once, and none after a failure: a dead
         # site costs one round of time-outs, not one per copy of the epoch
-        inflight: deque[tuple[Entry, Leg, Future[None] | _Sent]] = deque()
+        inflight: deque[tuple[Entry, Leg, Future[None]]] = deque()
         failure: Failure | None = None
         most = 0
 
@@ -135,26 +140,54 @@ class Blockdev:
                 return
             done.add(e0.seq)
 
+        senders = [getattr(leg.store, "start_writes", None) for _e, leg in todo]
+        if all(senders):
+            return self._send_in_windows(s, todo, cast(list[StartWrites], senders), done)
         for e, leg in todo:
             if len(inflight) >= copy_inflight:
                 reap()
                 if failure is not None:
                     break
-            start = getattr(leg.store, "start_write", None)
-            if start is not None:
-                # sent from this thread, its reply awaited later: no thread per copy
-                try:
-                    inflight.append((e, leg, _Sent(start(e.offset, self._copy_data(e)))))
-                except OSError as err:
-                    failure = (e, leg, err)
-                    break
-            else:
-                inflight.append((e, leg, pool.submit(self._copy_one, e, leg)))
+            inflight.append((e, leg, pool.submit(self._copy_one, e, leg)))
             most = max(most, len(inflight))
         while inflight:
             reap()
         with self.rep.cond:
             s.inflight_max = max(s.inflight_max, most)
+        return failure
+
+    def _send_in_windows(self, s: Slink, todo: list[tuple[Entry, Leg]],
+                         senders: list[StartWrites], done: set[int]) -> Failure | None:
+        """The epoch's copies to stores that send several writes with one call (an
+        NBD site): ``copy_inflight`` at a time, each window's writes to one store
+        sent together and their replies awaited together (one system call and one
+        wake-up per window, not per copy); none sent after a failure."""
+        window = self.rep.tuning.copy_inflight
+        failure: Failure | None = None
+        for i in range(0, len(todo), window):
+            by_store: dict[int, tuple[StartWrites, list[tuple[Entry, Leg]]]] = {}
+            for (e, leg), send in zip(todo[i:i + window], senders[i:i + window], strict=True):
+                by_store.setdefault(id(leg.store), (send, []))[1].append((e, leg))
+            sent: list[tuple[Entry, Leg, Callable[[], None]]] = []
+            for send, copies in by_store.values():
+                try:
+                    waits = send([(e.offset, self._copy_data(e)) for e, _leg in copies])
+                except OSError as err:
+                    failure = (copies[0][0], copies[0][1], err)
+                    break
+                sent += [(e, leg, w) for (e, leg), w in zip(copies, waits, strict=True)]
+            for e, leg, wait in sent:
+                try:
+                    wait()
+                except OSError as err:
+                    if failure is None or e.seq < failure[0].seq:
+                        failure = (e, leg, err)
+                    continue
+                done.add(e.seq)
+            with self.rep.cond:
+                s.inflight_max = max(s.inflight_max, len(sent))
+            if failure is not None:
+                break
         return failure
 
     def _copy_one(self, e: Entry, leg: Leg) -> None:
@@ -215,19 +248,6 @@ class Blockdev:
             leg.cursor = region + 1
             leg.resynced += 1
         return True
-
-
-class _Sent:
-    """A copy sent by the copier's own thread: ``result()`` waits for its reply
-    (as a pool's future does)."""
-
-    __slots__ = ("wait",)
-
-    def __init__(self, wait: Callable[[], None]) -> None:
-        self.wait = wait
-
-    def result(self) -> None:
-        self.wait()
 
 
 def _write_zeros(store: BlockStore, offset: int, length: int) -> None:

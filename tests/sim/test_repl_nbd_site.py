@@ -1,0 +1,100 @@
+"""A site link whose remote device is an NBD export: the copier sends an epoch's
+copies from its own thread, several per system call, and a refused copy takes
+the link down without losing any write (the retry copies it)."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dmrepl.blockio import BlockIO
+from dmrepl.nbd import Export, MemoryBackend, NbdServer
+from dmrepl.nbd.client import NbdStore
+from dmrepl.replicator import Replicator
+from dmrepl_testing.replicator import FakeStore, StoreSet, wait_for
+
+DEV = 1 << 20
+LOG = 8192
+BLOCK = 4096
+
+
+class Refusing(MemoryBackend):
+    """A memory export that refuses writes at ``refused`` offsets while
+    ``refusing`` is set."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.refused: set[int] = set()
+        self.refusing = threading.Event()
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        if self.refusing.is_set() and offset in self.refused:
+            raise OSError(errno.EIO, "the remote disk refused the write")
+        super().write(offset, data, fua)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[tuple[Replicator, Refusing]]:
+    remote = Refusing(DEV)
+    stores = StoreSet()
+    for name, size in (("log", (LOG + 8) * 512), ("l0", DEV)):
+        stores.add(FakeStore(size, name=name))
+    url = f"nbd+unix:///r?socket={tmp_path / 'nbd.sock'}"
+
+    def opener(path: str) -> BlockIO:
+        return NbdStore(path) if path == url else stores.open(path)
+
+    with NbdServer(str(tmp_path / "nbd.sock")) as srv:
+        srv.add_export(Export("r", remote))
+        rep = Replicator.from_table(
+            f"0 1 replicator ringbuffer 4 log 0 create {LOG} blockdev 2 0 async "
+            "blockdev 2 1 async", opener=opener, persist_interval=0.002, retry_interval=0.05,
+            coalesce_delay=0.05)
+        rep.add_device(f"0 {DEV // 512} replicator-dev rep 0 0 1 l0 nolog 0 "
+                       f"1 1 {url} core 2 8 nosync")
+        rep.start()
+        try:
+            yield rep, remote
+        finally:
+            rep.close()
+
+
+def block(i: int) -> bytes:
+    return bytes([i % 251 + 1]) * BLOCK
+
+
+def test_an_epoch_of_copies_is_in_flight_together_and_reaches_the_site(
+        site: tuple[Replicator, Refusing]) -> None:
+    rep, remote = site
+    dev = rep.devices[0]
+    n = 64
+    # one batch of the log: entries of one epoch, sent together to the site
+    assert dev.write_many([(i * 2 * BLOCK, block(i), BLOCK, False) for i in range(n)]) \
+        == [None] * n
+    assert rep.wait_drained(30)
+    snap = remote.pread(0, DEV)
+    for i in range(n):
+        assert snap[i * 2 * BLOCK:i * 2 * BLOCK + BLOCK] == block(i)
+    assert rep.status_dict()["slinks"][1]["copies_in_flight_max"] > 1
+
+
+def test_a_refused_copy_takes_the_link_down_and_the_retry_copies_every_write(
+        site: tuple[Replicator, Refusing]) -> None:
+    rep, remote = site
+    dev = rep.devices[0]
+    n = 40
+    remote.refused = {17 * 2 * BLOCK}
+    remote.refusing.set()
+    assert dev.write_many([(i * 2 * BLOCK, block(i), BLOCK, False) for i in range(n)]) \
+        == [None] * n
+    wait_for(lambda: rep.status_dict()["slinks"][1]["failures"] > 0,
+             "the refused copy to take the link down")
+    remote.refusing.clear()
+    assert rep.wait_drained(30)
+    snap = remote.pread(0, DEV)
+    for i in range(n):
+        assert snap[i * 2 * BLOCK:i * 2 * BLOCK + BLOCK] == block(i)
