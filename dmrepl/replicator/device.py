@@ -171,14 +171,16 @@ class ReplicatedDevice:
                             f"({self.size_bytes})")
 
     def write(self, offset: int, data: bytes | bytearray | memoryview,
-              fua: bool = False) -> None:
+              fua: bool = False, *, journal: bool = False) -> None:
         """Write; returns when acknowledged (see the class docstring).
+        ``journal``: logged for the remote site links only (:class:`JournalLeg`).
 
         Raises :class:`LocalIOError` (not acknowledged) or ReplogIOError."""
         payload = data if isinstance(data, bytes) else bytes(data)
         self._check(offset, len(payload))
         if payload:
-            self.rep.replog.write(self, offset, payload, len(payload), fua, count=True)
+            self.rep.replog.write(self, offset, payload, len(payload), fua, count=True,
+                                  journal=journal)
 
     def write_many(self, ops: Sequence[WriteOp], journal: bool = False
                    ) -> list[AckWait | None]:
@@ -209,11 +211,12 @@ class ReplicatedDevice:
         """Everything acknowledged before is durable (waits for writes in flight)."""
         self.rep.replog.flush()
 
-    def trim(self, offset: int, length: int) -> None:
-        """Discard = a replicated zero-write: reads return zeros, at every site."""
+    def trim(self, offset: int, length: int, *, journal: bool = False) -> None:
+        """Discard = a replicated zero-write: reads return zeros, at every site
+        (``journal``: at the remote sites only, see :class:`JournalLeg`)."""
         self._check(offset, length)
         if length:
-            self.rep.replog.write(self, offset, None, length)
+            self.rep.replog.write(self, offset, None, length, journal=journal)
 
     def suspend(self) -> None:
         with self.rep.cond:
@@ -276,12 +279,7 @@ class JournalLeg:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview,
               fua: bool = False) -> None:
-        dev = self.dev
-        payload = data if isinstance(data, bytes) else bytes(data)
-        dev._check(offset, len(payload))
-        if payload:
-            dev.rep.replog.write(dev, offset, payload, len(payload), fua, count=True,
-                                 journal=True)
+        self.dev.write(offset, data, fua, journal=True)
 
     def write_many(self, ops: Sequence[WriteOp]) -> list[AckWait | None]:
         """A batch of writes, logged for the remote site links (see
@@ -300,7 +298,4 @@ class JournalLeg:
         self.dev.flush()
 
     def trim(self, offset: int, length: int) -> None:
-        dev = self.dev
-        dev._check(offset, length)
-        if length:
-            dev.rep.replog.write(dev, offset, None, length, journal=True)
+        self.dev.trim(offset, length, journal=True)
