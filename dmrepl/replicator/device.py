@@ -182,7 +182,7 @@ class ReplicatedDevice:
             self.rep.replog.write(self, offset, payload, len(payload), fua, count=True,
                                   journal=journal)
 
-    def write_many(self, ops: Sequence[WriteOp], journal: bool = False
+    def write_many(self, ops: Sequence[WriteOp], *, journal: bool = False
                    ) -> list[AckWait | None]:
         """Writes (``(offset, data or None for zeros, length, fua)``) logged as one
         batch without waiting: the outcomes of the ones taken, a prefix of ``ops``
@@ -190,12 +190,15 @@ class ReplicatedDevice:
         caller does the rest with :meth:`write`/:meth:`trim`, which wait (see
         :meth:`Ringbuffer.write_many
         <dmrepl.replicator.replog.ringbuffer.Ringbuffer.write_many>`).  A write
-        this device refuses (unaligned, beyond its end) ends the prefix."""
+        this device refuses (unaligned, beyond its end; empty, or data not of its
+        length: no log entry) ends the prefix."""
         n = 0
         for offset, data, length, _fua in ops:
-            if offset < 0 or offset % SECTOR or length <= 0 or length % SECTOR or \
-                    offset + length > self.size_bytes or \
-                    (data is not None and len(data) != length):
+            if length <= 0 or (data is not None and len(data) != length):
+                break
+            try:
+                self._check(offset, length)
+            except UserError:     # the caller's write() of it raises it to the client
                 break
             n += 1
         if not n:

@@ -275,6 +275,28 @@ def test_write_many_is_one_log_append_and_the_ring_replays_it() -> None:
     rep.close()
 
 
+@pytest.mark.parametrize("refused", [
+    (BLOCK + 1, block(1), BLOCK, False),         # unaligned offset
+    (BLOCK, block(1)[:BLOCK - 1], BLOCK - 1, False),   # unaligned length
+    (-BLOCK, block(1), BLOCK, False),            # before the start
+    (SIZE, block(1), BLOCK, False),              # beyond the end
+    (SIZE - BLOCK // 2, block(1), BLOCK, False),   # across the end
+    (BLOCK, b"", 0, False),                      # empty
+    (BLOCK, block(1)[:BLOCK // 2], BLOCK, False),  # data not of its length
+], ids=["offset", "length", "negative", "beyond", "across-end", "empty", "short-data"])
+def test_write_many_ends_its_prefix_at_a_write_it_refuses(refused: WriteOp) -> None:
+    rep, _stores = replicator("blockdev 2 0 async blockdev 2 1 async")
+    dev = rep.devices[0]
+    rep.start()
+    try:
+        after = (2 * BLOCK, block(3), BLOCK, False)
+        assert dev.write_many([(0, block(2), BLOCK, False), refused, after]) == [None]
+        assert dev.read(0, 3 * BLOCK) == block(2) + bytes(2 * BLOCK)
+        assert dev.write_many([refused, after]) == []
+    finally:
+        rep.close()
+
+
 def test_write_many_under_a_sync_site_link_acknowledges_once_the_remote_has_it() -> None:
     rep, stores = replicator("blockdev 2 0 async blockdev 2 1 sync")
     dev = rep.devices[0]
