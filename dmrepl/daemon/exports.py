@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
+from dmrepl.blockio import AckWait, WriteOp
 from dmrepl.daemon._engine import EngineDevice
 from dmrepl.daemon.tables import Line
 from dmrepl.nbd.backend import Backend
@@ -18,27 +20,78 @@ class ConcatBackend:
         self.parts = parts  # (start byte, length bytes, backend)
         self.size_bytes = sum(length for _, length, _ in parts)
 
-    def _split(self, offset: int, length: int) -> Iterator[tuple[Backend, int, int, int]]:
-        for start, size, backend in self.parts:
+    def _split(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """The pieces of ``offset``+``length``: (part index, offset in the part,
+        length, offset in the request)."""
+        for index, (start, size, _) in enumerate(self.parts):
             lo, hi = max(offset, start), min(offset + length, start + size)
             if lo < hi:
-                yield backend, lo - start, hi - lo, lo - offset
+                yield index, lo - start, hi - lo, lo - offset
 
     def read(self, offset: int, length: int) -> bytes:
-        return b"".join(b.read(o, n) for b, o, n, _ in self._split(offset, length))
+        return b"".join(self.parts[i][2].read(o, n)
+                        for i, o, n, _ in self._split(offset, length))
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        for b, o, n, rel in self._split(offset, len(data)):
+        for i, o, n, rel in self._split(offset, len(data)):
             # the engine wants bytes: copy only the pieces of a write across parts
-            b.write(o, data if n == len(data) else data[rel:rel + n], fua)
+            self.parts[i][2].write(o, data if n == len(data) else data[rel:rel + n], fua)
+
+    def write_many(self, ops: Sequence[WriteOp]) -> list[AckWait | None]:
+        """A batch of writes: each split at the parts' boundaries, the pieces of a
+        part given to its ``write_many`` (where it has one) in the batch's order.
+
+        Every write of the batch is taken.  A piece its part did not take (a full
+        ring, a suspended device, a write it refuses) is written by the write's
+        outcome, waiting, as :meth:`write` would (or raises as it would): so no
+        piece is logged twice, though a write's pieces on other parts are taken."""
+        pieces: list[list[tuple[int, WriteOp]]] = [[] for _ in self.parts]
+        for index, (offset, data, length, fua) in enumerate(ops):
+            for i, o, n, rel in self._split(offset, length):
+                part_data = data if data is None or n == length else data[rel:rel + n]
+                pieces[i].append((index, (o, part_data, n, fua)))
+        outcomes: list[AckWait | None] = [None] * len(ops)
+        for (_, _, backend), part_pieces in zip(self.parts, pieces, strict=True):
+            if not part_pieces:
+                continue
+            write_many = getattr(backend, "write_many", None)
+            taken: list[AckWait | None] = \
+                write_many([op for _, op in part_pieces]) if write_many is not None else []
+            for (index, _), outcome in zip(part_pieces, taken, strict=False):
+                if outcome is not None:
+                    outcomes[index] = _then(outcomes[index], outcome)
+            for index, op in part_pieces[len(taken):]:
+                outcomes[index] = _then(outcomes[index],
+                                        functools.partial(_write_piece, backend, op))
+        return outcomes
 
     def flush(self) -> None:
         for _, _, b in self.parts:
             b.flush()
 
     def trim(self, offset: int, length: int) -> None:
-        for b, o, n, _ in self._split(offset, length):
-            b.trim(o, n)
+        for i, o, n, _ in self._split(offset, length):
+            self.parts[i][2].trim(o, n)
+
+
+def _then(first: AckWait | None, then: AckWait) -> AckWait:
+    """Waits for ``first`` (if any), then ``then``: a write's pieces, in order."""
+    if first is None:
+        return then
+
+    def both() -> None:
+        first()
+        then()
+    return both
+
+
+def _write_piece(backend: Backend, op: WriteOp) -> None:
+    """A piece of a batch's write its part did not take, written as one waits."""
+    offset, data, length, fua = op
+    if data is None:
+        backend.trim(offset, length)
+    else:
+        backend.write(offset, data, fua)
 
 
 def backend_of(lines: Sequence[Line], devs: Sequence[EngineDevice], *,

@@ -390,8 +390,23 @@ class Objects:
 
     def resume(self, obj: Obj) -> None:
         if isinstance(obj, DeviceObj) and obj.inactive is not None:
+            old_lines = obj.lines
             self._swap(obj)
+            self._resume_devices(obj)
+            if obj.mirrored:
+                self._delete_mirror_logs_unused(obj, old_lines)
+            return
         self._resume_devices(obj)
+
+    def _delete_mirror_logs_unused(self, obj: DeviceObj, old_lines: list[Line]) -> None:
+        """Delete the log files of ``obj``'s old lines that no line of its table,
+        live now, uses (a new table that moved a line's start: a new file); the old
+        table, gone with the resume, held them."""
+        in_use = {self._mirror_log_file(obj.name, line) for line in obj.lines}
+        for line in old_lines:
+            path = self._mirror_log_file(obj.name, line)
+            if path not in in_use:
+                _kernel.detach_mirror_log(path, delete=True)
 
     def _resume_devices(self, obj: Obj) -> None:
         for dev in self.devices_of(obj):
@@ -426,7 +441,8 @@ class Objects:
                     raise UserError(f"{obj.name} is a mirror of its local devices: "
                                     "a new table's local devices must be block devices")
                 assert obj.nbd is not None
-                # (the old lines' log files stay: same starts, same files)
+                # a line at an old line's start keeps its log file (the file is
+                # named by the start); the others' go once this table is live
                 _kernel.load_mirror(obj.name, self._mirror_parts(obj, new, devs), obj.nbd)
         except BaseException:
             for dev in devs:

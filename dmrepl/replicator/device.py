@@ -171,16 +171,18 @@ class ReplicatedDevice:
                             f"({self.size_bytes})")
 
     def write(self, offset: int, data: bytes | bytearray | memoryview,
-              fua: bool = False) -> None:
+              fua: bool = False, *, journal: bool = False) -> None:
         """Write; returns when acknowledged (see the class docstring).
+        ``journal``: logged for the remote site links only (:class:`JournalLeg`).
 
         Raises :class:`LocalIOError` (not acknowledged) or ReplogIOError."""
         payload = data if isinstance(data, bytes) else bytes(data)
         self._check(offset, len(payload))
         if payload:
-            self.rep.replog.write(self, offset, payload, len(payload), fua, count=True)
+            self.rep.replog.write(self, offset, payload, len(payload), fua, count=True,
+                                  journal=journal)
 
-    def write_many(self, ops: Sequence[WriteOp], journal: bool = False
+    def write_many(self, ops: Sequence[WriteOp], *, journal: bool = False
                    ) -> list[AckWait | None]:
         """Writes (``(offset, data or None for zeros, length, fua)``) logged as one
         batch without waiting: the outcomes of the ones taken, a prefix of ``ops``
@@ -188,12 +190,15 @@ class ReplicatedDevice:
         caller does the rest with :meth:`write`/:meth:`trim`, which wait (see
         :meth:`Ringbuffer.write_many
         <dmrepl.replicator.replog.ringbuffer.Ringbuffer.write_many>`).  A write
-        this device refuses (unaligned, beyond its end) ends the prefix."""
+        this device refuses (unaligned, beyond its end; empty, or data not of its
+        length: no log entry) ends the prefix."""
         n = 0
         for offset, data, length, _fua in ops:
-            if offset < 0 or offset % SECTOR or length <= 0 or length % SECTOR or \
-                    offset + length > self.size_bytes or \
-                    (data is not None and len(data) != length):
+            if length <= 0 or (data is not None and len(data) != length):
+                break
+            try:
+                self._check(offset, length)
+            except UserError:     # the caller's write() of it raises it to the client
                 break
             n += 1
         if not n:
@@ -209,11 +214,12 @@ class ReplicatedDevice:
         """Everything acknowledged before is durable (waits for writes in flight)."""
         self.rep.replog.flush()
 
-    def trim(self, offset: int, length: int) -> None:
-        """Discard = a replicated zero-write: reads return zeros, at every site."""
+    def trim(self, offset: int, length: int, *, journal: bool = False) -> None:
+        """Discard = a replicated zero-write: reads return zeros, at every site
+        (``journal``: at the remote sites only, see :class:`JournalLeg`)."""
         self._check(offset, length)
         if length:
-            self.rep.replog.write(self, offset, None, length)
+            self.rep.replog.write(self, offset, None, length, journal=journal)
 
     def suspend(self) -> None:
         with self.rep.cond:
@@ -276,12 +282,7 @@ class JournalLeg:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview,
               fua: bool = False) -> None:
-        dev = self.dev
-        payload = data if isinstance(data, bytes) else bytes(data)
-        dev._check(offset, len(payload))
-        if payload:
-            dev.rep.replog.write(dev, offset, payload, len(payload), fua, count=True,
-                                 journal=True)
+        self.dev.write(offset, data, fua, journal=True)
 
     def write_many(self, ops: Sequence[WriteOp]) -> list[AckWait | None]:
         """A batch of writes, logged for the remote site links (see
@@ -300,7 +301,4 @@ class JournalLeg:
         self.dev.flush()
 
     def trim(self, offset: int, length: int) -> None:
-        dev = self.dev
-        dev._check(offset, length)
-        if length:
-            dev.rep.replog.write(dev, offset, None, length, journal=True)
+        self.dev.trim(offset, length, journal=True)

@@ -5,13 +5,16 @@ the device is this module's."""
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from dmrepl.cli._exit import ExitCode
 from dmrepl_testing.daemon import DaemonProcess, KernelLab, trace
 
 MB = 1 << 20
@@ -131,3 +134,59 @@ def test_bad_tables_and_messages_leave_running_devices_alone(
         os.close(fd)
     assert d.cli("table").stdout == before
     assert "dmrepl-test-bad" not in d.cli("ls").stdout
+
+
+def _switch_table(d: DaemonProcess, table: str, timeout: float = 300) -> None:
+    """dmrepl load, then resume until the switch is done (busy while writes are
+    not yet at every site link)."""
+    r = d.cli("load", "dmrepl-test-fs", "--table", table)
+    assert r.returncode == 0, r.stderr + d.log()
+    deadline = time.monotonic() + timeout
+    while True:
+        r = d.cli("resume", "dmrepl-test-fs")
+        if r.returncode == 0:
+            return
+        assert r.returncode == ExitCode.BUSY and time.monotonic() < deadline, \
+            r.stderr + d.log()
+        time.sleep(1)
+
+
+def _loops_over(path: str) -> list[str]:
+    """The loop devices whose backing file is ``path`` (or was, deleted since)."""
+    found = []
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        with open(backing) as f:
+            if f.read().strip().removesuffix(" (deleted)") == path:
+                found.append(backing.split("/")[3])
+    return found
+
+
+def test_a_table_switch_that_moves_a_line_deletes_the_old_lines_mirror_log(
+        replicated: tuple[DaemonProcess, KernelLab, str, str]) -> None:
+    """One line -> two lines (a second line's log file is made) -> one line again:
+    the second line's log file is deleted with the table that used it; the first
+    line's, at the same start throughout, stays."""
+    d, lab, _, _ = replicated
+    r = d.cli("table", "dmrepl-test-fs")
+    assert r.returncode == 0, r.stderr
+    (one_line,) = r.stdout.splitlines()
+    sectors = SIZE_MB * MB // 512
+    half = sectors // 2
+    assert one_line.startswith(f"0 {sectors} "), one_line
+    local2 = lab.disk("dmrepl-test-fs-local2", SIZE_MB // 2)
+    remote2 = lab.disk("dmrepl-test-fs-remote2", SIZE_MB // 2)
+    two_lines = (f"0 {half} {one_line.removeprefix(f'0 {sectors} ')}\n"
+                 f"{half} {half} replicator-dev dmrepl-test-fs-rep 1 0 1 {local2} nolog 0 "
+                 f"1 1 {remote2} core 2 1024 sync")
+    logs = os.path.join(d.state_dir, "mirror-logs")
+    first_log = os.path.join(logs, "dmrepl-test-fs@0.log")
+    moved_log = os.path.join(logs, f"dmrepl-test-fs@{half}.log")
+    _switch_table(d, two_lines)
+    trace("switched to two lines")
+    assert os.path.exists(first_log) and os.path.exists(moved_log)
+    assert _loops_over(moved_log)
+    _switch_table(d, one_line)
+    trace("switched back to one line")
+    assert os.path.exists(first_log) and _loops_over(first_log)
+    assert not os.path.exists(moved_log), os.listdir(logs)
+    assert not _loops_over(moved_log)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dmrepl.blockio import AckWait, WriteOp
+from dmrepl.daemon.exports import ConcatBackend
 from dmrepl.nbd import Export, MemoryBackend, NbdServer
 from dmrepl.nbd import _proto as p
 from dmrepl.replicator import Replicator
@@ -271,6 +272,74 @@ def test_a_backend_without_write_many_serves_pipelined_writes(tmp_path: Path) ->
         c.close()
 
 
+# -- an export of several lines (ConcatBackend) -------------------------------------
+
+LINE = 2 * BLOCK
+
+
+def two_lines(take: int = 1 << 30) -> tuple[ConcatBackend, BatchMemory, BatchMemory]:
+    """Two lines of two blocks; the second line's backend takes ``take`` writes of
+    a batch."""
+    first, second = BatchMemory(LINE), BatchMemory(LINE, take=take)
+    return ConcatBackend([(0, LINE, first), (LINE, LINE, second)]), first, second
+
+
+def test_a_batch_across_lines_is_one_write_many_per_line_in_order() -> None:
+    cat, first, second = two_lines()
+    ops: list[WriteOp] = [
+        (BLOCK, block(1) + block(2), 2 * BLOCK, False),   # across the boundary
+        (0, block(3), BLOCK, False),
+        (LINE + BLOCK, None, BLOCK, False),              # a discard, second line
+        (LINE, block(4), BLOCK, True)]                    # over block(2): after it
+    assert cat.write_many(ops) == [None] * len(ops)
+    assert first.batches == [2] and second.batches == [3]
+    assert not first.one_by_one and not second.one_by_one
+    assert cat.read(0, 2 * LINE) == block(3) + block(1) + block(4) + bytes(BLOCK)
+
+
+def test_pieces_a_line_leaves_are_written_by_their_outcome_and_none_twice() -> None:
+    cat, first, second = two_lines(take=1)        # e.g. the second line's ring full
+    first.held = {BLOCK}
+    ops: list[WriteOp] = [
+        (LINE + BLOCK, block(1), BLOCK, False),       # taken by the second line
+        (BLOCK, block(2) + block(3), 2 * BLOCK, False),   # first: held; second: left
+        (0, block(4), BLOCK, False)]                  # first line: taken
+    outcomes = cat.write_many(ops)
+    assert len(outcomes) == 3 and outcomes[0] is None and outcomes[2] is None
+    wait = outcomes[1]
+    assert wait is not None
+    assert cat.read(LINE, BLOCK) == bytes(BLOCK)  # not written yet
+    done = threading.Event()
+    threading.Thread(target=lambda: (wait(), done.set()), daemon=True).start()
+    assert not done.wait(0.3)                     # its first piece is held
+    first.release.set()
+    assert done.wait(10)
+    assert first.acked == [BLOCK] and not first.one_by_one
+    assert second.one_by_one == [0]               # the piece left: written, once
+    assert cat.read(0, 2 * LINE) == block(4) + block(2) + block(3) + block(1)
+
+
+def test_pipelined_writes_to_a_multi_line_export_take_the_batch_path(
+        tmp_path: Path) -> None:
+    cat, first, second = two_lines()
+    path = str(tmp_path / "nbd.sock")
+    with NbdServer(path) as srv:
+        srv.add_export(Export("d", cat))
+        c = Client(path)
+        wire = [c.request(p.Cmd.WRITE, BLOCK, 2 * BLOCK, block(1) + block(2))[1],
+                c.request(p.Cmd.WRITE, 0, BLOCK, block(3))[1],
+                c.request(p.Cmd.WRITE, LINE + BLOCK, BLOCK, block(4))[1]]
+        h_read, read = c.request(p.Cmd.READ, 0, 2 * LINE)
+        c.sock.sendall(b"".join(wire) + read)
+        got = c.replies(4)
+        c.close()
+    assert all(error == 0 for _, error, _ in got)
+    assert dict((h, data) for h, _, data in got)[h_read] == \
+        block(3) + block(1) + block(2) + block(4)
+    assert sum(first.batches) == 2 and sum(second.batches) == 2
+    assert not first.one_by_one and not second.one_by_one
+
+
 # -- the engine's write_many -------------------------------------------------------
 
 def replicator(slinks: str, *, log_sectors: int = 8192,
@@ -309,6 +378,28 @@ def test_write_many_is_one_log_append_and_the_ring_replays_it() -> None:
     assert replayed[-17:] == [(i * BLOCK, BLOCK, False) for i in range(16)] + \
         [(16 * BLOCK, BLOCK, True)]
     rep.close()
+
+
+@pytest.mark.parametrize("refused", [
+    (BLOCK + 1, block(1), BLOCK, False),         # unaligned offset
+    (BLOCK, block(1)[:BLOCK - 1], BLOCK - 1, False),   # unaligned length
+    (-BLOCK, block(1), BLOCK, False),            # before the start
+    (SIZE, block(1), BLOCK, False),              # beyond the end
+    (SIZE - BLOCK // 2, block(1), BLOCK, False),   # across the end
+    (BLOCK, b"", 0, False),                      # empty
+    (BLOCK, block(1)[:BLOCK // 2], BLOCK, False),  # data not of its length
+], ids=["offset", "length", "negative", "beyond", "across-end", "empty", "short-data"])
+def test_write_many_ends_its_prefix_at_a_write_it_refuses(refused: WriteOp) -> None:
+    rep, _stores = replicator("blockdev 2 0 async blockdev 2 1 async")
+    dev = rep.devices[0]
+    rep.start()
+    try:
+        after = (2 * BLOCK, block(3), BLOCK, False)
+        assert dev.write_many([(0, block(2), BLOCK, False), refused, after]) == [None]
+        assert dev.read(0, 3 * BLOCK) == block(2) + bytes(2 * BLOCK)
+        assert dev.write_many([refused, after]) == []
+    finally:
+        rep.close()
 
 
 def test_write_many_under_a_sync_site_link_acknowledges_once_the_remote_has_it() -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
+from dmrepl.errors import UserError
 from dmrepl.replicator import Replicator
 from dmrepl_testing.replicator import FakeStore, StoreSet
 
@@ -89,5 +92,34 @@ def test_a_batch_of_journal_writes_reaches_the_remote_only() -> None:
         remote = stores.stores["r1"].snapshot()
         assert remote[:4096] == b"\x01" * 4096 and remote[12288:12800] == b"\x03" * 512
         assert stores.stores["l0"].snapshot() == bytes(DEV)
+    finally:
+        rep.close()
+
+
+def test_the_device_write_and_trim_with_journal_log_for_the_remote_only() -> None:
+    rep, stores = setup()
+    try:
+        dev = rep.devices[0]
+        dev.write(0, b"\x04" * 8192)                 # both sites: the baseline
+        dev.write(0, b"\x06" * 4096, journal=True)
+        dev.trim(4096, 4096, journal=True)
+        dev.flush()
+        assert rep.wait_drained(30)
+        assert stores.stores["r1"].snapshot()[:8192] == b"\x06" * 4096 + bytes(4096)
+        assert stores.stores["l0"].snapshot()[:8192] == b"\x04" * 8192
+    finally:
+        rep.close()
+
+
+def test_the_journal_leg_refuses_what_the_device_refuses() -> None:
+    rep, _stores = setup()
+    try:
+        journal = rep.devices[0].journal()
+        for write in (lambda: journal.write(100, b"\x01" * 512),
+                      lambda: journal.write(0, b"\x01" * 100),
+                      lambda: journal.write(DEV, b"\x01" * 512),
+                      lambda: journal.trim(DEV - 512, 1024)):
+            with pytest.raises(UserError):
+                write()
     finally:
         rep.close()
