@@ -38,6 +38,14 @@ class Tuning:
     """The engine's knobs with their defaults, bounds and meaning (the one
     declaration: :data:`TUNABLES` and the engine's keyword arguments follow it)."""
 
+    kernel_journal: bool = _knob(False, 0, 1, "1: the daemon presents a device whose "
+                                 "remote site links are all async (no fall-behind limit) "
+                                 "as a dm log-writes target that the kernel journals and "
+                                 "the daemon drains (README: the kernel journal)")
+    journal_segment_mib: int = _knob(256, 4, None, "MiB of each of a kernel journal's "
+                                     "three segments (files in the state directory)")
+    journal_interval: float = _knob(0.5, 0.01, None, "seconds between swaps of a written "
+                                    "kernel journal's segment")
     durable_acks: bool = _knob(True, 0, 1, "1: a write is acknowledged once durable in the "
                                "log (default); 0: once written to it, like a disk with a "
                                "volatile write cache (flush and FUA make writes durable)")

@@ -191,6 +191,12 @@ class SimDevice:
         # after the kernel did, is harmless)
         return self
 
+    def lost_writes(self, offset: int = 0, length: int | None = None) -> None:
+        """The sim has no remote site: nothing to resynchronise."""
+
+    def remote_in_sync(self) -> bool:
+        return True
+
     def message(self, argv: Sequence[str]) -> str:
         if list(argv[:1]) == ["ping"]:
             return "pong"

@@ -221,10 +221,16 @@ def _loop_of(path: str) -> str | None:
 
 
 def attach_mirror_log(path: str, sectors: int) -> tuple[str, bool]:
-    """The loop device over the mirror log file ``path`` (made, zeroed, if it does
-    not exist; reused if a loop device already holds it: the mirror survived a
-    daemon crash), and whether the file was made now."""
-    size = mirror_log_size(sectors)
+    """The loop device over the mirror log file ``path`` (see
+    :func:`attach_file_loop`), and whether the file was made now."""
+    return attach_file_loop(path, mirror_log_size(sectors))
+
+
+def attach_file_loop(path: str, size: int) -> tuple[str, bool]:
+    """The loop device over the daemon's file ``path`` (made, zeroed, ``size``
+    bytes, if it does not exist; grown to ``size`` if smaller; reused if a loop
+    device already holds it: its kernel device survived a daemon crash), and
+    whether the file was made now."""
     made = False
     try:
         if not os.path.exists(path):
@@ -239,20 +245,25 @@ def attach_mirror_log(path: str, sectors: int) -> tuple[str, bool]:
         elif os.path.getsize(path) < size:
             os.truncate(path, size)
     except OSError as e:
-        raise KernelDeviceError(f"mirror log {path}: {e.strerror or e}") from e
+        raise KernelDeviceError(f"{path}: {e.strerror or e}") from e
     found = _loop_of(path)
     if found:
         return found, made
     proc = subprocess.run(["losetup", "--find", "--show", path], capture_output=True,
                           text=True, timeout=60)
     if proc.returncode != 0:
-        raise KernelDeviceError(f"cannot attach mirror log {path} to a loop device: "
+        raise KernelDeviceError(f"cannot attach {path} to a loop device: "
                                 f"{proc.stderr.strip()}")
     return proc.stdout.strip(), made
 
 
 def detach_mirror_log(path: str, *, delete: bool) -> None:
     """Detach the loop device over a mirror log file (and delete the file)."""
+    detach_file_loop(path, delete=delete)
+
+
+def detach_file_loop(path: str, *, delete: bool) -> None:
+    """Detach the loop device over a file of the daemon's (and delete the file)."""
     loop = _loop_of(path)
     if loop:
         proc = subprocess.run(["losetup", "-d", loop], capture_output=True, text=True,
@@ -329,3 +340,108 @@ def suspend_mapper(name: str) -> None:
 
 def resume_mapper(name: str) -> None:
     _dm().resume(name)
+
+
+# -- the kernel journal (dm log-writes; see dmrepl.daemon.kjournal) -------------------
+
+def devno(path: str) -> str:
+    """``major:minor`` of a block device node (as the kernel writes tables)."""
+    rdev = os.stat(path).st_rdev
+    return f"{os.major(rdev)}:{os.minor(rdev)}"
+
+
+def _logwrites(sectors: int, local: str, segment: str) -> list[Any]:
+    from dmrepl.dm import logwrites
+    from dmrepl.dm.table import Target
+    return [Target(0, sectors, "log-writes", logwrites.target_params(local, segment))]
+
+
+def create_logwrites(name: str, sectors: int, local: str, segment: str,
+                     uuid: str | None = None) -> str:
+    """Create /dev/mapper/NAME as ``log-writes LOCAL SEGMENT``."""
+    dm = _dm()
+    try:
+        dm.create_device(name, _logwrites(sectors, local, segment), uuid=uuid)
+        dm.ensure_node(name)
+    except OSError as e:
+        raise KernelDeviceError(f"device-mapper {name}: {e}") from e
+    return f"/dev/mapper/{name}"
+
+
+def logwrites_logdev(name: str) -> str | None:
+    """The log device (``major:minor``) of NAME's live log-writes table; None if
+    NAME does not exist.  Raises KernelDeviceError if NAME is something else."""
+    dm = _dm()
+    try:
+        if not dm.exists(name):
+            return None
+        targets = dm.table(name)
+    except OSError as e:
+        raise KernelDeviceError(f"device-mapper {name}: {e}") from e
+    if len(targets) != 1 or targets[0].target_type != "log-writes":
+        raise KernelDeviceError(f"/dev/mapper/{name} exists and is not a kernel journal "
+                                f"({', '.join(t.target_type for t in targets)}): remove it")
+    return targets[0].params.split()[1]
+
+
+def resume_if_suspended(name: str) -> bool:
+    """Resume NAME if it is suspended (a daemon that died in the middle of a
+    segment swap left it so, writers waiting); True if it was."""
+    dm = _dm()
+    try:
+        if not dm.info(name).suspended:
+            return False
+        dm.resume(name)
+    except OSError as e:
+        raise KernelDeviceError(f"device-mapper {name}: {e}") from e
+    return True
+
+
+def logwrites_status(name: str) -> Any:
+    """NAME's log-writes status (a ``LogWritesStatus``), None if it is gone."""
+    from dmrepl.dm import logwrites
+    try:
+        targets = _dm().status(name)
+    except OSError:
+        return None
+    for t in targets:
+        if t.target_type == "log-writes":
+            return logwrites.parse_status(t.params)
+    return None
+
+
+def swap_logwrites(name: str, sectors: int, local: str, segment: str) -> Any:
+    """Journal NAME to ``segment`` from now on (load, suspend, resume: the old
+    target, destroyed by the resume, logs what it held and its super block before
+    the call returns).  Returns the old target's last status (``disabled``: its
+    log filled up)."""
+    dm = _dm()
+    try:
+        dm.load(name, _logwrites(sectors, local, segment))
+        # skip_lockfs: no filesystem freeze, the writes in flight complete (and
+        # are logged by the old target) before the swap
+        dm.suspend(name, skip_lockfs=True)
+        try:
+            status = logwrites_status(name)
+        finally:
+            dm.resume(name)
+    except OSError as e:
+        raise KernelDeviceError(f"device-mapper {name}: swapping the journal segment: "
+                                f"{e}") from e
+    return status
+
+
+def mapper_exists(name: str) -> bool:
+    return bool(_dm().exists(name))
+
+
+def mapper_writes(name: str) -> int:
+    """Writes, discards and flushes NAME completed so far (its /sys stat)."""
+    try:
+        node = os.stat(f"/dev/mapper/{name}").st_rdev
+        with open(f"/sys/dev/block/{os.major(node)}:{os.minor(node)}/stat") as f:
+            fields = [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return -1
+    # write I/Os; discard I/Os; flush I/Os (when the kernel counts them)
+    return sum(fields[i] for i in (4, 11, 15) if i < len(fields))

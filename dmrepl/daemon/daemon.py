@@ -93,7 +93,8 @@ class Daemon:
         self.registry = Objects(self.engine, self.nbd, self.nbd_socket,
                             kernel_devices=kernel_devices, tuning=dict(tuning or {}),
                             persist=self.state.save, events=self.events,
-                            mirror_log_dir=os.path.join(state_dir, "mirror-logs"))
+                            mirror_log_dir=os.path.join(state_dir, "mirror-logs"),
+                            journal_dir=os.path.join(state_dir, "journal"))
         self.restore_errors: list[str] = []
         self._stopping = threading.Event()
         self._watch: threading.Thread | None = None
@@ -233,7 +234,10 @@ class Daemon:
                         export=obj.name, suspended=obj.suspended, size=obj.sectors * SECTOR,
                         dev_nrs=[d.dev_nr for d in obj.devs],
                         structure="mirror" if obj.mirrored else
+                        "log-writes" if obj.kjournal is not None else
                         ("linear" if obj.mapper else None))
+            if obj.kjournal is not None:
+                desc["kernel_journal"] = obj.kjournal.describe()
             if obj.mirrored and obj.mapper:
                 # the regions the journal leg (so the remote sites) has: below all,
                 # the kernel mirror is copying what it missed (a daemon outage)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import logging
 import os
 import uuid as uuidlib
@@ -30,6 +31,7 @@ from dmrepl.daemon import _kernel
 from dmrepl.daemon._engine import Engine, EngineDevice, EngineReplicator
 from dmrepl.daemon._proto import ControlError
 from dmrepl.daemon.exports import SECTOR, backend_of
+from dmrepl.daemon.kjournal import KernelJournal
 from dmrepl.daemon.state import SavedObject
 from dmrepl.daemon.tables import REPLICATOR, REPLICATOR_DEV, Line, parse_table
 from dmrepl.errors import Busy, UserError
@@ -67,6 +69,8 @@ class DeviceObj:
     suspended: bool = False
     #: /dev/mapper/NAME is a mirror (its export serves the journal legs)
     mirrored: bool = False
+    #: /dev/mapper/NAME is a kernel journal (dm log-writes) that the daemon drains
+    kjournal: KernelJournal | None = None
 
     @property
     def sectors(self) -> int:
@@ -84,8 +88,11 @@ class Objects:
 
     def __init__(self, engine: Engine, nbd: NbdServer, nbd_socket: str, *, kernel_devices: bool,
                  tuning: dict[str, Any], persist: Callable[[list[SavedObject]], None],
-                 events: EventLog | None = None, mirror_log_dir: str | None = None) -> None:
+                 events: EventLog | None = None, mirror_log_dir: str | None = None,
+                 journal_dir: str | None = None) -> None:
         self.engine = engine
+        #: where the kernel journals' segments are (None: no kernel journals)
+        self.journal_dir = journal_dir
         #: where the mirrors' dirty-log files are (None: no mirrors, linear only)
         self.mirror_log_dir = mirror_log_dir
         self.events = events if events is not None else EventLog()
@@ -199,6 +206,28 @@ class Objects:
         return (self.kernel_devices and self.mirror_log_dir is not None
                 and all(_kernel.is_block_device(d.local_device()) for d in devs))
 
+    def _journalable(self, name: str, rep: ReplicatorObj, devs: list[EngineDevice]) -> bool:
+        """May the kernel journal the device's writes (``kernel_journal`` tuned
+        on; one line over a block device; every remote site link async, no
+        fall-behind limit: no write ever waits for a site; the replicator's only
+        device)?  A device keeps the structure it had (its files say which)."""
+        if not (self.tuning.get("kernel_journal") and self.kernel_devices
+                and self.journal_dir is not None and len(devs) == 1
+                and _kernel.is_block_device(devs[0].local_device())):
+            return False
+        if os.path.exists(os.path.join(self.journal_dir, f"{name}.journal")):
+            return True
+        if self.mirror_log_dir is not None and glob.glob(
+                os.path.join(glob.escape(self.mirror_log_dir), f"{glob.escape(name)}@*.log")):
+            return False
+        if self.devices_of(rep):
+            # each kernel journal keeps its own device's order only: a replicator's
+            # order across devices needs them all on the mirror
+            return False
+        slinks = rep.engine.status_dict().get("slinks", {})
+        return all(s.get("policy") == "async" and not s.get("fallbehind", {}).get("value")
+                   for nr, s in slinks.items() if int(nr) != 0)
+
     def _mirror_log_file(self, name: str, line: Line) -> str:
         assert self.mirror_log_dir is not None
         return os.path.join(self.mirror_log_dir, f"{name}@{line.start}.log")
@@ -227,15 +256,38 @@ class Objects:
 
     def _create_device(self, name: str, lines: list[Line], uuid: str) -> DeviceObj:
         rep = self._replicator_named_by(lines)
+        journaled_peer = [o.name for o in self.devices_of(rep) if o.kjournal is not None]
+        if journaled_peer:
+            raise UserError(f"replicator {rep.name!r} holds {journaled_peer[0]}, a kernel "
+                            "journal: it keeps the write order of its own device only, so "
+                            "it cannot share a replicator; use another replicator")
         devs = self._add_devs(rep, lines)
         sectors = sum(line.length for line in lines)
-        mirrored = self._mirrorable(devs)
+        journaled = self._journalable(name, rep, devs)
+        mirrored = not journaled and self._mirrorable(devs)
         export = Export(name, backend_of(lines, devs, journal=mirrored),
                         size=sectors * SECTOR)
         obj = DeviceObj(name, lines, rep.name, devs, export, uuid, mirrored=mirrored)
         self.by_name[name] = obj
         self.nbd.add_export(export)
-        if self.kernel_devices:
+        if journaled:
+            assert self.journal_dir is not None
+            try:
+                obj.kjournal = KernelJournal(
+                    name, sectors, devs[0].local_device(), devs[0], self.journal_dir,
+                    segment_bytes=int(self.tuning.get("journal_segment_mib", 256)) << 20,
+                    interval=float(self.tuning.get("journal_interval", 0.5)),
+                    paused=lambda: obj.suspended,
+                    on_event=lambda kind, event, **fields: self.events.emit(
+                        kind, event, REPLICATOR_DEV, name=name, **fields))
+                log.info("%s: creating /dev/mapper/%s as a kernel journal (log-writes) "
+                         "of the local device", name, name)
+                obj.mapper = obj.kjournal.open(uuid)
+                log.info("%s: %s ready", name, obj.mapper)
+            except BaseException:
+                self.destroy(obj)
+                raise
+        elif self.kernel_devices:
             try:
                 log.info("%s: attaching the export to an nbd device", name)
                 nbd = self._attach_nbd(obj)
@@ -261,9 +313,15 @@ class Objects:
         ``keep_logs``: a mirror's dirty-log files stay (a daemon's shutdown: the
         next start finds what the journal leg missed)."""
         if isinstance(obj, DeviceObj):
+            if obj.kjournal is not None:
+                obj.kjournal.stop()
             if obj.mapper:
                 _kernel.remove_mapper(obj.name)
                 obj.mapper = None
+            if obj.kjournal is not None:
+                # (the removed target logged what it held: drained now)
+                obj.kjournal.close(keep=keep_logs)
+                obj.kjournal = None
             if obj.nbd:
                 _kernel.detach_nbd(obj.nbd)
                 obj.nbd = None
@@ -317,11 +375,17 @@ class Objects:
         rep = self.replicator_of(obj)
         # The engine devices go first: it is the engine that may refuse (writes not
         # yet at every site link), and then the kernel devices must still be there.
+        if obj.kjournal is not None:
+            # what the kernel journalled goes to the log first, where the engine
+            # counts it as writes not yet at every site link
+            obj.kjournal.drain_now()
         obj.export.suspend(timeout=EXPORT_SUSPEND_TIMEOUT)   # no request reaches a
         try:                                                  # device while it goes
             self._remove_engine_devs(obj, rep, force=force)
         except BaseException:
             obj.export.resume()
+            if obj.kjournal is not None:
+                obj.kjournal.start()
             raise
         self.nbd.remove_export(obj.name)   # requests from here on: ESHUTDOWN
         obj.export.resume()                # (and those that waited fail, not hang)
@@ -383,10 +447,13 @@ class Objects:
         for dev in self.devices_of(obj):
             if dev.suspended:
                 continue
-            if dev.mapper:
-                _kernel.suspend_mapper(dev.name)   # drains the kernel's queue first
+            with contextlib.ExitStack() as held:
+                if dev.kjournal is not None:   # no segment swap resumes it meanwhile
+                    held.enter_context(dev.kjournal.lock)
+                if dev.mapper:
+                    _kernel.suspend_mapper(dev.name)   # drains the kernel's queue first
+                dev.suspended = True
             dev.export.suspend(timeout=EXPORT_SUSPEND_TIMEOUT)
-            dev.suspended = True
 
     def resume(self, obj: Obj) -> None:
         if isinstance(obj, DeviceObj) and obj.inactive is not None:
@@ -420,6 +487,10 @@ class Objects:
     def _swap(self, obj: DeviceObj) -> None:
         new = obj.inactive
         assert new is not None
+        if obj.kjournal is not None:
+            obj.inactive = None
+            raise UserError(f"{obj.name} is a kernel journal: its table cannot be "
+                            "switched; remove the device and create it with the new table")
         was_suspended = obj.suspended
         if not was_suspended:
             self.suspend(obj)

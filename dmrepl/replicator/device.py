@@ -239,6 +239,29 @@ class ReplicatedDevice:
     def local_device(self) -> str:
         return self.legs[0].cfg.dev_path
 
+    def lost_writes(self, offset: int = 0, length: int | None = None) -> None:
+        """Writes to [offset, offset+length) (default: the whole device) reached
+        the local device but maybe not the log (a kernel journal lost them): their
+        regions are marked out of sync on every remote site link, whose resync
+        copies them from the local device.  Raises OSError if a dirty log cannot
+        record them."""
+        end = self.size_bytes if length is None else offset + length
+        if end <= offset:
+            return
+        for nr, leg in self.legs.items():
+            if nr == 0 or leg.dlog is None:
+                continue
+            rs = leg.dlog.region_size * SECTOR
+            leg.ops.mark_out_of_sync(leg, range(offset // rs, (end - 1) // rs + 1))
+        with self.rep.cond:
+            self.rep.bump_locked(f"device {self.dev_nr}: writes at {offset}+{end - offset} "
+                                 "marked out of sync on the remote site links")
+            self.rep.cond.notify_all()
+
+    def remote_in_sync(self) -> bool:
+        """Every remote site link has every region of the device in sync."""
+        return all(leg.out_of_sync() == 0 for nr, leg in self.legs.items() if nr)
+
     def journal(self) -> JournalLeg:
         """The device as the *journal leg* of a kernel mirror whose other leg is
         the local device: see :class:`JournalLeg`."""

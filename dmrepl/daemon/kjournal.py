@@ -1,0 +1,379 @@
+"""The kernel journal: /dev/mapper/NAME as a dm ``log-writes`` target.
+
+For a device whose remote site links are all asynchronous, no write needs to
+wait for the daemon: ``log-writes LOCAL SEGMENT`` writes the local device at the
+kernel's speed and logs every completed write, in completion order and bounded
+by flushes, on a *segment* (a loop device over a file of the daemon's).  The
+daemon drains the journal: every ``journal_interval`` seconds that the device
+was written, it swaps the table to the next segment (load, suspend, resume: the
+old target logs what it still held and its super block as it goes), reads the
+finished segment and appends its writes, in order, to the replication log for
+the remote site links (the device's *journal* backend, as the mirror's journal
+leg does), then empties the segment.  Reads never leave the kernel.
+
+What the daemon's death or the host's crash costs:
+
+* the daemon dies (kill -9): the kernel journals on into the current segment;
+  the next daemon finds the device, swaps the segment out and drains every
+  segment it had not (their order is in ``NAME.journal``).  Nothing is lost
+  unless the segment filled meanwhile (status ``logging_disabled``): then the
+  remote site links resynchronise the whole device.
+* the host crashes (the device is gone, ``NAME.active`` says it was live): the
+  kernel kept the log in memory until it wrote it, so writes may be missing from
+  it; the remote site links resynchronise the whole device.  ``NAME.resync``
+  remembers that until they have (a restart meanwhile marks it again).
+
+Segments, state files and their loop devices live in the daemon's state
+directory (``journal/``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmrepl.blockio import WriteOp
+from dmrepl.daemon import _kernel
+from dmrepl.daemon._engine import EngineDevice
+from dmrepl.dm import logwrites as lw
+from dmrepl.errors import DmreplError
+
+log = logging.getLogger(__name__)
+
+SEGMENTS = 3
+#: A segment past this fraction full is swapped out even while the daemon is
+#: still draining the one before (before the kernel runs out of room).
+SWAP_FILL = 0.5
+#: Writes appended to the replication log per batch at most (count, bytes).
+BATCH_OPS = 64
+BATCH_BYTES = 4 << 20
+
+
+class JournalError(DmreplError):
+    """The kernel journal of a device cannot go on; the message says why."""
+
+
+@dataclass
+class _Stats:
+    swaps: int = 0
+    entries: int = 0
+    bytes: int = 0
+    resyncs: int = 0
+    last_swap: float = 0.0
+
+
+@dataclass
+class KernelJournal:
+    """The kernel journal of one single-line device (see the module's doc)."""
+
+    name: str
+    sectors: int
+    local: str
+    dev: EngineDevice
+    directory: str
+    segment_bytes: int
+    interval: float
+    #: the device is suspended by its admin: no swap may resume it
+    paused: Callable[[], bool] = lambda: False
+    on_event: Callable[..., object] = lambda *a, **k: None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stats: _Stats = field(default_factory=_Stats)
+    current: int = 0
+    pending: deque[int] = field(default_factory=deque)
+    error: str = ""
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _loops: list[str] = field(default_factory=list)
+    _writes_seen: int = -1
+
+    # -- files ----------------------------------------------------------------------
+
+    def _path(self, suffix: str) -> str:
+        return os.path.join(self.directory, f"{self.name}.{suffix}")
+
+    def _segment(self, i: int) -> str:
+        return self._path(f"{i}.seg")
+
+    def _save_order(self) -> None:
+        """``NAME.journal``: the segments to drain, oldest first, then the current."""
+        tmp = self._path("journal.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"pending": list(self.pending), "current": self.current}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path("journal"))
+
+    def _load_order(self) -> tuple[list[int], int | None]:
+        try:
+            with open(self._path("journal")) as f:
+                saved = json.load(f)
+            pending = [int(i) for i in saved["pending"]]
+            current = int(saved["current"])
+        except FileNotFoundError:
+            return [], None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise JournalError(f"{self.name}: journal state {self._path('journal')} "
+                               f"unreadable ({e}): remove the device and create it again"
+                               ) from e
+        if not all(0 <= i < SEGMENTS for i in [*pending, current]):
+            raise JournalError(f"{self.name}: journal state names segments out of range")
+        return pending, current
+
+    def _empty(self, i: int) -> None:
+        """Forget segment ``i``'s content (its super first), durably: a segment
+        drained again after newer ones would put old writes over new ones."""
+        path = self._segment(i)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, 0)      # frees its space (tmpfs: memory)
+            os.ftruncate(fd, self.segment_bytes)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _flag(self, suffix: str, on: bool) -> None:
+        path = self._path(suffix)
+        if on:
+            with open(path, "w") as f:
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    # -- start and stop -------------------------------------------------------------
+
+    def open(self, uuid: str | None) -> str:
+        """Create /dev/mapper/NAME, or take over the one a dead daemon left (and
+        drain what it journalled meanwhile); start draining.  Returns its path."""
+        os.makedirs(self.directory, exist_ok=True)
+        existed = os.path.exists(self._segment(0))
+        self._loops = [_kernel.attach_file_loop(self._segment(i), self.segment_bytes)[0]
+                       for i in range(SEGMENTS)]
+        live = _kernel.logwrites_logdev(self.name)
+        lost = os.path.exists(self._path("resync"))
+        if live is not None:
+            # a daemon died: the kernel journalled on
+            pending, current = self._load_order()
+            now = self._loop_index(live)
+            if current != now:
+                raise JournalError(f"{self.name}: the kernel journals to {live}, not the "
+                                   "segment the journal state names: remove the device "
+                                   "and create it again")
+            self.pending.extend(pending)
+            self.current = now
+            if _kernel.resume_if_suspended(self.name):
+                log.warning("%s: resumed: a daemon died in the middle of a segment swap",
+                            self.name)
+            log.info("%s: taking over the kernel journal (segment %d, %d to drain)",
+                     self.name, now, len(pending))
+            path = f"/dev/mapper/{self.name}"
+        else:
+            if existed and os.path.exists(self._path("active")):
+                # the device went without its daemon draining it: a crash
+                log.warning("%s: the kernel journal was live and is gone (a crash): "
+                            "the remote site links resynchronise the device", self.name)
+                lost = True
+            for i in range(SEGMENTS):
+                self._empty(i)
+            self.current = 0
+            self._save_order()
+            path = _kernel.create_logwrites(self.name, self.sectors, self.local,
+                                            self._loops[0], uuid)
+        self._flag("active", True)
+        if lost:
+            self._resync_all("the kernel journal lost writes")
+        self.start()
+        return path
+
+    def start(self) -> None:
+        """(Re)start draining."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name=f"kjournal-{self.name}",
+                                            daemon=True)
+            self._thread.start()
+
+    def drain_now(self) -> None:
+        """Swap the segment and drain everything journalled so far (the device
+        has no opener: nothing comes after); draining stays stopped."""
+        self.stop()
+        self._drain_pending()   # (a free segment for the swap)
+        self.swap()
+        self._drain_pending()
+
+    def _loop_index(self, devno: str) -> int:
+        for i, loop in enumerate(self._loops):
+            if _kernel.devno(loop) == devno:
+                return i
+        raise JournalError(f"{self.name}: the kernel journals to {devno}, which is none "
+                           "of its segments: remove the device and create it again")
+
+    def stop(self) -> None:
+        """Stop draining (the kernel journals on)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self, *, keep: bool) -> None:
+        """After /dev/mapper/NAME is removed (its target logged what it held):
+        drain every segment, then detach them (``keep``: the files stay, a clean
+        state for the next start; else they are deleted)."""
+        self.stop()
+        if not _kernel.mapper_exists(self.name):
+            try:
+                self.pending.append(self.current)
+                self._drain_pending()
+                self._flag("active", False)
+            except Exception as e:   # the files stay "active": the next start resyncs
+                log.error("%s: draining the kernel journal at close failed: %s", self.name, e)
+        for i in range(SEGMENTS):
+            _kernel.detach_file_loop(self._segment(i), delete=not keep)
+        if not keep:
+            for suffix in ("journal", "active", "resync"):
+                self._flag(suffix, False)
+
+    # -- draining -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._drain_pending()
+            while not self._stop.wait(self.interval):
+                if self._written():
+                    self.swap()
+                    self._drain_pending()
+                self._check_resynced()
+        except Exception as e:   # this device's journal stops; the daemon serves on
+            self.error = str(e)
+            log.error("%s: the kernel journal stopped: %s", self.name, e)
+            self.on_event("error", "kernel-journal-stopped", error=str(e))
+
+    def _written(self) -> bool:
+        """Was the device written (or flushed) since the last look?"""
+        n = _kernel.mapper_writes(self.name)
+        seen, self._writes_seen = self._writes_seen, n
+        return n != seen
+
+    def swap(self) -> None:
+        """Journal to a free segment from now on; the one before joins those to
+        drain (its target logged all it held when the swap replaced it)."""
+        with self.lock:
+            if self.paused():
+                return
+            busy = {self.current, *self.pending}
+            free = [i for i in range(SEGMENTS) if i not in busy]
+            if not free:
+                return
+            nxt = free[0]
+            status = _kernel.swap_logwrites(self.name, self.sectors, self.local,
+                                            self._loops[nxt])
+            self.pending.append(self.current)
+            self.current = nxt
+            self._save_order()
+            self.stats.swaps += 1
+            self.stats.last_swap = time.monotonic()
+        if status is not None and status.disabled:
+            # the old segment filled: what came after is not in it
+            self._resync_all("a kernel journal segment filled up")
+
+    def _drain_pending(self) -> None:
+        while self.pending:
+            i = self.pending[0]
+            self._drain(i)
+            self.pending.popleft()
+            self._empty(i)
+            with self.lock:
+                self._save_order()
+
+    def _drain(self, i: int) -> None:
+        """Append segment ``i``'s writes, in order, to the replication log (a flush
+        in the journal: a flush of the log)."""
+        path = self._segment(i)
+        fd = os.open(path, os.O_RDONLY)
+        backend = self.dev.journal()
+        write_many = getattr(backend, "write_many", None)
+        ops: list[WriteOp] = []
+        nbytes = 0
+
+        def push() -> None:
+            nonlocal ops, nbytes
+            taken = write_many(ops) if ops and write_many is not None else []
+            for wait in taken:
+                if wait is not None:
+                    wait()
+            # what the log did not take (full, suspended): written one by one, waiting
+            for offset, data, length, fua in ops[len(taken):]:
+                if data is None:
+                    backend.trim(offset, length)
+                else:
+                    backend.write(offset, data, fua=fua)
+            self.stats.entries += len(ops)
+            self.stats.bytes += nbytes
+            ops, nbytes = [], 0
+
+        def read(offset: int, length: int) -> bytes:
+            return os.pread(fd, length, offset)
+
+        try:
+            sup = lw.parse_super(read(0, lw.LOG_WRITE_SUPER.sizeof()))
+            size = os.fstat(fd).st_size
+            device_bytes = self.sectors * 512
+            for n, entry in enumerate(lw.entries(read, size)):
+                assert sup is not None     # (entries() yields none without it)
+                if n % 256 == 255:
+                    self._swap_if_filling()
+                if entry.flags & lw.FLAG_MARK:
+                    continue
+                offset = entry.sector * sup.sectorsize
+                length = entry.nr_sectors * sup.sectorsize
+                if offset + length > device_bytes:
+                    raise lw.LogFormatError(f"an entry at {offset}+{length} is past the "
+                                            f"device's end ({device_bytes})")
+                if entry.flags & lw.FLAG_DISCARD:
+                    ops.append((offset, None, length, False))
+                elif entry.has_data:
+                    ops.append((offset, read(entry.data_offset, length), length,
+                                bool(entry.flags & lw.FLAG_FUA)))
+                    nbytes += length
+                if entry.flags & lw.FLAG_FLUSH:
+                    push()
+                    backend.flush()
+                elif len(ops) >= BATCH_OPS or nbytes >= BATCH_BYTES:
+                    push()
+            push()
+        except lw.LogFormatError as e:
+            self._resync_all(f"segment {path} unreadable: {e}")
+        finally:
+            os.close(fd)
+
+    def _swap_if_filling(self) -> None:
+        status = _kernel.logwrites_status(self.name)
+        if status is not None and status.highest_sector * 512 > SWAP_FILL * self.segment_bytes:
+            self.swap()
+
+    # -- lost writes ----------------------------------------------------------------
+
+    def _resync_all(self, why: str) -> None:
+        self._flag("resync", True)
+        self.dev.lost_writes()
+        self.stats.resyncs += 1
+        log.warning("%s: %s: the remote site links resynchronise the device", self.name, why)
+        self.on_event("warning", "kernel-journal-resync", reason=why)
+
+    def _check_resynced(self) -> None:
+        if os.path.exists(self._path("resync")) and self.dev.remote_in_sync():
+            self._flag("resync", False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"segments": SEGMENTS, "segment_bytes": self.segment_bytes,
+                "current": self.current, "to_drain": len(self.pending),
+                "swaps": self.stats.swaps, "resyncs": self.stats.resyncs,
+                "error": self.error}

@@ -1,0 +1,244 @@
+"""The kernel journal's drainer against a fake kernel (the real one: in
+tests/kernel/test_dmrepl_kjournal.py): segments drained in their order, each
+write appended in log order, flushes kept, a segment emptied before reuse, and
+what the kernel may have lost (a crash, a bad segment) resynchronised."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmrepl.blockio import AckWait, WriteOp
+from dmrepl.daemon import _kernel, kjournal
+from dmrepl.daemon.kjournal import KernelJournal
+from dmrepl.dm import logwrites as lw
+
+S = 512
+SECTORS = 2048          # a 1 MiB device
+SEGMENT = 1 << 20
+
+
+def block(raw: bytes) -> bytes:
+    return raw + bytes(-len(raw) % S)
+
+
+def entry(sector: int, nr: int, flags: int, data: bytes = b"") -> bytes:
+    return block(lw.LOG_WRITE_ENTRY.build({"sector": sector, "nr_sectors": nr,
+                                           "flags": flags, "data_len": len(data)})) + data
+
+
+def segment_image(*entries: bytes) -> bytes:
+    return block(lw.LOG_WRITE_SUPER.build({"magic": lw.LOG_MAGIC, "version": lw.LOG_VERSION,
+                                           "nr_entries": len(entries),
+                                           "sectorsize": S})) + b"".join(entries)
+
+
+@dataclass
+class Journal:
+    """The engine device's journal backend: what reached the log, in order."""
+
+    log: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def write_many(self, ops: Sequence[WriteOp]) -> list[AckWait | None]:
+        taken = ops[:3]      # a log that takes part of a batch: the rest one by one
+        self.log += [("write" if d is not None else "trim", o, d, n) for o, d, n, _f in taken]
+        return [None] * len(taken)
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self.log.append(("write", offset, data, len(data)))
+
+    def trim(self, offset: int, length: int) -> None:
+        self.log.append(("trim", offset, None, length))
+
+    def flush(self) -> None:
+        self.log.append(("flush",))
+
+
+@dataclass
+class Device:
+    journal_backend: Journal = field(default_factory=Journal)
+    lost: int = 0
+
+    def journal(self) -> Journal:
+        return self.journal_backend
+
+    def lost_writes(self, offset: int = 0, length: int | None = None) -> None:
+        self.lost += 1
+
+    def remote_in_sync(self) -> bool:
+        return self.lost == 0
+
+
+class FakeKernel:
+    """log-writes NAME over one of the segment files' fake loop devices."""
+
+    def __init__(self) -> None:
+        self.live: str | None = None      # the fake loop device the table logs to
+        self.created = 0
+        self.swaps: list[str] = []
+        self.writes = 0
+        self.on_swap: list[bytes] = []    # what the old target logged, per swap
+        self.suspended = False
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        loops: dict[str, str] = {}
+
+        def attach(path: str, size: int) -> tuple[str, bool]:
+            made = not os.path.exists(path)
+            with open(path, "ab") as f:
+                f.truncate(size)
+            loops.setdefault(path, f"/dev/fakeloop{len(loops)}")
+            self.paths = {v: k for k, v in loops.items()}
+            return loops[path], made
+
+        def create(name: str, sectors: int, local: str, seg: str, uuid: Any) -> str:
+            self.created += 1
+            self.live = seg
+            return f"/dev/mapper/{name}"
+
+        def swap(name: str, sectors: int, local: str, seg: str) -> Any:
+            assert self.live is not None
+            if self.on_swap:     # the old target's destructor writes its log
+                with open(self.paths[self.live], "r+b") as f:
+                    f.write(self.on_swap.pop(0))
+            self.swaps.append(seg)
+            self.live = seg
+            return lw.LogWritesStatus(0, 0, False)
+
+        monkeypatch.setattr(_kernel, "attach_file_loop", attach)
+        monkeypatch.setattr(_kernel, "detach_file_loop", lambda path, delete: None)
+        monkeypatch.setattr(_kernel, "create_logwrites", create)
+        monkeypatch.setattr(_kernel, "swap_logwrites", swap)
+        monkeypatch.setattr(_kernel, "logwrites_logdev", lambda name: self.live)
+        monkeypatch.setattr(_kernel, "devno", lambda path: path)
+        monkeypatch.setattr(_kernel, "logwrites_status",
+                            lambda name: lw.LogWritesStatus(0, 0, False))
+        monkeypatch.setattr(_kernel, "mapper_exists", lambda name: self.live is not None)
+        monkeypatch.setattr(_kernel, "mapper_writes", lambda name: self.writes)
+
+        def resume_if_suspended(name: str) -> bool:
+            was, self.suspended = self.suspended, False
+            return was
+        monkeypatch.setattr(_kernel, "resume_if_suspended", resume_if_suspended)
+
+
+@pytest.fixture
+def kernel(monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
+    k = FakeKernel()
+    k.install(monkeypatch)
+    return k
+
+
+def journal(tmp_path: Path, dev: Device) -> KernelJournal:
+    return KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
+                         segment_bytes=SEGMENT, interval=3600)
+
+
+@pytest.fixture
+def opened(tmp_path: Path, kernel: FakeKernel) -> Iterator[tuple[KernelJournal, Device]]:
+    dev = Device()
+    kj = journal(tmp_path, dev)
+    kj.open(None)
+    try:
+        yield kj, dev
+    finally:
+        kj.stop()
+
+
+def test_a_segment_is_appended_in_log_order_with_its_flushes_then_emptied(
+        tmp_path: Path, kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
+    kj, dev = opened
+    a, b = b"\x01" * S, b"\x02" * 2 * S
+    kernel.on_swap.append(segment_image(
+        entry(4, 1, 0, a), entry(8, 2, lw.FLAG_FUA, b), entry(0, 0, lw.FLAG_FLUSH),
+        entry(16, 8, lw.FLAG_DISCARD), entry(4, 1, 0, b[:S]), entry(0, 0, lw.FLAG_MARK),
+        entry(9, 1, 0, a)))
+    kj.drain_now()
+    assert dev.journal_backend.log == [
+        ("write", 4 * S, a, S), ("write", 8 * S, b, 2 * S), ("flush",),
+        ("trim", 16 * S, None, 8 * S), ("write", 4 * S, b[:S], S), ("write", 9 * S, a, S)]
+    # the drained segment is empty (its super gone) and no longer to drain
+    with open(tmp_path / "d.0.seg", "rb") as f:
+        assert lw.parse_super(f.read(64)) is None
+    assert json.loads((tmp_path / "d.journal").read_text()) == {"pending": [],
+                                                               "current": 1}
+    assert dev.lost == 0
+
+
+def test_a_new_daemon_drains_the_segments_of_the_dead_one_in_their_order(
+        tmp_path: Path, kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
+    kj, _dev = opened
+    kj.stop()      # the daemon dies: segment 0 full and waiting, the kernel on 1
+    kernel.on_swap.append(segment_image(entry(1, 1, 0, b"\x0a" * S)))
+    kj.swap()
+    with open(tmp_path / "d.1.seg", "r+b") as f:   # what the kernel logged since
+        f.write(segment_image(entry(1, 1, 0, b"\x0b" * S)))
+    kernel.on_swap.append(segment_image(entry(1, 1, 0, b"\x0b" * S)))
+    kernel.suspended = True    # (it died in the middle of a swap: writers wait)
+    dev2 = Device()
+    kj2 = journal(tmp_path, dev2)
+    kj2.open(None)             # takes over: segment 0 first, then 1 (swapped out)
+    try:
+        assert not kernel.suspended
+        kj2.drain_now()
+        assert kernel.created == 1
+        assert [d for _op, _o, d, _n in dev2.journal_backend.log] == [b"\x0a" * S,
+                                                                   b"\x0b" * S]
+        assert dev2.lost == 0
+    finally:
+        kj2.stop()
+
+
+def test_a_device_gone_while_journalled_is_resynchronised(
+        tmp_path: Path, kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
+    kj, _dev = opened
+    kj.stop()
+    kernel.live = None          # the host crashed: no device, "active" on disk
+    dev2 = Device()
+    kj2 = journal(tmp_path, dev2)
+    kj2.open(None)
+    try:
+        assert dev2.lost == 1 and kernel.created == 2
+        assert (tmp_path / "d.resync").exists()
+    finally:
+        kj2.stop()
+
+
+def test_a_segment_with_writes_past_the_device_is_not_trusted(
+        kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
+    kj, dev = opened
+    kernel.on_swap.append(segment_image(entry(SECTORS, 1, 0, b"\x01" * S)))
+    kj.drain_now()
+    assert dev.journal_backend.log == [] and dev.lost == 1
+
+
+def test_draining_stops_with_an_event_when_the_log_fails(
+        tmp_path: Path, kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple[Any, ...]] = []
+
+    class Failing(Journal):
+        def write_many(self, ops: Sequence[WriteOp]) -> list[AckWait | None]:
+            raise OSError(5, "the replication log failed")
+
+    dev = Device(Failing())
+    kj = KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
+                       segment_bytes=SEGMENT, interval=0.01,
+                       on_event=lambda *a, **k: events.append((*a, k)))
+    kernel.on_swap.append(segment_image(entry(1, 1, 0, b"\x01" * S)))
+    kj.open(None)
+    kernel.writes += 1
+    try:
+        for _ in range(500):
+            if events:
+                break
+            kjournal.time.sleep(0.01)
+        assert events and events[0][:2] == ("error", "kernel-journal-stopped")
+        assert "replication log failed" in kj.describe()["error"]
+    finally:
+        kj.stop()
