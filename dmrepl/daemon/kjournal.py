@@ -163,7 +163,11 @@ class KernelJournal:
             # a daemon died: the kernel journalled on
             pending, current = self._load_order()
             now = self._loop_index(live)
-            if current != now:
+            if current is not None and current != now and now not in pending:
+                # it died between the kernel's swap and saving it: the segment saved
+                # as current was swapped out and waits like the others
+                pending.append(current)
+            elif current != now:
                 raise JournalError(f"{self.name}: the kernel journals to {live}, not the "
                                    "segment the journal state names: remove the device "
                                    "and create it again")

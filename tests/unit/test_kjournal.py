@@ -195,6 +195,25 @@ def test_a_new_daemon_drains_the_segments_of_the_dead_one_in_their_order(
         kj2.stop()
 
 
+def test_a_daemon_dead_between_the_kernel_swap_and_its_record_loses_nothing(
+        tmp_path: Path, kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
+    kj, _dev = opened
+    kj.stop()
+    with open(tmp_path / "d.0.seg", "r+b") as f:   # the old target's last log
+        f.write(segment_image(entry(2, 1, 0, b"\x0c" * S)))
+    # swapped to segment 2 in the kernel, not in d.journal
+    kernel.live = next(loop for loop, path in kernel.paths.items() if path.endswith("d.2.seg"))
+    dev2 = Device()
+    kj2 = journal(tmp_path, dev2)
+    kj2.open(None)
+    try:
+        kj2.drain_now()
+        assert [d for _op, _o, d, _n in dev2.journal_backend.log] == [b"\x0c" * S]
+        assert dev2.lost == 0 and kernel.created == 1
+    finally:
+        kj2.stop()
+
+
 def test_a_device_gone_while_journalled_is_resynchronised(
         tmp_path: Path, kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
     kj, _dev = opened
