@@ -481,14 +481,18 @@ class Replicated:
             time.sleep(interval)
 
     def journals_in_sync(self) -> bool:
-        """Every device's kernel mirror has every region in its journal leg (true
-        for a device that is not a mirror)."""
+        """Every device's kernel mirror has every region in its journal leg, and
+        every kernel journal is drained (true for a device that is neither)."""
         import json
         for dev in self.devs:
             desc = json.loads(self.check(self.daemon.cli("status", dev, "--json")))[0]
             journal = desc.get("journal")
             if journal is not None and journal["in_sync"] < journal["regions"]:
                 trace(f"{dev}: journal leg {journal}")
+                return False
+            kjournal = desc.get("kernel_journal")
+            if kjournal is not None and not kjournal["drained"]:
+                trace(f"{dev}: kernel journal {kjournal}")
                 return False
         return True
 

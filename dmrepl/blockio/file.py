@@ -128,6 +128,8 @@ class FileBlockIO(CompatNames):
 
     def _pread_direct(self, offset: int, length: int) -> bytes:
         with self._read_lock:
+            if self._read_fd < 0:
+                raise OSError(errno.EBADF, f"{self.name}: closed")
             if len(self._read_bounce) < length:
                 self._read_bounce.close()
                 self._read_bounce = mmap.mmap(-1, -(-length // mmap.PAGESIZE) * mmap.PAGESIZE)
@@ -230,9 +232,10 @@ class FileBlockIO(CompatNames):
                 if self._bounce is not None:
                     self._bounce.close()
             if self._read_fd >= 0:
-                os.close(self._read_fd)
-                self._read_fd = -1
-                self._read_bounce.close()
+                with self._read_lock:   # (a read in flight holds its buffer)
+                    os.close(self._read_fd)
+                    self._read_fd = -1
+                    self._read_bounce.close()
             if self._claim is not None:
                 self._claim.release()
                 self._claim = None

@@ -92,6 +92,7 @@ class KernelJournal:
     _thread: threading.Thread | None = None
     _loops: list[str] = field(default_factory=list)
     _writes_seen: int = -1
+    _writes_at_swap: int = -1
 
     # -- files ----------------------------------------------------------------------
 
@@ -277,8 +278,12 @@ class KernelJournal:
             if not free:
                 return
             nxt = free[0]
+            # (read before: a write completing meanwhile is in the old segment, and
+            # counts as new: one swap more, never one write missed)
+            writes = _kernel.mapper_writes(self.name)
             status = _kernel.swap_logwrites(self.name, self.sectors, self.local,
                                             self._loops[nxt])
+            self._writes_at_swap = writes
             self.pending.append(self.current)
             self.current = nxt
             self._save_order()
@@ -377,7 +382,13 @@ class KernelJournal:
             self._flag("resync", False)
 
     def describe(self) -> dict[str, Any]:
-        return {"segments": SEGMENTS, "segment_bytes": self.segment_bytes,
-                "current": self.current, "to_drain": len(self.pending),
-                "swaps": self.stats.swaps, "resyncs": self.stats.resyncs,
-                "error": self.error}
+        """The journal's state; ``drained``: every write the device took so far
+        is in the replication log (nothing written since the last swap, nothing
+        left to drain)."""
+        with self.lock:
+            drained = (not self.pending and not self.error
+                       and _kernel.mapper_writes(self.name) == self._writes_at_swap)
+            return {"segments": SEGMENTS, "segment_bytes": self.segment_bytes,
+                    "current": self.current, "to_drain": len(self.pending),
+                    "drained": drained, "swaps": self.stats.swaps,
+                    "resyncs": self.stats.resyncs, "error": self.error}

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dmrepl_testing.daemon import DaemonProcess, KernelLab, Replicated, trace
+from dmrepl_testing.daemon import DaemonProcess, KernelLab, RemoteSite, Replicated, trace
 from tests.kernel.test_dmrepl_crash import BLOCK, Writer, assert_prefix, seqs_present
 from tests.kernel.test_dmrepl_outage import digest
 
@@ -37,11 +37,16 @@ def kdaemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]
 
 
 @pytest.fixture
-def kj(kdaemon: DaemonProcess) -> Iterator[tuple[DaemonProcess, KernelLab]]:
+def kj(kdaemon: DaemonProcess, dmrepl_session: Any
+       ) -> Iterator[tuple[DaemonProcess, RemoteSite, KernelLab]]:
+    """This module's daemon, the session's remote site (a site of one's own would
+    take the session site's address), a lab for the test's disks."""
     if kdaemon.proc is None or kdaemon.proc.poll() is not None:
         kdaemon.start()
+    site = dmrepl_session[1]
+    site.reset(20)
     with KernelLab("kj") as lab:
-        yield kdaemon, lab
+        yield kdaemon, site, lab
 
 
 def describe(r: Replicated, i: int = 0) -> dict[str, Any]:
@@ -54,10 +59,11 @@ def table(name: str) -> str:
 
 
 def test_the_kernel_journals_the_writes_and_the_remote_gets_them_in_order(
-        kj: tuple[DaemonProcess, KernelLab]) -> None:
-    d, lab = kj
+        kj: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
+    d, site, lab = kj
     with Replicated(lab, d, "dmrepl-test-kj", size_mb=SIZE_MB, log_mb=32,
-                    remote_policy="async", delay_ms=5) as r:
+                    remote_policy="async", delay_ms=20,
+                    site=site, site_disks=site.take()) as r:
         assert describe(r)["structure"] == "log-writes"
         assert " log-writes " in table(r.devs[0])
         w = Writer([(r.mapper(), (i * 7919) % BLOCKS) for i in range(2 * BLOCKS)]).start()
@@ -74,10 +80,11 @@ def test_the_kernel_journals_the_writes_and_the_remote_gets_them_in_order(
 
 
 def test_kill_9_the_writer_goes_on_and_the_restart_drains_the_journal(
-        kj: tuple[DaemonProcess, KernelLab]) -> None:
-    d, lab = kj
+        kj: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
+    d, site, lab = kj
     with Replicated(lab, d, "dmrepl-test-kjkill", size_mb=SIZE_MB, log_mb=32,
-                    remote_policy="async", delay_ms=5) as r:
+                    remote_policy="async", delay_ms=20,
+                    site=site, site_disks=site.take()) as r:
         w = Writer([(r.mapper(), i % BLOCKS) for i in range(2 * BLOCKS)]).start()
         w.wait_acked(300, timeout=300)
         d.kill()
@@ -99,12 +106,13 @@ def test_kill_9_the_writer_goes_on_and_the_restart_drains_the_journal(
 
 
 def test_a_crash_of_the_primary_resyncs_the_device(
-        kj: tuple[DaemonProcess, KernelLab]) -> None:
+        kj: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
     """The daemon killed and the device torn down under a writer (the kernel's
     journal in memory lost): the restart resynchronises the whole device."""
-    d, lab = kj
+    d, site, lab = kj
     with Replicated(lab, d, "dmrepl-test-kjcrash", size_mb=SIZE_MB, log_mb=32,
-                    remote_policy="async", delay_ms=5) as r:
+                    remote_policy="async", delay_ms=20,
+                    site=site, site_disks=site.take()) as r:
         w = Writer([(r.mapper(), (i * 7919) % BLOCKS) for i in range(2 * BLOCKS)]).start()
         w.wait_acked(500, timeout=300)
         d.kill()

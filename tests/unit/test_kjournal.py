@@ -169,6 +169,9 @@ def test_a_segment_is_appended_in_log_order_with_its_flushes_then_emptied(
     assert json.loads((tmp_path / "d.journal").read_text()) == {"pending": [],
                                                                "current": 1}
     assert dev.lost == 0
+    assert kj.describe()["drained"]
+    kernel.writes += 1            # a write since the swap: in no drained segment yet
+    assert not kj.describe()["drained"]
 
 
 def test_a_new_daemon_drains_the_segments_of_the_dead_one_in_their_order(
