@@ -17,8 +17,8 @@ import pytest
 from dmrepl.daemon import _kernel
 from dmrepl.daemon.daemon import Daemon, DeviceObj
 from dmrepl_testing.simengine import SimReplicator
+from tests.unit.test_cli_daemon import files
 
-MB = 1 << 20
 
 
 class FakeKernel:
@@ -99,13 +99,6 @@ class FakeKernel:
             os.unlink(path)
 
 
-def files(tmp: Path, *names: str) -> list[str]:
-    out = []
-    for n in names:
-        with open(tmp / n, "wb") as f:
-            f.truncate(MB)
-        out.append(str(tmp / n))
-    return out
 
 
 def dev_line(start: int, length: int, dev_nr: int, local: str, remote: str) -> str:

@@ -167,21 +167,6 @@ def test_requests_one_byte_at_a_time() -> None:
     assert got == EXPECTED
 
 
-@settings(deadline=None)
-@given(st.lists(st.integers(min_value=1, max_value=64), max_size=40))
-def test_requests_any_fragmentation(cuts: list[int]) -> None:
-    conn = transmitting()
-    got: list[object] = []
-    pos = 0
-    for n in cuts:
-        conn.receive_data(STREAM[pos:pos + n])
-        pos += n
-        got += events(conn)
-    conn.receive_data(STREAM[pos:])
-    got += events(conn)
-    assert got == EXPECTED
-
-
 def batched_events(conn: p.ServerConnection, limit: int = 3) -> list[object]:
     """As :func:`events`, through the batch parser first (as the server reads)."""
     out: list[object] = []
@@ -204,22 +189,6 @@ def test_requests_in_batches_whole_buffer() -> None:
     assert batched_events(conn) == EXPECTED
 
 
-@settings(deadline=None)
-@given(st.lists(st.integers(min_value=1, max_value=64), max_size=40),
-       st.integers(min_value=1, max_value=4))
-def test_requests_in_batches_any_fragmentation(cuts: list[int], limit: int) -> None:
-    conn = transmitting()
-    got: list[object] = []
-    pos = 0
-    for n in cuts:
-        conn.receive_data(STREAM[pos:pos + n])
-        pos += n
-        got += batched_events(conn, limit)
-    conn.receive_data(STREAM[pos:])
-    got += batched_events(conn, limit)
-    assert got == EXPECTED
-
-
 def test_a_batch_stops_before_a_malformed_request() -> None:
     for bad, match in ((b"\xde\xad\xbe\xef" + bytes(24), "request magic"),
                        (request(p.Cmd.WRITE, 2, 0, p.MAX_REQUEST + 1), "exceeds")):
@@ -229,6 +198,27 @@ def test_a_batch_stops_before_a_malformed_request() -> None:
         assert conn.requests(64) == []
         with pytest.raises(p.RemoteProtocolError, match=match):
             conn.next_event()
+
+
+@settings(deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=64), max_size=40),
+       st.integers(min_value=0, max_value=4))
+def test_requests_any_fragmentation(cuts: list[int], limit: int) -> None:
+    """``limit`` 0: one event at a time (``next_event``); else through the batch
+    parser, ``limit`` requests at most per batch (as the server reads)."""
+    conn = transmitting()
+
+    def parse() -> list[object]:
+        return events(conn) if not limit else batched_events(conn, limit)
+    got: list[object] = []
+    pos = 0
+    for n in cuts:
+        conn.receive_data(STREAM[pos:pos + n])
+        pos += n
+        got += parse()
+    conn.receive_data(STREAM[pos:])
+    got += parse()
+    assert got == EXPECTED
 
 
 def test_requests_with_trailing_bytes_wait_for_more() -> None:
