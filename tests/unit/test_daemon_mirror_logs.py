@@ -20,7 +20,6 @@ from dmrepl_testing.simengine import SimReplicator
 from tests.unit.test_cli_daemon import files
 
 
-
 class FakeKernel:
     """device-mapper tables by name (live, inactive) of mirror parts; a log file
     is attached while either table holds it, and may not be deleted then."""
