@@ -62,7 +62,7 @@ class ConcatBackend:
                     outcomes[index] = _then(outcomes[index], outcome)
             for index, op in part_pieces[len(taken):]:
                 outcomes[index] = _then(outcomes[index],
-                                        functools.partial(_write_piece, backend, op))
+                                        functools.partial(write_op, backend, op))
         return outcomes
 
     def flush(self) -> None:
@@ -85,8 +85,9 @@ def _then(first: AckWait | None, then: AckWait) -> AckWait:
     return both
 
 
-def _write_piece(backend: Backend, op: WriteOp) -> None:
-    """A piece of a batch's write its part did not take, written as one waits."""
+def write_op(backend: Backend, op: WriteOp) -> None:
+    """One write of a batch (``None`` data: a trim) that a ``write_many`` did
+    not take, written through the backend's waiting ``write``/``trim``."""
     offset, data, length, fua = op
     if data is None:
         backend.trim(offset, length)

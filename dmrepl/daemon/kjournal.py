@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from typing import Any
 from dmrepl.blockio import WriteOp
 from dmrepl.daemon import _kernel
 from dmrepl.daemon._engine import EngineDevice
+from dmrepl.daemon.exports import write_op
 from dmrepl.dm import logwrites as lw
 from dmrepl.errors import DmreplError
 
@@ -66,7 +66,6 @@ class _Stats:
     entries: int = 0
     bytes: int = 0
     resyncs: int = 0
-    last_swap: float = 0.0
 
 
 @dataclass
@@ -91,7 +90,7 @@ class KernelJournal:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _loops: list[str] = field(default_factory=list)
-    _writes_seen: int = -1
+    #: the device's write count just before the last swap (-1: none yet)
     _writes_at_swap: int = -1
 
     # -- files ----------------------------------------------------------------------
@@ -262,10 +261,9 @@ class KernelJournal:
             self.on_event("error", "kernel-journal-stopped", error=str(e))
 
     def _written(self) -> bool:
-        """Was the device written (or flushed) since the last look?"""
-        n = _kernel.mapper_writes(self.name)
-        seen, self._writes_seen = self._writes_seen, n
-        return n != seen
+        """Was the device written (or flushed) since the last swap?  (A swap left
+        out, the device paused or no segment free, is tried again.)"""
+        return _kernel.mapper_writes(self.name) != self._writes_at_swap
 
     def swap(self) -> None:
         """Journal to a free segment from now on; the one before joins those to
@@ -288,7 +286,6 @@ class KernelJournal:
             self.current = nxt
             self._save_order()
             self.stats.swaps += 1
-            self.stats.last_swap = time.monotonic()
         if status is not None and status.disabled:
             # the old segment filled: what came after is not in it
             self._resync_all("a kernel journal segment filled up")
@@ -319,11 +316,8 @@ class KernelJournal:
                 if wait is not None:
                     wait()
             # what the log did not take (full, suspended): written one by one, waiting
-            for offset, data, length, fua in ops[len(taken):]:
-                if data is None:
-                    backend.trim(offset, length)
-                else:
-                    backend.write(offset, data, fua=fua)
+            for op in ops[len(taken):]:
+                write_op(backend, op)
             self.stats.entries += len(ops)
             self.stats.bytes += nbytes
             ops, nbytes = [], 0
@@ -386,8 +380,7 @@ class KernelJournal:
         is in the replication log (nothing written since the last swap, nothing
         left to drain)."""
         with self.lock:
-            drained = (not self.pending and not self.error
-                       and _kernel.mapper_writes(self.name) == self._writes_at_swap)
+            drained = not self.pending and not self.error and not self._written()
             return {"segments": SEGMENTS, "segment_bytes": self.segment_bytes,
                     "current": self.current, "to_drain": len(self.pending),
                     "drained": drained, "swaps": self.stats.swaps,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from dmrepl.blockio import AckWait, WriteOp
-from dmrepl.daemon import _kernel, kjournal
+from dmrepl.daemon import _kernel
 from dmrepl.daemon.kjournal import KernelJournal
 from dmrepl.dm import logwrites as lw
 
@@ -259,8 +260,31 @@ def test_draining_stops_with_an_event_when_the_log_fails(
         for _ in range(500):
             if events:
                 break
-            kjournal.time.sleep(0.01)
+            time.sleep(0.01)
         assert events and events[0][:2] == ("error", "kernel-journal-stopped")
         assert "replication log failed" in kj.describe()["error"]
+    finally:
+        kj.stop()
+
+
+def test_a_swap_left_out_while_paused_is_made_once_the_device_resumes(
+        tmp_path: Path, kernel: FakeKernel) -> None:
+    paused = [True]
+    dev = Device()
+    kj = KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
+                       segment_bytes=SEGMENT, interval=0.01, paused=lambda: paused[0])
+    kernel.on_swap.append(segment_image(entry(3, 1, 0, b"\x03" * S)))
+    kernel.writes += 1          # written, then suspended by its admin
+    kj.open(None)
+    try:
+        time.sleep(0.2)
+        assert kernel.swaps == [] and not kj.describe()["drained"]
+        paused[0] = False       # resumed: no new write, the swap is still owed
+        for _ in range(500):
+            if kj.describe()["drained"]:
+                break
+            time.sleep(0.01)
+        assert len(kernel.swaps) == 1 and kj.describe()["drained"]
+        assert [d for _op, _o, d, _n in dev.journal_backend.log] == [b"\x03" * S]
     finally:
         kj.stop()
