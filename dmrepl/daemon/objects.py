@@ -437,6 +437,9 @@ class Objects:
         if isinstance(obj, ReplicatorObj):
             raise UserError("reloading a replicator table is not supported; "
                             "remove its devices and the replicator, then create it again")
+        if obj.kjournal is not None:
+            raise UserError(f"{obj.name} is a kernel journal: its table cannot be "
+                            "switched; remove the device and create it with the new table")
         if sum(line.length for line in lines) != obj.sectors:
             raise UserError(f"new table has {sum(x.length for x in lines)} sectors, "
                             f"{obj.name} has {obj.sectors}: resizing is not supported")
@@ -487,10 +490,6 @@ class Objects:
     def _swap(self, obj: DeviceObj) -> None:
         new = obj.inactive
         assert new is not None
-        if obj.kjournal is not None:
-            obj.inactive = None
-            raise UserError(f"{obj.name} is a kernel journal: its table cannot be "
-                            "switched; remove the device and create it with the new table")
         was_suspended = obj.suspended
         if not was_suspended:
             self.suspend(obj)
