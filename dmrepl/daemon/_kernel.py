@@ -346,8 +346,8 @@ def resume_mapper(name: str) -> None:
 
 def devno(path: str) -> str:
     """``major:minor`` of a block device node (as the kernel writes tables)."""
-    rdev = os.stat(path).st_rdev
-    return f"{os.major(rdev)}:{os.minor(rdev)}"
+    from dmrepl.dm.table import DeviceRef
+    return DeviceRef(path=path).resolve().devno
 
 
 def _logwrites(sectors: int, local: str, segment: str) -> list[Any]:
