@@ -29,10 +29,10 @@ from construct import ConstructError
 
 from dmrepl.blockio._range import Buffer, joined
 from dmrepl.nbd import _proto as p
+from dmrepl.nbd._socket import sendmsg_all
 from dmrepl.numbers import parse_decimal
 
 RECV_SIZE = 256 << 10   # bytes the reader takes per receive at most
-IOV_MAX = os.sysconf("SC_IOV_MAX")   # buffers one sendmsg takes
 
 # Reads and writes larger than this go as several requests.
 REQUEST_CHUNK = 4 << 20
@@ -243,7 +243,7 @@ class NbdStore:
                 if len(data):
                     parts.append(data)
             try:
-                _sendmsg_all(sock, parts)
+                sendmsg_all(sock, parts)
             except OSError as e:   # including TimeoutError: the peer stopped reading
                 for handle in handles:
                     self._pending.pop(handle, None)
@@ -269,15 +269,10 @@ class NbdStore:
               data: bytes | memoryview = b"", flags: int = 0) -> bytes:
         return self._send(cmd, offset, length, data, flags)()
 
-    def start_write(self, offset: int, data: Buffer) -> Callable[[], None]:
-        """Send a write without waiting for it; returns the wait for its reply
-        (raises OSError as :meth:`pwrite`).  How a site link's copier keeps an
-        epoch's writes in flight from its own thread."""
-        return self.start_writes([(offset, data)])[0]
-
     def start_writes(self, writes: Sequence[tuple[int, Buffer]]) -> list[Callable[[], None]]:
-        """:meth:`start_write` for several writes, sent with one system call: the
-        wait of each."""
+        """Send writes without waiting for them, with one system call; returns the
+        wait for each one's reply (raises OSError as :meth:`pwrite`).  How a site
+        link's copier keeps an epoch's writes in flight from its own thread."""
         requests: list[tuple[int, int, int, Buffer, int]] = []
         counts = []
         for offset, data in writes:
@@ -351,18 +346,6 @@ def _all_of(waits: Sequence[Callable[[], bytes]]) -> Callable[[], None]:
         for w in waits:
             w()
     return wait
-
-
-def _sendmsg_all(sock: socket.socket, parts: Sequence[Buffer]) -> None:
-    """Send ``parts`` in order, as few ``sendmsg`` calls as the kernel allows."""
-    views = [memoryview(b).cast("B") for b in parts]
-    while views:
-        sent = sock.sendmsg(views[:IOV_MAX])
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if sent:
-            views[0] = views[0][sent:]
 
 
 def _receive_into(sock: socket.socket, buf: bytearray) -> bool:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from dmrepl.blockio import AckWait, WriteOp
 from dmrepl.errors import UserError
 from dmrepl.nbd import _proto as p
+from dmrepl.nbd._socket import sendmsg_all
 from dmrepl.nbd.backend import Backend
 from dmrepl.nbd.latency import LatencyHistogram, LatencySnapshot
 from dmrepl.ownership import claim_socket_path
@@ -54,7 +55,6 @@ RECV_SIZE = 256 * 1024   # bytes one receive takes at most
 #: Requests served as one batch at most (their replies: one sendmsg, and a
 #: bounded amount of read data held at once).
 BATCH_MAX = 64
-IOV_MAX = os.sysconf("SC_IOV_MAX")   # buffers one sendmsg takes
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,13 +327,7 @@ class _Connection:
         """Reply headers and data, in one ``sendmsg`` (several if the kernel takes
         less, or more buffers than one call carries)."""
         with self.send_lock:
-            for i in range(0, len(parts), IOV_MAX):
-                chunk = parts[i:i + IOV_MAX]
-                sent = self.sock.sendmsg(chunk)
-                total = sum(len(b) for b in chunk)
-                if sent < total:
-                    with memoryview(b"".join(chunk)) as view:
-                        self.sock.sendall(view[sent:])
+            sendmsg_all(self.sock, parts)
 
     def run(self) -> None:
         limits = self.server.limits
@@ -608,24 +602,17 @@ class _Waiter:
 
     def submit(self, req: p.Request, attempt: Callable[[], tuple[int, bytes]],
                done: Callable[[int, bytes], None]) -> None:
-        write = req.command in WRITES
+        if req.command in WRITES:
+            self.submit_writes(1, lambda: done(*attempt()))
+            return
         with self.cond:
             ticket = self.next_ticket
-            if write:
-                self.writes.add(ticket)
-                self.next_ticket += 1
 
         def run() -> None:
             if req.command == p.Cmd.FLUSH:
                 with self.cond:
                     self.cond.wait_for(lambda: not self.writes or min(self.writes) >= ticket)
-            try:
-                done(*attempt())
-            finally:
-                if write:   # (once replied: a flush after it replies after it)
-                    with self.cond:
-                        self.writes.discard(ticket)
-                        self.cond.notify_all()
+            done(*attempt())
 
         self.pool.submit(run)
 
@@ -640,7 +627,7 @@ class _Waiter:
         def run() -> None:
             try:
                 serve()
-            finally:
+            finally:   # (once replied: a flush after them replies after them)
                 with self.cond:
                     self.writes.difference_update(tickets)
                     self.cond.notify_all()

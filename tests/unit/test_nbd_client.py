@@ -122,7 +122,7 @@ def test_peer_that_stops_reading_fails_writes_with_etimedout(tmp_path: Path) -> 
 
 
 def test_writes_in_flight_from_one_thread(tmp_path: Path) -> None:
-    """start_write sends and returns; the waits collect the replies afterwards (a
+    """start_writes sends and returns; the waits collect the replies afterwards (a
     copier keeps an epoch in flight from its own thread); a refused write fails
     its own wait only."""
     backend = MemoryBackend(1 << 20)
@@ -131,10 +131,10 @@ def test_writes_in_flight_from_one_thread(tmp_path: Path) -> None:
         store = NbdStore(f"nbd+unix:///d?socket={tmp_path / 's'}")
         try:
             blocks = [os.urandom(4096) for _ in range(32)]
-            waits = [store.start_write(i * 8192, b) for i, b in enumerate(blocks)]
-            bad = store.start_write((1 << 20) - 512, b"z" * 4096)   # beyond the end
+            waits = store.start_writes([(i * 8192, b) for i, b in enumerate(blocks)])
+            (bad,) = store.start_writes([((1 << 20) - 512, b"z" * 4096)])   # beyond the end
             big = os.urandom(512 << 10)
-            waits.append(store.start_write(0x40000, big))
+            waits += store.start_writes([(0x40000, big)])
             for w in waits:
                 w()
             with pytest.raises(OSError) as exc:

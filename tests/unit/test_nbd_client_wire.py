@@ -78,7 +78,7 @@ def test_replies_that_arrive_together_complete_each_their_own_request(
     server.start()
     store = NbdStore(f"nbd+unix:///disk?socket={path}", timeout=5)
     try:
-        waits = [store.start_write(i * 4096, b"w" * 4096) for i in range(n_writes)]
+        waits = store.start_writes([(i * 4096, b"w" * 4096) for i in range(n_writes)])
         assert store.pread(5 * 4096, 4096) == bytes([5]) * 4096
         for i, wait in enumerate(waits):
             if i == failing:

@@ -117,6 +117,9 @@ class Blockdev:
 
     def _apply_concurrently(self, s: Slink, todo: list[tuple[Entry, Leg]],
                             done: set[int]) -> Failure | None:
+        senders = [getattr(leg.store, "start_writes", None) for _e, leg in todo]
+        if all(senders):   # (no I/O thread, no pool)
+            return self._send_in_windows(s, todo, cast(list[StartWrites], senders), done)
         copy_inflight = self.rep.tuning.copy_inflight
         pool = s.pool
         if pool is None:
@@ -140,9 +143,6 @@ class Blockdev:
                 return
             done.add(e0.seq)
 
-        senders = [getattr(leg.store, "start_writes", None) for _e, leg in todo]
-        if all(senders):
-            return self._send_in_windows(s, todo, cast(list[StartWrites], senders), done)
         for e, leg in todo:
             if len(inflight) >= copy_inflight:
                 reap()
