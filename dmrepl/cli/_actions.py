@@ -42,6 +42,9 @@ def create(ns: argparse.Namespace) -> None:
         if desc.get("structure") == "mirror":
             print(f"{ns.name}: {desc['mapper']} (mirror of the local device and the "
                   f"journal leg {desc['nbd']})")
+        elif desc.get("structure") == "log-writes":
+            print(f"{ns.name}: {desc['mapper']} (kernel journal of the local device: "
+                  "log-writes, drained by the daemon)")
         else:
             print(f"{ns.name}: {desc['mapper']} (over {desc['nbd']})")
     elif desc.get("type") == "replicator-dev":
