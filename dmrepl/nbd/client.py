@@ -29,7 +29,7 @@ from construct import ConstructError
 
 from dmrepl.blockio._range import Buffer, joined
 from dmrepl.nbd import _proto as p
-from dmrepl.nbd._socket import sendmsg_all
+from dmrepl.nbd._socket import ack_at_once, sendmsg_all
 from dmrepl.numbers import parse_decimal
 
 RECV_SIZE = 256 << 10   # bytes the reader takes per receive at most
@@ -352,6 +352,8 @@ def _receive_into(sock: socket.socket, buf: bytearray) -> bool:
     """Append what the socket holds (waiting for some); False if its timeout
     passed with nothing received."""
     try:
+        if sock.family != socket.AF_UNIX:
+            ack_at_once(sock)
         chunk = sock.recv(RECV_SIZE)
     except TimeoutError:
         return False
