@@ -37,6 +37,7 @@ def ack_at_once(sock: socket.socket) -> None:
     A server that leaves Nagle's algorithm on (qemu-nbd does) holds every reply
     after the first of a window until the first is acknowledged, and Linux
     delays that acknowledgement up to 40 ms when the receiver has nothing to
-    send: the copies of an epoch to an NBD site then ran at about 177 a second
-    on the host (tools/bench/nbd-site), 14,600 with this."""
+    send: the copies to an NBD site ran at 177 a second on the host, 0.006 of
+    fio's IOPS to the same qemu-nbd export; with this 19,800, 0.66 of fio's
+    (tools/bench/nbd-site)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
