@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from construct import Int32ul, Int64ul, Struct
 
 from dmrepl.errors import DmreplError
+from dmrepl.flatstruct import FlatPacker
 
 #: ``WRITE_LOG_MAGIC`` and ``WRITE_LOG_VERSION``.
 LOG_MAGIC = 0x6A736677736872
@@ -63,6 +64,9 @@ LOG_WRITE_ENTRY = Struct(
 
 _SUPER_SIZE = LOG_WRITE_SUPER.sizeof()
 _ENTRY_SIZE = LOG_WRITE_ENTRY.sizeof()
+# a drain parses every entry: construct's parse cost about 10 us of the 13 us an
+# entry took (host), the struct derived from the declaration well under 1 us
+_ENTRY_S = FlatPacker(LOG_WRITE_ENTRY).struct
 
 
 class LogFormatError(DmreplError):
@@ -113,12 +117,12 @@ def parse_entry(raw: bytes, offset: int, sectorsize: int) -> tuple[LogEntry, int
     block's first bytes), and the offset of the next entry."""
     if len(raw) < _ENTRY_SIZE:
         raise LogFormatError(f"log-writes entry at {offset}: short read")
-    e = LOG_WRITE_ENTRY.parse(raw[:_ENTRY_SIZE])
+    sector, nr_sectors, flags, data_len = _ENTRY_S.unpack_from(raw)
     data_offset = offset + sectorsize
-    entry = LogEntry(e.sector, e.nr_sectors, e.flags, data_offset)
-    if e.flags & FLAG_MARK and e.data_len > sectorsize - _ENTRY_SIZE:
-        raise LogFormatError(f"log-writes mark at {offset}: {e.data_len} bytes")
-    end = data_offset + (e.nr_sectors * sectorsize if entry.has_data else 0)
+    entry = LogEntry(sector, nr_sectors, flags, data_offset)
+    if flags & FLAG_MARK and data_len > sectorsize - _ENTRY_SIZE:
+        raise LogFormatError(f"log-writes mark at {offset}: {data_len} bytes")
+    end = data_offset + (nr_sectors * sectorsize if entry.has_data else 0)
     return entry, end
 
 
