@@ -269,10 +269,20 @@ class NbdStore:
               data: bytes | memoryview = b"", flags: int = 0) -> bytes:
         return self._send(cmd, offset, length, data, flags)()
 
-    def start_writes(self, writes: Sequence[tuple[int, Buffer]]) -> list[Callable[[], None]]:
+    @property
+    def fua(self) -> bool:
+        """Does the export take FUA writes (each durable once answered)?"""
+        return bool(self.flags & p.FLAG_SEND_FUA)
+
+    def start_writes(self, writes: Sequence[tuple[int, Buffer]],
+                     fua: bool = False) -> list[Callable[[], None]]:
         """Send writes without waiting for them, with one system call; returns the
         wait for each one's reply (raises OSError as :meth:`pwrite`).  How a site
-        link's copier keeps an epoch's writes in flight from its own thread."""
+        link's copier keeps an epoch's writes in flight from its own thread.
+        ``fua`` (where the export offers it): each write durable once answered."""
+        if fua and not self.fua:
+            raise ValueError(f"{self.url}: the export takes no FUA writes")
+        flags = p.CMD_FLAG_FUA if fua else 0
         requests: list[tuple[int, int, int, Buffer, int]] = []
         counts = []
         for offset, data in writes:
@@ -280,7 +290,7 @@ class NbdStore:
             chunks = range(0, len(view), REQUEST_CHUNK)
             for i in chunks:
                 chunk = view[i:i + REQUEST_CHUNK]
-                requests.append((p.Cmd.WRITE, offset + i, len(chunk), chunk, 0))
+                requests.append((p.Cmd.WRITE, offset + i, len(chunk), chunk, flags))
             counts.append(len(chunks))
         sent = self._send_many(requests)
         waits = []

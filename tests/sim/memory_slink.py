@@ -57,7 +57,11 @@ class MemorySlink:
             self.images[key] = bytearray(self.rep.devices[dev_nr].size_bytes)
         return self.images[key]
 
-    def apply_epoch(self, s: Any, group: list[Any]) -> tuple[set[int], Any]:
+    def writes_durably(self, leg: Any) -> bool:
+        return False     # (the copier's flush path: flush below)
+
+    def apply_epoch(self, s: Any, group: list[Any], durable: bool = False
+                    ) -> tuple[set[int], Any]:
         time.sleep(self.delay())
         done: set[int] = set()
         with self.lock:

@@ -57,9 +57,16 @@ class SlinkType(Protocol):
 
     # -- copies -------------------------------------------------------------------------
 
-    def apply_epoch(self, s: Slink, group: list[Copy]) -> tuple[set[int], Failure | None]:
+    def apply_epoch(self, s: Slink, group: list[Copy], durable: bool = False
+                    ) -> tuple[set[int], Failure | None]:
         """Write the copies of one epoch (entries with leg None are skipped); return
-        the sequence numbers written and the first failure (None: all written)."""
+        the sequence numbers written and the first failure (None: all written).
+        ``durable`` (only where :meth:`writes_durably` says so): each copy is
+        durable once written, and needs no flush."""
+
+    def writes_durably(self, leg: Leg) -> bool:
+        """Can a copy to ``leg`` be made durable as it is written (FUA), for less
+        than a write and a flush cost?"""
 
     def flush(self, leg: Leg) -> None:
         """Make what was written to ``leg`` durable; raises OSError."""

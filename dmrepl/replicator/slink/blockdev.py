@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 
 SECTOR = 512
 
-#: A store's ``start_writes`` (an NBD site's): sends writes at once, returns the
-#: wait of each.
-StartWrites = Callable[[Sequence[tuple[int, bytes]]], list[Callable[[], None]]]
+#: A store's ``start_writes`` (an NBD site's): sends writes at once (with FUA or
+#: not), returns the wait of each.
+StartWrites = Callable[[Sequence[tuple[int, bytes]], bool], list[Callable[[], None]]]
 
 
 class Blockdev:
@@ -77,9 +77,15 @@ class Blockdev:
 
     # -- copies -------------------------------------------------------------------------
 
-    def apply_epoch(self, s: Slink, group: list[Copy]) -> tuple[set[int], Failure | None]:
+    def writes_durably(self, leg: Leg) -> bool:
+        """An NBD site whose server takes FUA writes: a copy a writer waits for
+        (sync) goes with FUA, instead of one more round trip to flush after it."""
+        return bool(getattr(leg.store, "fua", False))
+
+    def apply_epoch(self, s: Slink, group: list[Copy], durable: bool = False
+                    ) -> tuple[set[int], Failure | None]:
         """Write the copies of one epoch; returns the sequence numbers written and
-        the first failure (None: all written).
+        the first failure (None: all written); ``durable``: as FUA writes.
 
         Copies to stores that take several writes at once (``concurrent_writes``:
         the NBD client of a remote site) are in flight together, up to
@@ -105,10 +111,10 @@ class Blockdev:
         if len(conc) == 1:
             inline, conc = conc + inline, []
         if conc:
-            failure = self._apply_concurrently(s, conc, done)
+            failure = self._apply_concurrently(s, conc, done, durable)
         for e, leg in inline if failure is None else ():
             try:
-                self._copy_one(e, leg)
+                self._copy_one(e, leg, durable)
             except OSError as err:
                 failure = (e, leg, err)
                 break
@@ -116,10 +122,11 @@ class Blockdev:
         return done, failure
 
     def _apply_concurrently(self, s: Slink, todo: list[tuple[Entry, Leg]],
-                            done: set[int]) -> Failure | None:
+                            done: set[int], durable: bool) -> Failure | None:
         senders = [getattr(leg.store, "start_writes", None) for _e, leg in todo]
         if all(senders):   # (no I/O thread, no pool)
-            return self._send_in_windows(s, todo, cast(list[StartWrites], senders), done)
+            return self._send_in_windows(s, todo, cast(list[StartWrites], senders), done,
+                                         durable)
         copy_inflight = self.rep.tuning.copy_inflight
         pool = s.pool
         if pool is None:
@@ -148,7 +155,7 @@ class Blockdev:
                 reap()
                 if failure is not None:
                     break
-            inflight.append((e, leg, pool.submit(self._copy_one, e, leg)))
+            inflight.append((e, leg, pool.submit(self._copy_one, e, leg, durable)))
             most = max(most, len(inflight))
         while inflight:
             reap()
@@ -157,7 +164,8 @@ class Blockdev:
         return failure
 
     def _send_in_windows(self, s: Slink, todo: list[tuple[Entry, Leg]],
-                         senders: list[StartWrites], done: set[int]) -> Failure | None:
+                         senders: list[StartWrites], done: set[int],
+                         durable: bool) -> Failure | None:
         """The epoch's copies to stores that send several writes with one call (an
         NBD site): ``copy_inflight`` at a time, each window's writes to one store
         sent together and their replies awaited together (one system call and one
@@ -171,7 +179,8 @@ class Blockdev:
             sent: list[tuple[Entry, Leg, Callable[[], None]]] = []
             for send, copies in by_store.values():
                 try:
-                    waits = send([(e.offset, self._copy_data(e)) for e, _leg in copies])
+                    waits = send([(e.offset, self._copy_data(e)) for e, _leg in copies],
+                                 durable)
                 except OSError as err:
                     failure = (copies[0][0], copies[0][1], err)
                     break
@@ -190,8 +199,10 @@ class Blockdev:
                 break
         return failure
 
-    def _copy_one(self, e: Entry, leg: Leg) -> None:
-        if e.zero:
+    def _copy_one(self, e: Entry, leg: Leg, durable: bool = False) -> None:
+        if durable:
+            leg.store.pwritev_durable(e.offset, [self._copy_data(e)])
+        elif e.zero:
             _write_zeros(leg.store, e.offset, e.length)
         else:
             leg.store.pwrite(e.offset, self.rep.ring.entry_data(e))

@@ -244,6 +244,12 @@ class Copiers:
         anything applied since the last persisted position (collect_locked), so
         their order within an epoch does not matter, and a crash replay stays
         idempotent."""
+        with self.cond:
+            # a writer waits for these copies, everything copied before is durable,
+            # and every leg takes FUA writes: FUA copies, no flush round trip after
+            durable = (s.holds_ack and s.durable >= s.applied and not s.touched
+                       and all(s.ops.writes_durably(leg) for _e, leg, _ep in batch
+                               if leg is not None))
         done = s.applied
         failed: tuple[Leg, OSError] | None = None
         written = []
@@ -253,7 +259,7 @@ class Copiers:
             while j < len(batch) and batch[j][2] == batch[i][2]:
                 j += 1
             group = batch[i:j]
-            ok, failure = s.ops.apply_epoch(s, group)
+            ok, failure = s.ops.apply_epoch(s, group, durable)
             for e, leg, _ep in group:
                 if leg is not None:
                     if e.seq not in ok:  # failed, or not sent after a failure
@@ -267,7 +273,8 @@ class Copiers:
         with self.cond:
             for e in written:
                 s.window_add(e.dev, e.offset, e.end)
-                s.touched.add(e.dev)
+                if not durable:
+                    s.touched.add(e.dev)
                 s.copies += 1
                 s.copied_bytes += e.length
             for e, _leg, _ep in batch:
@@ -277,6 +284,8 @@ class Copiers:
                     s.out_ios -= 1
                     s.out_bytes -= e.length
             s.applied = max(s.applied, done)
+            if durable:
+                s.durable = max(s.durable, done)
             s.batches += 1
             self.rep.replog.applied_locked(s, [e for e, _leg, _ep in batch], done)
             self.check_fallbehind_locked(s, now)
