@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,16 +38,29 @@ class Refusing(MemoryBackend):
         super().write(offset, data, fua)
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[tuple[Replicator, Refusing]]:
-    remote = Refusing(DEV)
+def site_opener(tmp_path: Path, export_fua: bool = True) -> tuple[str, Callable[[str], BlockIO]]:
+    """The NBD site's URL (a server on a socket in ``tmp_path``), and an opener of
+    it and of the local stores (log, l0); ``export_fua`` False: as an export that
+    does not offer FUA."""
     stores = StoreSet()
     for name, size in (("log", (LOG + 8) * 512), ("l0", DEV)):
         stores.add(FakeStore(size, name=name))
     url = f"nbd+unix:///r?socket={tmp_path / 'nbd.sock'}"
 
     def opener(path: str) -> BlockIO:
-        return NbdStore(path) if path == url else stores.open(path)
+        if path != url:
+            return stores.open(path)
+        store = NbdStore(path)
+        if not export_fua:
+            store.flags &= ~FLAG_SEND_FUA
+        return store
+    return url, opener
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[tuple[Replicator, Refusing]]:
+    remote = Refusing(DEV)
+    url, opener = site_opener(tmp_path)
 
     with NbdServer(str(tmp_path / "nbd.sock")) as srv:
         srv.add_export(Export("r", remote))
@@ -135,18 +148,7 @@ def test_a_sync_write_is_durable_on_the_site_when_acknowledged(
     takes FUA gets FUA copies and no flush round trip after them; one that does
     not gets the copies and a flush."""
     remote = Recording(DEV)
-    stores = StoreSet()
-    for name, size in (("log", (LOG + 8) * 512), ("l0", DEV)):
-        stores.add(FakeStore(size, name=name))
-    url = f"nbd+unix:///r?socket={tmp_path / 'nbd.sock'}"
-
-    def opener(path: str) -> BlockIO:
-        if path != url:
-            return stores.open(path)
-        store = NbdStore(path)
-        if not export_fua:      # as an export that does not offer FUA
-            store.flags &= ~FLAG_SEND_FUA
-        return store
+    url, opener = site_opener(tmp_path, export_fua)
 
     with NbdServer(str(tmp_path / "nbd.sock")) as srv:
         srv.add_export(Export("r", remote))
