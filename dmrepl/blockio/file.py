@@ -115,7 +115,7 @@ class FileBlockIO(CompatNames):
         if self._read_fd >= 0:
             return self._pread_direct(offset, length)
         if self._bounce is None:
-            data = os.pread(self.fd, length, offset)  # one call, one copy: the usual case
+            data = os.pread(self._open_fd(), length, offset)  # one call, one copy: the usual case
             if len(data) == length:
                 return data
             out = bytearray(length)
@@ -137,8 +137,17 @@ class FileBlockIO(CompatNames):
                 self._read_into(view, offset, self._read_fd)
                 return bytes(view)
 
+    def _open_fd(self) -> int:
+        """The file's descriptor; EBADF once closed (a device removed while its
+        site link's copier or resync still held it: an I/O error that copier
+        handles, not the ValueError os.* raises for -1)."""
+        fd = self.fd
+        if fd < 0:
+            raise OSError(errno.EBADF, f"{self.name}: closed")
+        return fd
+
     def _read_into(self, view: memoryview, offset: int, fd: int | None = None) -> None:
-        fd = self.fd if fd is None else fd
+        fd = self._open_fd() if fd is None else fd
         done = 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
@@ -156,7 +165,7 @@ class FileBlockIO(CompatNames):
         # one call, no list, no generator
         length = len(data)
         check_write(self.name, self.size, offset, length)
-        n = os.pwrite(self.fd, data, offset)
+        n = os.pwrite(self._open_fd(), data, offset)
         if n != length:
             self._writev_all(offset + n, [memoryview(data)[n:]], length - n, 0)
 
@@ -179,7 +188,7 @@ class FileBlockIO(CompatNames):
         else:
             self._writev(offset, bufs, 0)
         # the flag refused, or a short write whose rest went without it
-        os.fdatasync(self.fd)
+        os.fdatasync(self._open_fd())
 
     def _writev(self, offset: int, bufs: Sequence[Buffer], flags: int) -> bool:
         """Write ``bufs`` at ``offset``; True if one call with ``flags`` wrote it all
@@ -194,25 +203,26 @@ class FileBlockIO(CompatNames):
 
     def _writev_all(self, offset: int, bufs: Sequence[Buffer], total: int,
                     flags: int) -> bool:
-        n = os.pwritev(self.fd, bufs, offset, flags) if flags else os.pwritev(self.fd, bufs, offset)
+        fd = self._open_fd()
+        n = os.pwritev(fd, bufs, offset, flags) if flags else os.pwritev(fd, bufs, offset)
         if n == total:
             return True
         rest = memoryview(joined(bufs))[n:] if len(bufs) > 1 else memoryview(bufs[0])[n:]
         offset += n
         while rest:  # a short write: the rest, without the flags
-            done = os.pwrite(self.fd, rest, offset)
+            done = os.pwrite(fd, rest, offset)
             rest, offset = rest[done:], offset + done
         return False
 
     def flush(self) -> None:
-        os.fdatasync(self.fd)
+        os.fdatasync(self._open_fd())
 
     def trim(self, offset: int, length: int) -> None:
         check_write(self.name, self.size, offset, length)
         if not self.is_blockdev or not length:
             return  # a hint: a regular file keeps its bytes
         try:
-            fcntl.ioctl(self.fd, blkdev.BLKDISCARD, blkdev.RANGE.pack(offset, length))
+            fcntl.ioctl(self._open_fd(), blkdev.BLKDISCARD, blkdev.RANGE.pack(offset, length))
         except OSError as err:
             if err.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
                 raise  # a device without discard: still only a hint
@@ -221,7 +231,7 @@ class FileBlockIO(CompatNames):
         """Extend a regular file to ``size`` bytes (block devices cannot grow)."""
         with self._lock:
             if not self.is_blockdev and self.size < size:
-                os.ftruncate(self.fd, size)
+                os.ftruncate(self._open_fd(), size)
                 self.size = size
 
     def close(self) -> None:

@@ -150,6 +150,26 @@ def test_file_that_shrank_under_the_store_reads_short_as_eio(tmp_path: Path) -> 
 # -- the opener: path or URL -> the kind of store ------------------------------
 
 
+def test_a_closed_file_refuses_every_io_with_ebadf(tmp_path: Path) -> None:
+    """A device removed while a copier or resync still holds its store: each call
+    is an I/O error (EBADF), which the copier handles, never os.*'s ValueError for
+    the fd -1 (a flush's killed a site link's copier thread: CI, kernel tier)."""
+    path = tmp_path / "f"
+    path.write_bytes(bytes(1 << 16))
+    store = FileBlockIO(path)
+    store.close()
+    calls = {"pread": lambda: store.pread(0, 4096),
+             "pwrite": lambda: store.pwrite(0, b"x" * 4096),
+             "pwritev": lambda: store.pwritev(0, [b"x" * 4096]),
+             "pwritev_durable": lambda: store.pwritev_durable(0, [b"x" * 4096]),
+             "flush": store.flush,
+             "grow": lambda: store.grow(1 << 17)}
+    for name, call in calls.items():
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.EBADF, name
+
+
 def test_opener_opens_paths_and_file_urls_as_files(tmp_path: Path) -> None:
     path = tmp_path / "disk"
     path.write_bytes(bytes(SIZE))
