@@ -323,16 +323,18 @@ class KernelJournal:
             self.stats.bytes += nbytes
             ops, nbytes = [], 0
 
-        size = os.fstat(fd).st_size
-        # mapped, not two preads an entry (their system calls were a fifth of the
-        # drain's CPU); every slice is a copy, so nothing handed on refers to the
-        # map, which the segment's emptying would turn into SIGBUS
-        view = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
+        view: mmap.mmap | None = None
 
         def read(offset: int, length: int) -> bytes:
             return view[offset:offset + length] if view is not None else b""
 
         try:
+            size = os.fstat(fd).st_size
+            # mapped, not two preads an entry (their system calls were a fifth of
+            # the drain's CPU); every slice is a copy, so nothing handed on refers
+            # to the map, which the segment's emptying would turn into SIGBUS
+            if size:
+                view = mmap.mmap(fd, size, prot=mmap.PROT_READ)
             sup = lw.parse_super(read(0, lw.LOG_WRITE_SUPER.sizeof()))
             device_bytes = self.sectors * 512
             for n, entry in enumerate(lw.entries(read, size)):
