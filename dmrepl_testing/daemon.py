@@ -490,6 +490,10 @@ class Replicated:
             if journal is not None and journal["in_sync"] < journal["regions"]:
                 trace(f"{dev}: journal leg {journal}")
                 return False
+            remote_leg = desc.get("remote_leg")
+            if remote_leg is not None and not remote_leg["in_sync"]:
+                trace(f"{dev}: remote leg {remote_leg}")
+                return False
             kjournal = desc.get("kernel_journal")
             if kjournal is not None and not kjournal["drained"]:
                 trace(f"{dev}: kernel journal {kjournal}")

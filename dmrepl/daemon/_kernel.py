@@ -60,9 +60,10 @@ def nbd_indexes() -> list[int]:
 NBD_REQUEST_TIMEOUT = 120
 
 
-def attach_nbd(socket_path: str, export: str, size: int, avoid: set[int],
+def attach_nbd(server: str | tuple[str, int], export: str, size: int, avoid: set[int],
                timeout: float = 30.0, request_timeout: int | None = None) -> str:
-    """Attach ``export`` to a free /dev/nbdN and wait until the kernel sees its size.
+    """Attach ``export`` of ``server`` (a Unix socket's path, or host and port) to
+    a free /dev/nbdN and wait until the kernel sees its size.
 
     ``request_timeout``: seconds after which the kernel gives up a request (with a
     dead daemon: the requests that were in flight when it died; the others fail at
@@ -77,9 +78,14 @@ def attach_nbd(socket_path: str, export: str, size: int, avoid: set[int],
         path = f"/dev/nbd{index}"
         if not os.path.exists(path):
             continue
-        argv = ["nbd-client", "-N", export, "-u", socket_path, path, "-b", str(block),
+        where = (["-u", server] if isinstance(server, str)
+                 else [server[0], str(server[1])])
+        argv = ["nbd-client", "-N", export, *where, path, "-b", str(block),
                 "-t", str(request_timeout or NBD_REQUEST_TIMEOUT)]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise KernelDeviceError(f"nbd-client {path}: no answer in {timeout}s") from e
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
             last = f"{path}: {tail[0]}"

@@ -94,7 +94,8 @@ class Daemon:
                             kernel_devices=kernel_devices, tuning=dict(tuning or {}),
                             persist=self.state.save, events=self.events,
                             mirror_log_dir=os.path.join(state_dir, "mirror-logs"),
-                            journal_dir=os.path.join(state_dir, "journal"))
+                            journal_dir=os.path.join(state_dir, "journal"),
+                            raid_dir=os.path.join(state_dir, "raid"))
         self.restore_errors: list[str] = []
         self._stopping = threading.Event()
         self._watch: threading.Thread | None = None
@@ -235,9 +236,12 @@ class Daemon:
                         dev_nrs=[d.dev_nr for d in obj.devs],
                         structure="mirror" if obj.mirrored else
                         "log-writes" if obj.kjournal is not None else
+                        "raid1" if obj.remote_leg is not None else
                         ("linear" if obj.mapper else None))
             if obj.kjournal is not None:
                 desc["kernel_journal"] = obj.kjournal.describe()
+            if obj.remote_leg is not None:
+                desc["remote_leg"] = obj.remote_leg.describe()
             if obj.mirrored and obj.mapper:
                 # the regions the journal leg (so the remote sites) has: below all,
                 # the kernel mirror is copying what it missed (a daemon outage)
@@ -316,6 +320,10 @@ class Daemon:
         while not self._stopping.wait(JOURNAL_WATCH_INTERVAL):
             with self.lock:
                 for obj in list(self.objects.values()):
+                    if (isinstance(obj, DeviceObj) and obj.remote_leg is not None
+                            and not obj.suspended):
+                        self._watch_remote_leg(obj, backoff)
+                        continue
                     if not (isinstance(obj, DeviceObj) and obj.mirrored and obj.mapper
                             and obj.nbd and not obj.suspended):
                         continue
@@ -334,6 +342,26 @@ class Daemon:
                         self.events.emit("error", "journal-leg-rejoin-failed", obj.kind,
                                          name=obj.name, error=str(e))
                     backoff[obj.name] = time.monotonic() + JOURNAL_REJOIN_BACKOFF
+
+    def _watch_remote_leg(self, obj: DeviceObj, backoff: dict[str, float]) -> None:
+        """A raid1 whose remote leg failed gets the remote export again once it
+        answers (every JOURNAL_REJOIN_BACKOFF seconds until then)."""
+        assert obj.remote_leg is not None
+        if time.monotonic() < backoff.get(obj.name, 0.0):
+            return
+        try:
+            st = obj.remote_leg.status()
+            if st is None or not st.remote_failed:
+                backoff.pop(obj.name, None)
+                return
+            log.warning("%s: the remote leg %s failed: attaching the remote again",
+                        obj.name, obj.remote_leg.nbd)
+            self.registry.rejoin_remote_leg(obj)
+        except Exception as e:   # one device's trouble; the loop watches on
+            log.error("%s: rejoining the remote leg failed: %s", obj.name, e)
+            self.events.emit("error", "remote-leg-rejoin-failed", obj.kind,
+                             name=obj.name, error=str(e))
+        backoff[obj.name] = time.monotonic() + JOURNAL_REJOIN_BACKOFF
 
     def shutdown(self) -> None:
         """Tear down kernel devices and engines; the state file stays for the next start."""

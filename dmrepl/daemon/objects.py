@@ -32,6 +32,7 @@ from dmrepl.daemon._engine import Engine, EngineDevice, EngineReplicator
 from dmrepl.daemon._proto import ControlError
 from dmrepl.daemon.exports import SECTOR, backend_of
 from dmrepl.daemon.kjournal import KernelJournal
+from dmrepl.daemon.remoteleg import RemoteLeg
 from dmrepl.daemon.state import SavedObject
 from dmrepl.daemon.tables import REPLICATOR, REPLICATOR_DEV, Line, parse_table
 from dmrepl.errors import Busy, UserError
@@ -71,6 +72,8 @@ class DeviceObj:
     mirrored: bool = False
     #: /dev/mapper/NAME is a kernel journal (dm log-writes) that the daemon drains
     kjournal: KernelJournal | None = None
+    #: /dev/mapper/NAME is a raid1 of the local device and the remote export
+    remote_leg: RemoteLeg | None = None
 
     @property
     def sectors(self) -> int:
@@ -89,8 +92,10 @@ class Objects:
     def __init__(self, engine: Engine, nbd: NbdServer, nbd_socket: str, *, kernel_devices: bool,
                  tuning: dict[str, Any], persist: Callable[[list[SavedObject]], None],
                  events: EventLog | None = None, mirror_log_dir: str | None = None,
-                 journal_dir: str | None = None) -> None:
+                 journal_dir: str | None = None, raid_dir: str | None = None) -> None:
         self.engine = engine
+        #: where the remote legs' metadata files are (None: no remote legs)
+        self.raid_dir = raid_dir
         #: where the kernel journals' segments are (None: no kernel journals)
         self.journal_dir = journal_dir
         #: where the mirrors' dirty-log files are (None: no mirrors, linear only)
@@ -138,8 +143,10 @@ class Objects:
         """``obj``'s table as its engine has it now (messages change it)."""
         if isinstance(obj, ReplicatorObj):
             return [obj.lines[0].with_params(obj.engine.table())]
-        if len(obj.devs) != len(obj.lines):   # between the removal and re-adding of
-            return obj.lines                  # its engine devices
+        if len(obj.devs) != len(obj.lines) or obj.remote_leg is not None:
+            # between the removal and re-adding of its engine devices; or a remote
+            # leg's (its engine device has the local device only)
+            return obj.lines
         return [line.with_params(dev.table())
                 for line, dev in zip(obj.lines, obj.devs, strict=True)]
 
@@ -189,12 +196,16 @@ class Objects:
         for line in lines:
             rep.engine.check_device(line.text)
 
-    def _add_devs(self, rep: ReplicatorObj, lines: list[Line]) -> list[EngineDevice]:
+    def _add_devs(self, rep: ReplicatorObj, lines: list[Line], *,
+                  local_only: bool = False) -> list[EngineDevice]:
+        """The engine devices of ``lines`` (``local_only``: of their local devices
+        only: the kernel writes the remote, the engine must not)."""
         self._check_lines(rep, lines)
         devs: list[EngineDevice] = []
         try:
             for line in lines:
-                devs.append(rep.engine.add_device(line.text))
+                devs.append(rep.engine.add_device(_local_only(line) if local_only
+                                                  else line.text))
         except BaseException:
             for dev in devs:
                 with contextlib.suppress(Exception):
@@ -228,6 +239,44 @@ class Objects:
         return all(s.get("policy") == "async" and not s.get("fallbehind", {}).get("value")
                    for nr, s in slinks.items() if int(nr) != 0)
 
+    def _remote_leg_for(self, name: str, rep: ReplicatorObj,
+                        lines: list[Line]) -> RemoteLeg | None:
+        """The remote leg of a device that may have one (``remote_leg`` tuned on;
+        one line over a block device; its replicator's only remote site link is
+        sync, without a fall-behind limit, and the device's remote is an NBD
+        export), else None.  A device keeps the structure it had (its files say
+        which)."""
+        if not (self.tuning.get("remote_leg") and self.kernel_devices
+                and self.raid_dir is not None and len(lines) == 1):
+            return None
+        from dmrepl.replicator.table import parse_device
+        config = parse_device(lines[0].text)
+        local = config.leg(0)
+        remotes = [leg for leg in config.legs if leg.slink_nr != 0]
+        if local is None or len(remotes) != 1 or not _kernel.is_block_device(local.dev_path):
+            return None
+        remote = remotes[0]
+        leg = RemoteLeg(name, lines[0].length, local.dev_path, remote.dev_path,
+                        self.raid_dir, assume_in_sync="nosync" in remote.dlog_args)
+        if leg.made_before():
+            return leg
+        if not remote.dev_path.startswith(("nbd://", "nbd+unix://")):
+            return None
+        if self.journal_dir is not None and os.path.exists(
+                os.path.join(self.journal_dir, f"{name}.journal")):
+            return None
+        if self.mirror_log_dir is not None and glob.glob(
+                os.path.join(glob.escape(self.mirror_log_dir), f"{glob.escape(name)}@*.log")):
+            return None
+        slinks = rep.engine.status_dict().get("slinks", {})
+        remote_slinks = {int(nr): s for nr, s in slinks.items() if int(nr) != 0}
+        if set(remote_slinks) != {remote.slink_nr}:
+            return None
+        s = remote_slinks[remote.slink_nr]
+        if s.get("policy") != "sync" or s.get("fallbehind", {}).get("value"):
+            return None
+        return leg
+
     def _mirror_log_file(self, name: str, line: Line) -> str:
         assert self.mirror_log_dir is not None
         return os.path.join(self.mirror_log_dir, f"{name}@{line.start}.log")
@@ -243,14 +292,21 @@ class Objects:
                                             loop, new_log=new))
         return parts
 
+    def _nbds_in_use(self) -> set[int]:
+        busy = set()
+        for o in self.by_name.values():
+            if isinstance(o, DeviceObj):
+                for path in (o.nbd, o.remote_leg.nbd if o.remote_leg else None):
+                    if path:
+                        busy.add(int(path[8:]))
+        return busy
+
     def _attach_nbd(self, obj: DeviceObj) -> str:
         """Attach ``obj``'s export to a free /dev/nbdN (its journal leg's request
         timeout if it is a mirror) and record it in ``obj.nbd``."""
         obj.nbd = None
-        busy = {int(o.nbd[8:]) for o in self.by_name.values()
-                if isinstance(o, DeviceObj) and o.nbd}
         obj.nbd = _kernel.attach_nbd(
-            self.nbd_socket, obj.name, obj.sectors * SECTOR, busy,
+            self.nbd_socket, obj.name, obj.sectors * SECTOR, self._nbds_in_use(),
             request_timeout=_kernel.JOURNAL_REQUEST_TIMEOUT if obj.mirrored else None)
         return obj.nbd
 
@@ -261,16 +317,31 @@ class Objects:
             raise UserError(f"replicator {rep.name!r} holds {journaled_peer[0]}, a kernel "
                             "journal: it keeps the write order of its own device only, so "
                             "it cannot share a replicator; use another replicator")
-        devs = self._add_devs(rep, lines)
+        remote_leg = self._remote_leg_for(name, rep, lines)
+        devs = self._add_devs(rep, lines, local_only=remote_leg is not None)
         sectors = sum(line.length for line in lines)
-        journaled = self._journalable(name, rep, devs)
-        mirrored = not journaled and self._mirrorable(devs)
+        journaled = remote_leg is None and self._journalable(name, rep, devs)
+        mirrored = remote_leg is None and not journaled and self._mirrorable(devs)
+        # (a remote leg's export is read-only: a write through it would reach the
+        # local device behind the raid1's back)
         export = Export(name, backend_of(lines, devs, journal=mirrored),
-                        size=sectors * SECTOR)
+                        size=sectors * SECTOR, read_only=remote_leg is not None)
         obj = DeviceObj(name, lines, rep.name, devs, export, uuid, mirrored=mirrored)
         self.by_name[name] = obj
         self.nbd.add_export(export)
-        if journaled:
+        if remote_leg is not None:
+            try:
+                log.info("%s: creating /dev/mapper/%s as a raid1 of the local device and "
+                         "the remote %s", name, name, remote_leg.url)
+                obj.mapper = remote_leg.open(uuid, self._nbds_in_use())
+                obj.remote_leg = remote_leg
+                log.info("%s: %s ready (remote leg %s)", name, obj.mapper, remote_leg.nbd)
+            except BaseException:
+                if remote_leg.nbd and not obj.mapper:
+                    remote_leg.close(keep=True)
+                self.destroy(obj, keep_logs=True)
+                raise
+        elif journaled:
             assert self.journal_dir is not None
             try:
                 obj.kjournal = KernelJournal(
@@ -322,6 +393,9 @@ class Objects:
                 # (the removed target logged what it held: drained now)
                 obj.kjournal.close(keep=keep_logs)
                 obj.kjournal = None
+            if obj.remote_leg is not None:
+                obj.remote_leg.close(keep=keep_logs)
+                obj.remote_leg = None
             if obj.nbd:
                 _kernel.detach_nbd(obj.nbd)
                 obj.nbd = None
@@ -355,6 +429,16 @@ class Objects:
         self.events.emit("warning", "journal-leg-rejoined", obj.kind, name=obj.name,
                          old=old, new=nbd)
 
+    def rejoin_remote_leg(self, obj: DeviceObj) -> None:
+        """Give a raid1 whose remote leg failed the remote export again (md then
+        copies the regions its bitmap marked); RemoteLegError while the remote
+        does not answer."""
+        assert obj.remote_leg is not None
+        old = obj.remote_leg.nbd
+        new = obj.remote_leg.rejoin(self._nbds_in_use())
+        self.events.emit("warning", "remote-leg-rejoined", obj.kind, name=obj.name,
+                         old=old, new=new)
+
     # -- remove ------------------------------------------------------------------
 
     def remove(self, obj: Obj, *, force: bool = False) -> None:
@@ -372,6 +456,15 @@ class Objects:
             return
         if obj.mapper and _kernel.mapper_open_count(obj.name) > 0:
             raise ControlError("busy", f"/dev/mapper/{obj.name} is in use")
+        if obj.remote_leg is not None and not force:
+            st = obj.remote_leg.status()
+            if st is None or not st.in_sync:
+                where = (f"{st.health} {st.done}/{st.total} {st.action}" if st
+                         else "no status")
+                raise ControlError(
+                    "busy", f"cannot remove {obj.name} yet: its remote leg is not in sync "
+                    f"({where}; or: dmrepl remove --wait SECONDS; or, if the site is "
+                    "down, dmrepl remove --force)")
         rep = self.replicator_of(obj)
         # The engine devices go first: it is the engine that may refuse (writes not
         # yet at every site link), and then the kernel devices must still be there.
@@ -422,7 +515,7 @@ class Objects:
     def _readd_engine_devs(self, obj: DeviceObj, rep: ReplicatorObj,
                            upto: int | None = None) -> None:
         n = len(obj.lines) if upto is None else upto
-        devs = self._add_devs(rep, obj.lines[:n])
+        devs = self._add_devs(rep, obj.lines[:n], local_only=obj.remote_leg is not None)
         obj.devs = devs + obj.devs[n:]
         obj.export.backend = backend_of(obj.lines, obj.devs, journal=obj.mirrored)
 
@@ -437,8 +530,9 @@ class Objects:
         if isinstance(obj, ReplicatorObj):
             raise UserError("reloading a replicator table is not supported; "
                             "remove its devices and the replicator, then create it again")
-        if obj.kjournal is not None:
-            raise UserError(f"{obj.name} is a kernel journal: its table cannot be "
+        if obj.kjournal is not None or obj.remote_leg is not None:
+            what = "a kernel journal" if obj.kjournal is not None else "a raid1 with a remote leg"
+            raise UserError(f"{obj.name} is {what}: its table cannot be "
                             "switched; remove the device and create it with the new table")
         if sum(line.length for line in lines) != obj.sectors:
             raise UserError(f"new table has {sum(x.length for x in lines)} sectors, "
@@ -536,3 +630,13 @@ class Objects:
             if line.start <= sector < line.start + line.length:
                 return obj.devs[i]
         raise UserError(f"sector {sector} is outside {obj.name} (0..{obj.sectors - 1})")
+
+
+def _local_only(line: Line) -> str:
+    """A ``replicator-dev`` line with its local device (site link 0) only."""
+    from dmrepl.replicator.table import parse_device, table_line
+    config = parse_device(line.text)
+    local = config.leg(0)
+    assert local is not None
+    return table_line(line.start, line.length, REPLICATOR_DEV,
+                      " ".join([config.replicator, str(config.dev_nr), *local.params()]))

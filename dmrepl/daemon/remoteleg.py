@@ -1,0 +1,383 @@
+"""The remote leg: /dev/mapper/NAME as a dm ``raid1`` of the local device and the
+remote site's NBD export, for a synchronous site link.
+
+A device whose replicator's only remote site link is ``sync`` and whose remote
+device is an NBD export needs every write on the remote before it is
+acknowledged: that is what a raid1 does.  The kernel's nbd client attaches the
+remote export as /dev/nbdN (the kernel holds the socket) and ``raid raid1``
+(md's raid1 through dm-raid) writes each write to both legs and completes it
+once both have it; reads stay on the local leg (``write_mostly 1``).  No write
+or read crosses the daemon, so its death changes nothing for the device.
+
+md's write-intent bitmap (on a small metadata file of the daemon's per leg,
+attached to a loop device) marks each region before it is written and clears
+it once both legs have it.  What each failure costs:
+
+* the daemon dies: nothing; the next daemon finds the device and adopts it;
+* the remote leg fails (the link or the site is down; the kernel gives a
+  request up after REQUEST_TIMEOUT seconds): md goes on with the local leg,
+  the bitmap keeping every region written meanwhile; the daemon attaches the
+  export again once it answers and loads it as the leg, and md copies the
+  marked regions (the remote is inconsistent until then, as a DRBD
+  SyncTarget);
+* the whole primary crashes (or the daemon stops): before the device is made
+  again, the daemon reads both bitmaps and md's recovery positions from the
+  metadata files, copies every region they name from the local device to the
+  remote, and starts md on new metadata (``nosync``: both legs equal).
+
+Files live in the daemon's state directory (``raid/``): ``NAME.meta0``,
+``NAME.meta1`` and ``NAME.raid`` (the device was made with this structure)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import mmap
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from dmrepl.daemon import _kernel
+from dmrepl.errors import DmreplError, UserError
+
+log = logging.getLogger(__name__)
+
+#: Region of md's write-intent bitmap (sectors): what a remote outage
+#: resynchronises per region written meanwhile (4 MiB, the mirror's region).
+REGION_SECTORS = _kernel.MIRROR_REGION_SECTORS
+#: Bytes of each leg's metadata file: dm-raid's superblock (4 KiB), md's bitmap.
+META_BYTES = 4 << 20
+#: Seconds the kernel waits for a request to the remote before giving it up
+#: (md then fails the leg and goes on with the local device).
+REQUEST_TIMEOUT = 10
+#: Seconds a reconnection's TCP probe waits for the site (not nbd-client's
+#: minutes of SYN retries against a site that is down).
+PROBE_TIMEOUT = 3.0
+COPY_CHUNK = 1 << 20
+SECTOR = 512
+
+# dm-raid's superblock (drivers/md/dm-raid.c, struct dm_raid_superblock) and md's
+# bitmap (drivers/md/md-bitmap.h, bitmap_super_t): the fields read here.
+DM_RAID_MAGIC = 0x64526D44
+_SB = struct.Struct("<4I4Q")   # magic compat_features num_devices array_position
+                               # events failed_devices disk_recovery_offset
+                               # array_resync_offset
+BITMAP_OFFSET = 4096           # the bitmap starts 4 KiB into the metadata device
+BITMAP_MAGIC = 0x6D746962
+_BITMAP_SB = struct.Struct("<2I16s3Q2I")   # magic version uuid events events_cleared
+                                           # sync_size state chunksize
+BITMAP_SB_BYTES = 256          # the bits follow the bitmap's super block
+NO_OFFSET = (1 << 64) - 1      # a recovery offset when nothing is being recovered
+
+
+class RemoteLegError(DmreplError):
+    """The remote leg of a device cannot be made or attached; the message says why."""
+
+
+def remote_address(url: str) -> tuple[str | tuple[str, int], str]:
+    """``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``: the
+    address for nbd-client (a socket path or (host, port)) and the export."""
+    parsed = urlparse(url)
+    export = parsed.path.lstrip("/")
+    if parsed.scheme == "nbd":
+        if not parsed.hostname:
+            raise UserError(f"{url}: no host")
+        return (parsed.hostname, parsed.port or 10809), export
+    if parsed.scheme == "nbd+unix":
+        sockets = parse_qs(parsed.query).get("socket")
+        if not sockets:
+            raise UserError(f"{url}: no socket=PATH")
+        return sockets[0], export
+    raise UserError(f"{url}: not an NBD URL (nbd:// or nbd+unix://)")
+
+
+@dataclass(frozen=True)
+class RaidStatus:
+    """``raid1 2 AA 262144/262144 idle 0 0 -``: per leg A (alive, in sync), a
+    (alive, not in sync) or D (dead); sectors in sync / all; md's action."""
+
+    health: str
+    done: int
+    total: int
+    action: str
+
+    @property
+    def remote_failed(self) -> bool:
+        return self.health[1:2] == "D"
+
+    @property
+    def in_sync(self) -> bool:
+        return self.health == "AA" and self.done >= self.total and self.action == "idle"
+
+
+def parse_raid_status(params: str) -> RaidStatus:
+    words = params.split()
+    try:
+        done, total = words[3].split("/")
+        return RaidStatus(words[2], int(done), int(total), words[4] if len(words) > 4 else "")
+    except (ValueError, IndexError) as e:
+        raise RemoteLegError(f"unexpected raid status {params!r}") from e
+
+
+def raid_params(local_meta: str, local: str, remote_meta: str, remote: str, *,
+                nosync: bool) -> str:
+    """``raid1 N 0 [nosync] region_size R write_mostly 1 2 META0 LOCAL META1 REMOTE``."""
+    params = ["0", *(["nosync"] if nosync else []), "region_size", str(REGION_SECTORS),
+              "write_mostly", "1"]
+    return (f"raid1 {len(params)} {' '.join(params)} "
+            f"2 {local_meta} {local} {remote_meta} {remote}")
+
+
+def dirty_ranges(metas: list[bytes], sectors: int) -> list[tuple[int, int]]:
+    """The byte ranges ``(offset, length)`` of the device that may differ between
+    the legs, from each leg's metadata (its first BITMAP_OFFSET + a page or
+    more): every region set in a bitmap, and from any recovery or resync
+    position to the end.  Metadata that is not dm-raid's (never written, or
+    damaged) makes the whole device."""
+    size = sectors * SECTOR
+    whole = [(0, size)]
+    marked: set[int] = set()
+    region = REGION_SECTORS * SECTOR
+    tail = size
+    for data in metas:
+        if len(data) < BITMAP_OFFSET + BITMAP_SB_BYTES:
+            return whole
+        magic, _compat, _ndev, _pos, _events, _failed, disk_recovery, array_resync = \
+            _SB.unpack_from(data, 0)
+        if magic != DM_RAID_MAGIC:
+            return whole
+        for offset in (disk_recovery, array_resync):
+            if offset != NO_OFFSET:
+                tail = min(tail, offset * SECTOR)
+        b_magic, _version, _uuid, _ev, _cleared, _sync_size, _state, chunk = \
+            _BITMAP_SB.unpack_from(data, BITMAP_OFFSET)
+        if b_magic != BITMAP_MAGIC or chunk <= 0:
+            return whole
+        regions = -(-size // chunk)
+        start = BITMAP_OFFSET + BITMAP_SB_BYTES
+        bits = data[start:start + -(-regions // 8)]
+        if len(bits) < -(-regions // 8):
+            return whole
+        value = int.from_bytes(bits, "little")   # md keeps its bits little-endian
+        region = chunk
+        marked |= {i for i in range(regions) if value >> i & 1}
+    ranges = [(i * region, min(region, size - i * region)) for i in sorted(marked)
+              if i * region < tail]
+    if tail < size:
+        ranges.append((tail - tail % region, size - (tail - tail % region)))
+    return ranges
+
+
+def copy_ranges(source: str, target: str, ranges: list[tuple[int, int]]) -> int:
+    """Copy ``ranges`` of ``source`` to ``target`` (O_DIRECT both, then a flush of
+    ``target``); bytes copied."""
+    copied = 0
+    buf = mmap.mmap(-1, COPY_CHUNK)
+    src = os.open(source, os.O_RDONLY | os.O_DIRECT)
+    try:
+        dst = os.open(target, os.O_WRONLY | os.O_DIRECT)
+        try:
+            for offset, length in ranges:
+                end = offset + length
+                while offset < end:
+                    n = min(COPY_CHUNK, end - offset)
+                    view = memoryview(buf)[:n]
+                    got = os.preadv(src, [view], offset)
+                    if got != n:
+                        raise RemoteLegError(f"{source}: short read at {offset}")
+                    if os.pwritev(dst, [view], offset) != n:
+                        raise RemoteLegError(f"{target}: short write at {offset}")
+                    offset += n
+                    copied += n
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    return copied
+
+
+@dataclass
+class RemoteLeg:
+    """The remote leg of one single-line device (see the module's doc)."""
+
+    name: str
+    sectors: int
+    local: str
+    url: str
+    directory: str
+    #: the device is new and its remote is to be taken as equal to the local
+    #: device (its dirty log said ``nosync``); otherwise md copies all of it
+    assume_in_sync: bool = False
+    nbd: str | None = None
+    resynced_bytes: int = 0
+    rejoins: int = 0
+
+    # -- files ----------------------------------------------------------------------
+
+    def _path(self, suffix: str) -> str:
+        return os.path.join(self.directory, f"{self.name}.{suffix}")
+
+    def _metas(self) -> list[str]:
+        return [self._path("meta0"), self._path("meta1")]
+
+    def made_before(self) -> bool:
+        """The device was made with this structure (its files say so)."""
+        return os.path.exists(self._path("raid"))
+
+    @staticmethod
+    def made_before_in(directory: str, name: str) -> bool:
+        return os.path.exists(os.path.join(directory, f"{name}.raid"))
+
+    def _attach_metas(self, fresh: bool) -> list[str]:
+        if fresh:
+            for path in self._metas():
+                _kernel.detach_file_loop(path, delete=True)
+        return [_kernel.attach_file_loop(path, META_BYTES)[0] for path in self._metas()]
+
+    def _read_metas(self) -> list[bytes]:
+        out = []
+        for path in self._metas():
+            try:
+                with open(path, "rb") as f:
+                    out.append(f.read(META_BYTES))
+            except FileNotFoundError:
+                out.append(b"")
+        return out
+
+    # -- the remote's nbd device ------------------------------------------------------
+
+    def _attach_remote(self, avoid: set[int]) -> str:
+        address, export = remote_address(self.url)
+        if isinstance(address, tuple):
+            try:
+                socket.create_connection(address, timeout=PROBE_TIMEOUT).close()
+            except OSError as e:
+                raise RemoteLegError(f"{self.name}: the remote {self.url} does not answer: "
+                                     f"{e.strerror or e}") from e
+        try:
+            self.nbd = _kernel.attach_nbd(address, export, self.sectors * SECTOR, avoid,
+                                          request_timeout=REQUEST_TIMEOUT)
+        except _kernel.KernelDeviceError as e:
+            raise RemoteLegError(f"{self.name}: attaching the remote {self.url}: {e}") from e
+        return self.nbd
+
+    def _detach_remote(self) -> None:
+        if self.nbd:
+            _kernel.detach_nbd(self.nbd)
+            self.nbd = None
+
+    # -- the device -------------------------------------------------------------------
+
+    def _target(self, metas: list[str], nosync: bool) -> Any:
+        from dmrepl.dm.table import Target
+        assert self.nbd is not None
+        return Target(0, self.sectors, "raid",
+                      raid_params(metas[0], self.local, metas[1], self.nbd, nosync=nosync))
+
+    def _adopt(self) -> bool:
+        """A device that outlived its daemon: take its remote nbd device from its
+        table.  False if NAME does not exist."""
+        dm = _kernel._dm()
+        try:
+            if not dm.exists(self.name):
+                return False
+            targets = dm.table(self.name)
+        except OSError as e:
+            raise RemoteLegError(f"device-mapper {self.name}: {e}") from e
+        if len(targets) != 1 or targets[0].target_type != "raid":
+            raise RemoteLegError(f"/dev/mapper/{self.name} exists and is not a raid1 "
+                                 f"({', '.join(t.target_type for t in targets)}): remove it")
+        remote = targets[0].params.split()[-1]
+        self.nbd = "/dev/" + os.path.basename(os.path.realpath(f"/sys/dev/block/{remote}"))
+        _kernel.resume_if_suspended(self.name)
+        return True
+
+    def open(self, uuid: str | None, avoid: set[int]) -> str:
+        """/dev/mapper/NAME: adopted if it outlived the daemon, else made (after
+        copying to the remote what an earlier life left marked)."""
+        if self._adopt():
+            log.info("%s: adopted the raid1 with remote leg %s", self.name, self.nbd)
+            return f"/dev/mapper/{self.name}"
+        before = self.made_before()
+        ranges = (dirty_ranges(self._read_metas(), self.sectors) if before else [])
+        self._attach_remote(avoid)
+        try:
+            if ranges:
+                log.warning("%s: copying %d range(s) that may differ (%d MiB) to the "
+                            "remote before starting", self.name, len(ranges),
+                            sum(n for _, n in ranges) >> 20)
+                assert self.nbd is not None
+                self.resynced_bytes += copy_ranges(self.local, self.nbd, ranges)
+            # the legs are equal now (or, new, md copies all unless told not to)
+            metas = self._attach_metas(fresh=True)
+            nosync = before or self.assume_in_sync
+            dm = _kernel._dm()
+            dm.create_device(self.name, [self._target(metas, nosync)], uuid=uuid)
+            dm.ensure_node(self.name)
+            self._mark_made()
+        except BaseException:
+            self._detach_remote()
+            raise
+        return f"/dev/mapper/{self.name}"
+
+    def _mark_made(self) -> None:
+        tmp = self._path("raid.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"url": self.url, "local": self.local}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path("raid"))
+
+    def status(self) -> RaidStatus | None:
+        try:
+            targets = _kernel._dm().status(self.name)
+        except OSError:
+            return None
+        for t in targets:
+            if t.target_type == "raid":
+                return parse_raid_status(t.params)
+        return None
+
+    def rejoin(self, avoid: set[int]) -> str:
+        """The remote leg failed: attach the export again and load it as the
+        leg (md then copies the regions its bitmap marked)."""
+        old = self.nbd
+        self._detach_remote()   # fails what still waits on it
+        # (not onto the old device: the raid1's live table still holds it open)
+        self._attach_remote(avoid | ({int(old[8:])} if old else set()))
+        metas = self._attach_metas(fresh=False)
+        dm = _kernel._dm()
+        try:
+            dm.load(self.name, [self._target(metas, nosync=False)])
+            dm.suspend(self.name, skip_lockfs=True)
+            dm.resume(self.name)
+        except OSError as e:
+            raise RemoteLegError(f"device-mapper {self.name}: loading the remote leg: "
+                                 f"{e}") from e
+        self.rejoins += 1
+        log.warning("%s: remote leg %s replaced by %s", self.name, old, self.nbd)
+        return self.nbd or ""
+
+    def describe(self) -> dict[str, Any]:
+        st = self.status()
+        return {"url": self.url, "nbd": self.nbd, "rejoins": self.rejoins,
+                "resynced_bytes": self.resynced_bytes,
+                "health": st.health if st else None,
+                "in_sync_sectors": st.done if st else 0, "sectors": self.sectors,
+                "action": st.action if st else None,
+                "in_sync": bool(st and st.in_sync), "failed": bool(st and st.remote_failed)}
+
+    def close(self, *, keep: bool) -> None:
+        """After NAME is removed: detach the remote and the metadata (``keep``:
+        the files stay for the next start, else they go)."""
+        self._detach_remote()
+        for path in self._metas():
+            _kernel.detach_file_loop(path, delete=not keep)
+        if not keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path("raid"))
