@@ -1,0 +1,218 @@
+"""/dev/mapper/NAME as a raid1 of the local device and the remote site's export
+(``--tuning remote_leg=1``, a sync site link): the kernel writes both legs, the
+daemon is in no write's or read's path.
+
+A daemon of its own (the tuning is the daemon's) and the session's remote site.
+The writes are sequence-stamped (tests/kernel/test_dmrepl_crash.py)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmrepl_testing.daemon import DaemonProcess, KernelLab, RemoteSite, Replicated, trace
+from tests.kernel.test_dmrepl_crash import BLOCK, Writer, read_blocks, seqs_present
+from tests.kernel.test_dmrepl_outage import digest, mount_options, sh, write_and_fsync
+
+pytestmark = pytest.mark.kernel
+
+MB = 1 << 20
+SIZE_MB = 16   # the session site's disks
+BLOCKS = SIZE_MB * MB // BLOCK
+
+
+@pytest.fixture(scope="module")
+def rdaemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(tmp_path_factory.mktemp("remoteleg"),
+                      tuning={"retry_interval": 1, "remote_leg": True}).start()
+    try:
+        yield d
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+@pytest.fixture
+def rl(rdaemon: DaemonProcess, dmrepl_session: Any
+       ) -> Iterator[tuple[DaemonProcess, RemoteSite, KernelLab]]:
+    """This module's daemon (running), the session's remote site (link up, 20 ms),
+    a lab for the test's disks."""
+    if rdaemon.proc is None or rdaemon.proc.poll() is not None:
+        rdaemon.start()
+    site = dmrepl_session[1]
+    site.reset(20)
+    with KernelLab("rl") as lab:
+        yield rdaemon, site, lab
+
+
+def describe(r: Replicated) -> dict[str, Any]:
+    return dict(json.loads(r.check(r.daemon.cli("status", r.devs[0], "--json")))[0])
+
+
+def nbd_reads(nbd: str) -> int:
+    with open(f"/sys/block/{os.path.basename(nbd)}/stat") as f:
+        return int(f.read().split()[0])
+
+
+def nbd_writes(nbd: str) -> int:
+    with open(f"/sys/block/{os.path.basename(nbd)}/stat") as f:
+        return int(f.read().split()[4])
+
+
+def wait_leg(r: Replicated, what: str, pred: Any, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        leg = describe(r)["remote_leg"]
+        if pred(leg):
+            return dict(leg)
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {leg}"
+        time.sleep(0.2)
+
+
+def sync_replicated(lab: KernelLab, d: DaemonProcess, site: RemoteSite,
+                    name: str) -> Replicated:
+    return Replicated(lab, d, name, size_mb=SIZE_MB, log_mb=16, remote_policy="sync",
+                      delay_ms=20, site=site, site_disks=site.take())
+
+
+def test_an_acknowledged_write_is_on_the_remote_and_reads_stay_local(
+        rl: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
+    d, site, lab = rl
+    with sync_replicated(lab, d, site, "dmrepl-test-rl") as r:
+        desc = describe(r)
+        assert desc["structure"] == "raid1", desc
+        assert " raid raid1 " in sh("dmsetup", "table", r.devs[0])
+        nbd = desc["remote_leg"]["nbd"]
+        targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(BLOCKS)]
+        w = Writer(targets).start()
+        w.wait_acked(BLOCKS // 4, timeout=300)
+        acked = w.acked
+        # mid-stream, without waiting for anything: every acknowledged write (or a
+        # later one to its block) is on the remote
+        on_remote = dict(enumerate(read_blocks(r.remotes[0], BLOCKS)))
+        for seq in range(acked + 1):
+            got = on_remote[targets[seq][1]]
+            assert got is not None and got >= seq, f"acknowledged write {seq} not on the remote"
+        w.thread.join(600)
+        assert w.error is None and w.acked == BLOCKS - 1
+        assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
+        # reads go to the local leg only
+        before = nbd_reads(nbd)
+        assert digest(r.mapper(), SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
+        assert nbd_reads(nbd) == before, "a read of the device reached the remote leg"
+
+
+def test_kill_9_under_ext4_and_fio_verify_changes_nothing(
+        rl: tuple[DaemonProcess, RemoteSite, KernelLab], tmp_path: Path) -> None:
+    d, site, lab = rl
+    with sync_replicated(lab, d, site, "dmrepl-test-rlkill") as r:
+        dev = r.mapper()
+        sh("mkfs.ext4", "-q", "-F", "-E",
+           "lazy_itable_init=0,lazy_journal_init=0,nodiscard", dev)
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        sh("mount", dev, str(mnt))
+        nbd = describe(r)["remote_leg"]["nbd"]
+        try:
+            fio = subprocess.Popen(
+                ["fio", "--name=outage", f"--filename={mnt / 'fio.dat'}", "--size=8M",
+                 "--bs=4k", "--rw=randwrite", "--direct=1", "--ioengine=libaio",
+                 "--iodepth=4", "--verify=crc32c", "--verify_fatal=1", "--loops=2",
+                 "--randrepeat=0"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            start = nbd_writes(nbd)
+            deadline = time.monotonic() + 180
+            while nbd_writes(nbd) < start + 200:   # fio writing (through both legs)
+                assert fio.poll() is None, fio.communicate()[0]
+                assert time.monotonic() < deadline, "fio does not write"
+                time.sleep(0.2)
+            d.kill()
+            trace("daemon killed under fio")
+            write_and_fsync(mnt / "during-outage", b"x" * 65536, timeout=60)
+            assert "rw" in mount_options(mnt)
+            d.start()
+            trace("daemon restarted")
+            desc = describe(r)
+            assert desc["structure"] == "raid1" and desc["remote_leg"]["nbd"] == nbd, desc
+            out, _ = fio.communicate(timeout=900)
+            assert fio.returncode == 0, f"fio failed:\n{out}"
+            assert "rw" in mount_options(mnt)
+            write_and_fsync(mnt / "after-outage", b"y" * 65536, timeout=60)
+        finally:
+            sh("umount", str(mnt))
+        sh("fsck.ext4", "-n", "-f", dev)
+        r.wait_converged(timeout=300)
+        assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
+
+
+def test_the_remote_down_and_back_gets_the_regions_written_meanwhile(
+        rl: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
+    d, site, lab = rl
+    with sync_replicated(lab, d, site, "dmrepl-test-rlcut") as r:
+        targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(3 * BLOCKS)]
+        w = Writer(targets).start()
+        w.wait_acked(200, timeout=300)
+        site.cut()
+        trace("site cut")
+        leg = wait_leg(r, "the remote leg failed", lambda leg: leg["failed"], timeout=120)
+        at_failure = w.acked
+        w.wait_acked(at_failure + 500, timeout=300)   # writes go on, local only
+        assert w.error is None
+        site.restore()
+        trace("site restored")
+        leg = wait_leg(r, "the remote leg back in sync", lambda leg: leg["in_sync"],
+                       timeout=300)
+        assert leg["rejoins"] >= 1, leg
+        w.thread.join(900)
+        assert w.error is None and w.acked == len(targets) - 1
+        r.wait_converged(timeout=300)
+        assert seqs_present(r, r.remotes, BLOCKS) == seqs_present(r, r.locals, BLOCKS)
+        assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
+
+
+def test_a_crash_of_the_primary_while_the_remote_is_down(
+        rl: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
+    """The remote leg failed (its regions marked in md's bitmap), then the whole
+    primary crashes: daemon killed, every kernel device torn down without a
+    flush.  The restart, from the files only, copies what the remote missed."""
+    d, site, lab = rl
+    with sync_replicated(lab, d, site, "dmrepl-test-rlcrash") as r:
+        targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(3 * BLOCKS)]
+        w = Writer(targets).start()
+        w.wait_acked(200, timeout=300)
+        site.cut()
+        wait_leg(r, "the remote leg failed", lambda leg: leg["failed"], timeout=120)
+        w.wait_acked(w.acked + 300, timeout=300)
+        nbd = describe(r)["remote_leg"]["nbd"]
+        # the crash
+        d.kill()
+        subprocess.run(["dmsetup", "remove", "--force", r.devs[0]], capture_output=True)
+        w.thread.join(300)
+        trace(f"crash after {w.acked + 1} acknowledged writes ({w.error})")
+        subprocess.run(["nbd-client", "-d", nbd], capture_output=True)
+        for path in glob.glob(os.path.join(d.state_dir, "raid", "*.meta*")):
+            for loop in subprocess.run(["losetup", "-j", path, "-n", "-O", "NAME"],
+                                       capture_output=True, text=True).stdout.split():
+                sh("losetup", "-d", loop)
+        local = seqs_present(r, r.locals, BLOCKS)
+        for seq in range(w.acked + 1):
+            assert seq in local or any(s > seq for s in local), seq
+        assert seqs_present(r, r.remotes, BLOCKS) != local, \
+            "the remote got every write while cut off"
+        site.restore()
+        d.start()
+        trace("daemon restarted")
+        r.wait_converged(timeout=300)
+        assert describe(r)["remote_leg"]["resynced_bytes"] > 0
+        assert seqs_present(r, r.remotes, BLOCKS) == local
+        assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
+        w2 = Writer([(r.mapper(), 0)])
+        w2.run()
+        assert w2.error is None
