@@ -42,6 +42,10 @@ def create(ns: argparse.Namespace) -> None:
         if desc.get("structure") == "mirror":
             print(f"{ns.name}: {desc['mapper']} (mirror of the local device and the "
                   f"journal leg {desc['nbd']})")
+        elif desc.get("structure") == "raid1":
+            remote = desc.get("remote_leg") or {}
+            print(f"{ns.name}: {desc['mapper']} (raid1 of the local device and the remote "
+                  f"{remote.get('url')} as {remote.get('nbd')})")
         elif desc.get("structure") == "log-writes":
             print(f"{ns.name}: {desc['mapper']} (kernel journal of the local device: "
                   "log-writes, drained by the daemon)")

@@ -75,6 +75,14 @@ def human_lines(desc: dict[str, Any]) -> list[str]:
                      else "copying what the journal leg missed")
             lines.append(f"  journal leg {desc.get('nbd') or DASH}: {state} "
                          f"({journal['in_sync']}/{journal['regions']} regions)")
+        remote = desc.get("remote_leg")
+        if remote:
+            state = ("failed: the remote is down, writes go to the local device only"
+                     if remote["failed"] else "in sync" if remote["in_sync"]
+                     else f"copying what the remote missed ({remote['action']})")
+            lines.append(f"  remote leg {remote.get('nbd') or DASH} "
+                         f"({remote['url']}): {state} "
+                         f"({remote['in_sync_sectors']}/{remote['sectors']} sectors)")
         for dev in detail:
             for nr, leg in dev.get("slinks", {}).items():
                 if nr != "0" and "queued_writes" in leg:

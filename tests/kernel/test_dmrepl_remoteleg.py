@@ -27,6 +27,8 @@ pytestmark = pytest.mark.kernel
 MB = 1 << 20
 SIZE_MB = 16   # the session site's disks
 BLOCKS = SIZE_MB * MB // BLOCK
+#: sequence-stamped writes per test: each waits for the site's round trip (40 ms)
+WRITES = 1200
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +92,9 @@ def test_an_acknowledged_write_is_on_the_remote_and_reads_stay_local(
         assert desc["structure"] == "raid1", desc
         assert " raid raid1 " in sh("dmsetup", "table", r.devs[0])
         nbd = desc["remote_leg"]["nbd"]
-        targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(BLOCKS)]
+        targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(WRITES)]
         w = Writer(targets).start()
-        w.wait_acked(BLOCKS // 4, timeout=300)
+        w.wait_acked(WRITES // 3, timeout=300)
         acked = w.acked
         # mid-stream, without waiting for anything: every acknowledged write (or a
         # later one to its block) is on the remote
@@ -101,7 +103,7 @@ def test_an_acknowledged_write_is_on_the_remote_and_reads_stay_local(
             got = on_remote[targets[seq][1]]
             assert got is not None and got >= seq, f"acknowledged write {seq} not on the remote"
         w.thread.join(600)
-        assert w.error is None and w.acked == BLOCKS - 1
+        assert w.error is None and w.acked == WRITES - 1
         assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
         # reads go to the local leg only
         before = nbd_reads(nbd)
@@ -156,7 +158,7 @@ def test_the_remote_down_and_back_gets_the_regions_written_meanwhile(
         rl: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
     d, site, lab = rl
     with sync_replicated(lab, d, site, "dmrepl-test-rlcut") as r:
-        targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(3 * BLOCKS)]
+        targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(WRITES + 1000)]
         w = Writer(targets).start()
         w.wait_acked(200, timeout=300)
         site.cut()
@@ -184,7 +186,7 @@ def test_a_crash_of_the_primary_while_the_remote_is_down(
     flush.  The restart, from the files only, copies what the remote missed."""
     d, site, lab = rl
     with sync_replicated(lab, d, site, "dmrepl-test-rlcrash") as r:
-        targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(3 * BLOCKS)]
+        targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(WRITES + 1000)]
         w = Writer(targets).start()
         w.wait_acked(200, timeout=300)
         site.cut()

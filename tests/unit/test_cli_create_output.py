@@ -17,6 +17,10 @@ from dmrepl.cli import _actions
      "vol: /dev/mapper/vol (kernel journal of the local device: log-writes, drained by "
      "the daemon)"),
     ({"structure": "linear", "nbd": "/dev/nbd1"}, "vol: /dev/mapper/vol (over /dev/nbd1)"),
+    ({"structure": "raid1", "nbd": None,
+      "remote_leg": {"url": "nbd://10.0.0.2:10809/disk", "nbd": "/dev/nbd2"}},
+     "vol: /dev/mapper/vol (raid1 of the local device and the remote "
+     "nbd://10.0.0.2:10809/disk as /dev/nbd2)"),
 ])
 def test_create_names_the_structure(desc: dict[str, Any], said: str,
                                     monkeypatch: pytest.MonkeyPatch,

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from dmrepl.cli._status_text import human_lines
@@ -51,3 +53,16 @@ def test_status_text_shows_the_journal_leg() -> None:
         "  journal leg /dev/nbd0: copying what the journal leg missed (3/16 regions)"]
     desc["journal"] = {"in_sync": 16, "regions": 16, "failed": False}
     assert human_lines(desc) == ["  journal leg /dev/nbd0: in sync (16/16 regions)"]
+
+
+def test_status_text_of_a_remote_leg() -> None:
+    leg = {"url": "nbd://s/d", "nbd": "/dev/nbd4", "in_sync_sectors": 10, "sectors": 20,
+           "action": "recover", "in_sync": False, "failed": False}
+    desc: dict[str, Any] = {"type": "replicator-dev", "detail": [], "remote_leg": leg}
+    assert human_lines(desc) == [
+        "  remote leg /dev/nbd4 (nbd://s/d): copying what the remote missed (recover) "
+        "(10/20 sectors)"]
+    leg.update(failed=True)
+    assert human_lines(desc) == [
+        "  remote leg /dev/nbd4 (nbd://s/d): failed: the remote is down, writes go to the "
+        "local device only (10/20 sectors)"]
