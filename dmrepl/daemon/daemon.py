@@ -352,6 +352,7 @@ class Daemon:
         try:
             st = obj.remote_leg.status()
             if st is None or not st.remote_failed:
+                obj.remote_leg.settle()
                 backoff.pop(obj.name, None)
                 return
             log.warning("%s: the remote leg %s failed: attaching the remote again",

@@ -123,13 +123,17 @@ def parse_raid_status(params: str) -> RaidStatus:
         raise RemoteLegError(f"unexpected raid status {params!r}") from e
 
 
-def raid_params(local_meta: str, local: str, remote_meta: str, remote: str, *,
-                nosync: bool) -> str:
-    """``raid1 N 0 [nosync] region_size R write_mostly 1 2 META0 LOCAL META1 REMOTE``."""
-    params = ["0", *(["nosync"] if nosync else []), "region_size", str(REGION_SECTORS),
-              "write_mostly", "1"]
+def raid_params(local_meta: str, local: str, remote_meta: str | None, remote: str | None,
+                *, nosync: bool, rebuild: bool = False) -> str:
+    """``raid1 N 0 [nosync] [rebuild 1] region_size R [write_mostly 1] 2 META0 LOCAL
+    META1 REMOTE``; without a remote (None), ``- -`` in its place: md starts
+    degraded."""
+    params = ["0", *(["nosync"] if nosync else []), *(["rebuild", "1"] if rebuild else []),
+              "region_size", str(REGION_SECTORS)]
+    if remote is not None:
+        params += ["write_mostly", "1"]
     return (f"raid1 {len(params)} {' '.join(params)} "
-            f"2 {local_meta} {local} {remote_meta} {remote}")
+            f"2 {local_meta} {local} {remote_meta or '-'} {remote or '-'}")
 
 
 def dirty_ranges(metas: list[bytes], sectors: int) -> list[tuple[int, int]]:
@@ -216,6 +220,9 @@ class RemoteLeg:
     nbd: str | None = None
     resynced_bytes: int = 0
     rejoins: int = 0
+    #: the remote leg is to be copied whole when it joins (the device was started
+    #: without it after a crash: what it missed is no longer in a bitmap)
+    rebuild: bool = False
 
     # -- files ----------------------------------------------------------------------
 
@@ -273,11 +280,13 @@ class RemoteLeg:
 
     # -- the device -------------------------------------------------------------------
 
-    def _target(self, metas: list[str], nosync: bool) -> Any:
+    def _target(self, metas: list[str], nosync: bool, degraded: bool = False) -> Any:
         from dmrepl.dm.table import Target
-        assert self.nbd is not None
-        return Target(0, self.sectors, "raid",
-                      raid_params(metas[0], self.local, metas[1], self.nbd, nosync=nosync))
+        assert degraded or self.nbd is not None
+        return Target(0, self.sectors, "raid", raid_params(
+            metas[0], self.local, None if degraded else metas[1],
+            None if degraded else self.nbd, nosync=nosync,
+            rebuild=self.rebuild and not degraded))
 
     def _adopt(self) -> bool:
         """A device that outlived its daemon: take its remote nbd device from its
@@ -293,7 +302,8 @@ class RemoteLeg:
             raise RemoteLegError(f"/dev/mapper/{self.name} exists and is not a raid1 "
                                  f"({', '.join(t.target_type for t in targets)}): remove it")
         remote = targets[0].params.split()[-1]
-        self.nbd = "/dev/" + os.path.basename(os.path.realpath(f"/sys/dev/block/{remote}"))
+        self.nbd = (None if remote == "-" else "/dev/" + os.path.basename(
+            os.path.realpath(f"/sys/dev/block/{remote}")))
         _kernel.resume_if_suspended(self.name)
         return True
 
@@ -301,11 +311,19 @@ class RemoteLeg:
         """/dev/mapper/NAME: adopted if it outlived the daemon, else made (after
         copying to the remote what an earlier life left marked)."""
         if self._adopt():
+            self._load_made()
             log.info("%s: adopted the raid1 with remote leg %s", self.name, self.nbd)
             return f"/dev/mapper/{self.name}"
         before = self.made_before()
+        if before:
+            self._load_made()
         ranges = (dirty_ranges(self._read_metas(), self.sectors) if before else [])
-        self._attach_remote(avoid)
+        try:
+            self._attach_remote(avoid)
+        except RemoteLegError as e:
+            if not before:
+                raise
+            return self._open_degraded(uuid, e)
         try:
             if ranges:
                 log.warning("%s: copying %d range(s) that may differ (%d MiB) to the "
@@ -325,13 +343,51 @@ class RemoteLeg:
             raise
         return f"/dev/mapper/{self.name}"
 
+    def _open_degraded(self, uuid: str | None, why: RemoteLegError) -> str:
+        """Start without the remote (it does not answer): the local device at once,
+        the remote copied whole when it joins (what it missed before is in metadata
+        that md's new start replaces)."""
+        log.warning("%s: %s; starting without it (it will be copied whole when it "
+                    "answers again)", self.name, why)
+        # (md's new metadata for the remote leg makes it a new device: dm-raid
+        # takes it only to rebuild it whole)
+        self.rebuild = True
+        self._mark_made()
+        metas = self._attach_metas(fresh=True)
+        dm = _kernel._dm()
+        try:
+            dm.create_device(self.name, [self._target(metas, True, degraded=True)],
+                             uuid=uuid)
+            dm.ensure_node(self.name)
+        except OSError as e:
+            raise RemoteLegError(f"device-mapper {self.name}: {e}") from e
+        return f"/dev/mapper/{self.name}"
+
     def _mark_made(self) -> None:
         tmp = self._path("raid.tmp")
         with open(tmp, "w") as f:
-            json.dump({"url": self.url, "local": self.local}, f)
+            json.dump({"url": self.url, "local": self.local, "rebuild": self.rebuild}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._path("raid"))
+
+    def _load_made(self) -> None:
+        try:
+            with open(self._path("raid")) as f:
+                self.rebuild = bool(json.load(f).get("rebuild"))
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning("%s: %s unreadable (%s): the remote will be copied whole",
+                        self.name, self._path("raid"), e)
+            self.rebuild = True
+
+    def settle(self) -> None:
+        """Once md has the remote leg in sync, a whole copy it needed is done."""
+        if self.rebuild:
+            st = self.status()
+            if st is not None and st.in_sync:
+                self.rebuild = False
+                self._mark_made()
+                log.info("%s: the remote leg has the whole device", self.name)
 
     def status(self) -> RaidStatus | None:
         try:

@@ -78,6 +78,14 @@ def wait_leg(r: Replicated, what: str, pred: Any, timeout: float = 120) -> dict[
         time.sleep(0.2)
 
 
+def detach_metadata_loops(d: DaemonProcess) -> None:
+    """What a crash does to the loop devices over the daemon's metadata files."""
+    for path in glob.glob(os.path.join(d.state_dir, "raid", "*.meta*")):
+        for loop in subprocess.run(["losetup", "-j", path, "-n", "-O", "NAME"],
+                                   capture_output=True, text=True).stdout.split():
+            sh("losetup", "-d", loop)
+
+
 def sync_replicated(lab: KernelLab, d: DaemonProcess, site: RemoteSite,
                     name: str) -> Replicated:
     return Replicated(lab, d, name, size_mb=SIZE_MB, log_mb=16, remote_policy="sync",
@@ -199,11 +207,8 @@ def test_a_crash_of_the_primary_while_the_remote_is_down(
         w.thread.join(300)
         trace(f"crash after {w.acked + 1} acknowledged writes ({w.error})")
         if nbd:   # (None: the daemon's attempt to attach the remote again let it go)
-            subprocess.run(["nbd-client", "-d", nbd], capture_output=True)
-        for path in glob.glob(os.path.join(d.state_dir, "raid", "*.meta*")):
-            for loop in subprocess.run(["losetup", "-j", path, "-n", "-O", "NAME"],
-                                       capture_output=True, text=True).stdout.split():
-                sh("losetup", "-d", loop)
+                subprocess.run(["nbd-client", "-d", nbd], capture_output=True)
+        detach_metadata_loops(d)
         local = seqs_present(r, r.locals, BLOCKS)
         for seq in range(w.acked + 1):
             assert seq in local or any(s > seq for s in local), seq
@@ -219,3 +224,35 @@ def test_a_crash_of_the_primary_while_the_remote_is_down(
         w2 = Writer([(r.mapper(), 0)])
         w2.run()
         assert w2.error is None
+
+
+def test_a_restart_with_the_remote_down_serves_the_local_device_then_rebuilds_the_remote(
+        rl: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
+    """The primary crashes and comes back while the site is still cut off: the
+    device is there at once (on the local device), and the remote is copied
+    whole once it answers."""
+    d, site, lab = rl
+    with sync_replicated(lab, d, site, "dmrepl-test-rldown") as r:
+        w = Writer([(r.mapper(), (i * 7919) % BLOCKS) for i in range(300)])
+        w.run()
+        assert w.error is None
+        nbd = describe(r)["remote_leg"]["nbd"]
+        site.cut()
+        d.kill()
+        subprocess.run(["dmsetup", "remove", "--force", r.devs[0]], capture_output=True)
+        if nbd:
+            subprocess.run(["nbd-client", "-d", nbd], capture_output=True)
+        detach_metadata_loops(d)
+        d.start()
+        trace("daemon restarted, the site still cut off")
+        leg = describe(r)["remote_leg"]
+        assert leg["failed"], leg
+        w2 = Writer([(r.mapper(), (i * 7919 + 1) % BLOCKS) for i in range(300, 900)])
+        w2.run()   # local only: no site round trip
+        assert w2.error is None
+        assert seqs_present(r, r.remotes, BLOCKS) != seqs_present(r, r.locals, BLOCKS)
+        site.restore()
+        trace("site restored")
+        wait_leg(r, "the remote rebuilt", lambda leg: leg["in_sync"], timeout=300)
+        r.wait_converged(timeout=300)
+        assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)

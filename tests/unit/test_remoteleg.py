@@ -81,3 +81,11 @@ def test_raid_params_keep_reads_on_the_local_leg() -> None:
     assert params.split() == ["raid1", "6", "0", "nosync", "region_size",
                               str(rl.REGION_SECTORS), "write_mostly", "1",
                               "2", "7:1", "8:16", "7:2", "43:0"]
+
+
+def test_raid_params_without_the_remote_start_degraded_and_rebuild_it_later() -> None:
+    assert rl.raid_params("7:1", "8:16", None, None, nosync=True).split() == [
+        "raid1", "4", "0", "nosync", "region_size", str(rl.REGION_SECTORS),
+        "2", "7:1", "8:16", "-", "-"]
+    assert rl.raid_params("7:1", "8:16", "7:2", "43:0", nosync=False,
+                          rebuild=True).split()[:5] == ["raid1", "7", "0", "rebuild", "1"]
