@@ -98,7 +98,8 @@ def remote_address(url: str) -> tuple[str | tuple[str, int], str]:
 @dataclass(frozen=True)
 class RaidStatus:
     """``raid1 2 AA 262144/262144 idle 0 0 -``: per leg A (alive, in sync), a
-    (alive, not in sync) or D (dead); sectors in sync / all; md's action."""
+    (alive, not in sync), D (dead) or - (missing: started without it); sectors in
+    sync / all; md's action."""
 
     health: str
     done: int
@@ -107,7 +108,7 @@ class RaidStatus:
 
     @property
     def remote_failed(self) -> bool:
-        return self.health[1:2] == "D"
+        return self.health[1:2] in ("D", "-")
 
     @property
     def in_sync(self) -> bool:

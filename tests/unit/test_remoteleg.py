@@ -63,6 +63,7 @@ def test_raid_status() -> None:
     st = rl.parse_raid_status("raid1 2 Aa 65536/131072 recover 0 0 -")
     assert not st.remote_failed and not st.in_sync
     assert rl.parse_raid_status("raid1 2 AA 131072/131072 idle 0 0 -").in_sync
+    assert rl.parse_raid_status("raid1 2 A- 131072/131072 idle 0 0 -").remote_failed
     with pytest.raises(rl.RemoteLegError, match="unexpected raid status"):
         rl.parse_raid_status("raid1 2 AA")
 
