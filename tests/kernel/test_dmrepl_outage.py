@@ -79,6 +79,16 @@ def write_and_fsync(path: Path, data: bytes, timeout: float) -> None:
     assert not error, f"writing {path} failed: {error[0]}"
 
 
+def fio_verify(path: Path, loops: int) -> subprocess.Popen[str]:
+    """fio writing 4 KiB random blocks (QD4, O_DIRECT) to the file ``path``,
+    verifying each (crc32c), ``loops`` times over 8 MiB."""
+    return subprocess.Popen(
+        ["fio", "--name=outage", f"--filename={path}", "--size=8M", "--bs=4k",
+         "--rw=randwrite", "--direct=1", "--ioengine=libaio", "--iodepth=4",
+         "--verify=crc32c", "--verify_fatal=1", f"--loops={loops}", "--randrepeat=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def test_kill_9_under_ext4_and_fio_verify(dmrepl: Any, tmp_path: Path) -> None:
     d, site, lab = dmrepl
     size_mb = 16   # the session site's disks
@@ -92,12 +102,7 @@ def test_kill_9_under_ext4_and_fio_verify(dmrepl: Any, tmp_path: Path) -> None:
         mnt.mkdir()
         sh("mount", dev, str(mnt))
         try:
-            fio = subprocess.Popen(
-                ["fio", "--name=outage", f"--filename={mnt / 'fio.dat'}", "--size=8M",
-                 "--bs=4k", "--rw=randwrite", "--direct=1", "--ioengine=libaio",
-                 "--iodepth=4", "--verify=crc32c", "--verify_fatal=1", "--loops=3",
-                 "--randrepeat=0"],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            fio = fio_verify(mnt / "fio.dat", loops=3)
             before = r.status()["ring"]["next_seq"]
             r.wait_for("fio writing", lambda st: st["ring"]["next_seq"] > before + 300,
                        timeout=180)

@@ -20,7 +20,13 @@ import pytest
 
 from dmrepl_testing.daemon import DaemonProcess, KernelLab, RemoteSite, Replicated, trace
 from tests.kernel.test_dmrepl_crash import BLOCK, Writer, read_blocks, seqs_present
-from tests.kernel.test_dmrepl_outage import digest, mount_options, sh, write_and_fsync
+from tests.kernel.test_dmrepl_outage import (
+    digest,
+    fio_verify,
+    mount_options,
+    sh,
+    write_and_fsync,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -78,9 +84,31 @@ def wait_leg(r: Replicated, what: str, pred: Any, timeout: float = 120) -> dict[
         time.sleep(0.2)
 
 
-def detach_metadata_loops(d: DaemonProcess) -> None:
-    """What a crash does to the loop devices over the daemon's metadata files."""
-    for path in glob.glob(os.path.join(d.state_dir, "raid", "*.meta*")):
+def cut_off_under_writes(r: Replicated, site: RemoteSite, then: int
+                         ) -> tuple[Writer, list[tuple[str, int]]]:
+    """A writer running, the site cut off until md fails the remote leg, then
+    ``then`` more writes acknowledged (by the local leg alone)."""
+    targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(WRITES + 1000)]
+    w = Writer(targets).start()
+    w.wait_acked(200, timeout=300)
+    site.cut()
+    trace("site cut")
+    wait_leg(r, "the remote leg failed", lambda leg: leg["failed"], timeout=120)
+    w.wait_acked(w.acked + then, timeout=300)
+    assert w.error is None
+    return w, targets
+
+
+def crash_primary(r: Replicated) -> None:
+    """What a crash of the primary does: the daemon killed, then every kernel
+    device it made gone without a flush (the device, the remote's nbd device,
+    the loop devices over the metadata files)."""
+    nbd = describe(r)["remote_leg"]["nbd"]
+    r.daemon.kill()
+    subprocess.run(["dmsetup", "remove", "--force", r.devs[0]], capture_output=True)
+    if nbd:   # (None: the daemon's attempt to attach the remote again let it go)
+        subprocess.run(["nbd-client", "-d", nbd], capture_output=True)
+    for path in glob.glob(os.path.join(r.daemon.state_dir, "raid", "*.meta*")):
         for loop in subprocess.run(["losetup", "-j", path, "-n", "-O", "NAME"],
                                    capture_output=True, text=True).stdout.split():
             sh("losetup", "-d", loop)
@@ -131,12 +159,7 @@ def test_kill_9_under_ext4_and_fio_verify_changes_nothing(
         sh("mount", dev, str(mnt))
         nbd = describe(r)["remote_leg"]["nbd"]
         try:
-            fio = subprocess.Popen(
-                ["fio", "--name=outage", f"--filename={mnt / 'fio.dat'}", "--size=8M",
-                 "--bs=4k", "--rw=randwrite", "--direct=1", "--ioengine=libaio",
-                 "--iodepth=4", "--verify=crc32c", "--verify_fatal=1", "--loops=2",
-                 "--randrepeat=0"],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            fio = fio_verify(mnt / "fio.dat", loops=2)
             start = nbd_writes(nbd)
             deadline = time.monotonic() + 180
             while nbd_writes(nbd) < start + 200:   # fio writing (through both legs)
@@ -166,15 +189,7 @@ def test_the_remote_down_and_back_gets_the_regions_written_meanwhile(
         rl: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
     d, site, lab = rl
     with sync_replicated(lab, d, site, "dmrepl-test-rlcut") as r:
-        targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(WRITES + 1000)]
-        w = Writer(targets).start()
-        w.wait_acked(200, timeout=300)
-        site.cut()
-        trace("site cut")
-        leg = wait_leg(r, "the remote leg failed", lambda leg: leg["failed"], timeout=120)
-        at_failure = w.acked
-        w.wait_acked(at_failure + 500, timeout=300)   # writes go on, local only
-        assert w.error is None
+        w, targets = cut_off_under_writes(r, site, then=500)
         site.restore()
         trace("site restored")
         leg = wait_leg(r, "the remote leg back in sync", lambda leg: leg["in_sync"],
@@ -194,21 +209,10 @@ def test_a_crash_of_the_primary_while_the_remote_is_down(
     flush.  The restart, from the files only, copies what the remote missed."""
     d, site, lab = rl
     with sync_replicated(lab, d, site, "dmrepl-test-rlcrash") as r:
-        targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(WRITES + 1000)]
-        w = Writer(targets).start()
-        w.wait_acked(200, timeout=300)
-        site.cut()
-        wait_leg(r, "the remote leg failed", lambda leg: leg["failed"], timeout=120)
-        w.wait_acked(w.acked + 300, timeout=300)
-        nbd = describe(r)["remote_leg"]["nbd"]
-        # the crash
-        d.kill()
-        subprocess.run(["dmsetup", "remove", "--force", r.devs[0]], capture_output=True)
+        w, _targets = cut_off_under_writes(r, site, then=300)
+        crash_primary(r)
         w.thread.join(300)
         trace(f"crash after {w.acked + 1} acknowledged writes ({w.error})")
-        if nbd:   # (None: the daemon's attempt to attach the remote again let it go)
-                subprocess.run(["nbd-client", "-d", nbd], capture_output=True)
-        detach_metadata_loops(d)
         local = seqs_present(r, r.locals, BLOCKS)
         for seq in range(w.acked + 1):
             assert seq in local or any(s > seq for s in local), seq
@@ -236,13 +240,8 @@ def test_a_restart_with_the_remote_down_serves_the_local_device_then_rebuilds_th
         w = Writer([(r.mapper(), (i * 7919) % BLOCKS) for i in range(300)])
         w.run()
         assert w.error is None
-        nbd = describe(r)["remote_leg"]["nbd"]
         site.cut()
-        d.kill()
-        subprocess.run(["dmsetup", "remove", "--force", r.devs[0]], capture_output=True)
-        if nbd:
-            subprocess.run(["nbd-client", "-d", nbd], capture_output=True)
-        detach_metadata_loops(d)
+        crash_primary(r)
         d.start()
         trace("daemon restarted, the site still cut off")
         leg = describe(r)["remote_leg"]
