@@ -184,7 +184,9 @@ class Daemon:
                 raise UserError("empty message")
             if isinstance(sector, bool) or not isinstance(sector, int) or sector < 0:
                 raise UserError(f"invalid sector {sector!r}: not a sector number")
-            answer = str(self.registry.message_target(obj, sector).message(list(args)) or "")
+            target = self.registry.message_target(obj, sector)
+            self.registry.check_message(obj, list(args))
+            answer = str(target.message(list(args)) or "")
             try:
                 self.registry.save()
             except OSError as e:

@@ -631,6 +631,38 @@ class Objects:
                 return obj.devs[i]
         raise UserError(f"sector {sector} is outside {obj.name} (0..{obj.sectors - 1})")
 
+    def check_message(self, obj: Obj, args: list[str]) -> None:
+        """Refuse (UserError, nothing changed) a message that a raid1 with a remote
+        leg cannot follow: its site link devices changing (``device add|del``:
+        its writes never enter the replication log), its site link made
+        asynchronous or given a fall-behind limit (md writes the remote
+        synchronously, whatever the link says)."""
+        words = [a.lower() for a in args]
+        if isinstance(obj, DeviceObj):
+            if obj.remote_leg is not None and words[:1] == ["device"]:
+                raise UserError(f"{obj.name} is a raid1 with a remote leg: its site link "
+                                "devices cannot change; remove it and create it with the "
+                                "new table")
+            return
+        raid1 = [d.name for d in self.devices_of(obj) if d.remote_leg is not None]
+        if not raid1 or words[:2] != ["slink", "message"]:
+            return
+        loosens = False
+        i = 3
+        while i < len(words):   # (the engine checks the grammar; this reads it only)
+            if words[i] == "policy":
+                loosens |= words[i + 1:i + 2] != ["sync"]
+                i += 2
+            elif words[i] == "fallbehind":
+                loosens |= words[i + 2:i + 3] != ["0"]
+                i += 3
+            else:
+                i += 2
+        if loosens:
+            raise UserError(f"{obj.name}'s site link carries {', '.join(raid1)}, a raid1 "
+                            "with a remote leg (synchronous in the kernel): it cannot "
+                            "become asynchronous or fall behind; remove the device first")
+
 
 def _local_only(line: Line) -> str:
     """A ``replicator-dev`` line with its local device (site link 0) only."""

@@ -145,6 +145,16 @@ def test_an_acknowledged_write_is_on_the_remote_and_reads_stay_local(
         before = nbd_reads(nbd)
         assert digest(r.mapper(), SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
         assert nbd_reads(nbd) == before, "a read of the device reached the remote leg"
+        # what a raid1 cannot follow is refused, and changes nothing
+        table = r.check(d.cli("table", r.rep))
+        for name, words in ((r.rep, ["slink", "message", "1", "policy", "async"]),
+                            (r.rep, ["slink", "message", "1", "fallbehind", "ios", "100",
+                                     "policy", "async"]),
+                            (r.devs[0], ["device", "del", "1"])):
+            proc = d.cli("message", name, "0", *words)
+            assert proc.returncode == 3 and "raid1" in proc.stderr, (words, proc.stderr)
+        assert r.check(d.cli("table", r.rep)) == table
+        r.check(d.cli("message", r.rep, "0", "slink", "message", "1", "policy", "sync"))
 
 
 def test_kill_9_under_ext4_and_fio_verify_changes_nothing(
