@@ -42,11 +42,12 @@ class Tuning:
                                  "remote site links are all async (no fall-behind limit) "
                                  "as a dm log-writes target that the kernel journals and "
                                  "the daemon drains (README: the kernel journal)")
-    remote_leg: bool = _knob(False, 0, 1, "1: the daemon presents a one-line device whose "
-                             "replicator's only remote site link is sync (no fall-behind "
-                             "limit) and whose remote is an NBD export as a dm raid1 of the "
-                             "local device and the remote export, attached by the kernel "
-                             "(README: the remote leg)")
+    remote_leg: bool = _knob(True, 0, 1, "1 (default): the daemon presents a one-line "
+                             "device whose replicator's only remote site link is sync (no "
+                             "fall-behind limit) and whose remote is an NBD export as a dm "
+                             "raid1 of the local device and the remote export, attached by "
+                             "the kernel (README: the remote leg); 0: as a mirror whose "
+                             "journal leg the daemon serves")
     journal_segment_mib: int = _knob(256, 4, None, "MiB of each of a kernel journal's "
                                      "three segments (files in the state directory)")
     journal_interval: float = _knob(0.5, 0.01, None, "seconds between swaps of a written "
