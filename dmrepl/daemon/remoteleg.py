@@ -323,7 +323,10 @@ class RemoteLeg:
             self._attach_remote(avoid)
         except RemoteLegError as e:
             if not before:
-                raise
+                raise RemoteLegError(
+                    f"{e}: a new device of a sync site link starts with its remote (a "
+                    "raid1 of the two): start the remote's NBD server first, or run "
+                    "the daemon with --tuning remote_leg=0 (a mirror, remote later)") from e
             return self._open_degraded(uuid, e)
         try:
             if ranges:
