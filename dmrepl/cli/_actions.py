@@ -45,7 +45,7 @@ def create(ns: argparse.Namespace) -> None:
         elif desc.get("structure") == "raid1":
             remote = desc.get("remote_leg") or {}
             print(f"{ns.name}: {desc['mapper']} (raid1 of the local device and the remote "
-                  f"{remote.get('url')} as {remote.get('nbd')})")
+                  f"{remote.get('url')} as {remote.get('device')})")
         elif desc.get("structure") == "log-writes":
             print(f"{ns.name}: {desc['mapper']} (kernel journal of the local device: "
                   "log-writes, drained by the daemon)")

@@ -80,7 +80,7 @@ def human_lines(desc: dict[str, Any]) -> list[str]:
             state = ("failed: the remote is down, writes go to the local device only"
                      if remote["failed"] else "in sync" if remote["in_sync"]
                      else f"copying what the remote missed ({remote['action']})")
-            lines.append(f"  remote leg {remote.get('nbd') or DASH} "
+            lines.append(f"  remote leg {remote.get('device') or DASH} "
                          f"({remote['url']}): {state} "
                          f"({remote['in_sync_sectors']}/{remote['sectors']} sectors)")
         for dev in detail:

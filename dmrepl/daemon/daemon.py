@@ -358,7 +358,7 @@ class Daemon:
                 backoff.pop(obj.name, None)
                 return
             log.warning("%s: the remote leg %s failed: attaching the remote again",
-                        obj.name, obj.remote_leg.nbd)
+                        obj.name, obj.remote_leg.device)
             self.registry.rejoin_remote_leg(obj)
         except Exception as e:   # one device's trouble; the loop watches on
             log.error("%s: rejoining the remote leg failed: %s", obj.name, e)

@@ -260,7 +260,8 @@ class Objects:
                         self.raid_dir, assume_in_sync="nosync" in remote.dlog_args)
         if leg.made_before():
             return leg
-        if not remote.dev_path.startswith(("nbd://", "nbd+unix://")):
+        if not (remote.dev_path.startswith(("nbd://", "nbd+unix://"))
+                or _kernel.is_block_device(remote.dev_path)):
             return None
         if self.journal_dir is not None and os.path.exists(
                 os.path.join(self.journal_dir, f"{name}.journal")):
@@ -296,8 +297,8 @@ class Objects:
         busy = set()
         for o in self.by_name.values():
             if isinstance(o, DeviceObj):
-                for path in (o.nbd, o.remote_leg.nbd if o.remote_leg else None):
-                    if path:
+                for path in (o.nbd, o.remote_leg.device if o.remote_leg else None):
+                    if path and path.startswith("/dev/nbd"):
                         busy.add(int(path[8:]))
         return busy
 
@@ -335,9 +336,9 @@ class Objects:
                          "the remote %s", name, name, remote_leg.url)
                 obj.mapper = remote_leg.open(uuid, self._nbds_in_use())
                 obj.remote_leg = remote_leg
-                log.info("%s: %s ready (remote leg %s)", name, obj.mapper, remote_leg.nbd)
+                log.info("%s: %s ready (remote leg %s)", name, obj.mapper, remote_leg.device)
             except BaseException:
-                if remote_leg.nbd and not obj.mapper:
+                if remote_leg.device and not obj.mapper:
                     remote_leg.close(keep=True)
                 self.destroy(obj, keep_logs=True)
                 raise
@@ -434,7 +435,7 @@ class Objects:
         copies the regions its bitmap marked); RemoteLegError while the remote
         does not answer."""
         assert obj.remote_leg is not None
-        old = obj.remote_leg.nbd
+        old = obj.remote_leg.device
         new = obj.remote_leg.rejoin(self._nbds_in_use())
         self.events.emit("warning", "remote-leg-rejoined", obj.kind, name=obj.name,
                          old=old, new=new)

@@ -177,6 +177,20 @@ def dirty_ranges(metas: list[bytes], sectors: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def _answers(path: str) -> bool:
+    """The block device reads its first 4 KiB (a remote that is down fails or
+    is gone; one reconnecting is given the kernel's own timeout)."""
+    buf = mmap.mmap(-1, 4096)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            return os.preadv(fd, [buf], 0) == 4096
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+
+
 def copy_ranges(source: str, target: str, ranges: list[tuple[int, int]]) -> int:
     """Copy ``ranges`` of ``source`` to ``target`` (O_DIRECT both, then a flush of
     ``target``); bytes copied."""
@@ -218,7 +232,9 @@ class RemoteLeg:
     #: the device is new and its remote is to be taken as equal to the local
     #: device (its dirty log said ``nosync``); otherwise md copies all of it
     assume_in_sync: bool = False
-    nbd: str | None = None
+    #: the remote leg's kernel block device (an nbd device the daemon attached, or
+    #: the remote device itself when it is a block device)
+    device: str | None = None
     resynced_bytes: int = 0
     rejoins: int = 0
     #: the remote leg is to be copied whole when it joins (the device was started
@@ -257,9 +273,22 @@ class RemoteLeg:
                 out.append(b"")
         return out
 
-    # -- the remote's nbd device ------------------------------------------------------
+    # -- the remote's block device ----------------------------------------------------
+
+    @property
+    def remote_is_block_device(self) -> bool:
+        """The remote device is a block device the host reaches by itself (an
+        NVMe/TCP namespace, an iSCSI disk): the raid1's leg as it is; else an NBD
+        export the daemon attaches with the kernel's nbd client."""
+        return not self.url.startswith(("nbd://", "nbd+unix://"))
 
     def _attach_remote(self, avoid: set[int]) -> str:
+        if self.remote_is_block_device:
+            if not _kernel.is_block_device(self.url) or not _answers(self.url):
+                raise RemoteLegError(f"{self.name}: the remote {self.url} does not answer "
+                                     "(not a block device, or it fails reads)")
+            self.device = self.url
+            return self.device
         address, export = remote_address(self.url)
         if isinstance(address, tuple):
             try:
@@ -268,25 +297,25 @@ class RemoteLeg:
                 raise RemoteLegError(f"{self.name}: the remote {self.url} does not answer: "
                                      f"{e.strerror or e}") from e
         try:
-            self.nbd = _kernel.attach_nbd(address, export, self.sectors * SECTOR, avoid,
+            self.device = _kernel.attach_nbd(address, export, self.sectors * SECTOR, avoid,
                                           request_timeout=REQUEST_TIMEOUT)
         except _kernel.KernelDeviceError as e:
             raise RemoteLegError(f"{self.name}: attaching the remote {self.url}: {e}") from e
-        return self.nbd
+        return self.device
 
     def _detach_remote(self) -> None:
-        if self.nbd:
-            _kernel.detach_nbd(self.nbd)
-            self.nbd = None
+        if self.device and not self.remote_is_block_device:
+            _kernel.detach_nbd(self.device)
+        self.device = None
 
     # -- the device -------------------------------------------------------------------
 
     def _target(self, metas: list[str], nosync: bool, degraded: bool = False) -> Any:
         from dmrepl.dm.table import Target
-        assert degraded or self.nbd is not None
+        assert degraded or self.device is not None
         return Target(0, self.sectors, "raid", raid_params(
             metas[0], self.local, None if degraded else metas[1],
-            None if degraded else self.nbd, nosync=nosync,
+            None if degraded else self.device, nosync=nosync,
             rebuild=self.rebuild and not degraded))
 
     def _adopt(self) -> bool:
@@ -303,7 +332,7 @@ class RemoteLeg:
             raise RemoteLegError(f"/dev/mapper/{self.name} exists and is not a raid1 "
                                  f"({', '.join(t.target_type for t in targets)}): remove it")
         remote = targets[0].params.split()[-1]
-        self.nbd = (None if remote == "-" else "/dev/" + os.path.basename(
+        self.device = (None if remote == "-" else "/dev/" + os.path.basename(
             os.path.realpath(f"/sys/dev/block/{remote}")))
         _kernel.resume_if_suspended(self.name)
         return True
@@ -313,7 +342,7 @@ class RemoteLeg:
         copying to the remote what an earlier life left marked)."""
         if self._adopt():
             self._load_made()
-            log.info("%s: adopted the raid1 with remote leg %s", self.name, self.nbd)
+            log.info("%s: adopted the raid1 with remote leg %s", self.name, self.device)
             return f"/dev/mapper/{self.name}"
         before = self.made_before()
         if before:
@@ -333,8 +362,8 @@ class RemoteLeg:
                 log.warning("%s: copying %d range(s) that may differ (%d MiB) to the "
                             "remote before starting", self.name, len(ranges),
                             sum(n for _, n in ranges) >> 20)
-                assert self.nbd is not None
-                self.resynced_bytes += copy_ranges(self.local, self.nbd, ranges)
+                assert self.device is not None
+                self.resynced_bytes += copy_ranges(self.local, self.device, ranges)
             # the legs are equal now (or, new, md copies all unless told not to)
             metas = self._attach_metas(fresh=True)
             nosync = before or self.assume_in_sync
@@ -413,10 +442,11 @@ class RemoteLeg:
     def rejoin(self, avoid: set[int]) -> str:
         """The remote leg failed: attach the export again and load it as the
         leg (md then copies the regions its bitmap marked)."""
-        old = self.nbd
+        old = self.device
         self._detach_remote()   # fails what still waits on it
         # (not onto the old device: the raid1's live table still holds it open)
-        self._attach_remote(avoid | ({int(old[8:])} if old else set()))
+        self._attach_remote(avoid | ({int(old[8:])} if old and old.startswith("/dev/nbd")
+                                     else set()))
         metas = self._attach_metas(fresh=False)
         dm = _kernel._dm()
         try:
@@ -427,12 +457,12 @@ class RemoteLeg:
             raise RemoteLegError(f"device-mapper {self.name}: loading the remote leg: "
                                  f"{e}") from e
         self.rejoins += 1
-        log.warning("%s: remote leg %s replaced by %s", self.name, old, self.nbd)
-        return self.nbd or ""
+        log.warning("%s: remote leg %s replaced by %s", self.name, old, self.device)
+        return self.device or ""
 
     def describe(self) -> dict[str, Any]:
         st = self.status()
-        return {"url": self.url, "nbd": self.nbd, "rejoins": self.rejoins,
+        return {"url": self.url, "device": self.device, "rejoins": self.rejoins,
                 "resynced_bytes": self.resynced_bytes,
                 "health": st.health if st else None,
                 "in_sync_sectors": st.done if st else 0, "sectors": self.sectors,

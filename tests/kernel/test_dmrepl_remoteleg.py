@@ -103,7 +103,7 @@ def crash_primary(r: Replicated) -> None:
     """What a crash of the primary does: the daemon killed, then every kernel
     device it made gone without a flush (the device, the remote's nbd device,
     the loop devices over the metadata files)."""
-    nbd = describe(r)["remote_leg"]["nbd"]
+    nbd = describe(r)["remote_leg"]["device"]
     r.daemon.kill()
     subprocess.run(["dmsetup", "remove", "--force", r.devs[0]], capture_output=True)
     if nbd:   # (None: the daemon's attempt to attach the remote again let it go)
@@ -127,7 +127,7 @@ def test_an_acknowledged_write_is_on_the_remote_and_reads_stay_local(
         desc = describe(r)
         assert desc["structure"] == "raid1", desc
         assert " raid raid1 " in sh("dmsetup", "table", r.devs[0])
-        nbd = desc["remote_leg"]["nbd"]
+        nbd = desc["remote_leg"]["device"]
         targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(WRITES)]
         w = Writer(targets).start()
         w.wait_acked(WRITES // 3, timeout=300)
@@ -167,7 +167,7 @@ def test_kill_9_under_ext4_and_fio_verify_changes_nothing(
         mnt = tmp_path / "mnt"
         mnt.mkdir()
         sh("mount", dev, str(mnt))
-        nbd = describe(r)["remote_leg"]["nbd"]
+        nbd = describe(r)["remote_leg"]["device"]
         try:
             fio = fio_verify(mnt / "fio.dat", loops=2)
             start = nbd_writes(nbd)
@@ -183,7 +183,7 @@ def test_kill_9_under_ext4_and_fio_verify_changes_nothing(
             d.start()
             trace("daemon restarted")
             desc = describe(r)
-            assert desc["structure"] == "raid1" and desc["remote_leg"]["nbd"] == nbd, desc
+            assert desc["structure"] == "raid1" and desc["remote_leg"]["device"] == nbd, desc
             out, _ = fio.communicate(timeout=900)
             assert fio.returncode == 0, f"fio failed:\n{out}"
             assert "rw" in mount_options(mnt)
@@ -265,3 +265,38 @@ def test_a_restart_with_the_remote_down_serves_the_local_device_then_rebuilds_th
         wait_leg(r, "the remote rebuilt", lambda leg: leg["in_sync"], timeout=300)
         r.wait_converged(timeout=300)
         assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
+
+
+def test_a_remote_that_is_a_block_device_is_the_raid1s_leg_as_it_is(
+        rl: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
+    """A remote the host reaches as a block device (here a loop device; in use an
+    NVMe/TCP namespace): no nbd device, the raid1 writes it directly; a restarted
+    daemon adopts the device."""
+    d, _site, lab = rl
+    name = "dmrepl-test-rlblk"
+    log, local, remote = (lab.disk(f"{name}-{what}", SIZE_MB) for what in ("log", "l", "r"))
+    rep, dev = f"{name}-rep", f"{name}-0"
+
+    def check(proc: subprocess.CompletedProcess[str]) -> str:
+        assert proc.returncode == 0, f"{proc.args}: {proc.stderr}\n{d.log()[-4000:]}"
+        return proc.stdout
+    check(d.cli("create", rep, "--table",
+                f"0 1 replicator ringbuffer 4 {log} 0 auto {(SIZE_MB << 20) // 512 - 8} "
+                "blockdev 2 0 sync blockdev 2 1 sync"))
+    check(d.cli("create", dev, "--table",
+                f"0 {(SIZE_MB << 20) // 512} replicator-dev {rep} 0 0 1 {local} nolog 0 "
+                f"1 1 {remote} core 2 1024 nosync"))
+    try:
+        desc = json.loads(check(d.cli("status", dev, "--json")))[0]
+        assert desc["structure"] == "raid1" and desc["remote_leg"]["device"] == remote, desc
+        w = Writer([(f"/dev/mapper/{dev}", (i * 7919) % BLOCKS) for i in range(2000)])
+        w.run()
+        assert w.error is None
+        assert digest(remote, SIZE_MB * MB) == digest(local, SIZE_MB * MB)
+        d.kill()
+        d.start()
+        desc = json.loads(check(d.cli("status", dev, "--json")))[0]
+        assert desc["remote_leg"]["device"] == remote and desc["remote_leg"]["in_sync"], desc
+    finally:
+        for obj in (dev, rep):
+            d.cli("remove", obj, "--wait", "30")

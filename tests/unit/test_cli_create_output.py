@@ -18,7 +18,7 @@ from dmrepl.cli import _actions
      "the daemon)"),
     ({"structure": "linear", "nbd": "/dev/nbd1"}, "vol: /dev/mapper/vol (over /dev/nbd1)"),
     ({"structure": "raid1", "nbd": None,
-      "remote_leg": {"url": "nbd://10.0.0.2:10809/disk", "nbd": "/dev/nbd2"}},
+      "remote_leg": {"url": "nbd://10.0.0.2:10809/disk", "device": "/dev/nbd2"}},
      "vol: /dev/mapper/vol (raid1 of the local device and the remote "
      "nbd://10.0.0.2:10809/disk as /dev/nbd2)"),
 ])

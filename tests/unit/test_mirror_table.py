@@ -56,7 +56,7 @@ def test_status_text_shows_the_journal_leg() -> None:
 
 
 def test_status_text_of_a_remote_leg() -> None:
-    leg = {"url": "nbd://s/d", "nbd": "/dev/nbd4", "in_sync_sectors": 10, "sectors": 20,
+    leg = {"url": "nbd://s/d", "device": "/dev/nbd4", "in_sync_sectors": 10, "sectors": 20,
            "action": "recover", "in_sync": False, "failed": False}
     desc: dict[str, Any] = {"type": "replicator-dev", "detail": [], "remote_leg": leg}
     assert human_lines(desc) == [
