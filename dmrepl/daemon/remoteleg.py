@@ -177,6 +177,14 @@ def dirty_ranges(metas: list[bytes], sectors: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def _devno(path: str) -> str | None:
+    try:
+        rdev = os.stat(path).st_rdev
+    except OSError:
+        return None
+    return f"{os.major(rdev)}:{os.minor(rdev)}"
+
+
 def _answers(path: str) -> bool:
     """The block device reads its first 4 KiB (a remote that is down fails or
     is gone; one reconnecting is given the kernel's own timeout)."""
@@ -332,8 +340,13 @@ class RemoteLeg:
             raise RemoteLegError(f"/dev/mapper/{self.name} exists and is not a raid1 "
                                  f"({', '.join(t.target_type for t in targets)}): remove it")
         remote = targets[0].params.split()[-1]
-        self.device = (None if remote == "-" else "/dev/" + os.path.basename(
-            os.path.realpath(f"/sys/dev/block/{remote}")))
+        if remote == "-":
+            self.device = None
+        elif self.remote_is_block_device and _devno(self.url) == remote:
+            self.device = self.url   # (the table's name for it is /dev/dm-N or so)
+        else:
+            self.device = "/dev/" + os.path.basename(
+                os.path.realpath(f"/sys/dev/block/{remote}"))
         _kernel.resume_if_suspended(self.name)
         return True
 
