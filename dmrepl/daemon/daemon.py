@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dmrepl.blockio import open_store  # the engine's device opener; a compatibility name here
@@ -322,47 +322,47 @@ class Daemon:
         while not self._stopping.wait(JOURNAL_WATCH_INTERVAL):
             with self.lock:
                 for obj in list(self.objects.values()):
-                    if (isinstance(obj, DeviceObj) and obj.remote_leg is not None
-                            and not obj.suspended):
-                        self._watch_remote_leg(obj, backoff)
+                    if not isinstance(obj, DeviceObj) or obj.suspended:
                         continue
-                    if not (isinstance(obj, DeviceObj) and obj.mirrored and obj.mapper
-                            and obj.nbd and not obj.suspended):
-                        continue
-                    if time.monotonic() < backoff.get(obj.name, 0.0):
-                        continue
-                    try:
-                        if not any(p.journal_leg_failed
-                                   for p in _kernel.mirror_status(obj.name)):
-                            backoff.pop(obj.name, None)
-                            continue
-                        log.warning("%s: the journal leg %s failed: attaching a new one",
-                                    obj.name, obj.nbd)
-                        self.registry.rejoin(obj)
-                    except Exception as e:   # one device's trouble; the loop watches on
-                        log.error("%s: rejoining the journal leg failed: %s", obj.name, e)
-                        self.events.emit("error", "journal-leg-rejoin-failed", obj.kind,
-                                         name=obj.name, error=str(e))
-                    backoff[obj.name] = time.monotonic() + JOURNAL_REJOIN_BACKOFF
+                    if obj.remote_leg is not None:
+                        self._rejoin_if_failed(obj, backoff, "remote leg",
+                                               self._remote_leg_failed,
+                                               self.registry.rejoin_remote_leg)
+                    elif obj.mirrored and obj.mapper and obj.nbd:
+                        self._rejoin_if_failed(obj, backoff, "journal leg",
+                                               self._journal_leg_failed,
+                                               self.registry.rejoin)
 
-    def _watch_remote_leg(self, obj: DeviceObj, backoff: dict[str, float]) -> None:
-        """A raid1 whose remote leg failed gets the remote export again once it
-        answers (every JOURNAL_REJOIN_BACKOFF seconds until then)."""
+    @staticmethod
+    def _journal_leg_failed(obj: DeviceObj) -> bool:
+        return any(p.journal_leg_failed for p in _kernel.mirror_status(obj.name))
+
+    @staticmethod
+    def _remote_leg_failed(obj: DeviceObj) -> bool:
         assert obj.remote_leg is not None
+        st = obj.remote_leg.status()
+        if st is None or not st.remote_failed:
+            obj.remote_leg.settle()
+            return False
+        return True
+
+    def _rejoin_if_failed(self, obj: DeviceObj, backoff: dict[str, float], leg: str,
+                          failed: Callable[[DeviceObj], bool],
+                          rejoin: Callable[[DeviceObj], None]) -> None:
+        """Give ``obj`` its ``leg`` again if it failed (a mirror's journal leg: a new
+        nbd device on the export; a raid1's remote leg: the remote once it answers),
+        at most every JOURNAL_REJOIN_BACKOFF seconds."""
         if time.monotonic() < backoff.get(obj.name, 0.0):
             return
         try:
-            st = obj.remote_leg.status()
-            if st is None or not st.remote_failed:
-                obj.remote_leg.settle()
+            if not failed(obj):
                 backoff.pop(obj.name, None)
                 return
-            log.warning("%s: the remote leg %s failed: attaching the remote again",
-                        obj.name, obj.remote_leg.device)
-            self.registry.rejoin_remote_leg(obj)
+            log.warning("%s: the %s failed: attaching it again", obj.name, leg)
+            rejoin(obj)
         except Exception as e:   # one device's trouble; the loop watches on
-            log.error("%s: rejoining the remote leg failed: %s", obj.name, e)
-            self.events.emit("error", "remote-leg-rejoin-failed", obj.kind,
+            log.error("%s: rejoining the %s failed: %s", obj.name, leg, e)
+            self.events.emit("error", f"{leg.replace(' ', '-')}-rejoin-failed", obj.kind,
                              name=obj.name, error=str(e))
         backoff[obj.name] = time.monotonic() + JOURNAL_REJOIN_BACKOFF
 
