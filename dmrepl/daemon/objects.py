@@ -38,6 +38,7 @@ from dmrepl.daemon.tables import REPLICATOR, REPLICATOR_DEV, Line, parse_table
 from dmrepl.errors import Busy, UserError
 from dmrepl.eventlog import EventLog
 from dmrepl.nbd.server import Export, NbdServer
+from dmrepl.tuning import TUNABLES
 
 log = logging.getLogger("dmrepl.daemon")
 
@@ -107,6 +108,10 @@ class Objects:
         self.tuning = tuning
         self.persist = persist
         self.by_name: dict[str, Obj] = {}
+
+    def knob(self, key: str) -> Any:
+        """A tuning knob's value: as the daemon was told, else its default."""
+        return self.tuning.get(key, TUNABLES[key].default)
 
     # -- lookups -----------------------------------------------------------------
 
@@ -222,7 +227,7 @@ class Objects:
         on; one line over a block device; every remote site link async, no
         fall-behind limit: no write ever waits for a site; the replicator's only
         device)?  A device keeps the structure it had (its files say which)."""
-        if not (self.tuning.get("kernel_journal") and self.kernel_devices
+        if not (self.knob("kernel_journal") and self.kernel_devices
                 and self.journal_dir is not None and len(devs) == 1
                 and _kernel.is_block_device(devs[0].local_device())):
             return False
@@ -246,7 +251,7 @@ class Objects:
         sync, without a fall-behind limit, and the device's remote is an NBD
         export), else None.  A device keeps the structure it had (its files say
         which)."""
-        if not (self.tuning.get("remote_leg") and self.kernel_devices
+        if not (self.knob("remote_leg") and self.kernel_devices
                 and self.raid_dir is not None and len(lines) == 1):
             return None
         from dmrepl.replicator.table import parse_device
@@ -347,8 +352,8 @@ class Objects:
             try:
                 obj.kjournal = KernelJournal(
                     name, sectors, devs[0].local_device(), devs[0], self.journal_dir,
-                    segment_bytes=int(self.tuning.get("journal_segment_mib", 256)) << 20,
-                    interval=float(self.tuning.get("journal_interval", 0.5)),
+                    segment_bytes=int(self.knob("journal_segment_mib")) << 20,
+                    interval=float(self.knob("journal_interval")),
                     paused=lambda: obj.suspended,
                     on_event=lambda kind, event, **fields: self.events.emit(
                         kind, event, REPLICATOR_DEV, name=name, **fields))
