@@ -274,12 +274,16 @@ class Objects:
         if self.mirror_log_dir is not None and glob.glob(
                 os.path.join(glob.escape(self.mirror_log_dir), f"{glob.escape(name)}@*.log")):
             return None
-        slinks = rep.engine.status_dict().get("slinks", {})
-        remote_slinks = {int(nr): s for nr, s in slinks.items() if int(nr) != 0}
+        from dmrepl.replicator.table import TableError, parse_replicator
+        try:   # (the live table: what messages changed included)
+            rep_config = parse_replicator(self.live_lines(rep)[0].text)
+        except TableError:   # an engine whose table the real one would refuse (sim)
+            return None
+        remote_slinks = {s.slink_nr: s for s in rep_config.slinks if s.slink_nr != 0}
         if set(remote_slinks) != {remote.slink_nr}:
             return None
-        s = remote_slinks[remote.slink_nr]
-        if s.get("policy") != "sync" or s.get("fallbehind", {}).get("value"):
+        slink = remote_slinks[remote.slink_nr]
+        if not slink.sync or slink.fallbehind.enabled:
             return None
         return leg
 
