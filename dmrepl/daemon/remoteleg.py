@@ -36,12 +36,12 @@ import logging
 import mmap
 import os
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from dmrepl.daemon import _kernel
+from dmrepl.dm import mdraid
 from dmrepl.errors import DmreplError, UserError
 
 log = logging.getLogger(__name__)
@@ -59,20 +59,6 @@ REQUEST_TIMEOUT = 10
 PROBE_TIMEOUT = 3.0
 COPY_CHUNK = 1 << 20
 SECTOR = 512
-
-# dm-raid's superblock (drivers/md/dm-raid.c, struct dm_raid_superblock) and md's
-# bitmap (drivers/md/md-bitmap.h, bitmap_super_t): the fields read here.
-DM_RAID_MAGIC = 0x64526D44
-_SB = struct.Struct("<4I4Q")   # magic compat_features num_devices array_position
-                               # events failed_devices disk_recovery_offset
-                               # array_resync_offset
-BITMAP_OFFSET = 4096           # the bitmap starts 4 KiB into the metadata device
-BITMAP_MAGIC = 0x6D746962
-_BITMAP_SB = struct.Struct("<2I16s3Q2I")   # magic version uuid events events_cleared
-                                           # sync_size state chunksize
-BITMAP_SB_BYTES = 256          # the bits follow the bitmap's super block
-NO_OFFSET = (1 << 64) - 1      # a recovery offset when nothing is being recovered
-
 
 class RemoteLegError(DmreplError):
     """The remote leg of a device cannot be made or attached; the message says why."""
@@ -139,41 +125,26 @@ def raid_params(local_meta: str, local: str, remote_meta: str | None, remote: st
 
 def dirty_ranges(metas: list[bytes], sectors: int) -> list[tuple[int, int]]:
     """The byte ranges ``(offset, length)`` of the device that may differ between
-    the legs, from each leg's metadata (its first BITMAP_OFFSET + a page or
-    more): every region set in a bitmap, and from any recovery or resync
-    position to the end.  Metadata that is not dm-raid's (never written, or
-    damaged) makes the whole device."""
+    the legs, from each leg's metadata (its device's first bytes,
+    :func:`dmrepl.dm.mdraid.read_metadata`): every chunk set in a bitmap, and
+    from any recovery or resync position to the end.  Metadata that is not
+    dm-raid's (never written, or damaged) makes the whole device."""
     size = sectors * SECTOR
-    whole = [(0, size)]
     marked: set[int] = set()
-    region = REGION_SECTORS * SECTOR
+    chunk = REGION_SECTORS * SECTOR
     tail = size
     for data in metas:
-        if len(data) < BITMAP_OFFSET + BITMAP_SB_BYTES:
-            return whole
-        magic, _compat, _ndev, _pos, _events, _failed, disk_recovery, array_resync = \
-            _SB.unpack_from(data, 0)
-        if magic != DM_RAID_MAGIC:
-            return whole
-        for offset in (disk_recovery, array_resync):
-            if offset != NO_OFFSET:
-                tail = min(tail, offset * SECTOR)
-        b_magic, _version, _uuid, _ev, _cleared, _sync_size, _state, chunk = \
-            _BITMAP_SB.unpack_from(data, BITMAP_OFFSET)
-        if b_magic != BITMAP_MAGIC or chunk <= 0:
-            return whole
-        regions = -(-size // chunk)
-        start = BITMAP_OFFSET + BITMAP_SB_BYTES
-        bits = data[start:start + -(-regions // 8)]
-        if len(bits) < -(-regions // 8):
-            return whole
-        value = int.from_bytes(bits, "little")   # md keeps its bits little-endian
-        region = chunk
-        marked |= {i for i in range(regions) if value >> i & 1}
-    ranges = [(i * region, min(region, size - i * region)) for i in sorted(marked)
-              if i * region < tail]
+        leg = mdraid.read_metadata(data, size)
+        if leg is None:
+            return [(0, size)]
+        if leg.recovering_from is not None:
+            tail = min(tail, leg.recovering_from * SECTOR)
+        chunk = leg.chunk
+        marked |= leg.dirty
+    ranges = [(i * chunk, min(chunk, size - i * chunk)) for i in sorted(marked)
+              if i * chunk < tail]
     if tail < size:
-        ranges.append((tail - tail % region, size - (tail - tail % region)))
+        ranges.append((tail - tail % chunk, size - (tail - tail % chunk)))
     return ranges
 
 
@@ -394,7 +365,7 @@ class RemoteLeg:
         the remote copied whole when it joins (what it missed before is in metadata
         that md's new start replaces)."""
         local_meta = self._read_metas()[0]
-        if len(local_meta) < _SB.size or _SB.unpack_from(local_meta)[0] != DM_RAID_MAGIC:
+        if mdraid.read_metadata(local_meta, self.sectors * SECTOR) is None:
             # (dm-raid takes no new array with a leg missing)
             raise RemoteLegError(f"{why}; and {self._metas()[0]} holds no md metadata "
                                  "to start the device without it") from why

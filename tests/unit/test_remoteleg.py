@@ -3,31 +3,34 @@
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 
 from dmrepl.daemon import remoteleg as rl
+from dmrepl.dm import mdraid as md
 from dmrepl.errors import UserError
 
 MiB = 1 << 20
 REGION = rl.REGION_SECTORS * rl.SECTOR
 SECTORS = 64 * MiB // rl.SECTOR        # 16 regions
-NONE = rl.NO_OFFSET
+NONE = md.NO_OFFSET
 
 
 def meta(dirty: set[int] = frozenset(), *, disk_recovery: int = NONE,  # type: ignore[assignment]
-         array_resync: int = NONE, magic: int = rl.DM_RAID_MAGIC,
-         bitmap_magic: int = rl.BITMAP_MAGIC) -> bytes:
+         array_resync: int = NONE, magic: int = md.DM_RAID_MAGIC,
+         bitmap_magic: int = md.BITMAP_MAGIC) -> bytes:
     """A metadata device's first bytes as dm-raid and md write them."""
-    data = bytearray(rl.BITMAP_OFFSET + 4096)
-    struct.pack_into("<4I4Q", data, 0, magic, 0, 2, 0, 7, 0, disk_recovery, array_resync)
-    struct.pack_into("<2I16s3Q2I", data, rl.BITMAP_OFFSET, bitmap_magic, 4, b"u" * 16,
-                     7, 7, SECTORS, 0, REGION)
-    bits = sum(1 << i for i in dirty)
-    start = rl.BITMAP_OFFSET + rl.BITMAP_SB_BYTES
-    data[start:start + 2] = bits.to_bytes(2, "little")
-    return bytes(data)
+    sb = md.DM_RAID_SUPERBLOCK.build(dict(
+        magic=magic, compat_features=0, num_devices=2, array_position=0, events=7,
+        failed_devices=0, disk_recovery_offset=disk_recovery,
+        array_resync_offset=array_resync, level=1, layout=0, stripe_sectors=0))
+    bitmap = md.BITMAP_SUPER.build(dict(
+        magic=bitmap_magic, version=4, uuid=b"u" * 16, events=7, events_cleared=7,
+        sync_size=SECTORS, state=0, chunksize=REGION, daemon_sleep=5, write_behind=0,
+        sectors_reserved=8, nodes=0, cluster_name=bytes(64), pad=bytes(120)))
+    bits = sum(1 << i for i in dirty).to_bytes(2, "little")
+    data = (sb.ljust(md.BITMAP_OFFSET, b"\0") + bitmap + bits).ljust(md.BITMAP_OFFSET + 4096,
+                                                                    b"\0")
+    return data
 
 
 def test_clean_metadata_leaves_nothing_to_copy() -> None:
