@@ -231,10 +231,9 @@ class Objects:
                 and self.journal_dir is not None and len(devs) == 1
                 and _kernel.is_block_device(devs[0].local_device())):
             return False
-        if os.path.exists(os.path.join(self.journal_dir, f"{name}.journal")):
+        if self._was_journaled(name):
             return True
-        if self.mirror_log_dir is not None and glob.glob(
-                os.path.join(glob.escape(self.mirror_log_dir), f"{glob.escape(name)}@*.log")):
+        if self._was_mirrored(name):
             return False
         if self.devices_of(rep):
             # each kernel journal keeps its own device's order only: a replicator's
@@ -243,6 +242,16 @@ class Objects:
         slinks = rep.engine.status_dict().get("slinks", {})
         return all(s.get("policy") == "async" and not s.get("fallbehind", {}).get("value")
                    for nr, s in slinks.items() if int(nr) != 0)
+
+    def _was_journaled(self, name: str) -> bool:
+        """NAME was made a kernel journal (its journal order file is there)."""
+        return self.journal_dir is not None and os.path.exists(
+            os.path.join(self.journal_dir, f"{name}.journal"))
+
+    def _was_mirrored(self, name: str) -> bool:
+        """NAME was made a mirror (a dirty-log file of one of its lines is there)."""
+        return self.mirror_log_dir is not None and bool(glob.glob(
+            os.path.join(glob.escape(self.mirror_log_dir), f"{glob.escape(name)}@*.log")))
 
     def _remote_leg_for(self, name: str, rep: ReplicatorObj,
                         lines: list[Line]) -> RemoteLeg | None:
@@ -268,11 +277,7 @@ class Objects:
         if not (remote.dev_path.startswith(("nbd://", "nbd+unix://"))
                 or _kernel.is_block_device(remote.dev_path)):
             return None
-        if self.journal_dir is not None and os.path.exists(
-                os.path.join(self.journal_dir, f"{name}.journal")):
-            return None
-        if self.mirror_log_dir is not None and glob.glob(
-                os.path.join(glob.escape(self.mirror_log_dir), f"{glob.escape(name)}@*.log")):
+        if self._was_journaled(name) or self._was_mirrored(name):
             return None
         from dmrepl.replicator.table import TableError, parse_replicator
         try:   # (the live table: what messages changed included)
@@ -347,8 +352,10 @@ class Objects:
                 obj.remote_leg = remote_leg
                 log.info("%s: %s ready (remote leg %s)", name, obj.mapper, remote_leg.device)
             except BaseException:
-                if remote_leg.device and not obj.mapper:
-                    remote_leg.close(keep=True)
+                if obj.remote_leg is None:   # (destroy closes it once it is the object's)
+                    # its nbd device, its metadata's loop devices; the files only if
+                    # no earlier start made them
+                    remote_leg.close(keep=remote_leg.made_before())
                 self.destroy(obj, keep_logs=True)
                 raise
         elif journaled:

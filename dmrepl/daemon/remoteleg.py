@@ -232,10 +232,6 @@ class RemoteLeg:
         """The device was made with this structure (its files say so)."""
         return os.path.exists(self._path("raid"))
 
-    @staticmethod
-    def made_before_in(directory: str, name: str) -> bool:
-        return os.path.exists(os.path.join(directory, f"{name}.raid"))
-
     def _attach_metas(self, fresh: bool) -> list[str]:
         if fresh:
             for path in self._metas():
