@@ -451,3 +451,60 @@ def mapper_writes(name: str) -> int:
         return -1
     # write I/Os; discard I/Os; flush I/Os (when the kernel counts them)
     return sum(fields[i] for i in (4, 11, 15) if i < len(fields))
+
+
+# -- the written-block record under a kernel journal (dm era; see dmrepl.daemon.erarecord)
+
+def create_era(name: str, sectors: int, metadata: str, origin: str,
+               block_sectors: int) -> str:
+    """Create /dev/mapper/NAME as ``era METADATA ORIGIN BLOCK_SECTORS`` (the
+    kernel formats new metadata, opens existing metadata)."""
+    from dmrepl.dm import era
+    from dmrepl.dm.table import Target
+    dm = _dm()
+    try:
+        dm.create_device(name, [Target(0, sectors, "era",
+                                       era.target_params(metadata, origin, block_sectors))])
+        dm.ensure_node(name)
+    except OSError as e:
+        raise KernelDeviceError(f"device-mapper {name}: {e}") from e
+    return f"/dev/mapper/{name}"
+
+
+def era_status(name: str) -> Any:
+    """NAME's era status (an ``EraStatus``), None if it is gone or no era target."""
+    from dmrepl.dm import era
+    try:
+        targets = _dm().status(name)
+    except OSError:
+        return None
+    for t in targets:
+        if t.target_type == "era":
+            return era.parse_status(t.params)
+    return None
+
+
+def era_message(name: str, text: str) -> None:
+    """Send an era target message (``checkpoint``, ``take_metadata_snap``,
+    ``drop_metadata_snap``)."""
+    try:
+        _dm().message(name, 0, text)
+    except OSError as e:
+        raise KernelDeviceError(f"device-mapper {name}: {text}: {e}") from e
+
+
+def logwrites_origin(name: str) -> str | None:
+    """The origin device (``major:minor``) of NAME's live log-writes table."""
+    try:
+        targets = _dm().table(name)
+    except OSError:
+        return None
+    return targets[0].params.split()[0] if targets else None
+
+
+def mapper_devno(name: str) -> str | None:
+    """``major:minor`` of /dev/mapper/NAME (None if it does not exist)."""
+    info = _dm().info(name)
+    if not info.exists:
+        return None
+    return f"{info.major}:{info.minor}"

@@ -42,7 +42,9 @@ from typing import Any
 from dmrepl.blockio import WriteOp
 from dmrepl.daemon import _kernel
 from dmrepl.daemon._engine import EngineDevice
+from dmrepl.daemon.erarecord import EraRecord
 from dmrepl.daemon.exports import write_op
+from dmrepl.dm import era as era_fmt
 from dmrepl.dm import logwrites as lw
 from dmrepl.errors import DmreplError
 
@@ -67,6 +69,7 @@ class _Stats:
     entries: int = 0
     bytes: int = 0
     resyncs: int = 0
+    resync_bytes: int = 0
 
 
 @dataclass
@@ -91,6 +94,12 @@ class KernelJournal:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _loops: list[str] = field(default_factory=list)
+    #: the era device under the journal (None: a device made before it had one)
+    record: EraRecord | None = None
+    #: for each segment not yet drained: the era current when it began
+    eras: dict[int, int] = field(default_factory=dict)
+    #: the device under log-writes (the era device, or the local device)
+    _under: str = ""
     #: the device's write count just before the last swap (-1: none yet)
     _writes_at_swap: int = -1
 
@@ -106,7 +115,9 @@ class KernelJournal:
         """``NAME.journal``: the segments to drain, oldest first, then the current."""
         tmp = self._path("journal.tmp")
         with open(tmp, "w") as f:
-            json.dump({"pending": list(self.pending), "current": self.current}, f)
+            busy = [*self.pending, self.current]
+            json.dump({"pending": list(self.pending), "current": self.current,
+                       "eras": {str(i): self.eras[i] for i in busy if i in self.eras}}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._path("journal"))
@@ -117,9 +128,11 @@ class KernelJournal:
                 saved = json.load(f)
             pending = [int(i) for i in saved["pending"]]
             current = int(saved["current"])
+            # (absent: saved before the era record)
+            self.eras = {int(i): int(e) for i, e in saved.get("eras", {}).items()}
         except FileNotFoundError:
             return [], None
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise JournalError(f"{self.name}: journal state {self._path('journal')} "
                                f"unreadable ({e}): remove the device and create it again"
                                ) from e
@@ -159,7 +172,8 @@ class KernelJournal:
         self._loops = [_kernel.attach_file_loop(self._segment(i), self.segment_bytes)[0]
                        for i in range(SEGMENTS)]
         live = _kernel.logwrites_logdev(self.name)
-        lost = os.path.exists(self._path("resync"))
+        record = EraRecord(self.name, self.sectors, self.local, self.directory)
+        self._resync_saved()   # (a resync a restart interrupted)
         if live is not None:
             # a daemon died: the kernel journalled on
             pending, current = self._load_order()
@@ -168,12 +182,19 @@ class KernelJournal:
                 # it died between the kernel's swap and saving it: the segment saved
                 # as current was swapped out and waits like the others
                 pending.append(current)
+                self.eras.setdefault(now, self.eras.get(current, 0))
             elif current != now:
                 raise JournalError(f"{self.name}: the kernel journals to {live}, not the "
                                    "segment the journal state names: remove the device "
                                    "and create it again")
             self.pending.extend(pending)
             self.current = now
+            under = _kernel.logwrites_origin(self.name)
+            if record.live_devno() is not None and record.live_devno() == under:
+                self.record = record
+                self._under = record.open()
+            else:   # made before the era record: none
+                self._under = self.local
             if _kernel.resume_if_suspended(self.name):
                 log.warning("%s: resumed: a daemon died in the middle of a segment swap",
                             self.name)
@@ -181,22 +202,52 @@ class KernelJournal:
                      self.name, now, len(pending))
             path = f"/dev/mapper/{self.name}"
         else:
+            lost: list[tuple[int, int]] | None = []
             if existed and os.path.exists(self._path("active")):
                 # the device went without its daemon draining it: a crash
+                lost = self._lost_in_crash(record)
                 log.warning("%s: the kernel journal was live and is gone (a crash): "
-                            "the remote site links resynchronise the device", self.name)
-                lost = True
+                            "the remote site links resynchronise %s", self.name,
+                            "the whole device" if lost is None else
+                            f"{len(lost)} ranges ({sum(n for _, n in lost)} bytes) "
+                            "written since its oldest segment not drained")
             for i in range(SEGMENTS):
                 self._empty(i)
             self.current = 0
+            self.pending.clear()
+            self._under = self.local
+            self.eras = {}
+            if record.usable:
+                self.record = record   # (before: close undoes a half-made one)
+                self._under = record.open()
+                self.eras[0] = record.current_era()
             self._save_order()
-            path = _kernel.create_logwrites(self.name, self.sectors, self.local,
+            path = _kernel.create_logwrites(self.name, self.sectors, self._under,
                                             self._loops[0], uuid)
+            if lost != []:
+                self._resync(lost, "the kernel journal lost writes in a crash")
         self._flag("active", True)
-        if lost:
-            self._resync_all("the kernel journal lost writes")
         self.start()
         return path
+
+    def _lost_in_crash(self, record: EraRecord) -> list[tuple[int, int]] | None:
+        """What a crash may have kept from the journal: the blocks written since
+        the era its oldest segment not drained began in (None: the whole device,
+        there is no era record to say)."""
+        try:
+            pending, current = self._load_order()
+        except JournalError as e:
+            log.warning("%s", e)
+            return None
+        busy = [*pending, *([] if current is None else [current])]
+        if not busy or not all(i in self.eras for i in busy) \
+                or not os.path.exists(record.metadata):
+            return None
+        try:
+            return record.written_since(min(self.eras[i] for i in busy))
+        except (era_fmt.EraFormatError, OSError) as e:
+            log.warning("%s: the era record is unreadable (%s)", self.name, e)
+            return None
 
     def start(self) -> None:
         """(Re)start draining."""
@@ -242,6 +293,12 @@ class KernelJournal:
                 log.error("%s: draining the kernel journal at close failed: %s", self.name, e)
         for i in range(SEGMENTS):
             _kernel.detach_file_loop(self._segment(i), delete=not keep)
+        if self.record is not None:
+            if _kernel.mapper_exists(self.name):   # (it holds the era device open)
+                log.error("%s: still there: its era device %s stays", self.name,
+                          self.record.dm_name)
+            else:
+                self.record.close(keep=keep)
         if not keep:
             for suffix in ("journal", "active", "resync"):
                 self._flag(suffix, False)
@@ -280,16 +337,31 @@ class KernelJournal:
             # (read before: a write completing meanwhile is in the old segment, and
             # counts as new: one swap more, never one write missed)
             writes = _kernel.mapper_writes(self.name)
-            status = _kernel.swap_logwrites(self.name, self.sectors, self.local,
+            status = _kernel.swap_logwrites(self.name, self.sectors, self._under,
                                             self._loops[nxt])
             self._writes_at_swap = writes
-            self.pending.append(self.current)
+            old = self.current
+            self.pending.append(old)
             self.current = nxt
+            # the new segment's era: the one current at the swap (what it logs was
+            # written in that era or a later one)
+            self.eras[nxt] = self._checkpoint(since=self.eras.get(old, 0))
             self._save_order()
             self.stats.swaps += 1
         if status is not None and status.disabled:
             # the old segment filled: what came after is not in it
-            self._resync_all("a kernel journal segment filled up")
+            self._resync_since(old, "a kernel journal segment filled up")
+
+    def _checkpoint(self, since: int) -> int:
+        """A new era; returns the one current before it (``since`` if the era
+        device does not answer: an older era, so more to resync, never less)."""
+        if self.record is None:
+            return since
+        try:
+            return self.record.checkpoint()
+        except _kernel.KernelDeviceError as e:
+            log.warning("%s: era checkpoint: %s", self.name, e)
+            return since
 
     def _drain_pending(self) -> None:
         while self.pending:
@@ -361,7 +433,7 @@ class KernelJournal:
                     push()
             push()
         except lw.LogFormatError as e:
-            self._resync_all(f"segment {path} unreadable: {e}")
+            self._resync_since(i, f"segment {path} unreadable: {e}")
         finally:
             if view is not None:
                 view.close()
@@ -374,12 +446,75 @@ class KernelJournal:
 
     # -- lost writes ----------------------------------------------------------------
 
-    def _resync_all(self, why: str) -> None:
-        self._flag("resync", True)
-        self.dev.lost_writes()
+    def _resync_since(self, segment: int, why: str) -> None:
+        """Segment ``segment`` lost writes: resynchronise the blocks written since
+        it began (the whole device without an era record)."""
+        lost: list[tuple[int, int]] | None = None
+        if self.record is not None and segment in self.eras:
+            try:
+                lost = self.record.written_since(self.eras[segment])
+            except (era_fmt.EraFormatError, OSError) as e:
+                log.warning("%s: the era record is unreadable (%s)", self.name, e)
+        self._resync(lost, why)
+
+    def _resync(self, lost: list[tuple[int, int]] | None, why: str) -> None:
+        """Mark ``lost`` ((offset, length) in bytes; None: the whole device) out
+        of sync on the remote site links, after saving it in ``NAME.resync`` (with
+        what was saved there before) until they are in sync again."""
+        if lost == []:
+            log.info("%s: %s: its era record says nothing was written since", self.name, why)
+            return
+        under_way, saved = self._saved_resync()
+        if under_way:
+            self._save_resync(None if lost is None or saved is None else [*saved, *lost])
+        else:
+            self._save_resync(lost)
+        if lost is None:
+            self.dev.lost_writes()
+        else:
+            for offset, length in lost:
+                self.dev.lost_writes(offset, length)
+        nbytes = self.sectors * 512 if lost is None else sum(n for _, n in lost)
         self.stats.resyncs += 1
-        log.warning("%s: %s: the remote site links resynchronise the device", self.name, why)
-        self.on_event("warning", "kernel-journal-resync", reason=why)
+        self.stats.resync_bytes += nbytes
+        what = "the whole device" if lost is None else f"{nbytes} bytes in {len(lost)} ranges"
+        log.warning("%s: %s: the remote site links resynchronise %s", self.name, why, what)
+        self.on_event("warning", "kernel-journal-resync", reason=why, bytes=nbytes)
+
+    def _saved_resync(self) -> tuple[bool, list[tuple[int, int]] | None]:
+        """Whether ``NAME.resync`` says a resync is under way, and of what: the
+        ranges, or None for the whole device."""
+        try:
+            with open(self._path("resync")) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return False, None
+        try:
+            ranges = json.loads(text)["ranges"]
+            return True, [(int(o), int(n)) for o, n in ranges]
+        except (ValueError, KeyError, TypeError):
+            return True, None   # (empty: written before ranges were; or damaged)
+
+    def _save_resync(self, lost: list[tuple[int, int]] | None) -> None:
+        tmp = self._path("resync.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"ranges": lost} if lost is not None else {"all": True}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path("resync"))
+
+    def _resync_saved(self) -> None:
+        """Mark again what ``NAME.resync`` says a restart interrupted."""
+        under_way, saved = self._saved_resync()
+        if not under_way:
+            return
+        if saved is None:
+            self.dev.lost_writes()
+        else:
+            for offset, length in saved:
+                self.dev.lost_writes(offset, length)
+        log.info("%s: the remote site links go on resynchronising what the kernel "
+                 "journal lost", self.name)
 
     def _check_resynced(self) -> None:
         if os.path.exists(self._path("resync")) and self.dev.remote_in_sync():
@@ -394,4 +529,6 @@ class KernelJournal:
             return {"segments": SEGMENTS, "segment_bytes": self.segment_bytes,
                     "current": self.current, "to_drain": len(self.pending),
                     "drained": drained, "swaps": self.stats.swaps,
-                    "resyncs": self.stats.resyncs, "error": self.error}
+                    "resyncs": self.stats.resyncs,
+                    "resync_bytes": self.stats.resync_bytes, "error": self.error,
+                    "era_record": self.record is not None}

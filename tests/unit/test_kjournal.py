@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from dmrepl.blockio import AckWait, WriteOp
-from dmrepl.daemon import _kernel
+from dmrepl.daemon import _kernel, erarecord
 from dmrepl.daemon.kjournal import KernelJournal
+from dmrepl.dm import era as era_fmt
 from dmrepl.dm import logwrites as lw
 
 S = 512
@@ -65,19 +66,27 @@ class Journal:
 class Device:
     journal_backend: Journal = field(default_factory=Journal)
     lost: int = 0
+    lost_ranges: list[tuple[int, int | None]] = field(default_factory=list)
 
     def journal(self) -> Journal:
         return self.journal_backend
 
     def lost_writes(self, offset: int = 0, length: int | None = None) -> None:
         self.lost += 1
+        self.lost_ranges.append((offset, length))
 
     def remote_in_sync(self) -> bool:
         return self.lost == 0
 
 
+ERA_DEV = "253:9"
+ERA_BLOCK = 64          # sectors per era block, in the fake era's answers
+
+
 class FakeKernel:
-    """log-writes NAME over one of the segment files' fake loop devices."""
+    """log-writes NAME over one of the segment files' fake loop devices, over an
+    era device whose record of written blocks the test sets (``era_written``:
+    era -> blocks)."""
 
     def __init__(self) -> None:
         self.live: str | None = None      # the fake loop device the table logs to
@@ -86,6 +95,10 @@ class FakeKernel:
         self.writes = 0
         self.on_swap: list[bytes] = []    # what the old target logged, per swap
         self.suspended = False
+        self.era_live = False
+        self.era = 1
+        self.era_written: dict[int, set[int]] = {}
+        self.era_unreadable = False
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         loops: dict[str, str] = {}
@@ -122,6 +135,35 @@ class FakeKernel:
                             lambda name: lw.LogWritesStatus(0, 0, False))
         monkeypatch.setattr(_kernel, "mapper_exists", lambda name: self.live is not None)
         monkeypatch.setattr(_kernel, "mapper_writes", lambda name: self.writes)
+
+        def era_message(name: str, text: str) -> None:
+            if text == "checkpoint":
+                self.era += 1
+
+        def create_era(name: str, *args: Any) -> str:
+            self.era_live = True
+            return f"/dev/mapper/{name}"
+
+        def written_since(read_block: Any, era: int, *, snapshot: bool = False
+                          ) -> tuple[int, set[int]]:
+            assert snapshot == self.era_live
+            if self.era_unreadable:
+                raise era_fmt.EraFormatError("bad checksum")
+            return ERA_BLOCK, {b for e, blocks in self.era_written.items() if e >= era
+                               for b in blocks}
+
+        def remove_mapper(name: str) -> None:
+            if name.startswith("."):
+                self.era_live = False
+        monkeypatch.setattr(_kernel, "mapper_devno", lambda name: (
+            ERA_DEV if name.startswith(".") and self.era_live else None))
+        monkeypatch.setattr(_kernel, "create_era", create_era)
+        monkeypatch.setattr(_kernel, "era_status", lambda name: era_fmt.EraStatus(self.era, None))
+        monkeypatch.setattr(_kernel, "era_message", era_message)
+        monkeypatch.setattr(_kernel, "logwrites_origin", lambda name: (
+            ERA_DEV if self.era_live else "/dev/local"))
+        monkeypatch.setattr(_kernel, "remove_mapper", remove_mapper)
+        monkeypatch.setattr(erarecord.fmt, "written_since", written_since)
 
         def resume_if_suspended(name: str) -> bool:
             was, self.suspended = self.suspended, False
@@ -167,8 +209,8 @@ def test_a_segment_is_appended_in_log_order_with_its_flushes_then_emptied(
     # the drained segment is empty (its super gone) and no longer to drain
     with open(tmp_path / "d.0.seg", "rb") as f:
         assert lw.parse_super(f.read(64)) is None
-    assert json.loads((tmp_path / "d.journal").read_text()) == {"pending": [],
-                                                               "current": 1}
+    assert json.loads((tmp_path / "d.journal").read_text()) == {
+        "pending": [], "eras": {"1": 1}, "current": 1}
     assert dev.lost == 0
     assert kj.describe()["drained"]
     kernel.writes += 1            # a write since the swap: in no drained segment yet
@@ -222,6 +264,7 @@ def test_a_device_gone_while_journalled_is_resynchronised(
         tmp_path: Path, kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
     kj, _dev = opened
     kj.stop()
+    kernel.era_written = {1: {2}}
     kernel.live = None          # the host crashed: no device, "active" on disk
     dev2 = Device()
     kj2 = journal(tmp_path, dev2)
@@ -233,9 +276,56 @@ def test_a_device_gone_while_journalled_is_resynchronised(
         kj2.stop()
 
 
+def test_a_crash_resyncs_only_the_blocks_written_since_the_oldest_segment_not_drained(
+        tmp_path: Path, kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
+    kj, _dev = opened
+    kj.drain_now()      # segment 0 (era 1) drained; segment 1 began in era 1
+    kj.swap()           # segment 2 began in era 2; segment 1 waits
+    kernel.era_written = {1: {0}, 2: {3}, 3: {4, 5}}
+    kernel.live, kernel.era_live = None, False      # the host crashed
+    dev2 = Device()
+    kj2 = journal(tmp_path, dev2)
+    kj2.open(None)
+    try:
+        # segments 1 and 2 were not drained: what was written since era 1
+        unit = ERA_BLOCK * S
+        assert dev2.lost_ranges == [(0, unit), (3 * unit, 3 * unit)]
+        assert json.loads((tmp_path / "d.resync").read_text())["ranges"] == [
+            [0, unit], [3 * unit, 3 * unit]]
+        assert kj2.describe()["resync_bytes"] == 4 * unit
+    finally:
+        kj2.stop()
+    # restarted before the remote site links caught up: the same ranges again
+    kernel.live, kernel.era_live = None, False
+    kj2.close(keep=True)
+    dev3 = Device()
+    kj3 = journal(tmp_path, dev3)
+    kj3.open(None)
+    try:
+        assert dev3.lost_ranges == [(0, unit), (3 * unit, 3 * unit)]
+    finally:
+        kj3.stop()
+
+
+def test_a_crash_with_the_era_record_unreadable_resyncs_the_whole_device(
+        tmp_path: Path, kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
+    kj, _dev = opened
+    kj.stop()
+    kernel.era_unreadable = True
+    kernel.live, kernel.era_live = None, False
+    dev2 = Device()
+    kj2 = journal(tmp_path, dev2)
+    kj2.open(None)
+    try:
+        assert dev2.lost_ranges == [(0, None)]
+    finally:
+        kj2.stop()
+
+
 def test_a_segment_with_writes_past_the_device_is_not_trusted(
         kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
     kj, dev = opened
+    kernel.era_written = {1: {0}}
     kernel.on_swap.append(segment_image(entry(SECTORS, 1, 0, b"\x01" * S)))
     kj.drain_now()
     assert dev.journal_backend.log == [] and dev.lost == 1
