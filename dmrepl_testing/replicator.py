@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from dmrepl.blockio import MemoryBlockIO
+from dmrepl.crc import crc32c
 from dmrepl.replicator import ondisk
-from dmrepl.replicator.crc import crc32c
 
 SECTOR = 512
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 from construct import Bytes, Int32ul, Int64ul, Struct
 
+from dmrepl.crc import crc32c
 from dmrepl.errors import DmreplError
-from dmrepl.replicator.crc import crc32c
 
 #: ``DM_ERA_METADATA_BLOCK_SIZE``.
 BLOCK_SIZE = 4096

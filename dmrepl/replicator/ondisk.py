@@ -53,8 +53,8 @@ from construct import (
     this,
 )
 
+from dmrepl.crc import crc32c
 from dmrepl.flatstruct import FlatPacker
-from dmrepl.replicator.crc import crc32c
 
 SECTOR = 512
 SLOT = 4096

@@ -36,8 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from dmrepl.blockio._range import Buffer
+from dmrepl.crc import crc32c
 from dmrepl.replicator import ondisk
-from dmrepl.replicator.crc import crc32c
 from dmrepl.replicator.errors import ReplogCorrupt, ReplogIOError, TableError
 from dmrepl.replicator.ondisk import (
     ENTRY_FLAG_ZERO,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dmrepl.crc import crc32c, crc32c_py
 from dmrepl.replicator import ondisk
-from dmrepl.replicator.crc import crc32c, crc32c_py
 from dmrepl.replicator.errors import ReplogCorrupt
 from dmrepl.replicator.ondisk import FormatError
 from dmrepl.replicator.ringlog import RingLog

@@ -1,4 +1,5 @@
-"""CRC32C (Castagnoli), the checksum of every on-disk structure of the log.
+"""CRC32C (Castagnoli): the checksum of every on-disk structure of the replication
+log, and (seeded and finished as the kernel does) of the era metadata.
 
 Uses the ``crc32c`` package (hardware-accelerated) when installed, else a
 table-driven pure-Python fallback (correct, but slow: about 10 MB/s).
