@@ -102,6 +102,8 @@ class KernelJournal:
     _under: str = ""
     #: the device's write count just before the last swap (-1: none yet)
     _writes_at_swap: int = -1
+    #: NAME is no longer a log-writes target (:meth:`drain_replaced`)
+    _replaced: bool = False
 
     # -- files ----------------------------------------------------------------------
 
@@ -272,6 +274,15 @@ class KernelJournal:
         raise JournalError(f"{self.name}: the kernel journals to {devno}, which is none "
                            "of its segments: remove the device and create it again")
 
+    def drain_replaced(self) -> None:
+        """After NAME's log-writes table was replaced by another (its target,
+        destroyed, logged all it held): drain every segment, in order; draining
+        stays stopped and :meth:`close` drains nothing more."""
+        self.stop()
+        self.pending.append(self.current)
+        self._drain_pending()
+        self._replaced = True
+
     def stop(self) -> None:
         """Stop draining (the kernel journals on)."""
         self._stop.set()
@@ -284,7 +295,7 @@ class KernelJournal:
         drain every segment, then detach them (``keep``: the files stay, a clean
         state for the next start; else they are deleted)."""
         self.stop()
-        if not _kernel.mapper_exists(self.name):
+        if not self._replaced and not _kernel.mapper_exists(self.name):
             try:
                 self.pending.append(self.current)
                 self._drain_pending()
@@ -294,8 +305,8 @@ class KernelJournal:
         for i in range(SEGMENTS):
             _kernel.detach_file_loop(self._segment(i), delete=not keep)
         if self.record is not None:
-            if _kernel.mapper_exists(self.name):   # (it holds the era device open)
-                log.error("%s: still there: its era device %s stays", self.name,
+            if _kernel.mapper_open_count(self.record.dm_name):   # (NAME over it)
+                log.error("%s: its era device %s is still open: it stays", self.name,
                           self.record.dm_name)
             else:
                 self.record.close(keep=keep)

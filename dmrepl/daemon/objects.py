@@ -327,13 +327,19 @@ class Objects:
 
     def _create_device(self, name: str, lines: list[Line], uuid: str) -> DeviceObj:
         rep = self._replicator_named_by(lines)
-        journaled_peer = [o.name for o in self.devices_of(rep) if o.kjournal is not None]
-        if journaled_peer:
-            raise UserError(f"replicator {rep.name!r} holds {journaled_peer[0]}, a kernel "
-                            "journal: it keeps the write order of its own device only, so "
-                            "it cannot share a replicator; use another replicator")
         remote_leg = self._remote_leg_for(name, rep, lines)
         devs = self._add_devs(rep, lines, local_only=remote_leg is not None)
+        try:
+            for peer in self.devices_of(rep):
+                if peer.kjournal is not None:
+                    # a kernel journal keeps its own device's write order only: the
+                    # replicator's order across devices needs them all on the mirror
+                    self._journal_to_mirror(peer)
+        except BaseException:
+            for dev in devs:
+                with contextlib.suppress(Exception):
+                    rep.engine.remove_device(dev.dev_nr)
+            raise
         sectors = sum(line.length for line in lines)
         journaled = remote_leg is None and self._journalable(name, rep, devs)
         mirrored = remote_leg is None and not journaled and self._mirrorable(devs)
@@ -394,6 +400,51 @@ class Objects:
                 self.destroy(obj)
                 raise
         return obj
+
+    def _journal_to_mirror(self, obj: DeviceObj) -> None:
+        """Make a kernel journal device a mirror, in place (writers wait a moment,
+        nothing fails).  Its journal's writes enter the replication log before any
+        the mirror's journal leg takes: that leg's export holds every request until
+        the journal is drained."""
+        kj = obj.kjournal
+        assert kj is not None
+        log.info("%s: its replicator gets a second device: the kernel journal becomes "
+                 "a mirror", obj.name)
+        kj.drain_now()   # (most of it now, so the writers' wait below is short)
+        old_export = obj.export
+        export = Export(obj.name, backend_of(obj.lines, obj.devs, journal=True),
+                        size=obj.sectors * SECTOR)
+        self.nbd.remove_export(obj.name)
+        self.nbd.add_export(export)
+        obj.export, obj.mirrored = export, True
+        try:
+            nbd = self._attach_nbd(obj)
+            parts = self._mirror_parts(obj, obj.lines, obj.devs)
+        except BaseException:
+            self.nbd.remove_export(obj.name)
+            self.nbd.add_export(old_export)
+            obj.export, obj.mirrored = old_export, False
+            if obj.nbd:
+                _kernel.detach_nbd(obj.nbd)
+                obj.nbd = None
+            kj.start()
+            raise
+        # (its drainer is stopped: nothing else swaps segments)
+        export.suspend()
+        try:
+            _kernel.create_mirror(obj.name, parts, nbd)   # (suspend, load, resume)
+            try:
+                kj.drain_replaced()
+            except Exception as e:   # what it held reaches the remotes by resync
+                log.error("%s: draining the replaced kernel journal failed (%s): the "
+                          "remote site links resynchronise the device", obj.name, e)
+                obj.devs[0].lost_writes()
+        finally:
+            export.resume()
+        kj.close(keep=False)
+        obj.kjournal = None
+        self.events.emit("change", "structure-changed", REPLICATOR_DEV, name=obj.name,
+                         structure="mirror")
 
     def destroy(self, obj: Obj, *, keep_logs: bool = False) -> None:
         """Undo everything an object holds (kernel devices first); no persistence.
@@ -649,11 +700,13 @@ class Objects:
         raise UserError(f"sector {sector} is outside {obj.name} (0..{obj.sectors - 1})")
 
     def check_message(self, obj: Obj, args: list[str]) -> None:
-        """Refuse (UserError, nothing changed) a message that a raid1 with a remote
-        leg cannot follow: its site link devices changing (``device add|del``:
-        its writes never enter the replication log), its site link made
-        asynchronous or given a fall-behind limit (md writes the remote
-        synchronously, whatever the link says)."""
+        """Refuse (UserError, nothing changed) a message that a device's kernel
+        structure cannot follow.  A raid1 with a remote leg: its site link
+        devices changing (``device add|del``: its writes never enter the
+        replication log), its site link made asynchronous or given a fall-behind
+        limit (md writes the remote synchronously, whatever the link says).  A
+        kernel journal: a site link made synchronous or given a fall-behind limit
+        (the kernel completes every write before the daemon sees it)."""
         words = [a.lower() for a in args]
         if isinstance(obj, DeviceObj):
             if obj.remote_leg is not None and words[:1] == ["device"]:
@@ -661,24 +714,31 @@ class Objects:
                                 "devices cannot change; remove it and create it with the "
                                 "new table")
             return
-        raid1 = [d.name for d in self.devices_of(obj) if d.remote_leg is not None]
-        if not raid1 or words[:2] != ["slink", "message"]:
+        if words[:2] != ["slink", "message"]:
             return
-        loosens = False
+        policy: str | None = None
+        fallbehind = False
         i = 3
         while i < len(words):   # (the engine checks the grammar; this reads it only)
             if words[i] == "policy":
-                loosens |= words[i + 1:i + 2] != ["sync"]
+                policy = words[i + 1] if i + 1 < len(words) else None
                 i += 2
             elif words[i] == "fallbehind":
-                loosens |= words[i + 2:i + 3] != ["0"]
+                fallbehind |= words[i + 2:i + 3] != ["0"]
                 i += 3
             else:
                 i += 2
-        if loosens:
+        raid1 = [d.name for d in self.devices_of(obj) if d.remote_leg is not None]
+        if raid1 and (fallbehind or policy not in (None, "sync")):
             raise UserError(f"{obj.name}'s site link carries {', '.join(raid1)}, a raid1 "
                             "with a remote leg (synchronous in the kernel): it cannot "
                             "become asynchronous or fall behind; remove the device first")
+        journaled = [d.name for d in self.devices_of(obj) if d.kjournal is not None]
+        if journaled and (fallbehind or policy == "sync"):
+            raise UserError(f"{obj.name}'s site link carries {', '.join(journaled)}, a "
+                            "kernel journal (the kernel completes its writes before the "
+                            "daemon sees them): it cannot become synchronous or get a "
+                            "fall-behind limit; remove the device first")
 
 
 def _local_only(line: Line) -> str:

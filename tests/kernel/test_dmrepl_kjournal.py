@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 
 from dmrepl_testing.daemon import DaemonProcess, KernelLab, RemoteSite, Replicated, trace
-from tests.kernel.test_dmrepl_crash import BLOCK, Writer, assert_prefix, seqs_present
+from tests.kernel.test_dmrepl_crash import (
+    BLOCK,
+    Writer,
+    assert_prefix,
+    read_blocks,
+    seqs_present,
+)
 from tests.kernel.test_dmrepl_outage import digest
 
 pytestmark = pytest.mark.kernel
@@ -145,6 +151,13 @@ def test_a_crash_resyncs_only_the_blocks_written_since_the_journal_last_drained(
                     remote_policy="async", delay_ms=20,
                     site=site, site_disks=site.take()) as r:
         assert describe(r)["kernel_journal"]["era_record"]
+        # what a kernel journal cannot follow is refused, and changes nothing
+        table = r.check(d.cli("table", r.rep))
+        for words in (["policy", "sync"], ["fallbehind", "ios", "100"]):
+            proc = d.cli("message", r.rep, "0", "slink", "message", "1", *words)
+            assert proc.returncode == 3 and "kernel journal" in proc.stderr, (words, proc.stderr)
+        assert r.check(d.cli("table", r.rep)) == table
+        r.check(d.cli("message", r.rep, "0", "slink", "message", "1", "policy", "async"))
         Writer([(r.mapper(), b) for b in range(0, size_mb * MB // BLOCK, MB // BLOCK)]).run()
         r.wait_converged(timeout=600)       # every MiB written, all drained
         Writer([(r.mapper(), 1)]).run()     # the segment after begins with this one
@@ -164,3 +177,56 @@ def test_a_crash_resyncs_only_the_blocks_written_since_the_journal_last_drained(
         st = describe(r)["kernel_journal"]
         assert st["resyncs"] == 1 and 0 < st["resync_bytes"] <= 4 * MB, (st, d.log()[-3000:])
         assert digest(r.remotes[0], size_mb * MB) == digest(r.locals[0], size_mb * MB)
+
+
+def test_a_second_device_makes_the_kernel_journal_a_mirror_and_keeps_the_order(
+        kj: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
+    """A kernel journal keeps its own device's write order only: a second device
+    on its replicator makes it a mirror, in place, its journal drained into the
+    replication log first; then writes alternating between the two devices reach
+    the remote site as a prefix of their history."""
+    d, site, lab = kj
+    disks = site.take(2)
+    with Replicated(lab, d, "dmrepl-test-kjtwo", size_mb=8, log_mb=16, remote_policy="async",
+                    delay_ms=30, site=site, site_disks=disks[:1]) as r:
+        assert describe(r)["structure"] == "log-writes"
+        name2 = "dmrepl-test-kjtwo-1"
+        mapper2 = f"/dev/mapper/{name2}"
+        per_dev = 8 * MB // BLOCK
+        targets = [(r.mapper(), b) for b in range(64)] + [
+            (r.mapper() if i % 2 else mapper2, (i // 2 * 7919) % per_dev) for i in range(300)]
+        Writer(targets[:64]).run()        # into the kernel journal
+        local2 = lab.disk(f"{name2}-l", 8)
+        r.check(d.cli("create", name2, "--table",
+                      f"0 {8 * MB // 512} replicator-dev {r.rep} 1 0 1 {local2} nolog 0 "
+                      f"1 1 {site.url_of(disks[1])} core 2 1024 nosync"))
+        try:
+            st = describe(r)
+            assert st["structure"] == "mirror" and "kernel_journal" not in st, st
+            assert subprocess.run(["dmsetup", "info", f".{r.devs[0]}.era"],
+                                  capture_output=True).returncode, "its era device stayed"
+            assert f"structure-changed object=replicator-dev name={r.devs[0]}" in d.log()
+            w = Writer(targets).start()   # (its first 64 writes: the same stamps again)
+            w.wait_acked(200, timeout=300)
+            site.cut()
+            w.thread.join(300)
+            assert w.error is None and w.acked == len(targets) - 1
+            remotes = [r.remotes[0], site.disks[disks[1]]]
+            locals_ = [r.locals[0], local2]
+
+            def present(devs: list[str]) -> set[int]:
+                seqs: set[int] = set()
+                for i, dev in enumerate(devs):
+                    for b, s in enumerate(read_blocks(dev, per_dev)):
+                        if s is not None:
+                            assert targets[s] == ([r.mapper(), mapper2][i], b), s
+                            seqs.add(s)
+                return seqs
+            assert_prefix(present(remotes), "the remote site (both devices), mid-stream")
+            site.restore()
+            r.wait_converged(timeout=600)
+            assert present(remotes) == present(locals_) == set(range(len(targets)))
+            for remote, local in zip(remotes, locals_, strict=True):
+                assert digest(remote, 8 * MB) == digest(local, 8 * MB)
+        finally:
+            d.cli("remove", name2, "--wait", "120")
