@@ -38,10 +38,13 @@ class Tuning:
     """The engine's knobs with their defaults, bounds and meaning (the one
     declaration: :data:`TUNABLES` and the engine's keyword arguments follow it)."""
 
-    kernel_journal: bool = _knob(False, 0, 1, "1: the daemon presents a device whose "
-                                 "remote site links are all async (no fall-behind limit) "
-                                 "as a dm log-writes target that the kernel journals and "
-                                 "the daemon drains (README: the kernel journal)")
+    kernel_journal: bool = _knob(True, 0, 1, "1 (default): the daemon presents a one-line "
+                                 "device whose remote site links are all async (no "
+                                 "fall-behind limit), alone on its replicator, as a dm "
+                                 "log-writes target that the kernel journals and the daemon "
+                                 "drains, over a dm era target that records where it wrote "
+                                 "(README: the kernel journal); 0: as a mirror whose journal "
+                                 "leg the daemon serves")
     remote_leg: bool = _knob(True, 0, 1, "1 (default): the daemon presents a one-line "
                              "device whose replicator's only remote site link is sync (no "
                              "fall-behind limit) and whose remote is an NBD export as a dm "

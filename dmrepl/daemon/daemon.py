@@ -319,17 +319,18 @@ class Daemon:
 
     def _watch_loop(self) -> None:
         backoff: dict[str, float] = {}   # name -> no new attempt before
+        failed: set[str] = set()         # names whose leg was seen failed (one event)
         while not self._stopping.wait(JOURNAL_WATCH_INTERVAL):
             with self.lock:
                 for obj in list(self.objects.values()):
                     if not isinstance(obj, DeviceObj) or obj.suspended:
                         continue
                     if obj.remote_leg is not None:
-                        self._rejoin_if_failed(obj, backoff, "remote leg",
+                        self._rejoin_if_failed(obj, backoff, failed, "remote leg",
                                                self._remote_leg_failed,
                                                self.registry.rejoin_remote_leg)
                     elif obj.mirrored and obj.mapper and obj.nbd:
-                        self._rejoin_if_failed(obj, backoff, "journal leg",
+                        self._rejoin_if_failed(obj, backoff, failed, "journal leg",
                                                self._journal_leg_failed,
                                                self.registry.rejoin)
 
@@ -346,23 +347,29 @@ class Daemon:
             return False
         return True
 
-    def _rejoin_if_failed(self, obj: DeviceObj, backoff: dict[str, float], leg: str,
-                          failed: Callable[[DeviceObj], bool],
+    def _rejoin_if_failed(self, obj: DeviceObj, backoff: dict[str, float], seen: set[str],
+                          leg: str, failed: Callable[[DeviceObj], bool],
                           rejoin: Callable[[DeviceObj], None]) -> None:
         """Give ``obj`` its ``leg`` again if it failed (a mirror's journal leg: a new
         nbd device on the export; a raid1's remote leg: the remote once it answers),
-        at most every JOURNAL_REJOIN_BACKOFF seconds."""
+        at most every JOURNAL_REJOIN_BACKOFF seconds.  The first time a failure is
+        seen, an event says so (``seen``: the names whose failure was told)."""
         if time.monotonic() < backoff.get(obj.name, 0.0):
             return
+        event = leg.replace(" ", "-")
         try:
             if not failed(obj):
                 backoff.pop(obj.name, None)
+                seen.discard(obj.name)
                 return
+            if obj.name not in seen:
+                seen.add(obj.name)
+                self.events.emit("warning", f"{event}-failed", obj.kind, name=obj.name)
             log.warning("%s: the %s failed: attaching it again", obj.name, leg)
             rejoin(obj)
         except Exception as e:   # one device's trouble; the loop watches on
             log.error("%s: rejoining the %s failed: %s", obj.name, leg, e)
-            self.events.emit("error", f"{leg.replace(' ', '-')}-rejoin-failed", obj.kind,
+            self.events.emit("error", f"{event}-rejoin-failed", obj.kind,
                              name=obj.name, error=str(e))
         backoff[obj.name] = time.monotonic() + JOURNAL_REJOIN_BACKOFF
 

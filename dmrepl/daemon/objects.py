@@ -272,6 +272,16 @@ class Objects:
         remote = remotes[0]
         leg = RemoteLeg(name, lines[0].length, local.dev_path, remote.dev_path,
                         self.raid_dir, assume_in_sync="nosync" in remote.dlog_args)
+        from dmrepl.replicator.table import TableError, parse_replicator
+        try:   # (the live table: what messages changed included)
+            rep_config = parse_replicator(self.live_lines(rep)[0].text)
+        except TableError:   # an engine whose table the real one would refuse (sim)
+            rep_config = None
+        remote_slinks = {s.slink_nr: s for s in rep_config.slinks
+                         if s.slink_nr != 0} if rep_config is not None else {}
+        slink = remote_slinks.get(remote.slink_nr)
+        if slink is not None:
+            leg.recovery_rate = slink.resync_rate
         if leg.made_before():
             return leg
         if not (remote.dev_path.startswith(("nbd://", "nbd+unix://"))
@@ -279,15 +289,8 @@ class Objects:
             return None
         if self._was_journaled(name) or self._was_mirrored(name):
             return None
-        from dmrepl.replicator.table import TableError, parse_replicator
-        try:   # (the live table: what messages changed included)
-            rep_config = parse_replicator(self.live_lines(rep)[0].text)
-        except TableError:   # an engine whose table the real one would refuse (sim)
+        if slink is None or set(remote_slinks) != {remote.slink_nr}:
             return None
-        remote_slinks = {s.slink_nr: s for s in rep_config.slinks if s.slink_nr != 0}
-        if set(remote_slinks) != {remote.slink_nr}:
-            return None
-        slink = remote_slinks[remote.slink_nr]
         if not slink.sync or slink.fallbehind.enabled:
             return None
         return leg

@@ -111,12 +111,15 @@ def parse_raid_status(params: str) -> RaidStatus:
 
 
 def raid_params(local_meta: str, local: str, remote_meta: str | None, remote: str | None,
-                *, nosync: bool, rebuild: bool = False) -> str:
-    """``raid1 N 0 [nosync] [rebuild 1] region_size R [write_mostly 1] 2 META0 LOCAL
-    META1 REMOTE``; without a remote (None), ``- -`` in its place: md starts
-    degraded."""
+                *, nosync: bool, rebuild: bool = False, recovery_rate: int = 0) -> str:
+    """``raid1 N 0 [nosync] [rebuild 1] region_size R [max_recovery_rate KIB]
+    [write_mostly 1] 2 META0 LOCAL META1 REMOTE``; without a remote (None), ``- -``
+    in its place: md starts degraded.  ``recovery_rate``: bytes a second md may
+    copy to the remote (the site link's ``resync_rate``; 0: md's default)."""
     params = ["0", *(["nosync"] if nosync else []), *(["rebuild", "1"] if rebuild else []),
               "region_size", str(REGION_SECTORS)]
+    if recovery_rate:
+        params += ["max_recovery_rate", str(max(1, recovery_rate // 1024))]
     if remote is not None:
         params += ["write_mostly", "1"]
     return (f"raid1 {len(params)} {' '.join(params)} "
@@ -219,6 +222,8 @@ class RemoteLeg:
     #: the remote leg is to be copied whole when it joins (the device was started
     #: without it after a crash: what it missed is no longer in a bitmap)
     rebuild: bool = False
+    #: bytes a second md may copy to the remote (its site link's resync_rate)
+    recovery_rate: int = 0
 
     # -- files ----------------------------------------------------------------------
 
@@ -291,7 +296,7 @@ class RemoteLeg:
         return Target(0, self.sectors, "raid", raid_params(
             metas[0], self.local, None if degraded else metas[1],
             None if degraded else self.device, nosync=nosync,
-            rebuild=self.rebuild and not degraded))
+            rebuild=self.rebuild and not degraded, recovery_rate=self.recovery_rate))
 
     def _adopt(self) -> bool:
         """A device that outlived its daemon: take its remote nbd device from its

@@ -146,7 +146,7 @@ def test_a_crash_resyncs_only_the_blocks_written_since_the_journal_last_drained(
     in which era; after a crash only those written since the oldest segment not
     drained began reach the remote again, not the whole device."""
     d, site, lab = kj
-    size_mb = 32
+    size_mb = 16      # (the site's disks: four era blocks)
     with Replicated(lab, d, "dmrepl-test-kjera", size_mb=size_mb, log_mb=32,
                     remote_policy="async", delay_ms=20,
                     site=site, site_disks=site.take()) as r:

@@ -115,18 +115,20 @@ def crash_primary(r: Replicated) -> None:
 
 
 def sync_replicated(lab: KernelLab, d: DaemonProcess, site: RemoteSite,
-                    name: str) -> Replicated:
-    return Replicated(lab, d, name, size_mb=SIZE_MB, log_mb=16, remote_policy="sync",
+                    name: str, policy: str = "sync") -> Replicated:
+    return Replicated(lab, d, name, size_mb=SIZE_MB, log_mb=16, remote_policy=policy,
                       delay_ms=20, site=site, site_disks=site.take())
 
 
 def test_an_acknowledged_write_is_on_the_remote_and_reads_stay_local(
         rl: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
     d, site, lab = rl
-    with sync_replicated(lab, d, site, "dmrepl-test-rl") as r:
+    # (md's recovery capped at the site link's resync_rate: 512 MiB/s)
+    with sync_replicated(lab, d, site, "dmrepl-test-rl", "sync resync_rate 512m") as r:
         desc = describe(r)
         assert desc["structure"] == "raid1", desc
         assert " raid raid1 " in sh("dmsetup", "table", r.devs[0])
+        assert " max_recovery_rate 524288 " in sh("dmsetup", "table", r.devs[0])
         nbd = desc["remote_leg"]["device"]
         targets = [(r.mapper(), (i * 7919) % BLOCKS) for i in range(WRITES)]
         w = Writer(targets).start()
@@ -205,6 +207,9 @@ def test_the_remote_down_and_back_gets_the_regions_written_meanwhile(
         leg = wait_leg(r, "the remote leg back in sync", lambda leg: leg["in_sync"],
                        timeout=300)
         assert leg["rejoins"] >= 1, leg
+        events = [line.split("dmrepl.events: ")[1].split()[0] for line in d.log().splitlines()
+                  if f"name={r.devs[0]}" in line and "dmrepl.events: remote-leg" in line]
+        assert events[:1] == ["remote-leg-failed"] and "remote-leg-rejoined" in events, events
         w.thread.join(900)
         assert w.error is None and w.acked == len(targets) - 1
         r.wait_converged(timeout=300)

@@ -163,6 +163,8 @@ class FakeKernel:
         monkeypatch.setattr(_kernel, "logwrites_origin", lambda name: (
             ERA_DEV if self.era_live else "/dev/local"))
         monkeypatch.setattr(_kernel, "remove_mapper", remove_mapper)
+        monkeypatch.setattr(_kernel, "mapper_open_count", lambda name: int(
+            name.startswith(".") and self.era_live and self.live is not None))
         monkeypatch.setattr(erarecord.fmt, "written_since", written_since)
 
         def resume_if_suspended(name: str) -> bool:

@@ -93,3 +93,12 @@ def test_raid_params_without_the_remote_start_degraded_and_rebuild_it_later() ->
         "2", "7:1", "8:16", "-", "-"]
     assert rl.raid_params("7:1", "8:16", "7:2", "43:0", nosync=False,
                           rebuild=True).split()[:5] == ["raid1", "7", "0", "rebuild", "1"]
+
+
+def test_raid_params_cap_md_recovery_at_the_site_links_resync_rate() -> None:
+    params = rl.raid_params("7:1", "8:16", "7:2", "43:0", nosync=False,
+                            recovery_rate=50 << 20).split()
+    assert params[params.index("max_recovery_rate") + 1] == str(50 << 10)   # KiB/s
+    assert params[1] == str(len(params) - 7)
+    assert "max_recovery_rate" not in rl.raid_params("7:1", "8:16", "7:2", "43:0",
+                                                     nosync=False).split()
