@@ -27,6 +27,7 @@ import os
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -403,17 +404,23 @@ def resume_if_suspended(name: str) -> bool:
     return True
 
 
-def logwrites_status(name: str) -> Any:
-    """NAME's log-writes status (a ``LogWritesStatus``), None if it is gone."""
-    from dmrepl.dm import logwrites
+def target_status(name: str, target_type: str, parse: Callable[[str], Any]) -> Any:
+    """The parsed status of NAME's first ``target_type`` target; None if NAME is
+    gone or has none."""
     try:
         targets = _dm().status(name)
     except OSError:
         return None
     for t in targets:
-        if t.target_type == "log-writes":
-            return logwrites.parse_status(t.params)
+        if t.target_type == target_type:
+            return parse(t.params)
     return None
+
+
+def logwrites_status(name: str) -> Any:
+    """NAME's log-writes status (a ``LogWritesStatus``), None if it is gone."""
+    from dmrepl.dm import logwrites
+    return target_status(name, "log-writes", logwrites.parse_status)
 
 
 def swap_logwrites(name: str, sectors: int, local: str, segment: str) -> Any:
@@ -474,14 +481,7 @@ def create_era(name: str, sectors: int, metadata: str, origin: str,
 def era_status(name: str) -> Any:
     """NAME's era status (an ``EraStatus``), None if it is gone or no era target."""
     from dmrepl.dm import era
-    try:
-        targets = _dm().status(name)
-    except OSError:
-        return None
-    for t in targets:
-        if t.target_type == "era":
-            return era.parse_status(t.params)
-    return None
+    return target_status(name, "era", era.parse_status)
 
 
 def era_message(name: str, text: str) -> None:

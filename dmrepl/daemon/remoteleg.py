@@ -415,14 +415,8 @@ class RemoteLeg:
                 log.info("%s: the remote leg has the whole device", self.name)
 
     def status(self) -> RaidStatus | None:
-        try:
-            targets = _kernel._dm().status(self.name)
-        except OSError:
-            return None
-        for t in targets:
-            if t.target_type == "raid":
-                return parse_raid_status(t.params)
-        return None
+        status: RaidStatus | None = _kernel.target_status(self.name, "raid", parse_raid_status)
+        return status
 
     def rejoin(self, avoid: set[int]) -> str:
         """The remote leg failed: attach the export again and load it as the
