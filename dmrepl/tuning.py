@@ -51,6 +51,9 @@ class Tuning:
                              "raid1 of the local device and the remote export, attached by "
                              "the kernel (README: the remote leg); 0: as a mirror whose "
                              "journal leg the daemon serves")
+    remote_timeout: int = _knob(10, 1, None, "seconds the kernel waits for the remote leg of "
+                                "a raid1 to answer a request before md fails the leg and "
+                                "goes on with the local device (README: the remote leg)")
     journal_segment_mib: int = _knob(256, 4, None, "MiB of each of a kernel journal's "
                                      "three segments (files in the state directory)")
     journal_interval: float = _knob(0.5, 0.01, None, "seconds between swaps of a written "

@@ -282,6 +282,7 @@ class Objects:
         slink = remote_slinks.get(remote.slink_nr)
         if slink is not None:
             leg.recovery_rate = slink.resync_rate
+        leg.request_timeout = int(self.knob("remote_timeout"))
         if leg.made_before():
             return leg
         if not (remote.dev_path.startswith(("nbd://", "nbd+unix://"))

@@ -15,11 +15,11 @@ it once both legs have it.  What each failure costs:
 
 * the daemon dies: nothing; the next daemon finds the device and adopts it;
 * the remote leg fails (the link or the site is down; the kernel gives a
-  request up after REQUEST_TIMEOUT seconds): md goes on with the local leg,
-  the bitmap keeping every region written meanwhile; the daemon attaches the
-  export again once it answers and loads it as the leg, and md copies the
-  marked regions (the remote is inconsistent until then, as a DRBD
-  SyncTarget);
+  request up after the ``remote_timeout`` knob's seconds, 10 by default): md
+  goes on with the local leg, the bitmap keeping every region written
+  meanwhile; the daemon attaches the export again once it answers and loads
+  it as the leg, and md copies the marked regions (the remote is inconsistent
+  until then, as a DRBD SyncTarget);
 * the whole primary crashes (or the daemon stops): before the device is made
   again, the daemon reads both bitmaps and md's recovery positions from the
   metadata files, copies every region they name from the local device to the
@@ -224,6 +224,8 @@ class RemoteLeg:
     rebuild: bool = False
     #: bytes a second md may copy to the remote (its site link's resync_rate)
     recovery_rate: int = 0
+    #: seconds the kernel's nbd client waits for the remote to answer a request
+    request_timeout: int = REQUEST_TIMEOUT
 
     # -- files ----------------------------------------------------------------------
 
@@ -278,7 +280,7 @@ class RemoteLeg:
                                      f"{e.strerror or e}") from e
         try:
             self.device = _kernel.attach_nbd(address, export, self.sectors * SECTOR, avoid,
-                                          request_timeout=REQUEST_TIMEOUT)
+                                          request_timeout=self.request_timeout)
         except _kernel.KernelDeviceError as e:
             raise RemoteLegError(f"{self.name}: attaching the remote {self.url}: {e}") from e
         return self.device
