@@ -207,12 +207,9 @@ class KernelJournal:
             lost: list[tuple[int, int]] | None = []
             if existed and os.path.exists(self._path("active")):
                 # the device went without its daemon draining it: a crash
+                log.warning("%s: the kernel journal was live and is gone (a crash)",
+                            self.name)
                 lost = self._lost_in_crash(record)
-                log.warning("%s: the kernel journal was live and is gone (a crash): "
-                            "the remote site links resynchronise %s", self.name,
-                            "the whole device" if lost is None else
-                            f"{len(lost)} ranges ({sum(n for _, n in lost)} bytes) "
-                            "written since its oldest segment not drained")
             for i in range(SEGMENTS):
                 self._empty(i)
             self.current = 0
@@ -227,7 +224,8 @@ class KernelJournal:
             path = _kernel.create_logwrites(self.name, self.sectors, self._under,
                                             self._loops[0], uuid)
             if lost != []:
-                self._resync(lost, "the kernel journal lost writes in a crash")
+                self._resync(lost, "what the crash kept from the journal, since its oldest "
+                             "segment not drained began")
         self._flag("active", True)
         self.start()
         return path

@@ -421,22 +421,31 @@ class Objects:
         self.nbd.remove_export(obj.name)
         self.nbd.add_export(export)
         obj.export, obj.mirrored = export, True
-        try:
-            nbd = self._attach_nbd(obj)
-            parts = self._mirror_parts(obj, obj.lines, obj.devs)
-        except BaseException:
+
+        def undo() -> None:   # (still the kernel journal: as it was)
             self.nbd.remove_export(obj.name)
             self.nbd.add_export(old_export)
             obj.export, obj.mirrored = old_export, False
             if obj.nbd:
                 _kernel.detach_nbd(obj.nbd)
                 obj.nbd = None
+            for line in obj.lines:
+                _kernel.detach_mirror_log(self._mirror_log_file(obj.name, line), delete=True)
             kj.start()
+        try:
+            nbd = self._attach_nbd(obj)
+            parts = self._mirror_parts(obj, obj.lines, obj.devs)
+        except BaseException:
+            undo()
             raise
         # (its drainer is stopped: nothing else swaps segments)
         export.suspend()
         try:
-            _kernel.create_mirror(obj.name, parts, nbd)   # (suspend, load, resume)
+            try:
+                _kernel.create_mirror(obj.name, parts, nbd)   # (suspend, load, resume)
+            except BaseException:   # (the journal's table resumed as it was)
+                undo()
+                raise
             try:
                 kj.drain_replaced()
             except Exception as e:   # what it held reaches the remotes by resync
