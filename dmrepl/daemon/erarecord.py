@@ -100,7 +100,8 @@ class EraRecord:
         live = self.live_devno() is not None
         if live:
             # (one a dead daemon left held would refuse a new one)
-            if _kernel.era_status(self.dm_name).snapshot is not None:
+            status = _kernel.era_status(self.dm_name)
+            if status is not None and status.snapshot is not None:
                 _kernel.era_message(self.dm_name, "drop_metadata_snap")
             _kernel.era_message(self.dm_name, "take_metadata_snap")
         try:

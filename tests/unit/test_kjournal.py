@@ -99,6 +99,7 @@ class FakeKernel:
         self.era = 1
         self.era_written: dict[int, set[int]] = {}
         self.era_unreadable = False
+        self.filled = False      # the segment swapped out had filled up
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         loops: dict[str, str] = {}
@@ -123,7 +124,7 @@ class FakeKernel:
                     f.write(self.on_swap.pop(0))
             self.swaps.append(seg)
             self.live = seg
-            return lw.LogWritesStatus(0, 0, False)
+            return lw.LogWritesStatus(0, 0, self.filled)
 
         monkeypatch.setattr(_kernel, "attach_file_loop", attach)
         monkeypatch.setattr(_kernel, "detach_file_loop", lambda path, delete: None)
@@ -307,6 +308,18 @@ def test_a_crash_resyncs_only_the_blocks_written_since_the_oldest_segment_not_dr
         assert dev3.lost_ranges == [(0, unit), (3 * unit, 3 * unit)]
     finally:
         kj3.stop()
+
+
+def test_a_segment_that_filled_resyncs_the_blocks_written_since_it_began(
+        tmp_path: Path, kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
+    kj, dev = opened
+    kj.drain_now()      # segment 1 began in era 1; era 2 now
+    kernel.era_written = {1: {1}, 2: {2}}
+    kernel.filled = True
+    kj.swap()           # segment 1 swapped out full: era 1 on, read from a snapshot
+    unit = ERA_BLOCK * S
+    assert dev.lost_ranges == [(unit, 2 * unit)]
+    assert kj.describe()["resync_bytes"] == 2 * unit
 
 
 def test_a_crash_with_the_era_record_unreadable_resyncs_the_whole_device(
