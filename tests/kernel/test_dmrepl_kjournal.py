@@ -196,7 +196,7 @@ def test_a_second_device_makes_the_kernel_journal_a_mirror_and_keeps_the_order(
         # every write to a block of its own (an overwritten stamp would look missing)
         targets = [(r.mapper(), b) for b in range(64)] + [
             (r.mapper() if i % 2 else mapper2, 64 + (i // 2 * 7919) % (per_dev - 64))
-            for i in range(300)]
+            for i in range(160)]
         Writer(targets[:64]).run()        # into the kernel journal
         local2 = lab.disk(f"{name2}-l", 8)
         r.check(d.cli("create", name2, "--table",
@@ -209,7 +209,7 @@ def test_a_second_device_makes_the_kernel_journal_a_mirror_and_keeps_the_order(
                                   capture_output=True).returncode, "its era device stayed"
             assert f"structure-changed object=replicator-dev name={r.devs[0]}" in d.log()
             w = Writer(targets).start()   # (its first 64 writes: the same stamps again)
-            w.wait_acked(200, timeout=300)
+            w.wait_acked(120, timeout=300)
             site.cut()
             w.thread.join(300)
             assert w.error is None and w.acked == len(targets) - 1
