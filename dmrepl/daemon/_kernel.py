@@ -363,16 +363,21 @@ def _logwrites(sectors: int, local: str, segment: str) -> list[Any]:
     return [Target(0, sectors, "log-writes", logwrites.target_params(local, segment))]
 
 
-def create_logwrites(name: str, sectors: int, local: str, segment: str,
-                     uuid: str | None = None) -> str:
-    """Create /dev/mapper/NAME as ``log-writes LOCAL SEGMENT``."""
+def _create(name: str, targets: list[Any], uuid: str | None = None) -> str:
+    """Create /dev/mapper/NAME with ``targets`` (its node made); its path."""
     dm = _dm()
     try:
-        dm.create_device(name, _logwrites(sectors, local, segment), uuid=uuid)
+        dm.create_device(name, targets, uuid=uuid)
         dm.ensure_node(name)
     except OSError as e:
         raise KernelDeviceError(f"device-mapper {name}: {e}") from e
     return f"/dev/mapper/{name}"
+
+
+def create_logwrites(name: str, sectors: int, local: str, segment: str,
+                     uuid: str | None = None) -> str:
+    """Create /dev/mapper/NAME as ``log-writes LOCAL SEGMENT``."""
+    return _create(name, _logwrites(sectors, local, segment), uuid)
 
 
 def logwrites_logdev(name: str) -> str | None:
@@ -468,14 +473,8 @@ def create_era(name: str, sectors: int, metadata: str, origin: str,
     kernel formats new metadata, opens existing metadata)."""
     from dmrepl.dm import era
     from dmrepl.dm.table import Target
-    dm = _dm()
-    try:
-        dm.create_device(name, [Target(0, sectors, "era",
-                                       era.target_params(metadata, origin, block_sectors))])
-        dm.ensure_node(name)
-    except OSError as e:
-        raise KernelDeviceError(f"device-mapper {name}: {e}") from e
-    return f"/dev/mapper/{name}"
+    return _create(name, [Target(0, sectors, "era",
+                                 era.target_params(metadata, origin, block_sectors))])
 
 
 def era_status(name: str) -> Any:

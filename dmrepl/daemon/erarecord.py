@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 #: Sectors of the local device per era block: the resync's granularity (the
 #: mirror's region size; smaller blocks cost a metadata commit more often).
 BLOCK_SECTORS = 8192
-#: dm's limit on a device name (DM_NAME_LEN, its NUL included).
-_DM_NAME_MAX = 127
 
 
 @dataclass
@@ -55,7 +53,13 @@ class EraRecord:
     @property
     def usable(self) -> bool:
         """Can the device have one (its era device's name fits dm's limit)?"""
-        return len(self.dm_name) <= _DM_NAME_MAX
+        from dmrepl.dm.ioctl import check_name
+        from dmrepl.errors import UserError
+        try:
+            check_name(self.dm_name)
+        except UserError:
+            return False
+        return True
 
     def metadata_bytes(self) -> int:
         blocks = -(-self.sectors // BLOCK_SECTORS)

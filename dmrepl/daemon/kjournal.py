@@ -191,8 +191,8 @@ class KernelJournal:
                                    "and create it again")
             self.pending.extend(pending)
             self.current = now
-            under = _kernel.logwrites_origin(self.name)
-            if record.live_devno() is not None and record.live_devno() == under:
+            era_devno = record.live_devno()
+            if era_devno is not None and era_devno == _kernel.logwrites_origin(self.name):
                 self.record = record
                 self._under = record.open()
             else:   # made before the era record: none
