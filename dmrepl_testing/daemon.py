@@ -412,12 +412,14 @@ class Replicated:
 
     The remote site is a new one (its own namespace, link and disks), or the disks
     ``site_disks`` of a running ``site`` (shared between tests: each test takes
-    disks of its own, see :meth:`RemoteSite.take`)."""
+    disks of its own, see :meth:`RemoteSite.take`).  ``structure``: each
+    device's ``dmrepl create --structure``."""
 
     def __init__(self, lab: KernelLab, daemon: DaemonProcess, name: str, *,
                  size_mb: int = 64, log_mb: int = 32, remote_policy: str = "async ios 1000",
                  delay_ms: float = 20, ndev: int = 1, region_sectors: int = 1024,
-                 site: RemoteSite | None = None, site_disks: list[int] | None = None) -> None:
+                 site: RemoteSite | None = None, site_disks: list[int] | None = None,
+                 structure: str = "auto") -> None:
         self.lab, self.daemon, self.name = lab, daemon, name
         self.size_mb = size_mb
         self.log = lab.disk(f"{name}-log", log_mb)
@@ -447,7 +449,8 @@ class Replicated:
             for i in range(ndev)]
         for dev, table in zip(self.devs, self.dev_tables, strict=True):
             trace(f"create {dev}")
-            self.check(daemon.cli("create", dev, "--table", table))
+            self.check(daemon.cli("create", dev, "--table", table,
+                                  *(["--structure", structure] if structure != "auto" else [])))
             trace(f"created {dev}")
 
     def check(self, proc: subprocess.CompletedProcess[str]) -> str:

@@ -197,6 +197,9 @@ class SimDevice:
     def remote_in_sync(self) -> bool:
         return True
 
+    def behind_limit(self) -> bool:
+        return False
+
     def message(self, argv: Sequence[str]) -> str:
         if list(argv[:1]) == ["ping"]:
             return "pong"

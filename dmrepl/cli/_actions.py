@@ -37,7 +37,8 @@ def _read_table(ns: argparse.Namespace) -> str:
 
 
 def create(ns: argparse.Namespace) -> None:
-    desc = _client(ns).call("create", name=ns.name, table=_read_table(ns))
+    extra = {} if ns.structure == "auto" else {"structure": ns.structure}
+    desc = _client(ns).call("create", name=ns.name, table=_read_table(ns), **extra)
     if desc.get("mapper"):
         if desc.get("structure") == "mirror":
             print(f"{ns.name}: {desc['mapper']} (mirror of the local device and the "

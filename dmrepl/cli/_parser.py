@@ -8,6 +8,7 @@ from typing import Any
 from dmrepl.cli import _actions as act
 from dmrepl.cli._exit import epilog
 from dmrepl.daemon._engine import ENGINE_CHOICES
+from dmrepl.daemon._kernel import STRUCTURES
 from dmrepl.daemon.client import default_socket
 from dmrepl.logfmt import LOG_LEVELS
 from dmrepl.nbd.server import NbdLimits
@@ -40,7 +41,13 @@ def _messages_epilog() -> str:
 ROOT_SUBCOMMANDS: list[tuple[str, Spec]] = [
     ("create", {
         "help": "create a replicator or a replicated device from a table",
-        "args": [NAME, ("file", {"nargs": "?", "help": "table file ('-': stdin)"})],
+        "args": [NAME, ("file", {"nargs": "?", "help": "table file ('-': stdin)"}),
+                 ("--structure", {"choices": STRUCTURES, "default": "auto",
+                                  "help": "what /dev/mapper/NAME is (a replicated device): "
+                                          "auto (default: the fastest its site links "
+                                          "allow), log-writes (the kernel journal), "
+                                          "mirror, raid1 (the remote leg); one that its "
+                                          "table or site links cannot have is refused"})],
         "mut_ex_args": [("--table", {"metavar": "TEXT", "help": "the table itself"})],
         "func": act.create,
     }),

@@ -36,6 +36,12 @@ from dmrepl.errors import DmreplError
 log = logging.getLogger(__name__)
 
 
+#: What /dev/mapper/NAME of a replicated device may be (``dmrepl create
+#: --structure``, the ``structure`` of its status); "auto": the daemon chooses the
+#: fastest one its table and site links allow.
+STRUCTURES = ("auto", "log-writes", "mirror", "raid1")
+
+
 class KernelDeviceError(DmreplError):
     """Attaching or detaching a kernel device failed; the message says which step."""
 
@@ -341,8 +347,9 @@ def remove_mapper(name: str) -> None:
         os.unlink(f"/dev/mapper/{name}")
 
 
-def suspend_mapper(name: str) -> None:
-    _dm().suspend(name)
+def suspend_mapper(name: str, *, skip_lockfs: bool = False) -> None:
+    """Suspend NAME (``skip_lockfs``: without freezing a filesystem on it)."""
+    _dm().suspend(name, skip_lockfs=skip_lockfs)
 
 
 def resume_mapper(name: str) -> None:

@@ -132,9 +132,11 @@ class Daemon:
                 "kernel_devices": self.kernel_devices, "nbd_socket": self.nbd_socket,
                 "restore_errors": self.restore_errors}
 
-    def op_create(self, name: str, table: str, uuid: str | None = None) -> dict[str, Any]:
+    def op_create(self, name: str, table: str, uuid: str | None = None,
+                  structure: str = "auto") -> dict[str, Any]:
         with self.lock:
-            return self._describe(self.registry.create(name, table, uuid))
+            return self._describe(self.registry.create(name, table, uuid,
+                                                       structure=structure))
 
     def op_remove(self, name: str, wait: float = 0, force: bool = False) -> None:
         """Remove a device or an unused replicator.
@@ -390,5 +392,6 @@ class Daemon:
                     log.error("shutdown: %s: %s", obj.name, e)
                 log.info("shutdown: %s closed in %.1fs", obj.name, time.monotonic() - started)
             self.nbd.close()
+            self.registry.guardian.close()
             self.events.close()
             self.owner.release()

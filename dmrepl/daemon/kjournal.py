@@ -23,6 +23,16 @@ What the daemon's death or the host's crash costs:
   it; the remote site links resynchronise the whole device.  ``NAME.resync``
   remembers that until they have (a restart meanwhile marks it again).
 
+A site link with a fall-behind limit: the kernel completes every write before
+the daemon sees it, so "past the limit, writes wait for the site" is kept by
+*holding* the device: while a remote site link of the device is past its limit
+(the engine's forced sync), the daemon suspends /dev/mapper/NAME (its writes
+wait in the kernel) and resumes it once the link is back under the limit.  The
+site may fall behind by the limit plus what the device writes in one
+``journal_interval`` (the daemon learns of writes at each swap).  The daemon's
+guardian process (:mod:`dmrepl.daemon.guardian`) resumes a held device if the
+daemon dies.
+
 Segments, state files and their loop devices live in the daemon's state
 directory (``journal/``)."""
 
@@ -44,6 +54,7 @@ from dmrepl.daemon import _kernel
 from dmrepl.daemon._engine import EngineDevice
 from dmrepl.daemon.erarecord import EraRecord
 from dmrepl.daemon.exports import write_op
+from dmrepl.daemon.guardian import Guardian
 from dmrepl.dm import era as era_fmt
 from dmrepl.dm import logwrites as lw
 from dmrepl.errors import DmreplError
@@ -57,6 +68,8 @@ SWAP_FILL = 0.5
 #: Writes appended to the replication log per batch at most (count, bytes).
 BATCH_OPS = 64
 BATCH_BYTES = 4 << 20
+#: Seconds between looks at a held device's site links (its writers wait).
+HELD_POLL = 0.02
 
 
 class JournalError(DmreplError):
@@ -70,6 +83,7 @@ class _Stats:
     bytes: int = 0
     resyncs: int = 0
     resync_bytes: int = 0
+    holds: int = 0
 
 
 @dataclass
@@ -104,6 +118,10 @@ class KernelJournal:
     _writes_at_swap: int = -1
     #: NAME is no longer a log-writes target (:meth:`drain_replaced`)
     _replaced: bool = False
+    #: resumes a held device if the daemon dies (None: writes are never held)
+    guardian: Guardian | None = None
+    #: the daemon suspended NAME: a remote site link is past its fall-behind limit
+    _held: bool = False
 
     # -- files ----------------------------------------------------------------------
 
@@ -282,11 +300,71 @@ class KernelJournal:
         self._replaced = True
 
     def stop(self) -> None:
-        """Stop draining (the kernel journals on)."""
+        """Stop draining (the kernel journals on; a held device is resumed)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._set_held(False)
+
+    # -- holding writes while a site link is past its fall-behind limit -------------
+
+    def _hold_if_behind(self) -> None:
+        """Hold the device's writes while a remote site link is past its
+        fall-behind limit; let them go once none is (see the module's doc)."""
+        if self.guardian is None or self._stop.is_set():
+            return
+        behind = self.dev.behind_limit()
+        if behind != self._held:
+            self._set_held(behind)
+
+    def _set_held(self, hold: bool) -> None:
+        with self.lock:
+            if hold == self._held or self.guardian is None:
+                return
+            if hold:
+                if self.paused():   # (suspended by its admin already)
+                    return
+                try:
+                    self.guardian.hold(self.name)   # first: a daemon dying right after
+                    _kernel.suspend_mapper(self.name, skip_lockfs=True)  # must not
+                except OSError as e:                # leave it suspended
+                    self.guardian.free(self.name)
+                    log.error("%s: cannot hold its writes for a site link past its "
+                              "fall-behind limit: %s", self.name, e)
+                    return
+                self._held = True
+                self.stats.holds += 1
+            else:
+                if not self.paused():
+                    _kernel.resume_mapper(self.name)
+                self._held = False
+                self.guardian.free(self.name)
+        if hold:
+            log.warning("%s: a remote site link is past its fall-behind limit: the "
+                        "device's writes wait", self.name)
+            self.on_event("warning", "kernel-journal-held",
+                          reason="a remote site link is past its fall-behind limit")
+        else:
+            log.info("%s: its writes go on (no remote site link past its fall-behind "
+                     "limit)", self.name)
+            self.on_event("change", "kernel-journal-released")
+
+    def admin_suspend_locked(self) -> None:
+        """The admin suspends the device (and the filesystem on it), with
+        :attr:`lock` held: a hold ends in the admin's suspend, which the guardian
+        does not undo."""
+        _kernel.suspend_mapper(self.name)
+        if self._held and self.guardian is not None:
+            self.guardian.free(self.name)
+
+    def admin_resume_locked(self) -> None:
+        """The admin resumes the device, with :attr:`lock` held: held (a site
+        link past its limit), it stays suspended until the link is under it."""
+        if self._held and self.guardian is not None:
+            self.guardian.hold(self.name)
+        else:
+            _kernel.resume_mapper(self.name)
 
     def close(self, *, keep: bool) -> None:
         """After /dev/mapper/NAME is removed (its target logged what it held):
@@ -317,10 +395,11 @@ class KernelJournal:
     def _run(self) -> None:
         try:
             self._drain_pending()
-            while not self._stop.wait(self.interval):
+            while not self._stop.wait(HELD_POLL if self._held else self.interval):
                 if self._written():
                     self.swap()
                     self._drain_pending()
+                self._hold_if_behind()
                 self._check_resynced()
         except Exception as e:   # this device's journal stops; the daemon serves on
             self.error = str(e)
@@ -336,7 +415,7 @@ class KernelJournal:
         """Journal to a free segment from now on; the one before joins those to
         drain (its target logged all it held when the swap replaced it)."""
         with self.lock:
-            if self.paused():
+            if self.paused() or self._held:   # (a swap resumes the device)
                 return
             busy = {self.current, *self.pending}
             free = [i for i in range(SEGMENTS) if i not in busy]
@@ -393,6 +472,8 @@ class KernelJournal:
 
         def push() -> None:
             nonlocal ops, nbytes
+            if ops:
+                self._hold_if_behind()
             taken = write_many(ops) if ops and write_many is not None else []
             for wait in taken:
                 if wait is not None:
@@ -538,6 +619,7 @@ class KernelJournal:
             return {"segments": SEGMENTS, "segment_bytes": self.segment_bytes,
                     "current": self.current, "to_drain": len(self.pending),
                     "drained": drained, "swaps": self.stats.swaps,
+                    "writes_held": self._held, "holds": self.stats.holds,
                     "resyncs": self.stats.resyncs,
                     "resync_bytes": self.stats.resync_bytes, "error": self.error,
                     "era_record": self.record is not None}

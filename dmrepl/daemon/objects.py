@@ -31,6 +31,7 @@ from dmrepl.daemon import _kernel
 from dmrepl.daemon._engine import Engine, EngineDevice, EngineReplicator
 from dmrepl.daemon._proto import ControlError
 from dmrepl.daemon.exports import SECTOR, backend_of
+from dmrepl.daemon.guardian import Guardian
 from dmrepl.daemon.kjournal import KernelJournal
 from dmrepl.daemon.remoteleg import RemoteLeg
 from dmrepl.daemon.state import SavedObject
@@ -108,6 +109,8 @@ class Objects:
         self.tuning = tuning
         self.persist = persist
         self.by_name: dict[str, Obj] = {}
+        #: resumes the kernel journals whose writes the daemon holds, if it dies
+        self.guardian = Guardian()
 
     def knob(self, key: str) -> Any:
         """A tuning knob's value: as the daemon was told, else its default."""
@@ -164,15 +167,24 @@ class Objects:
 
     # -- create and destroy ------------------------------------------------------
 
-    def create(self, name: str, table: str, uuid: str | None, save: bool = True) -> Obj:
+    def create(self, name: str, table: str, uuid: str | None, save: bool = True, *,
+               structure: str = "auto") -> Obj:
+        """``structure``: what /dev/mapper/NAME of a replicated device is to be
+        (:data:`_kernel.STRUCTURES`; a replicator has none)."""
         if not name or "/" in name or len(name) > 127 or name.startswith("."):
             raise UserError(f"invalid device name {name!r}")
+        if structure not in _kernel.STRUCTURES:
+            raise UserError(f"unknown structure {structure!r} (one of "
+                            f"{', '.join(_kernel.STRUCTURES)})")
         if name in self.by_name:
             raise ControlError("exists", f"device {name!r} already exists")
         lines = parse_table(table)
         uuid = uuid or f"DMREPL-{uuidlib.uuid4().hex}"
         obj: Obj
         if lines[0].target == REPLICATOR:
+            if structure != "auto":
+                raise UserError("a replicator has no structure: --structure is for a "
+                                "replicated device (replicator-dev)")
             engine = self.engine.from_table(
                 lines[0].text,
                 opener=open_store_beside_the_kernel if self.kernel_devices else open_store,
@@ -185,7 +197,7 @@ class Objects:
             obj = ReplicatorObj(name, lines, engine, uuid)
             self.by_name[name] = obj
         else:
-            obj = self._create_device(name, lines, uuid)
+            obj = self._create_device(name, lines, uuid, structure)
         if save:
             try:
                 self.save()
@@ -224,9 +236,9 @@ class Objects:
 
     def _journalable(self, name: str, rep: ReplicatorObj, devs: list[EngineDevice]) -> bool:
         """May the kernel journal the device's writes (``kernel_journal`` tuned
-        on; one line over a block device; every remote site link async, no
-        fall-behind limit: no write ever waits for a site; the replicator's only
-        device)?  A device keeps the structure it had (its files say which)."""
+        on; one line over a block device; every remote site link async (with a
+        fall-behind limit: the device is held while past it); the replicator's
+        only device)?  A device keeps the structure it had (its files say which)."""
         if not (self.knob("kernel_journal") and self.kernel_devices
                 and self.journal_dir is not None and len(devs) == 1
                 and _kernel.is_block_device(devs[0].local_device())):
@@ -240,8 +252,7 @@ class Objects:
             # order across devices needs them all on the mirror
             return False
         slinks = rep.engine.status_dict().get("slinks", {})
-        return all(s.get("policy") == "async" and not s.get("fallbehind", {}).get("value")
-                   for nr, s in slinks.items() if int(nr) != 0)
+        return all(s.get("policy") == "async" for nr, s in slinks.items() if int(nr) != 0)
 
     def _was_journaled(self, name: str) -> bool:
         """NAME was made a kernel journal (its journal order file is there)."""
@@ -329,11 +340,31 @@ class Objects:
             request_timeout=_kernel.JOURNAL_REQUEST_TIMEOUT if obj.mirrored else None)
         return obj.nbd
 
-    def _create_device(self, name: str, lines: list[Line], uuid: str) -> DeviceObj:
+    def _create_device(self, name: str, lines: list[Line], uuid: str,
+                       structure: str = "auto") -> DeviceObj:
         rep = self._replicator_named_by(lines)
-        remote_leg = self._remote_leg_for(name, rep, lines)
+        remote_leg = (self._remote_leg_for(name, rep, lines)
+                      if structure in ("auto", "raid1") else None)
+        if structure == "raid1" and remote_leg is None:
+            raise UserError(f"{name} cannot be a raid1 with a remote leg: that takes one "
+                            "line over a block device, one remote device (nbd:// or a "
+                            "block device) and its site link synchronous without a "
+                            "fall-behind limit, the replicator's only remote one")
         devs = self._add_devs(rep, lines, local_only=remote_leg is not None)
+        sectors = sum(line.length for line in lines)
+        journaled = (remote_leg is None and structure in ("auto", "log-writes")
+                     and self._journalable(name, rep, devs))
+        mirrored = (remote_leg is None and not journaled and structure in ("auto", "mirror")
+                    and self._mirrorable(devs))
         try:
+            if structure == "log-writes" and not journaled:
+                raise UserError(f"{name} cannot be a kernel journal (log-writes): that "
+                                "takes one line over a block device, every remote site "
+                                "link asynchronous, the replicator's only device and "
+                                "kernel_journal tuned on")
+            if structure == "mirror" and not mirrored:
+                raise UserError(f"{name} cannot be a mirror: that takes local devices "
+                                "that are block devices, and kernel devices")
             for peer in self.devices_of(rep):
                 if peer.kjournal is not None:
                     # a kernel journal keeps its own device's write order only: the
@@ -344,9 +375,6 @@ class Objects:
                 with contextlib.suppress(Exception):
                     rep.engine.remove_device(dev.dev_nr)
             raise
-        sectors = sum(line.length for line in lines)
-        journaled = remote_leg is None and self._journalable(name, rep, devs)
-        mirrored = remote_leg is None and not journaled and self._mirrorable(devs)
         # (a remote leg's export is read-only: a write through it would reach the
         # local device behind the raid1's back)
         export = Export(name, backend_of(lines, devs, journal=mirrored),
@@ -377,7 +405,8 @@ class Objects:
                     interval=float(self.knob("journal_interval")),
                     paused=lambda: obj.suspended,
                     on_event=lambda kind, event, **fields: self.events.emit(
-                        kind, event, REPLICATOR_DEV, name=name, **fields))
+                        kind, event, REPLICATOR_DEV, name=name, **fields),
+                    guardian=self.guardian)
                 log.info("%s: creating /dev/mapper/%s as a kernel journal (log-writes) "
                          "of the local device", name, name)
                 obj.mapper = obj.kjournal.open(uuid)
@@ -625,9 +654,11 @@ class Objects:
         for dev in self.devices_of(obj):
             if dev.suspended:
                 continue
-            with contextlib.ExitStack() as held:
-                if dev.kjournal is not None:   # no segment swap resumes it meanwhile
-                    held.enter_context(dev.kjournal.lock)
+            if dev.kjournal is not None:   # (no segment swap resumes it meanwhile)
+                with dev.kjournal.lock:
+                    dev.kjournal.admin_suspend_locked()
+                    dev.suspended = True
+            else:
                 if dev.mapper:
                     _kernel.suspend_mapper(dev.name)   # drains the kernel's queue first
                 dev.suspended = True
@@ -658,9 +689,14 @@ class Objects:
             if not dev.suspended:
                 continue
             dev.export.resume()
-            if dev.mapper:
-                _kernel.resume_mapper(dev.name)
-            dev.suspended = False
+            if dev.kjournal is not None:
+                with dev.kjournal.lock:
+                    dev.kjournal.admin_resume_locked()
+                    dev.suspended = False
+            else:
+                if dev.mapper:
+                    _kernel.resume_mapper(dev.name)
+                dev.suspended = False
 
     def _swap(self, obj: DeviceObj) -> None:
         new = obj.inactive
@@ -718,8 +754,8 @@ class Objects:
         devices changing (``device add|del``: its writes never enter the
         replication log), its site link made asynchronous or given a fall-behind
         limit (md writes the remote synchronously, whatever the link says).  A
-        kernel journal: a site link made synchronous or given a fall-behind limit
-        (the kernel completes every write before the daemon sees it)."""
+        kernel journal: a site link made synchronous (the kernel completes every
+        write before the daemon sees it)."""
         words = [a.lower() for a in args]
         if isinstance(obj, DeviceObj):
             if obj.remote_leg is not None and words[:1] == ["device"]:
@@ -747,11 +783,11 @@ class Objects:
                             "with a remote leg (synchronous in the kernel): it cannot "
                             "become asynchronous or fall behind; remove the device first")
         journaled = [d.name for d in self.devices_of(obj) if d.kjournal is not None]
-        if journaled and (fallbehind or policy == "sync"):
+        if journaled and policy == "sync":
             raise UserError(f"{obj.name}'s site link carries {', '.join(journaled)}, a "
                             "kernel journal (the kernel completes its writes before the "
-                            "daemon sees them): it cannot become synchronous or get a "
-                            "fall-behind limit; remove the device first")
+                            "daemon sees them): it cannot become synchronous; remove the "
+                            "device first")
 
 
 def _local_only(line: Line) -> str:

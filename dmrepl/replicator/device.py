@@ -262,6 +262,13 @@ class ReplicatedDevice:
         """Every remote site link has every region of the device in sync."""
         return all(leg.out_of_sync() == 0 for nr, leg in self.legs.items() if nr)
 
+    def behind_limit(self) -> bool:
+        """A remote site link of the device (up) is past its fall-behind limit:
+        new writes are to wait for it (forced sync)."""
+        with self.rep.lock:
+            return any(self.rep.slinks[nr].forced and self.rep.slinks[nr].up
+                       for nr in self.legs if nr)
+
     def journal(self) -> JournalLeg:
         """The device as the *journal leg* of a kernel mirror whose other leg is
         the local device: see :class:`JournalLeg`."""

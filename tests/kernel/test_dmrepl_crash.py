@@ -113,7 +113,7 @@ def test_kill_9_during_writes_no_io_error_no_acked_write_lost(dmrepl: Any) -> No
     the restarted daemon rejoins; the remote site converges to the local device."""
     d, site, lab = dmrepl
     with Replicated(lab, d, "dmrepl-test-crash", size_mb=8, log_mb=16,
-                    remote_policy="async ios 100000", delay_ms=20,
+                    structure="mirror", remote_policy="async ios 100000", delay_ms=20,
                     site=site, site_disks=site.take()) as r:
         blocks = (8 << 20) // BLOCK
         w = Writer([(r.mapper(), i) for i in range(blocks)]).start()
@@ -149,7 +149,7 @@ def test_kill_9_during_writes_no_io_error_no_acked_write_lost(dmrepl: Any) -> No
 def test_two_devices_keep_cross_device_order_at_remote(dmrepl: Any) -> None:
     d, site, lab = dmrepl
     with Replicated(lab, d, "dmrepl-test-order", size_mb=8, log_mb=16, ndev=2,
-                    remote_policy="async ios 100000", delay_ms=30,
+                    structure="mirror", remote_policy="async ios 100000", delay_ms=30,
                     site=site, site_disks=site.take(2)) as r:
         per_dev = (8 << 20) // BLOCK
         # write i goes to device i % 2 (pseudo-random block order inside each device)

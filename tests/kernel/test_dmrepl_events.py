@@ -62,6 +62,7 @@ class EventReader:
 def test_events_show_link_down_up_and_resync_in_order(dmrepl: Any) -> None:
     d, site, lab = dmrepl
     with Replicated(lab, d, "dmrepl-test-ev", size_mb=16, log_mb=3,
+                    structure="mirror",
                     remote_policy="async ios 100000", delay_ms=20, region_sectors=512,
                     site=site, site_disks=site.take()) as r:
         dd_write(r.mapper(), 0, 1)

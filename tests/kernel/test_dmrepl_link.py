@@ -58,7 +58,7 @@ def test_cut_link_writes_continue_dirty_regions_resync(dmrepl: Any) -> None:
 def test_async_link_falls_behind_forced_sync_and_returns(dmrepl: Any) -> None:
     d, site, lab = dmrepl
     with Replicated(lab, d, "dmrepl-test-lag", size_mb=16, log_mb=8,
-                    remote_policy="async ios 64", delay_ms=20,
+                    structure="mirror", remote_policy="async ios 64", delay_ms=20,
                     site=site, site_disks=site.take()) as r:
         # a slow, lossy-free but long link: 400 ms round trips
         site.netem(400)

@@ -93,7 +93,7 @@ def test_kill_9_under_ext4_and_fio_verify(dmrepl: Any, tmp_path: Path) -> None:
     d, site, lab = dmrepl
     size_mb = 16   # the session site's disks
     with Replicated(lab, d, "dmrepl-test-outage", size_mb=size_mb, log_mb=32,
-                    remote_policy="async ios 100000", delay_ms=10,
+                    structure="mirror", remote_policy="async ios 100000", delay_ms=10,
                     site=site, site_disks=site.take()) as r:
         dev = r.mapper()
         sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
@@ -144,7 +144,7 @@ def test_whole_primary_crash(dmrepl: Any) -> None:
     remote site, and it equals the local devices."""
     d, site, lab = dmrepl
     with Replicated(lab, d, "dmrepl-test-primary", size_mb=8, log_mb=16, ndev=2,
-                    remote_policy="async ios 100000", delay_ms=20,
+                    structure="mirror", remote_policy="async ios 100000", delay_ms=20,
                     site=site, site_disks=site.take(2)) as r:
         per_dev = (8 << 20) // BLOCK
         targets = [(r.mapper(i % 2), (i * 7919) % per_dev) for i in range(2 * per_dev)]
@@ -195,7 +195,7 @@ def test_a_journal_leg_that_fails_under_a_live_daemon_is_replaced(dmrepl: Any) -
     import json
     d, site, lab = dmrepl
     with Replicated(lab, d, "dmrepl-test-rejoin", size_mb=8, log_mb=16,
-                    remote_policy="async ios 100000", delay_ms=20,
+                    structure="mirror", remote_policy="async ios 100000", delay_ms=20,
                     site=site, site_disks=site.take()) as r:
         def describe() -> dict[str, Any]:
             return dict(json.loads(r.check(d.cli("status", r.devs[0], "--json")))[0])

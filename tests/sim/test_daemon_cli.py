@@ -122,6 +122,7 @@ def test_ls_table_status(replicated: tuple[DaemonProcess, list[str]], capsys) ->
 def test_errors_are_one_line_with_stable_codes_and_devices_unaffected(
         replicated: tuple[DaemonProcess, list[str]], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     d, (log, local, remote) = replicated
+    local3, remote3 = files(tmp_path, "local3", "remote3")
     capsys.readouterr()
     cases = [
         (["create", "bad", "--table", "0 8 replicator ringbuffer 4 /x 0 auto 8 wat 1 0"],
@@ -143,15 +144,29 @@ def test_errors_are_one_line_with_stable_codes_and_devices_unaffected(
          ExitCode.INVALID),
         (["load", "rep", "--table", rep_table(log)], ExitCode.INVALID),
         (["wait", "rep", "100000", "--timeout", "0.2"], ExitCode.TIMEOUT),
+        # a structure the device cannot have (no kernel devices here), or a
+        # replicator given one
+        (["create", "bad3", "--structure", "mirror", "--table",
+          dev_table("rep", 3, local3, remote3)], ExitCode.INVALID),
+        (["create", "bad3", "--structure", "log-writes", "--table",
+          dev_table("rep", 3, local3, remote3)], ExitCode.INVALID),
+        (["create", "bad3", "--structure", "raid1", "--table",
+          dev_table("rep", 3, local3, remote3)], ExitCode.INVALID),
+        (["create", "bad4", "--structure", "mirror", "--table", rep_table(log)],
+         ExitCode.INVALID),
     ]
     for argv, code in cases:
         got = cli(d, *argv)
         err = capsys.readouterr().err
         assert got == code, (argv, got, err)
         assert err.startswith("dmrepl: error: ") and err.count("\n") == 1, (argv, err)
+        if "--structure" in argv:
+            assert "cannot be a" in err or "has no structure" in err, err
     assert cli(d, "ls") == 0
     out = capsys.readouterr().out
     assert "bad" not in out and out.count("\n") == 2
+    # (the refused device's number is free: nothing of it stayed in the engine)
+    assert cli(d, "create", "vol3", "--table", dev_table("rep", 3, local3, remote3)) == 0
     # the running device still serves I/O
     r = subprocess.run(["nbdinfo", nbd_url(d, "vol")], capture_output=True, text=True)
     assert r.returncode == 0 and str(8 * MB) in r.stdout

@@ -31,5 +31,5 @@ def test_create_names_the_structure(desc: dict[str, Any], said: str,
 
     monkeypatch.setattr(_actions, "_client", lambda ns: Daemon())
     _actions.create(argparse.Namespace(name="vol", table="0 8 replicator-dev ...",
-                                       file=None, socket="unused"))
+                                       file=None, socket="unused", structure="auto"))
     assert capsys.readouterr().out.strip() == said

@@ -78,6 +78,12 @@ class Device:
     def remote_in_sync(self) -> bool:
         return self.lost == 0
 
+    #: a remote site link is past its fall-behind limit (the engine's forced sync)
+    behind: bool = False
+
+    def behind_limit(self) -> bool:
+        return self.behind
+
 
 ERA_DEV = "253:9"
 ERA_BLOCK = 64          # sectors per era block, in the fake era's answers
@@ -172,6 +178,30 @@ class FakeKernel:
             was, self.suspended = self.suspended, False
             return was
         monkeypatch.setattr(_kernel, "resume_if_suspended", resume_if_suspended)
+
+        def suspend_mapper(name: str, *, skip_lockfs: bool = False) -> None:
+            self.calls.append("suspend" if skip_lockfs else "suspend+lockfs")
+            self.suspended = True
+
+        def resume_mapper(name: str) -> None:
+            self.calls.append("resume")
+            self.suspended = False
+        self.calls: list[str] = []   # suspends and resumes, and the guardian's words
+        monkeypatch.setattr(_kernel, "suspend_mapper", suspend_mapper)
+        monkeypatch.setattr(_kernel, "resume_mapper", resume_mapper)
+
+
+@dataclass
+class Guardian:
+    """The guardian process, as the daemon tells it (the real one: test_guardian)."""
+
+    kernel: FakeKernel
+
+    def hold(self, name: str) -> None:
+        self.kernel.calls.append(f"hold {name}")
+
+    def free(self, name: str) -> None:
+        self.kernel.calls.append(f"free {name}")
 
 
 @pytest.fixture
@@ -391,5 +421,95 @@ def test_a_swap_left_out_while_paused_is_made_once_the_device_resumes(
             time.sleep(0.01)
         assert len(kernel.swaps) == 1 and kj.describe()["drained"]
         assert [d for _op, _o, d, _n in dev.journal_backend.log] == [b"\x03" * S]
+    finally:
+        kj.stop()
+
+
+def wait_for(what: Any, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def guarded(tmp_path: Path, kernel: FakeKernel) -> Iterator[tuple[KernelJournal, Device]]:
+    dev = Device()
+    kj = KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
+                       segment_bytes=SEGMENT, interval=0.01,
+                       guardian=Guardian(kernel))  # type: ignore[arg-type]
+    kj.open(None)
+    try:
+        yield kj, dev
+    finally:
+        kj.stop()
+
+
+def test_a_device_past_its_fall_behind_limit_is_held_until_back_under_it(
+        kernel: FakeKernel, guarded: tuple[KernelJournal, Device]) -> None:
+    kj, dev = guarded
+    dev.behind = True
+    wait_for(lambda: kernel.suspended)
+    # the guardian knows before the device is suspended (a daemon dying in between
+    # must not leave it so), and no filesystem freeze
+    assert kernel.calls == ["hold d", "suspend"]
+    assert kj.describe()["writes_held"] and kj.describe()["holds"] == 1
+    swaps = len(kernel.swaps)
+    kernel.writes += 1          # (written before the hold): no swap while held,
+    time.sleep(0.1)             # it would resume the device
+    assert len(kernel.swaps) == swaps and kernel.suspended
+    dev.behind = False
+    wait_for(lambda: not kernel.suspended)
+    assert kernel.calls == ["hold d", "suspend", "resume", "free d"]
+    wait_for(lambda: len(kernel.swaps) == swaps + 1)   # the swap owed is made
+    assert not kj.describe()["writes_held"]
+
+
+def test_a_held_device_is_resumed_when_draining_stops(
+        kernel: FakeKernel, guarded: tuple[KernelJournal, Device]) -> None:
+    kj, dev = guarded
+    dev.behind = True
+    wait_for(lambda: kernel.suspended)
+    kj.stop()                   # (the daemon stops, or drains it for a remove)
+    assert not kernel.suspended
+    assert kernel.calls == ["hold d", "suspend", "resume", "free d"]
+
+
+def test_the_admins_suspend_outlasts_a_hold(
+        kernel: FakeKernel, tmp_path: Path) -> None:
+    """An admin's suspend of a held device is the admin's: the guardian no longer
+    resumes it, the hold's end leaves it suspended; an admin's resume of a held
+    device leaves it held."""
+    paused = [False]
+    dev = Device()
+    kj = KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
+                       segment_bytes=SEGMENT, interval=0.01, paused=lambda: paused[0],
+                       guardian=Guardian(kernel))  # type: ignore[arg-type]
+    kj.open(None)
+    try:
+        dev.behind = True
+        wait_for(lambda: kernel.suspended)
+        with kj.lock:
+            kj.admin_suspend_locked()
+            paused[0] = True
+        assert kernel.calls[-2:] == ["suspend+lockfs", "free d"]
+        dev.behind = False
+        wait_for(lambda: not kj.describe()["writes_held"])
+        assert kernel.suspended and "resume" not in kernel.calls
+        # held again, then the admin resumes: still held until under the limit
+        with kj.lock:
+            kj.admin_resume_locked()
+            paused[0] = False
+        assert not kernel.suspended
+        dev.behind = True
+        wait_for(lambda: kernel.suspended)
+        with kj.lock:
+            kj.admin_suspend_locked()
+            paused[0] = True
+            kj.admin_resume_locked()
+            paused[0] = False
+        assert kernel.suspended and kernel.calls[-1] == "hold d"
+        dev.behind = False
+        wait_for(lambda: not kernel.suspended)
     finally:
         kj.stop()
