@@ -467,6 +467,12 @@ class Replicated:
         out = json.loads(self.check(self.daemon.cli("status", self.rep, "--json")))
         return out[0]["detail"]
 
+    def describe(self, i: int = 0) -> dict[str, Any]:
+        """Device ``i``'s ``dmrepl status NAME --json``."""
+        import json
+        return dict(json.loads(self.check(self.daemon.cli("status", self.devs[i],
+                                                           "--json")))[0])
+
     def slink(self, nr: int = 1) -> dict[str, Any]:
         return self.status()["slinks"][str(nr)]
 

@@ -516,7 +516,13 @@ class KernelJournal:
                     ops.append((offset, read(entry.data_offset, length), length,
                                 bool(entry.flags & lw.FLAG_FUA)))
                     nbytes += length
-                if entry.flags & lw.FLAG_FLUSH:
+                if entry.flags & (lw.FLAG_FLUSH | lw.FLAG_FUA):
+                    # An epoch ends here: what the log holds before a flush or a FUA
+                    # write was durable on the device before anything after it was
+                    # written (the only order the block layer promises; log-writes
+                    # gives NAME a write cache, so writers that need an order say so),
+                    # and the remote site links may apply one log commit's entries
+                    # in any order (ringlog's epochs).
                     push()
                     backend.flush()
                 elif len(ops) >= BATCH_OPS or nbytes >= BATCH_BYTES:

@@ -7,7 +7,6 @@ site.  The writes are sequence-stamped (tests/kernel/test_dmrepl_crash.py)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -56,10 +55,6 @@ def kj(kdaemon: DaemonProcess, dmrepl_session: Any
         yield kdaemon, site, lab
 
 
-def describe(r: Replicated, i: int = 0) -> dict[str, Any]:
-    return dict(json.loads(r.check(r.daemon.cli("status", r.devs[i], "--json")))[0])
-
-
 def table(name: str) -> str:
     return subprocess.run(["dmsetup", "table", name], capture_output=True, text=True,
                           check=True).stdout
@@ -71,18 +66,21 @@ def test_the_kernel_journals_the_writes_and_the_remote_gets_them_in_order(
     with Replicated(lab, d, "dmrepl-test-kj", size_mb=SIZE_MB, log_mb=32,
                     remote_policy="async", delay_ms=20,
                     site=site, site_disks=site.take()) as r:
-        assert describe(r)["structure"] == "log-writes"
+        assert r.describe()["structure"] == "log-writes"
         assert " log-writes " in table(r.devs[0])
-        w = Writer([(r.mapper(), (i * 7919) % BLOCKS) for i in range(2 * BLOCKS)]).start()
-        w.wait_acked(BLOCKS // 2, timeout=300)
+        # (every stamp a block of its own; each one O_DSYNC: an epoch of its own at
+        # the remote, one round trip each)
+        writes = BLOCKS // 2
+        w = Writer([(r.mapper(), (i * 7919) % BLOCKS) for i in range(writes)]).start()
+        w.wait_acked(writes // 2, timeout=300)
         # the remote site, mid-stream: a prefix of the history
         r.site.cut()
         assert_prefix(seqs_present(r, r.remotes, BLOCKS), "the remote, mid-stream")
         r.site.restore()
         w.thread.join(600)
-        assert w.error is None and w.acked == 2 * BLOCKS - 1
+        assert w.error is None and w.acked == writes - 1
         r.wait_converged(timeout=600)
-        assert describe(r)["kernel_journal"]["swaps"] > 0
+        assert r.describe()["kernel_journal"]["swaps"] > 0
         assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
 
 
@@ -92,7 +90,8 @@ def test_kill_9_the_writer_goes_on_and_the_restart_drains_the_journal(
     with Replicated(lab, d, "dmrepl-test-kjkill", size_mb=SIZE_MB, log_mb=32,
                     remote_policy="async", delay_ms=20,
                     site=site, site_disks=site.take()) as r:
-        w = Writer([(r.mapper(), i % BLOCKS) for i in range(2 * BLOCKS)]).start()
+        writes = 1200
+        w = Writer([(r.mapper(), i % BLOCKS) for i in range(writes)]).start()
         w.wait_acked(300, timeout=300)
         d.kill()
         at_kill = w.acked
@@ -102,9 +101,9 @@ def test_kill_9_the_writer_goes_on_and_the_restart_drains_the_journal(
         d.start()
         trace("daemon restarted")
         w.thread.join(600)
-        assert w.error is None and w.acked == 2 * BLOCKS - 1
+        assert w.error is None and w.acked == writes - 1
         r.wait_converged(timeout=600)
-        st = describe(r)
+        st = r.describe()
         # (a segment holds every write of the test: none filled during the outage)
         assert st["structure"] == "log-writes" and st["kernel_journal"]["resyncs"] == 0, \
             (st["kernel_journal"], d.log()[-4000:])
@@ -133,7 +132,7 @@ def test_a_crash_of_the_primary_resyncs_the_device(
         d.start()
         trace("daemon restarted")
         r.wait_converged(timeout=600)
-        st = describe(r)
+        st = r.describe()
         assert st["kernel_journal"]["resyncs"] == 1, st
         assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
         w2 = Writer([(r.mapper(), 0)])
@@ -151,7 +150,7 @@ def test_a_crash_resyncs_only_the_blocks_written_since_the_journal_last_drained(
     with Replicated(lab, d, "dmrepl-test-kjera", size_mb=size_mb, log_mb=32,
                     remote_policy="async", delay_ms=20,
                     site=site, site_disks=site.take()) as r:
-        assert describe(r)["kernel_journal"]["era_record"]
+        assert r.describe()["kernel_journal"]["era_record"]
         # what a kernel journal cannot follow is refused, and changes nothing
         table = r.check(d.cli("table", r.rep))
         proc = d.cli("message", r.rep, "0", "slink", "message", "1", "policy", "sync")
@@ -174,7 +173,7 @@ def test_a_crash_resyncs_only_the_blocks_written_since_the_journal_last_drained(
         trace(f"crash after {w.acked + 1} acknowledged writes ({w.error})")
         d.start()
         r.wait_converged(timeout=600)
-        st = describe(r)["kernel_journal"]
+        st = r.describe()["kernel_journal"]
         assert st["resyncs"] == 1 and 0 < st["resync_bytes"] <= 4 * MB, (st, d.log()[-3000:])
         assert digest(r.remotes[0], size_mb * MB) == digest(r.locals[0], size_mb * MB)
 
@@ -194,7 +193,7 @@ def test_past_its_fall_behind_limit_the_device_is_held_and_a_dead_daemon_lets_it
     with Replicated(lab, d, "dmrepl-test-kjlag", size_mb=SIZE_MB, log_mb=32,
                     remote_policy="async ios 64", delay_ms=20,
                     site=site, site_disks=site.take()) as r:
-        assert describe(r)["structure"] == "log-writes"
+        assert r.describe()["structure"] == "log-writes"
         w = Writer([(r.mapper(), i % BLOCKS) for i in range(3 * BLOCKS)]).start()
         w.wait_acked(200, timeout=300)
         site.netem(2000)     # round trips of 4 s: the link falls behind and stays so
@@ -203,7 +202,7 @@ def test_past_its_fall_behind_limit_the_device_is_held_and_a_dead_daemon_lets_it
             assert time.monotonic() < deadline, "the device was never held"
             assert w.thread.is_alive(), w.error
         # (suspended twice, 0.3 s apart: not a segment swap's moment)
-        st = describe(r)
+        st = r.describe()
         assert st["kernel_journal"]["holds"] >= 1, st["kernel_journal"]
         d.kill()
         at_kill = w.acked
@@ -214,8 +213,10 @@ def test_past_its_fall_behind_limit_the_device_is_held_and_a_dead_daemon_lets_it
         site.netem(20)
         d.start()
         trace("daemon restarted")
-        w.thread.join(900)
-        assert w.error is None and w.acked == 3 * BLOCKS - 1
+        w.wait_acked(w.acked + 100, timeout=300)   # (held again and again: 64 behind
+        w.stop.set()                                # at most, one round trip each)
+        w.thread.join(300)
+        assert w.error is None
         r.wait_converged(timeout=600)
         assert seqs_present(r, r.remotes, BLOCKS) == seqs_present(r, r.locals, BLOCKS)
         assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
@@ -231,7 +232,7 @@ def test_a_second_device_makes_the_kernel_journal_a_mirror_and_keeps_the_order(
     disks = site.take(2)
     with Replicated(lab, d, "dmrepl-test-kjtwo", size_mb=8, log_mb=16, remote_policy="async",
                     delay_ms=30, site=site, site_disks=disks[:1]) as r:
-        assert describe(r)["structure"] == "log-writes"
+        assert r.describe()["structure"] == "log-writes"
         name2 = "dmrepl-test-kjtwo-1"
         mapper2 = f"/dev/mapper/{name2}"
         per_dev = 8 * MB // BLOCK
@@ -245,7 +246,7 @@ def test_a_second_device_makes_the_kernel_journal_a_mirror_and_keeps_the_order(
                       f"0 {8 * MB // 512} replicator-dev {r.rep} 1 0 1 {local2} nolog 0 "
                       f"1 1 {site.url_of(disks[1])} core 2 1024 nosync"))
         try:
-            st = describe(r)
+            st = r.describe()
             assert st["structure"] == "mirror" and "kernel_journal" not in st, st
             assert subprocess.run(["dmsetup", "info", f".{r.devs[0]}.era"],
                                   capture_output=True).returncode, "its era device stayed"

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from dmrepl_testing.daemon import Replicated, trace
 from tests.kernel.test_dmrepl_crash import BLOCK, Writer, read_blocks, seqs_present
 
@@ -89,12 +91,16 @@ def fio_verify(path: Path, loops: int) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_kill_9_under_ext4_and_fio_verify(dmrepl: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("structure", ["mirror", "log-writes"])
+def test_kill_9_under_ext4_and_fio_verify(dmrepl: Any, tmp_path: Path, structure: str) -> None:
+    """The mirror (its journal leg fails, the local leg goes on) and the kernel
+    journal (the kernel journals on, the next daemon drains it)."""
     d, site, lab = dmrepl
     size_mb = 16   # the session site's disks
     with Replicated(lab, d, "dmrepl-test-outage", size_mb=size_mb, log_mb=32,
-                    structure="mirror", remote_policy="async ios 100000", delay_ms=10,
+                    structure=structure, remote_policy="async ios 100000", delay_ms=10,
                     site=site, site_disks=site.take()) as r:
+        assert r.describe()["structure"] == structure
         dev = r.mapper()
         sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
            dev)
@@ -200,7 +206,9 @@ def test_a_journal_leg_that_fails_under_a_live_daemon_is_replaced(dmrepl: Any) -
         def describe() -> dict[str, Any]:
             return dict(json.loads(r.check(d.cli("status", r.devs[0], "--json")))[0])
         blocks = (8 << 20) // BLOCK
-        w = Writer([(r.mapper(), i % blocks) for i in range(3 * blocks)]).start()
+        # (QD1 O_DSYNC writes through the journal leg, one remote round trip each:
+        # enough to outlast the rejoin, not the kernel tier's time)
+        w = Writer([(r.mapper(), i % blocks) for i in range(blocks)]).start()
         w.wait_acked(100)
         old = describe()["nbd"]
         sh("nbd-client", "-d", old)          # the journal leg fails under the writer
@@ -213,7 +221,7 @@ def test_a_journal_leg_that_fails_under_a_live_daemon_is_replaced(dmrepl: Any) -
         trace(f"journal leg now {describe()['nbd']}")
         w.thread.join(600)
         assert w.error is None, f"the writer saw {w.error}"
-        assert w.acked == 3 * blocks - 1
+        assert w.acked == blocks - 1
         r.wait_converged(timeout=600)
         assert not describe()["journal"]["failed"]
         assert digest(r.remotes[0], 8 * MB) == digest(r.locals[0], 8 * MB)

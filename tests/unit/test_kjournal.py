@@ -234,11 +234,14 @@ def test_a_segment_is_appended_in_log_order_with_its_flushes_then_emptied(
     kernel.on_swap.append(segment_image(
         entry(4, 1, 0, a), entry(8, 2, lw.FLAG_FUA, b), entry(0, 0, lw.FLAG_FLUSH),
         entry(16, 8, lw.FLAG_DISCARD), entry(4, 1, 0, b[:S]), entry(0, 0, lw.FLAG_MARK),
-        entry(9, 1, 0, a)))
+        entry(12, 1, lw.FLAG_FUA, a), entry(9, 1, 0, a)))
     kj.drain_now()
+    # a flush, and a FUA write, end an epoch (a log commit): nothing after either
+    # is applied at a remote site before it
     assert dev.journal_backend.log == [
-        ("write", 4 * S, a, S), ("write", 8 * S, b, 2 * S), ("flush",),
-        ("trim", 16 * S, None, 8 * S), ("write", 4 * S, b[:S], S), ("write", 9 * S, a, S)]
+        ("write", 4 * S, a, S), ("write", 8 * S, b, 2 * S), ("flush",), ("flush",),
+        ("trim", 16 * S, None, 8 * S), ("write", 4 * S, b[:S], S),
+        ("write", 12 * S, a, S), ("flush",), ("write", 9 * S, a, S)]
     # the drained segment is empty (its super gone) and no longer to drain
     with open(tmp_path / "d.0.seg", "rb") as f:
         assert lw.parse_super(f.read(64)) is None
