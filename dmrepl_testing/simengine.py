@@ -197,7 +197,7 @@ class SimDevice:
     def remote_in_sync(self) -> bool:
         return True
 
-    def behind_limit(self) -> bool:
+    def behind_limit(self, ios: int = 0, nbytes: int = 0, since: float | None = None) -> bool:
         return False
 
     def message(self, argv: Sequence[str]) -> str:

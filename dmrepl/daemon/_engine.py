@@ -59,9 +59,10 @@ class EngineDevice(Backend, Protocol):
         """Every remote site link has the whole device in sync."""
         ...
 
-    def behind_limit(self) -> bool:
-        """A remote site link of the device is past its fall-behind limit (new
-        writes are to wait for it)."""
+    def behind_limit(self, ios: int = 0, nbytes: int = 0, since: float | None = None) -> bool:
+        """Is a remote site link of the device past its fall-behind limit,
+        counting ``ios`` writes of ``nbytes`` not yet in the replication log, the
+        oldest written at ``since`` (time.monotonic())?"""
         ...
 
     def message(self, argv: Sequence[str]) -> str: ...

@@ -25,11 +25,12 @@ What the daemon's death or the host's crash costs:
 
 A site link with a fall-behind limit: the kernel completes every write before
 the daemon sees it, so "past the limit, writes wait for the site" is kept by
-*holding* the device: while a remote site link of the device is past its limit
-(the engine's forced sync), the daemon suspends /dev/mapper/NAME (its writes
-wait in the kernel) and resumes it once the link is back under the limit.  The
+*holding* the device: while a remote site link of the device would be past its
+limit counting the journal's writes not yet in the replication log (the segments
+swapped out and not yet drained), the daemon suspends /dev/mapper/NAME (its
+writes wait in the kernel) and resumes it once it is back under the limit.  The
 site may fall behind by the limit plus what the device writes in one
-``journal_interval`` (the daemon learns of writes at each swap).  The daemon's
+``journal_interval`` (the current segment is counted once it is swapped out).  The daemon's
 guardian process (:mod:`dmrepl.daemon.guardian`) resumes a held device if the
 daemon dies.
 
@@ -44,6 +45,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,6 +124,10 @@ class KernelJournal:
     guardian: Guardian | None = None
     #: the daemon suspended NAME: a remote site link is past its fall-behind limit
     _held: bool = False
+    #: per segment swapped out and not yet drained: [writes, bytes] not yet appended
+    _left: dict[int, list[int]] = field(default_factory=dict)
+    #: per segment: when it became the one the kernel journals to (time.monotonic())
+    _began: dict[int, float] = field(default_factory=dict)
 
     # -- files ----------------------------------------------------------------------
 
@@ -209,6 +215,8 @@ class KernelJournal:
                                    "and create it again")
             self.pending.extend(pending)
             self.current = now
+            for i in pending:   # (its writes count against a fall-behind limit)
+                self._left[i] = self._segment_size(i, None)
             era_devno = record.live_devno()
             if era_devno is not None and era_devno == _kernel.logwrites_origin(self.name):
                 self.record = record
@@ -314,7 +322,10 @@ class KernelJournal:
         fall-behind limit; let them go once none is (see the module's doc)."""
         if self.guardian is None or self._stop.is_set():
             return
-        behind = self.dev.behind_limit()
+        ios = sum(max(0, n) for n, _b in self._left.values())
+        nbytes = sum(max(0, b) for _n, b in self._left.values())
+        since = min((self._began[i] for i in self._left if i in self._began), default=None)
+        behind = self.dev.behind_limit(ios, nbytes, since)
         if behind != self._held:
             self._set_held(behind)
 
@@ -398,6 +409,7 @@ class KernelJournal:
             while not self._stop.wait(HELD_POLL if self._held else self.interval):
                 if self._written():
                     self.swap()
+                    self._hold_if_behind()   # (what the swap took out counts)
                     self._drain_pending()
                 self._hold_if_behind()
                 self._check_resynced()
@@ -431,6 +443,8 @@ class KernelJournal:
             old = self.current
             self.pending.append(old)
             self.current = nxt
+            self._began[nxt] = time.monotonic()
+            self._left[old] = self._segment_size(old, status)
             # the new segment's era: the one current at the swap (what it logs was
             # written in that era or a later one)
             self.eras[nxt] = self._checkpoint(since=self.eras.get(old, 0))
@@ -439,6 +453,15 @@ class KernelJournal:
         if status is not None and status.disabled:
             # the old segment filled: what came after is not in it
             self._resync_since(old, "a kernel journal segment filled up")
+
+    def _segment_size(self, i: int, status: Any) -> list[int]:
+        """[writes, bytes] a segment just swapped out holds (its super's entry
+        count; its bytes as the kernel allocated them)."""
+        with open(self._segment(i), "rb") as f:
+            sup = lw.parse_super(f.read(lw.LOG_WRITE_SUPER.sizeof()))
+        entries = sup.nr_entries if sup is not None else 0
+        used = status.highest_sector * 512 if status is not None else 0
+        return [entries, max(used, entries * 512)]
 
     def _checkpoint(self, since: int) -> int:
         """A new era; returns the one current before it (``since`` if the era
@@ -456,6 +479,7 @@ class KernelJournal:
             i = self.pending[0]
             self._drain(i)
             self.pending.popleft()
+            self._left.pop(i, None)
             self._empty(i)
             with self.lock:
                 self._save_order()
@@ -472,12 +496,20 @@ class KernelJournal:
 
         def push() -> None:
             nonlocal ops, nbytes
-            if ops:
-                self._hold_if_behind()
             taken = write_many(ops) if ops and write_many is not None else []
-            for wait in taken:
-                if wait is not None:
-                    wait()
+            left = self._left.get(i)
+            if left is not None:
+                left[0] -= len(ops)
+                left[1] -= nbytes
+            if ops:   # (before waiting: past the limit, the waits are long)
+                self._hold_if_behind()
+            if not self._stop.is_set():
+                # (a site link past its limit holds the acknowledgements: the drain
+                # keeps its pace; draining for a remove or a conversion does not
+                # wait, the kernel acknowledged these writes long ago)
+                for wait in taken:
+                    if wait is not None:
+                        wait()
             # what the log did not take (full, suspended): written one by one, waiting
             for op in ops[len(taken):]:
                 write_op(backend, op)

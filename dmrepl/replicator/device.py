@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -262,12 +263,14 @@ class ReplicatedDevice:
         """Every remote site link has every region of the device in sync."""
         return all(leg.out_of_sync() == 0 for nr, leg in self.legs.items() if nr)
 
-    def behind_limit(self) -> bool:
-        """A remote site link of the device (up) is past its fall-behind limit:
-        new writes are to wait for it (forced sync)."""
+    def behind_limit(self, ios: int = 0, nbytes: int = 0, since: float | None = None) -> bool:
+        """Is a remote site link of the device (up) past its fall-behind limit,
+        counting ``ios`` writes of ``nbytes`` not yet in the replication log (a
+        kernel journal's), the oldest written at ``since`` (time.monotonic())?"""
+        now = time.monotonic()
         with self.rep.lock:
-            return any(self.rep.slinks[nr].forced and self.rep.slinks[nr].up
-                       for nr in self.legs if nr)
+            return any(self.rep.slinks[nr].up and self.rep.copiers.past_fallbehind_locked(
+                self.rep.slinks[nr], now, ios, nbytes, since) for nr in self.legs if nr)
 
     def journal(self) -> JournalLeg:
         """The device as the *journal leg* of a kernel mirror whose other leg is

@@ -34,7 +34,7 @@ MB = 1 << 20
 SIZE_MB = 16   # the session site's disks
 BLOCKS = SIZE_MB * MB // BLOCK
 #: sequence-stamped writes per test: each waits for the site's round trip (40 ms)
-WRITES = 1200
+WRITES = 600
 
 
 @pytest.fixture(scope="module")

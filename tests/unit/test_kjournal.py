@@ -46,8 +46,12 @@ class Journal:
     """The engine device's journal backend: what reached the log, in order."""
 
     log: list[tuple[Any, ...]] = field(default_factory=list)
+    #: called at each batch (what the test wants to see then)
+    on_batch: Any = None
 
     def write_many(self, ops: Sequence[WriteOp]) -> list[AckWait | None]:
+        if self.on_batch is not None:
+            self.on_batch()
         taken = ops[:3]      # a log that takes part of a batch: the rest one by one
         self.log += [("write" if d is not None else "trim", o, d, n) for o, d, n, _f in taken]
         return [None] * len(taken)
@@ -80,9 +84,11 @@ class Device:
 
     #: a remote site link is past its fall-behind limit (the engine's forced sync)
     behind: bool = False
+    #: a fall-behind limit in writes, counting those not yet in the log
+    limit: int | None = None
 
-    def behind_limit(self) -> bool:
-        return self.behind
+    def behind_limit(self, ios: int = 0, nbytes: int = 0, since: float | None = None) -> bool:
+        return self.behind or (self.limit is not None and ios > self.limit)
 
 
 ERA_DEV = "253:9"
@@ -516,3 +522,24 @@ def test_the_admins_suspend_outlasts_a_hold(
         wait_for(lambda: not kernel.suspended)
     finally:
         kj.stop()
+
+
+def test_the_journals_writes_not_yet_in_the_log_count_against_the_limit(
+        kernel: FakeKernel, guarded: tuple[KernelJournal, Device]) -> None:
+    """A segment swapped out with more writes than the limit: the device is held
+    while they are drained into the log, and let go once they are in."""
+    kj, dev = guarded
+    dev.limit = 4
+    seen: list[bool] = []
+    dev.journal_backend.on_batch = lambda: seen.append(kernel.suspended)
+    kernel.on_swap.append(segment_image(*(entry(i, 1, 0, b"\x07" * S) for i in range(6))))
+    kernel.writes += 1
+    wait_for(lambda: len(dev.journal_backend.log) == 6 and not kj.describe()["writes_held"])
+    assert seen[0] is True          # held while the six went into the log
+    assert kernel.calls == ["hold d", "suspend", "resume", "free d"]
+    assert kj.describe()["holds"] == 1 and not kernel.suspended
+    # fewer than the limit: never held
+    kernel.on_swap.append(segment_image(*(entry(i, 1, 0, b"\x08" * S) for i in range(3))))
+    kernel.writes += 1
+    wait_for(lambda: len(dev.journal_backend.log) == 9)
+    assert kj.describe()["holds"] == 1 and seen[-1] is False

@@ -45,18 +45,25 @@ class Copiers:
 
     # -- fall-behind ---------------------------------------------------------------------
 
-    def check_fallbehind_locked(self, s: Slink, now: float) -> None:
-        """Enter or leave forced sync as the site link's lag crosses its threshold."""
+    def past_fallbehind_locked(self, s: Slink, now: float, ios: int = 0, nbytes: int = 0,
+                               since: float | None = None) -> bool:
+        """Is the async site link past its fall-behind threshold, with ``ios``
+        writes of ``nbytes`` more not yet in the log, the oldest of them written
+        at ``since`` (time.monotonic())?"""
         fb = s.cfg.fallbehind
         if s.cfg.sync or not fb.enabled:
-            over = False
-        elif fb.kind == "ios":
-            over = s.out_ios > fb.value
-        elif fb.kind == "size":
-            over = s.out_bytes > fb.value * SECTOR
-        else:
-            ts = self.rep.replog.oldest_ts_locked(s)
-            over = ts is not None and (now - ts) * 1000 > fb.value
+            return False
+        if fb.kind == "ios":
+            return s.out_ios + ios > fb.value
+        if fb.kind == "size":
+            return s.out_bytes + nbytes > fb.value * SECTOR
+        ts = self.rep.replog.oldest_ts_locked(s)
+        oldest = min((t for t in (ts, since) if t is not None), default=None)
+        return oldest is not None and (now - oldest) * 1000 > fb.value
+
+    def check_fallbehind_locked(self, s: Slink, now: float) -> None:
+        """Enter or leave forced sync as the site link's lag crosses its threshold."""
+        over = self.past_fallbehind_locked(s, now)
         if over != s.forced:
             s.ack.fire(AckEvent.OVER_THRESHOLD if over else AckEvent.UNDER_THRESHOLD)
             self.rep.bump_locked(f"{'enforcing' if over else 'releasing'} fallbehind "
