@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
+import time
 
 import pytest
 
@@ -507,3 +508,24 @@ def test_ring_full_ends_a_coalescing_pause(env) -> None:
 
     run_with_deadline(writes, "writes", 20.0)  # < the pause: only the wake-up does it
     assert e.rep.slinks[1].drops == 0  # copied, not dropped: the pause ended
+
+
+def test_behind_limit_counts_writes_not_yet_in_the_log(env) -> None:
+    """What a kernel journal asks before holding its device: would a site link be
+    past its limit with the journal's writes not yet logged counted too?"""
+    e = env("blockdev 2 0 async blockdev 4 1 async ios 2")
+    e.rep.start()
+    e.s("r1_0").gate.clear()
+    dev = e.devs[0]
+    dev.write(0, b"1" * 512)                   # 1 outstanding
+    assert not dev.behind_limit()
+    assert not dev.behind_limit(ios=1)         # 2: at the limit, not past it
+    assert dev.behind_limit(ios=2)
+    e.rep.message(["slink", "message", "1", "fallbehind", "size", "1k"])
+    assert not dev.behind_limit(nbytes=512) and dev.behind_limit(nbytes=1024)
+    e.rep.message(["slink", "message", "1", "fallbehind", "timeout", "30s"])
+    assert not dev.behind_limit(since=time.monotonic())
+    assert dev.behind_limit(since=time.monotonic() - 60)
+    e.rep.message(["slink", "message", "1", "fallbehind", "ios", "0"])
+    assert not dev.behind_limit(ios=10 ** 6)   # no limit: never behind
+    e.s("r1_0").gate.set()
