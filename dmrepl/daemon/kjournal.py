@@ -30,9 +30,9 @@ limit counting the journal's writes not yet in the replication log (the segments
 swapped out and not yet drained), the daemon suspends /dev/mapper/NAME (its
 writes wait in the kernel) and resumes it once it is back under the limit.  The
 site may fall behind by the limit plus what the device writes in one
-``journal_interval`` (the current segment is counted once it is swapped out).  The daemon's
-guardian process (:mod:`dmrepl.daemon.guardian`) resumes a held device if the
-daemon dies.
+``journal_interval`` (the current segment is counted once it is swapped out).
+The daemon's guardian process (:mod:`dmrepl.daemon.guardian`) resumes a held
+device if the daemon dies.
 
 Segments, state files and their loop devices live in the daemon's state
 directory (``journal/``)."""
@@ -71,7 +71,7 @@ SWAP_FILL = 0.5
 BATCH_OPS = 64
 BATCH_BYTES = 4 << 20
 #: Seconds between looks at a held device's site links (its writers wait).
-HELD_POLL = 0.02
+HELD_POLL = 0.05
 
 
 class JournalError(DmreplError):
