@@ -457,8 +457,11 @@ class KernelJournal:
     def _segment_size(self, i: int, status: Any) -> list[int]:
         """[writes, bytes] a segment just swapped out holds (its super's entry
         count; its bytes as the kernel allocated them)."""
-        with open(self._segment(i), "rb") as f:
-            sup = lw.parse_super(f.read(lw.LOG_WRITE_SUPER.sizeof()))
+        try:
+            with open(self._segment(i), "rb") as f:
+                sup = lw.parse_super(f.read(lw.LOG_WRITE_SUPER.sizeof()))
+        except (OSError, lw.LogFormatError):   # (its drain says what is wrong)
+            sup = None
         entries = sup.nr_entries if sup is not None else 0
         used = status.highest_sector * 512 if status is not None else 0
         return [entries, max(used, entries * 512)]
