@@ -460,16 +460,24 @@ def mapper_exists(name: str) -> bool:
     return bool(_dm().exists(name))
 
 
-def mapper_writes(name: str) -> int:
-    """Writes, discards and flushes NAME completed so far (its /sys stat)."""
+def mapper_write_stat(name: str) -> tuple[int, int]:
+    """Writes, discards and flushes NAME completed so far, and the bytes they
+    covered (its /sys stat; (-1, -1): no such device)."""
     try:
         node = os.stat(f"/dev/mapper/{name}").st_rdev
         with open(f"/sys/dev/block/{os.major(node)}:{os.minor(node)}/stat") as f:
             fields = [int(x) for x in f.read().split()]
     except (OSError, ValueError):
-        return -1
-    # write I/Os; discard I/Os; flush I/Os (when the kernel counts them)
-    return sum(fields[i] for i in (4, 11, 15) if i < len(fields))
+        return -1, -1
+    # write I/Os; discard I/Os; flush I/Os (when the kernel counts them); sectors
+    # written; sectors discarded
+    return (sum(fields[i] for i in (4, 11, 15) if i < len(fields)),
+            512 * sum(fields[i] for i in (6, 13) if i < len(fields)))
+
+
+def mapper_writes(name: str) -> int:
+    """Writes, discards and flushes NAME completed so far (its /sys stat)."""
+    return mapper_write_stat(name)[0]
 
 
 # -- the written-block record under a kernel journal (dm era; see dmrepl.daemon.erarecord)

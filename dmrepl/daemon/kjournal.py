@@ -27,12 +27,15 @@ A site link with a fall-behind limit: the kernel completes every write before
 the daemon sees it, so "past the limit, writes wait for the site" is kept by
 *holding* the device: while a remote site link of the device would be past its
 limit counting the journal's writes not yet in the replication log (the segments
-swapped out and not yet drained), the daemon suspends /dev/mapper/NAME (its
-writes wait in the kernel) and resumes it once it is back under the limit.  The
-site may fall behind by the limit plus what the device writes in one
-``journal_interval`` (the current segment is counted once it is swapped out).
-The daemon's guardian process (:mod:`dmrepl.daemon.guardian`) resumes a held
-device if the daemon dies.
+swapped out and not yet drained, and the writes the device completed since the
+last swap, from its /sys stat), the daemon suspends /dev/mapper/NAME (its writes
+wait in the kernel) and resumes it once it is back under the limit.  The drainer
+looks at every batch it appends and every ``journal_interval``: the site may fall
+behind by the limit plus what the device writes between two looks.  A device
+held only for what the segment in use holds is swapped anyway (resumed for the
+moment of the swap: the writes queued meanwhile go through).  The daemon's
+guardian process (:mod:`dmrepl.daemon.guardian`) resumes a held device if the
+daemon dies.
 
 Segments, state files and their loop devices live in the daemon's state
 directory (``journal/``)."""
@@ -118,6 +121,8 @@ class KernelJournal:
     _under: str = ""
     #: the device's write count just before the last swap (-1: none yet)
     _writes_at_swap: int = -1
+    #: the bytes its writes had covered then
+    _bytes_at_swap: int = -1
     #: NAME is no longer a log-writes target (:meth:`drain_replaced`)
     _replaced: bool = False
     #: resumes a held device if the daemon dies (None: writes are never held)
@@ -322,12 +327,30 @@ class KernelJournal:
         fall-behind limit; let them go once none is (see the module's doc)."""
         if self.guardian is None or self._stop.is_set():
             return
-        ios = sum(max(0, n) for n, _b in self._left.values())
-        nbytes = sum(max(0, b) for _n, b in self._left.values())
-        since = min((self._began[i] for i in self._left if i in self._began), default=None)
-        behind = self.dev.behind_limit(ios, nbytes, since)
+        behind = self.dev.behind_limit(*self._backlog(current=True))
         if behind != self._held:
             self._set_held(behind)
+
+    def _backlog(self, *, current: bool) -> tuple[int, int, float | None]:
+        """The journal's writes not yet in the replication log: how many, their
+        bytes, when the oldest was written (time.monotonic(), about): those of the
+        segments swapped out and not drained, and (``current``) those the device
+        completed since the last swap."""
+        ios = sum(max(0, n) for n, _b in self._left.values())
+        nbytes = sum(max(0, b) for _n, b in self._left.values())
+        began = [self._began[i] for i in self._left if i in self._began]
+        if current and self._writes_at_swap >= 0:
+            writes, written = _kernel.mapper_write_stat(self.name)
+            if writes > self._writes_at_swap:
+                ios += writes - self._writes_at_swap
+                nbytes += max(0, written - self._bytes_at_swap)
+                began += [self._began[self.current]] if self.current in self._began else []
+        return ios, nbytes, min(began, default=None)
+
+    def _held_for_current(self) -> bool:
+        """Held only for what the segment in use holds (a swap lets it drain)?"""
+        return (self._held and self.dev.behind_limit(*self._backlog(current=True))
+                and not self.dev.behind_limit(*self._backlog(current=False)))
 
     def _set_held(self, hold: bool) -> None:
         with self.lock:
@@ -407,7 +430,7 @@ class KernelJournal:
         try:
             self._drain_pending()
             while not self._stop.wait(HELD_POLL if self._held else self.interval):
-                if self._written():
+                if self._written() and (not self._held or self._held_for_current()):
                     self.swap()
                     self._hold_if_behind()   # (what the swap took out counts)
                     self._drain_pending()
@@ -427,7 +450,7 @@ class KernelJournal:
         """Journal to a free segment from now on; the one before joins those to
         drain (its target logged all it held when the swap replaced it)."""
         with self.lock:
-            if self.paused() or self._held:   # (a swap resumes the device)
+            if self.paused():
                 return
             busy = {self.current, *self.pending}
             free = [i for i in range(SEGMENTS) if i not in busy]
@@ -436,10 +459,12 @@ class KernelJournal:
             nxt = free[0]
             # (read before: a write completing meanwhile is in the old segment, and
             # counts as new: one swap more, never one write missed)
-            writes = _kernel.mapper_writes(self.name)
+            writes, nbytes = _kernel.mapper_write_stat(self.name)
             status = _kernel.swap_logwrites(self.name, self.sectors, self._under,
                                             self._loops[nxt])
-            self._writes_at_swap = writes
+            if self._held:   # (the swap resumed it: the writes queued went through)
+                _kernel.suspend_mapper(self.name, skip_lockfs=True)
+            self._writes_at_swap, self._bytes_at_swap = writes, nbytes
             old = self.current
             self.pending.append(old)
             self.current = nxt

@@ -147,7 +147,8 @@ class FakeKernel:
         monkeypatch.setattr(_kernel, "logwrites_status",
                             lambda name: lw.LogWritesStatus(0, 0, False))
         monkeypatch.setattr(_kernel, "mapper_exists", lambda name: self.live is not None)
-        monkeypatch.setattr(_kernel, "mapper_writes", lambda name: self.writes)
+        monkeypatch.setattr(_kernel, "mapper_write_stat",
+                            lambda name: (self.writes, self.writes * 4096))
 
         def era_message(name: str, text: str) -> None:
             if text == "checkpoint":
@@ -543,3 +544,4 @@ def test_the_journals_writes_not_yet_in_the_log_count_against_the_limit(
     kernel.writes += 1
     wait_for(lambda: len(dev.journal_backend.log) == 9)
     assert kj.describe()["holds"] == 1 and seen[-1] is False
+
