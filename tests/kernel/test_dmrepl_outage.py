@@ -198,30 +198,27 @@ def test_a_journal_leg_that_fails_under_a_live_daemon_is_replaced(dmrepl: Any) -
     """The kernel gives up the journal leg (here: its nbd device is disconnected
     under writes) while the daemon runs: the daemon attaches a new one, the writes
     never fail, and the remote converges."""
-    import json
     d, site, lab = dmrepl
     with Replicated(lab, d, "dmrepl-test-rejoin", size_mb=8, log_mb=16,
                     structure="mirror", remote_policy="async ios 100000", delay_ms=20,
                     site=site, site_disks=site.take()) as r:
-        def describe() -> dict[str, Any]:
-            return dict(json.loads(r.check(d.cli("status", r.devs[0], "--json")))[0])
         blocks = (8 << 20) // BLOCK
         # (QD1 O_DSYNC writes through the journal leg, one remote round trip each:
         # enough to outlast the rejoin, not the kernel tier's time)
         w = Writer([(r.mapper(), i % blocks) for i in range(blocks)]).start()
         w.wait_acked(100)
-        old = describe()["nbd"]
+        old = r.describe()["nbd"]
         sh("nbd-client", "-d", old)          # the journal leg fails under the writer
         trace(f"{old} disconnected under writes")
         deadline = time.monotonic() + 120
-        while describe()["nbd"] == old:
+        while r.describe()["nbd"] == old:
             assert time.monotonic() < deadline, "the daemon did not replace the journal leg"
             assert w.thread.is_alive() or w.error is None, f"writer failed: {w.error}"
             time.sleep(0.2)
-        trace(f"journal leg now {describe()['nbd']}")
+        trace(f"journal leg now {r.describe()['nbd']}")
         w.thread.join(600)
         assert w.error is None, f"the writer saw {w.error}"
         assert w.acked == blocks - 1
         r.wait_converged(timeout=600)
-        assert not describe()["journal"]["failed"]
+        assert not r.describe()["journal"]["failed"]
         assert digest(r.remotes[0], 8 * MB) == digest(r.locals[0], 8 * MB)

@@ -60,10 +60,6 @@ def rl(rdaemon: DaemonProcess, dmrepl_session: Any
         yield rdaemon, site, lab
 
 
-def describe(r: Replicated) -> dict[str, Any]:
-    return dict(json.loads(r.check(r.daemon.cli("status", r.devs[0], "--json")))[0])
-
-
 def nbd_reads(nbd: str) -> int:
     with open(f"/sys/block/{os.path.basename(nbd)}/stat") as f:
         return int(f.read().split()[0])
@@ -77,7 +73,7 @@ def nbd_writes(nbd: str) -> int:
 def wait_leg(r: Replicated, what: str, pred: Any, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        leg = describe(r)["remote_leg"]
+        leg = r.describe()["remote_leg"]
         if pred(leg):
             return dict(leg)
         assert time.monotonic() < deadline, f"timed out waiting for {what}: {leg}"
@@ -103,7 +99,7 @@ def crash_primary(r: Replicated) -> None:
     """What a crash of the primary does: the daemon killed, then every kernel
     device it made gone without a flush (the device, the remote's nbd device,
     the loop devices over the metadata files)."""
-    nbd = describe(r)["remote_leg"]["device"]
+    nbd = r.describe()["remote_leg"]["device"]
     r.daemon.kill()
     subprocess.run(["dmsetup", "remove", "--force", r.devs[0]], capture_output=True)
     if nbd:   # (None: the daemon's attempt to attach the remote again let it go)
@@ -125,7 +121,7 @@ def test_an_acknowledged_write_is_on_the_remote_and_reads_stay_local(
     d, site, lab = rl
     # (md's recovery capped at the site link's resync_rate: 512 MiB/s)
     with sync_replicated(lab, d, site, "dmrepl-test-rl", "sync resync_rate 512m") as r:
-        desc = describe(r)
+        desc = r.describe()
         assert desc["structure"] == "raid1", desc
         assert " raid raid1 " in sh("dmsetup", "table", r.devs[0])
         assert " max_recovery_rate 524288 " in sh("dmsetup", "table", r.devs[0])
@@ -169,7 +165,7 @@ def test_kill_9_under_ext4_and_fio_verify_changes_nothing(
         mnt = tmp_path / "mnt"
         mnt.mkdir()
         sh("mount", dev, str(mnt))
-        nbd = describe(r)["remote_leg"]["device"]
+        nbd = r.describe()["remote_leg"]["device"]
         try:
             fio = fio_verify(mnt / "fio.dat", loops=2)
             start = nbd_writes(nbd)
@@ -184,7 +180,7 @@ def test_kill_9_under_ext4_and_fio_verify_changes_nothing(
             assert "rw" in mount_options(mnt)
             d.start()
             trace("daemon restarted")
-            desc = describe(r)
+            desc = r.describe()
             assert desc["structure"] == "raid1" and desc["remote_leg"]["device"] == nbd, desc
             out, _ = fio.communicate(timeout=900)
             assert fio.returncode == 0, f"fio failed:\n{out}"
@@ -237,7 +233,7 @@ def test_a_crash_of_the_primary_while_the_remote_is_down(
         d.start()
         trace("daemon restarted")
         r.wait_converged(timeout=300)
-        assert describe(r)["remote_leg"]["resynced_bytes"] > 0
+        assert r.describe()["remote_leg"]["resynced_bytes"] > 0
         assert seqs_present(r, r.remotes, BLOCKS) == local
         assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
         w2 = Writer([(r.mapper(), 0)])
@@ -259,7 +255,7 @@ def test_a_restart_with_the_remote_down_serves_the_local_device_then_rebuilds_th
         crash_primary(r)
         d.start()
         trace("daemon restarted, the site still cut off")
-        leg = describe(r)["remote_leg"]
+        leg = r.describe()["remote_leg"]
         assert leg["failed"], leg
         w2 = Writer([(r.mapper(), (i * 7919 + 1) % BLOCKS) for i in range(300, 900)])
         w2.run()   # local only: no site round trip
