@@ -3,11 +3,13 @@ machine-readable dictionary of the replicator."""
 
 from __future__ import annotations
 
+import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dmrepl.errors import UserError
+from dmrepl.replicator.slink.link import Queued
 
 if TYPE_CHECKING:
     from dmrepl.replicator.device import Leg, ReplicatedDevice
@@ -47,38 +49,33 @@ def replicator_status(rep: Replicator, kind: str = "info") -> str:
         return " ".join(words)
 
 
-@dataclass
-class Queued:
-    """Writes of one device logged but not yet applied on one site link."""
-
-    writes: int = 0
-    bytes: int = 0
-    # regions the dirty log still calls in sync though writes to them are queued
-    regions: set[int] = field(default_factory=set)
-
-
 def queued_locked(rep: Replicator, s: Slink) -> dict[int, Queued]:
-    """Per device, the writes site link ``s`` still has to apply (a walk of its
-    outstanding entries: status time only)."""
+    """Per device, the writes site link ``s`` still has to apply: as the site link
+    keeps count (:attr:`Slink.queued`), counted again by a walk of its outstanding
+    entries when it has no count or one that disagrees with its lag."""
+    queued = s.queued
+    if queued is None or sum(q.writes for q in queued.values()) != s.out_ios \
+            or sum(q.bytes for q in queued.values()) != s.out_bytes:
+        queued = s.queued = _count_queued_locked(rep, s)
+    return queued
+
+
+def _count_queued_locked(rep: Replicator, s: Slink) -> dict[int, Queued]:
     out: dict[int, Queued] = {}
-    region_bytes: dict[int, int] = {}
     for dev_nr, d in rep.devices.items():
         leg = d.legs.get(s.nr)
-        if leg is not None and leg.dlog is not None:
-            region_bytes[dev_nr] = leg.dlog.region_size * SECTOR
-    ring = rep.ring
-    for seq in range(s.applied + 1, ring.next_seq):
-        e = ring.entry(seq)
-        if e is None or s.nr not in e.slinks or e.lost:
+        out[dev_nr] = Queued(region_bytes=leg.dlog.region_size * SECTOR
+                             if leg is not None and leg.dlog is not None else 0)
+    entries = rep.ring.entries
+    first = entries[0].seq if entries else rep.ring.next_seq
+    # (in order from the first outstanding entry: a deque's index is not O(1))
+    for e in itertools.islice(entries, max(0, s.applied + 1 - first), None):
+        if s.nr not in e.slinks or e.lost:
             continue
         q = out.get(e.dev)
-        if q is None:
+        if q is None:   # (a device not (yet) added: no regions to count)
             q = out[e.dev] = Queued()
-        q.writes += 1
-        q.bytes += e.length
-        rb = region_bytes.get(e.dev)
-        if rb and e.length:
-            q.regions.update(range(e.offset // rb, (e.offset + e.length - 1) // rb + 1))
+        q.count(e, 1)
     return out
 
 

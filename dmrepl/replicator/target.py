@@ -215,6 +215,7 @@ class Replicator:
                 if cfg.dev_nr in self.devices:
                     raise TableError(f"device number {cfg.dev_nr} is already in use")
                 self.devices[cfg.dev_nr] = dev
+                self._recount_queued_locked()
                 self.bump_locked(f"device {cfg.dev_nr} added")
                 self.emit_locked("create", "device-add", "device", device=cfg.dev_nr,
                                  size=size)
@@ -253,11 +254,18 @@ class Replicator:
                 raise DeviceBusy(f"device {dev_nr} has {pending} writes not yet copied to "
                                  "all its site links; retry when they drained")
             del self.devices[dev_nr]
+            self._recount_queued_locked()
             dev.sm.fire(DeviceEvent.REMOVE)
             self.bump_locked(f"device {dev_nr} removed")
             self.emit_locked("destroy", "device-remove", "device", device=dev_nr)
         for leg in dev.legs.values():
             close_leg(leg)
+
+    def _recount_queued_locked(self) -> None:
+        """The devices changed: each site link's queue is counted again (at the
+        next status: a device's regions are its own legs')."""
+        for s in self.slinks.values():
+            s.queued = None
 
     def _drop_remote_pending_locked(self, dev_nr: int) -> int:
         """Have every remote site link that still owes ``dev_nr`` writes drop its

@@ -124,3 +124,65 @@ def test_human_units() -> None:
     assert human_bytes(512) == "512 B"
     assert human_bytes(int(1.8 * 1024 * 1024)) == "1.8 MiB"
     assert human_duration(70) == "0:01:10" and human_duration(None) == "\u2014"
+
+
+def test_what_a_device_has_queued_is_kept_as_writes_are_logged_applied_and_added() -> None:
+    """The queue a status shows is kept as writes come and go, not walked at each
+    status: it must match the writes not yet applied at every point, for every
+    device, across a device added meanwhile."""
+    now = [0.0]
+    rep, _l, remote = make("blockdev 2 1 async", now, dlog="nosync")
+    stores_l1 = FakeStore(DEV, name="l1")
+    stores_r1 = FakeStore(DEV, name="r1")
+    opener = rep.opener
+
+    def open_more(path: str):  # type: ignore[no-untyped-def]
+        return {"l1": stores_l1, "r1": stores_r1}.get(path) or opener(path)
+
+    rep.opener = open_more
+    rep.start()
+    rng = random.Random(7)
+    logged: list[tuple[int, int, int]] = []   # (device, offset, length) in log order
+
+    def write(dev_nr: int) -> None:
+        offset = rng.randrange(DEV // 512 - 8) * 512
+        length = rng.choice((512, 2048, 4096))
+        rep.devices[dev_nr].write(offset, rng.randbytes(length))
+        logged.append((dev_nr, offset, length))
+
+    def check() -> None:
+        applied = rep.status_dict()["slinks"][1]["applied_seq"]
+        for dev_nr, dev in rep.devices.items():
+            mine = [(o, n) for d, o, n in logged[applied:] if d == dev_nr]
+            regions = {r for o, n in mine for r in range(o // REGION, (o + n - 1) // REGION + 1)}
+            leg = dev.status_dict()["slinks"][1]
+            assert (leg["queued_writes"], leg["queued_bytes"]) == \
+                (len(mine), sum(n for _o, n in mine)), (dev_nr, applied)
+            assert leg["regions_in_sync"] == REGIONS - len(regions), (dev_nr, applied)
+
+    check()                        # (counted from here on)
+    remote.gate.clear()            # the site link's copies wait
+    for _ in range(40):
+        write(0)
+    check()
+    passed = [0]
+
+    def let_some_through(_offset: int) -> None:
+        passed[0] += 1
+        if passed[0] == 25:
+            remote.gate.clear()
+
+    remote.before_write = let_some_through
+    remote.gate.set()
+    _wait(lambda: passed[0] >= 25 and remote.in_flight >= 1, "some copies, then a wait")
+    check()
+    rep.add_device(f"1 {DEV // 512} replicator-dev rep 1 0 1 l1 nolog 0 "
+                   "1 1 r1 core 2 8 nosync")
+    for i in range(30):
+        write(i % 2)
+    check()
+    remote.before_write = None
+    remote.gate.set()
+    assert rep.wait_drained(20)
+    check()
+    rep.close()

@@ -140,6 +140,7 @@ class Ringbuffer:
                             s.nr, recorded, base)
             pos = max(recorded, base)  # copying starts at the head
         s.applied = s.durable = s.persisted = pos
+        s.queued = None   # (counted again at the first status)
         # the lag counters cover the replayed entries this site link still needs
         # (else they go negative as the replay applies them)
         for entry in ring.entries:
@@ -446,6 +447,7 @@ class Ringbuffer:
             s = rep.slinks[nr]
             s.out_ios += 1
             s.out_bytes += length
+            s.count_queued_locked(e, 1)
             cfg = s.cfg
             if not cfg.sync and not cfg.fallbehind.value and \
                     s.ack.state is AckState.ASYNC:

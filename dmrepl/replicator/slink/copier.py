@@ -24,6 +24,7 @@ from dmrepl.replicator.slink.link import Copy, Slink, overlaps
 
 if TYPE_CHECKING:
     from dmrepl.replicator.device import Leg, ReplicatedDevice
+    from dmrepl.replicator.ringlog import Entry
     from dmrepl.replicator.target import Replicator
 
 SECTOR = 512
@@ -290,6 +291,7 @@ class Copiers:
                 if s.nr in e.slinks:
                     s.out_ios -= 1
                     s.out_bytes -= e.length
+                    s.count_queued_locked(e, -1)
             s.applied = max(s.applied, done)
             if durable:
                 s.durable = max(s.durable, done)
@@ -383,6 +385,7 @@ class Copiers:
             marks: dict[int, tuple[Leg, set[int]]] = {}
             dropped = 0
             dbytes = 0
+            leaving: list[Entry] = []
             # from the durable position: entries applied but not flushed may be lost
             # at the site (it is down, or its flush fails), so they are marked too
             for seq in range(min(s.applied, s.durable) + 1, upto + 1):
@@ -392,6 +395,7 @@ class Copiers:
                 if seq > s.applied:  # still counted as outstanding
                     dropped += 1
                     dbytes += e.length
+                    leaving.append(e)
                 dev = rep.devices.get(e.dev)
                 leg = dev.legs.get(s.nr) if dev is not None else None
                 if leg is None or leg.dlog is None:
@@ -419,6 +423,8 @@ class Copiers:
             s.durable = max(s.durable, upto)
             s.out_ios -= dropped
             s.out_bytes -= dbytes
+            for e in leaving:
+                s.count_queued_locked(e, -1)
             s.drop_requested = False
             s.drops += 1
             s.ack.fire(AckEvent.DROPPED)

@@ -67,6 +67,32 @@ class RateMeter:
         self._since, self._count = now, count
 
 
+@dataclass
+class Queued:
+    """Writes of one device logged but not yet applied on one site link."""
+
+    writes: int = 0
+    bytes: int = 0
+    # per region of the device's dirty log on the site link: the queued writes to
+    # it (a region with any is not in sync there, whatever the dirty log says)
+    regions: dict[int, int] = field(default_factory=dict)
+    # the bytes of a region (0: the leg has no dirty log, no regions counted)
+    region_bytes: int = 0
+
+    def count(self, e: Entry, sign: int) -> None:
+        self.writes += sign
+        self.bytes += sign * e.length
+        rb = self.region_bytes
+        if rb and e.length:
+            regions = self.regions
+            for r in range(e.offset // rb, (e.end - 1) // rb + 1):
+                n = regions.get(r, 0) + sign
+                if n:
+                    regions[r] = n
+                else:
+                    del regions[r]
+
+
 @dataclass(eq=False)
 class Slink:
     cfg: SlinkConfig
@@ -114,6 +140,11 @@ class Slink:
     # never applied were released by a drop, so each of its devices goes whole out
     # of sync as it is added (and the header keeps this position until resynced)
     lost_to_drop: int | None = None
+    # per device, what it has logged that this site link has not applied, kept as
+    # entries are logged and applied (status reads it: a walk of the outstanding
+    # entries under the replicator's lock stalled every writer for as long as the
+    # backlog was long); None: not counted yet (status counts it once)
+    queued: dict[int, Queued] | None = None
 
     @property
     def nr(self) -> int:
@@ -135,6 +166,17 @@ class Slink:
     def holds_ack(self) -> bool:
         """Do new writes wait for this site link (sync, or forced sync, and up)?"""
         return self.up and (self.cfg.sync or self.forced)
+
+    def count_queued_locked(self, e: Entry, sign: int) -> None:
+        """Entry ``e`` joined (+1) or left (-1) this site link's queue."""
+        queued = self.queued
+        if queued is None:
+            return
+        q = queued.get(e.dev)
+        if q is None:   # (a device counted since: its region size is not known here)
+            self.queued = None
+            return
+        q.count(e, sign)
 
     def window_overlaps(self, dev: int, start: int, end: int) -> bool:
         return overlaps(self.window.get(dev), start, end)
