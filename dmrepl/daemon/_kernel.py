@@ -387,6 +387,13 @@ def create_logwrites(name: str, sectors: int, local: str, segment: str,
     return _create(name, _logwrites(sectors, local, segment), uuid)
 
 
+def place_logwrites(name: str, sectors: int, local: str, segment: str) -> str:
+    """Make the live /dev/mapper/NAME (a mirror) ``log-writes LOCAL SEGMENT`` in
+    place (suspend: the writes in flight complete through the old table; load;
+    resume).  The old table stays live if the load fails."""
+    return _place(name, _logwrites(sectors, local, segment), None)
+
+
 def logwrites_logdev(name: str) -> str | None:
     """The log device (``major:minor``) of NAME's live log-writes table; None if
     NAME does not exist.  Raises KernelDeviceError if NAME is something else."""

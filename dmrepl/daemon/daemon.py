@@ -113,7 +113,8 @@ class Daemon:
                 _kernel.detach_nbd(stale)   # still bound to the dead daemon's socket
             try:
                 saved = SavedObject.from_json(entry)
-                self.registry.create(saved.name, "\n".join(saved.table), saved.uuid, save=False)
+                self.registry.create(saved.name, "\n".join(saved.table), saved.uuid, save=False,
+                                     structure=saved.structure)
             except Exception as e:
                 msg = (f"could not recreate {entry['name']}: "
                        f"{as_control_error(e, 'restore').message}")

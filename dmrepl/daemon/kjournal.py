@@ -195,14 +195,17 @@ class KernelJournal:
 
     # -- start and stop -------------------------------------------------------------
 
-    def open(self, uuid: str | None) -> str:
+    def open(self, uuid: str | None, *, replace: bool = False) -> str:
         """Create /dev/mapper/NAME, or take over the one a dead daemon left (and
-        drain what it journalled meanwhile); start draining.  Returns its path."""
+        drain what it journalled meanwhile); start draining.  Returns its path.
+
+        ``replace``: NAME is live as another structure (a mirror whose writes all
+        reached the replication log): its table is replaced in place."""
         os.makedirs(self.directory, exist_ok=True)
-        existed = os.path.exists(self._segment(0))
+        existed = os.path.exists(self._segment(0)) and not replace
         self._loops = [_kernel.attach_file_loop(self._segment(i), self.segment_bytes)[0]
                        for i in range(SEGMENTS)]
-        live = _kernel.logwrites_logdev(self.name)
+        live = None if replace else _kernel.logwrites_logdev(self.name)
         record = EraRecord(self.name, self.sectors, self.local, self.directory)
         self._resync_saved()   # (a resync a restart interrupted)
         if live is not None:
@@ -252,8 +255,12 @@ class KernelJournal:
                 self._under = record.open()
                 self.eras[0] = record.current_era()
             self._save_order()
-            path = _kernel.create_logwrites(self.name, self.sectors, self._under,
-                                            self._loops[0], uuid)
+            if replace:
+                path = _kernel.place_logwrites(self.name, self.sectors, self._under,
+                                               self._loops[0])
+            else:
+                path = _kernel.create_logwrites(self.name, self.sectors, self._under,
+                                                self._loops[0], uuid)
             if lost != []:
                 self._resync(lost, "what the crash kept from the journal, since its oldest "
                              "segment not drained began")

@@ -76,6 +76,9 @@ class DeviceObj:
     kjournal: KernelJournal | None = None
     #: /dev/mapper/NAME is a raid1 of the local device and the remote export
     remote_leg: RemoteLeg | None = None
+    #: what its creator asked /dev/mapper/NAME to be (``auto``: the daemon picks,
+    #: and changes it as the replicator's devices come and go)
+    structure: str = "auto"
 
     @property
     def sectors(self) -> int:
@@ -162,7 +165,8 @@ class Objects:
         for obj in self.by_name.values():
             obj.lines = self.live_lines(obj)
         self.persist([SavedObject(o.name, o.kind, o.uuid, [line.text for line in o.lines],
-                                  o.nbd if isinstance(o, DeviceObj) else None)
+                                  o.nbd if isinstance(o, DeviceObj) else None,
+                                  o.structure if isinstance(o, DeviceObj) else "auto")
                       for o in self.by_name.values()])
 
     # -- create and destroy ------------------------------------------------------
@@ -239,9 +243,7 @@ class Objects:
         on; one line over a block device; every remote site link async (with a
         fall-behind limit: the device is held while past it); the replicator's
         only device)?  A device keeps the structure it had (its files say which)."""
-        if not (self.knob("kernel_journal") and self.kernel_devices
-                and self.journal_dir is not None and len(devs) == 1
-                and _kernel.is_block_device(devs[0].local_device())):
+        if not self._journal_takes(devs):
             return False
         if self._was_journaled(name):
             return True
@@ -251,6 +253,16 @@ class Objects:
             # each kernel journal keeps its own device's order only: a replicator's
             # order across devices needs them all on the mirror
             return False
+        return self._remote_links_async(rep)
+
+    def _journal_takes(self, devs: list[EngineDevice]) -> bool:
+        """``kernel_journal`` tuned on, kernel devices, one line over a block device."""
+        return (bool(self.knob("kernel_journal")) and self.kernel_devices
+                and self.journal_dir is not None and len(devs) == 1
+                and _kernel.is_block_device(devs[0].local_device()))
+
+    @staticmethod
+    def _remote_links_async(rep: ReplicatorObj) -> bool:
         slinks = rep.engine.status_dict().get("slinks", {})
         return all(s.get("policy") == "async" for nr, s in slinks.items() if int(nr) != 0)
 
@@ -379,7 +391,8 @@ class Objects:
         # local device behind the raid1's back)
         export = Export(name, backend_of(lines, devs, journal=mirrored),
                         size=sectors * SECTOR, read_only=remote_leg is not None)
-        obj = DeviceObj(name, lines, rep.name, devs, export, uuid, mirrored=mirrored)
+        obj = DeviceObj(name, lines, rep.name, devs, export, uuid, mirrored=mirrored,
+                        structure=structure)
         self.by_name[name] = obj
         self.nbd.add_export(export)
         if remote_leg is not None:
@@ -397,16 +410,8 @@ class Objects:
                 self.destroy(obj, keep_logs=True)
                 raise
         elif journaled:
-            assert self.journal_dir is not None
             try:
-                obj.kjournal = KernelJournal(
-                    name, sectors, devs[0].local_device(), devs[0], self.journal_dir,
-                    segment_bytes=int(self.knob("journal_segment_mib")) << 20,
-                    interval=float(self.knob("journal_interval")),
-                    paused=lambda: obj.suspended,
-                    on_event=lambda kind, event, **fields: self.events.emit(
-                        kind, event, REPLICATOR_DEV, name=name, **fields),
-                    guardian=self.guardian)
+                obj.kjournal = self._kernel_journal(obj)
                 log.info("%s: creating /dev/mapper/%s as a kernel journal (log-writes) "
                          "of the local device", name, name)
                 obj.mapper = obj.kjournal.open(uuid)
@@ -433,6 +438,17 @@ class Objects:
                 self.destroy(obj)
                 raise
         return obj
+
+    def _kernel_journal(self, obj: DeviceObj) -> KernelJournal:
+        assert self.journal_dir is not None
+        return KernelJournal(
+            obj.name, obj.sectors, obj.devs[0].local_device(), obj.devs[0], self.journal_dir,
+            segment_bytes=int(self.knob("journal_segment_mib")) << 20,
+            interval=float(self.knob("journal_interval")),
+            paused=lambda: obj.suspended,
+            on_event=lambda kind, event, **fields: self.events.emit(
+                kind, event, REPLICATOR_DEV, name=obj.name, **fields),
+            guardian=self.guardian)
 
     def _journal_to_mirror(self, obj: DeviceObj) -> None:
         """Make a kernel journal device a mirror, in place (writers wait a moment,
@@ -487,6 +503,57 @@ class Objects:
         obj.kjournal = None
         self.events.emit("change", "structure-changed", REPLICATOR_DEV, name=obj.name,
                          structure="mirror")
+
+    def _journal_again(self, rep: ReplicatorObj) -> None:
+        """The replicator is down to one device: a mirror the daemon chose
+        becomes the kernel journal again if it may (see :meth:`_mirror_to_journal`)."""
+        devices = self.devices_of(rep)
+        if len(devices) != 1:
+            return
+        obj = devices[0]
+        if not (obj.mirrored and obj.structure == "auto" and obj.mapper and obj.nbd
+                and not obj.suspended and self._journal_takes(obj.devs)
+                and self._remote_links_async(rep)):
+            return
+        behind = [st for st in _kernel.mirror_status(obj.name)
+                  if st.journal_leg_failed or st.in_sync < st.regions]
+        if behind:
+            log.info("%s: alone on its replicator again, it stays a mirror: its journal "
+                     "leg missed writes not yet copied to it", obj.name)
+            return
+        try:
+            self._mirror_to_journal(obj)
+        except Exception as e:   # (still the mirror, whole: the remove went through)
+            log.error("%s: it stays a mirror: %s", obj.name, e)
+            self.events.emit("error", "structure-change-failed", REPLICATOR_DEV,
+                             name=obj.name, structure="log-writes", error=str(e))
+
+    def _mirror_to_journal(self, obj: DeviceObj) -> None:
+        """Make a mirror the kernel journal, in place (writers wait a moment,
+        nothing fails): the mirror's suspension completes the writes in flight,
+        each through the journal leg into the replication log, before the kernel
+        journal logs any, so the log keeps the device's order."""
+        log.info("%s: alone on its replicator again: the mirror becomes a kernel journal",
+                 obj.name)
+        kj = self._kernel_journal(obj)
+        try:
+            obj.mapper = kj.open(obj.uuid, replace=True)
+        except BaseException:
+            kj.close(keep=False)   # (NAME is still the mirror)
+            raise
+        export = Export(obj.name, backend_of(obj.lines, obj.devs, journal=False),
+                        size=obj.sectors * SECTOR)
+        self.nbd.remove_export(obj.name)
+        self.nbd.add_export(export)
+        obj.export, obj.mirrored, obj.kjournal = export, False, kj
+        if obj.nbd:
+            _kernel.detach_nbd(obj.nbd)
+            obj.nbd = None
+        for line in obj.lines:
+            _kernel.detach_mirror_log(self._mirror_log_file(obj.name, line), delete=True)
+        self.save()
+        self.events.emit("change", "structure-changed", REPLICATOR_DEV, name=obj.name,
+                         structure="log-writes")
 
     def destroy(self, obj: Obj, *, keep_logs: bool = False) -> None:
         """Undo everything an object holds (kernel devices first); no persistence.
@@ -601,6 +668,7 @@ class Objects:
             self.nbd.add_export(obj.export)
             raise
         self.save()
+        self._journal_again(rep)
 
     def _remove_engine_devs(self, obj: DeviceObj, rep: ReplicatorObj,
                             what: str = "remove", *, force: bool = False) -> None:

@@ -26,15 +26,16 @@ class SavedObject:
     uuid: str | None
     table: list[str]          # its live table lines
     nbd: str | None = None    # the /dev/nbdN it was attached to (a stale one to detach)
+    structure: str = "auto"   # what its creator asked /dev/mapper/NAME to be
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "uuid": self.uuid,
-                "table": self.table, "nbd": self.nbd}
+                "table": self.table, "nbd": self.nbd, "structure": self.structure}
 
     @classmethod
     def from_json(cls, entry: dict[str, Any]) -> SavedObject:
         return cls(entry["name"], entry.get("kind", ""), entry.get("uuid"),
-                   list(entry["table"]), entry.get("nbd"))
+                   list(entry["table"]), entry.get("nbd"), entry.get("structure", "auto"))
 
 
 class StateFile:

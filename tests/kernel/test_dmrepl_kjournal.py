@@ -233,7 +233,8 @@ def test_a_second_device_makes_the_kernel_journal_a_mirror_and_keeps_the_order(
     """A kernel journal keeps its own device's write order only: a second device
     on its replicator makes it a mirror, in place, its journal drained into the
     replication log first; then writes alternating between the two devices reach
-    the remote site as a prefix of their history."""
+    the remote site as a prefix of their history.  Once the second device is
+    removed, the first is the kernel journal again, in place, under a writer."""
     d, site, lab = kj
     disks = site.take(2)
     with Replicated(lab, d, "dmrepl-test-kjtwo", size_mb=8, log_mb=16, remote_policy="async",
@@ -279,5 +280,19 @@ def test_a_second_device_makes_the_kernel_journal_a_mirror_and_keeps_the_order(
             assert present(remotes) == present(locals_) == set(range(len(targets)))
             for remote, local in zip(remotes, locals_, strict=True):
                 assert digest(remote, 8 * MB) == digest(local, 8 * MB)
+            # alone again, under a writer: the mirror becomes the kernel journal
+            later = [(r.mapper(), b) for b in range(per_dev - 256, per_dev)]
+            w = Writer(later).start()
+            w.wait_acked(40, timeout=300)
+            r.check(d.cli("remove", name2, "--wait", "120"))
+            w.thread.join(300)
+            assert w.error is None and w.acked == len(later) - 1
+            st = r.describe()
+            assert st["structure"] == "log-writes" and "kernel_journal" in st, st
+            assert f"structure-changed object=replicator-dev name={r.devs[0]} " \
+                "structure=log-writes" in d.log()
+            Writer([(r.mapper(), b) for b in range(64, 128)]).run()
+            r.wait_converged(timeout=600)
+            assert digest(r.remotes[0], 8 * MB) == digest(r.locals[0], 8 * MB)
         finally:
             d.cli("remove", name2, "--wait", "120")
