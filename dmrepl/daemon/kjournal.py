@@ -75,6 +75,8 @@ BATCH_OPS = 64
 BATCH_BYTES = 4 << 20
 #: Seconds between looks at a held device's site links (its writers wait).
 HELD_POLL = 0.05
+#: Seconds before a hold that failed (no guardian, a suspend refused) is tried again.
+HOLD_RETRY = 5.0
 
 
 class JournalError(DmreplError):
@@ -133,6 +135,8 @@ class KernelJournal:
     _left: dict[int, list[int]] = field(default_factory=dict)
     #: per segment: when it became the one the kernel journals to (time.monotonic())
     _began: dict[int, float] = field(default_factory=dict)
+    #: no hold is tried before this (time.monotonic()): the last one failed
+    _hold_retry_at: float = 0.0
 
     # -- files ----------------------------------------------------------------------
 
@@ -366,13 +370,19 @@ class KernelJournal:
             if hold:
                 if self.paused():   # (suspended by its admin already)
                     return
+                if time.monotonic() < self._hold_retry_at:
+                    return   # (it failed a moment ago: not tried, nor logged, each look)
                 try:
                     self.guardian.hold(self.name)   # first: a daemon dying right after
                     _kernel.suspend_mapper(self.name, skip_lockfs=True)  # must not
                 except OSError as e:                # leave it suspended
-                    self.guardian.free(self.name)
+                    with contextlib.suppress(OSError):
+                        self.guardian.free(self.name)
+                    self._hold_retry_at = time.monotonic() + HOLD_RETRY
                     log.error("%s: cannot hold its writes for a site link past its "
-                              "fall-behind limit: %s", self.name, e)
+                              "fall-behind limit (tried again in %gs): %s", self.name,
+                              HOLD_RETRY, e)
+                    self.on_event("error", "kernel-journal-hold-failed", error=str(e))
                     return
                 self._held = True
                 self.stats.holds += 1

@@ -17,6 +17,7 @@ import pytest
 
 from dmrepl.blockio import AckWait, WriteOp
 from dmrepl.daemon import _kernel, erarecord
+from dmrepl.daemon import kjournal as kjournal_mod
 from dmrepl.daemon.kjournal import KernelJournal
 from dmrepl.dm import era as era_fmt
 from dmrepl.dm import logwrites as lw
@@ -545,3 +546,36 @@ def test_the_journals_writes_not_yet_in_the_log_count_against_the_limit(
     wait_for(lambda: len(dev.journal_backend.log) == 9)
     assert kj.describe()["holds"] == 1 and seen[-1] is False
 
+
+
+def test_a_hold_that_fails_is_tried_again_later_not_at_every_look(
+        kernel: FakeKernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No guardian can be started (its exec fails): the device is not held (a
+    dying daemon would leave it suspended), one error event, and the hold is
+    not tried again at every look (every 10 ms here) but after HOLD_RETRY."""
+    tries: list[float] = []
+    events: list[str] = []
+
+    class NoGuardian:
+        def hold(self, name: str) -> None:
+            tries.append(time.monotonic())
+            raise OSError("cannot start the guardian")
+
+        def free(self, name: str) -> None:
+            raise OSError("cannot start the guardian")
+
+    monkeypatch.setattr(kjournal_mod, "HOLD_RETRY", 0.3)
+    dev = Device()
+    kj = KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
+                       segment_bytes=SEGMENT, interval=0.01,
+                       on_event=lambda kind, event, **f: events.append(event),
+                       guardian=NoGuardian())  # type: ignore[arg-type]
+    kj.open(None)
+    try:
+        dev.behind = True
+        wait_for(lambda: len(tries) >= 2, timeout=5)
+        assert not kernel.suspended and not kj.describe()["writes_held"]
+        assert tries[1] - tries[0] >= 0.3          # (not the next look, 10 ms later)
+        assert 1 <= events.count("kernel-journal-hold-failed") <= len(tries)
+    finally:
+        kj.stop()
