@@ -324,18 +324,20 @@ class Daemon:
         backoff: dict[str, float] = {}   # name -> no new attempt before
         failed: set[str] = set()         # names whose leg was seen failed (one event)
         while not self._stopping.wait(JOURNAL_WATCH_INTERVAL):
+            due: list[tuple[DeviceObj, str, Callable[[DeviceObj], bool],
+                            Callable[[DeviceObj], None]]] = []
             with self.lock:
                 for obj in list(self.objects.values()):
                     if not isinstance(obj, DeviceObj) or obj.suspended:
                         continue
                     if obj.remote_leg is not None:
-                        self._rejoin_if_failed(obj, backoff, failed, "remote leg",
-                                               self._remote_leg_failed,
-                                               self.registry.rejoin_remote_leg)
+                        due.append((obj, "remote leg", self._remote_leg_failed,
+                                    self.registry.rejoin_remote_leg))
                     elif obj.mirrored and obj.mapper and obj.nbd:
-                        self._rejoin_if_failed(obj, backoff, failed, "journal leg",
-                                               self._journal_leg_failed,
-                                               self.registry.rejoin)
+                        due.append((obj, "journal leg", self._journal_leg_failed,
+                                    self.registry.rejoin))
+            for obj, leg, is_failed, rejoin in due:
+                self._rejoin_if_failed(obj, backoff, failed, leg, is_failed, rejoin)
 
     @staticmethod
     def _journal_leg_failed(obj: DeviceObj) -> bool:
@@ -356,24 +358,43 @@ class Daemon:
         """Give ``obj`` its ``leg`` again if it failed (a mirror's journal leg: a new
         nbd device on the export; a raid1's remote leg: the remote once it answers),
         at most every JOURNAL_REJOIN_BACKOFF seconds.  The first time a failure is
-        seen, an event says so (``seen``: the names whose failure was told)."""
+        seen, an event says so (``seen``: the names whose failure was told).  The
+        daemon's lock is held to look and to rejoin, not while a remote that may
+        not answer is probed (seconds: every request would wait)."""
         if time.monotonic() < backoff.get(obj.name, 0.0):
             return
         event = leg.replace(" ", "-")
-        try:
-            if not failed(obj):
-                backoff.pop(obj.name, None)
-                seen.discard(obj.name)
+        with self.lock:
+            if self.objects.get(obj.name) is not obj or obj.suspended:
+                return
+            try:
+                if not failed(obj):
+                    backoff.pop(obj.name, None)
+                    seen.discard(obj.name)
+                    return
+            except Exception as e:   # one device's trouble; the loop watches on
+                log.error("%s: looking at the %s failed: %s", obj.name, leg, e)
+                backoff[obj.name] = time.monotonic() + JOURNAL_REJOIN_BACKOFF
                 return
             if obj.name not in seen:
                 seen.add(obj.name)
                 self.events.emit("warning", f"{event}-failed", obj.kind, name=obj.name)
-            log.warning("%s: the %s failed: attaching it again", obj.name, leg)
-            rejoin(obj)
-        except Exception as e:   # one device's trouble; the loop watches on
-            log.error("%s: rejoining the %s failed: %s", obj.name, leg, e)
-            self.events.emit("error", f"{event}-rejoin-failed", obj.kind,
-                             name=obj.name, error=str(e))
+        remote = obj.remote_leg
+        if remote is not None and not remote.reachable():
+            log.warning("%s: the %s failed and its remote %s does not answer: tried "
+                        "again in %gs", obj.name, leg, remote.url, JOURNAL_REJOIN_BACKOFF)
+            backoff[obj.name] = time.monotonic() + JOURNAL_REJOIN_BACKOFF
+            return
+        with self.lock:
+            if self.objects.get(obj.name) is not obj or obj.suspended:
+                return
+            try:
+                log.warning("%s: the %s failed: attaching it again", obj.name, leg)
+                rejoin(obj)
+            except Exception as e:   # one device's trouble; the loop watches on
+                log.error("%s: rejoining the %s failed: %s", obj.name, leg, e)
+                self.events.emit("error", f"{event}-rejoin-failed", obj.kind,
+                                 name=obj.name, error=str(e))
         backoff[obj.name] = time.monotonic() + JOURNAL_REJOIN_BACKOFF
 
     def shutdown(self) -> None:

@@ -264,6 +264,21 @@ class RemoteLeg:
         export the daemon attaches with the kernel's nbd client."""
         return not self.url.startswith(("nbd://", "nbd+unix://"))
 
+    def reachable(self) -> bool:
+        """Does the remote answer (a TCP connection to the site, a read of the
+        block device)?  Seconds where the site drops packets: the caller holds no
+        lock the daemon's requests need."""
+        if self.remote_is_block_device:
+            return _kernel.is_block_device(self.url) and _answers(self.url)
+        address, _export = remote_address(self.url)
+        if not isinstance(address, tuple):
+            return True   # (a local socket: attaching says at once)
+        try:
+            socket.create_connection(address, timeout=PROBE_TIMEOUT).close()
+        except OSError:
+            return False
+        return True
+
     def _attach_remote(self, avoid: set[int]) -> str:
         if self.remote_is_block_device:
             if not _kernel.is_block_device(self.url) or not _answers(self.url):
