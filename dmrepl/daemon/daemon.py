@@ -213,11 +213,35 @@ class Daemon:
                 if isinstance(obj, ReplicatorObj):
                     desc["status"] = [obj.engine.status(kind)]
                     desc["detail"] = obj.engine.status_dict()
+                    self._remote_legs_in(obj, desc["detail"])
                 else:
                     desc["status"] = [dev.status(kind) for dev in obj.devs]
                     desc["detail"] = [dev.status_dict() for dev in obj.devs]
                 out.append(desc)
             return out
+
+    def _remote_legs_in(self, rep: ReplicatorObj, detail: dict[str, Any]) -> None:
+        """A site link whose copies the kernel writes through a raid1's remote leg
+        is as that leg is (the engine does not copy to it): down while the leg has
+        failed, resyncing and not consistent while md copies to it; each such leg
+        under ``remote_legs`` by device."""
+        slinks = detail.get("slinks")
+        if not isinstance(slinks, dict):
+            return   # (the test-only sim engine)
+        for dev in self.registry.devices_of(rep):
+            leg = dev.remote_leg
+            s = slinks.get(leg.slink_nr) if leg is not None else None
+            if leg is None or not isinstance(s, dict):
+                continue
+            d = leg.describe()
+            s.setdefault("remote_legs", {})[dev.name] = d
+            if d["failed"] or d["device"] is None:
+                s["state"] = "down"
+                s["error"] = s.get("error") or (f"the remote leg of {dev.name} failed "
+                                                f"(health {d['health']})")
+            elif not d["in_sync"]:
+                s["resyncing"] = True
+                s["consistent"] = False
 
     def op_table(self, name: str | None = None) -> list[dict[str, Any]]:
         with self.lock:

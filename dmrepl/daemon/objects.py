@@ -303,6 +303,7 @@ class Objects:
         remote_slinks = {s.slink_nr: s for s in rep_config.slinks
                          if s.slink_nr != 0} if rep_config is not None else {}
         slink = remote_slinks.get(remote.slink_nr)
+        leg.slink_nr = remote.slink_nr
         if slink is not None:
             leg.recovery_rate = slink.resync_rate
         leg.request_timeout = int(self.knob("remote_timeout"))

@@ -224,6 +224,8 @@ class RemoteLeg:
     rebuild: bool = False
     #: bytes a second md may copy to the remote (its site link's resync_rate)
     recovery_rate: int = 0
+    #: the site link whose copies the kernel writes through this leg
+    slink_nr: int = 1
     #: seconds the kernel's nbd client waits for the remote to answer a request
     request_timeout: int = REQUEST_TIMEOUT
 

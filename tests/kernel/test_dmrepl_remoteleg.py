@@ -198,10 +198,15 @@ def test_the_remote_down_and_back_gets_the_regions_written_meanwhile(
     d, site, lab = rl
     with sync_replicated(lab, d, site, "dmrepl-test-rlcut") as r:
         w, targets = cut_off_under_writes(r, site, then=500)
+        # the replicator's site link is as its remote leg is (the kernel copies)
+        s = r.slink(1)
+        assert s["state"] == "down" and s["remote_legs"][r.devs[0]]["failed"], s
         site.restore()
         trace("site restored")
         leg = wait_leg(r, "the remote leg back in sync", lambda leg: leg["in_sync"],
                        timeout=300)
+        s = r.slink(1)
+        assert s["state"] == "up" and s["remote_legs"][r.devs[0]]["in_sync"], s
         assert leg["rejoins"] >= 1, leg
         events = [line.split("dmrepl.events: ")[1].split()[0] for line in d.log().splitlines()
                   if f"name={r.devs[0]}" in line and "dmrepl.events: remote-leg" in line]
