@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,8 @@ class FakeKernel:
         self.era_written: dict[int, set[int]] = {}
         self.era_unreadable = False
         self.filled = False      # the segment swapped out had filled up
+        #: called as each swap returns (writes the device completes meanwhile)
+        self.after_swap: Callable[[], None] | None = None
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         loops: dict[str, str] = {}
@@ -137,6 +139,8 @@ class FakeKernel:
                     f.write(self.on_swap.pop(0))
             self.swaps.append(seg)
             self.live = seg
+            if self.after_swap is not None:
+                self.after_swap()
             return lw.LogWritesStatus(0, 0, self.filled)
 
         monkeypatch.setattr(_kernel, "attach_file_loop", attach)
@@ -547,6 +551,30 @@ def test_the_journals_writes_not_yet_in_the_log_count_against_the_limit(
     assert kj.describe()["holds"] == 1 and seen[-1] is False
 
 
+
+def test_a_device_held_for_its_current_segment_alone_swaps_it_out_and_is_let_go(
+        kernel: FakeKernel, guarded: tuple[KernelJournal, Device]) -> None:
+    """Past the limit only by what the segment in use holds (ten writes completed
+    right after a swap): the device, held, gets that segment swapped out (the
+    swap resumes it for that moment and it is suspended again), its writes go to
+    the log, and the hold ends: a hold never waits for a swap it forbids."""
+    kj, dev = guarded
+    dev.limit = 4
+    suspended_at_swap: list[bool] = []
+
+    def swapped() -> None:
+        suspended_at_swap.append(kernel.suspended)
+        if len(suspended_at_swap) == 1:
+            kernel.writes += 10      # into the segment now in use
+    kernel.after_swap = swapped
+    kernel.on_swap += [segment_image(),
+                       segment_image(*(entry(i, 1, 0, b"\x09" * S) for i in range(10)))]
+    kernel.writes += 1
+    wait_for(lambda: len(dev.journal_backend.log) == 10 and not kj.describe()["writes_held"])
+    assert suspended_at_swap[:2] == [False, True]   # the second swap made while held
+    assert kernel.calls[:3] == ["hold d", "suspend", "suspend"]   # (again, after it)
+    assert kernel.calls[-2:] == ["resume", "free d"] and not kernel.suspended
+    assert kj.describe()["holds"] == 1
 
 def test_a_hold_that_fails_is_tried_again_later_not_at_every_look(
         kernel: FakeKernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
