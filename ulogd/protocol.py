@@ -39,11 +39,12 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final
 
-from construct import Bytes, Construct, FormatField, Int16un, Int32sn, Int32un, Int64sn, Int64un
+from construct import Bytes, Construct, Int16un, Int32sn, Int32un, Int64sn, Int64un
 from construct import Struct as CStruct
 
 from cdefs import dm_ioctl
 from cdefs.connector import lib
+from dmrepl.flatstruct import flat_struct, struct_format
 
 # ---------------------------------------------------------------------------
 # Wire structs, declared once (native byte order: the kernel ABI)
@@ -92,32 +93,13 @@ U64 = Int64un
 S64 = Int64sn
 
 
-def struct_format(st: Construct) -> str:
-    """The :mod:`struct` format (no byte-order prefix) equivalent to ``st``.
-
-    Only fixed-size fields are supported; this is how the hot path reuses the
-    construct declarations instead of retyping a format.
-    """
-    if isinstance(st, FormatField):
-        return str(st.fmtstr[1:])
-    if isinstance(st, Bytes) and isinstance(st.length, int):
-        return f"{st.length}s"
-    subcons = getattr(st, "subcons", None)
-    if subcons is not None:
-        return "".join(struct_format(sc) for sc in subcons)
-    inner = getattr(st, "subcon", None)
-    if inner is not None:
-        return struct_format(inner)
-    raise TypeError(f"no struct format for {st!r}")
-
-
 def _native(*parts: Construct) -> struct.Struct:
-    return struct.Struct("=" + "".join(struct_format(p) for p in parts))
+    return flat_struct(*parts, order="=")
 
 
 def _fields_format(st: Any, keep: frozenset[str]) -> str:
     """The format of struct ``st`` with the fields not in ``keep`` as pad bytes."""
-    return "".join(struct_format(sc) if sc.name in keep else f"{sc.sizeof()}x"
+    return "".join(struct_format(sc, "=") if sc.name in keep else f"{sc.sizeof()}x"
                    for sc in st.subcons)
 
 
@@ -153,7 +135,7 @@ HOT_FIELDS: Final = struct.Struct("=" + "".join((
 NL_CN: Final = _native(NlMsgHdr, CnMsg)
 #: dm_ulog_request from ``padding`` to ``data_size``, written into an in-place reply.
 ULOG_TAIL: Final = struct.Struct("=" + "".join(
-    struct_format(sc) for sc in DmUlogRequest.subcons[2:]))
+    struct_format(sc, "=") for sc in DmUlogRequest.subcons[2:]))
 
 NLMSG_HDRLEN: Final = NLMSG_HDR.size
 CN_HDRLEN: Final = CN_MSG.size
@@ -315,7 +297,7 @@ def region_array(n: int) -> struct.Struct:
     """The struct of ``n`` region arguments (``region_t[n]``), cached for small ``n``."""
     st = _region_arrays.get(n)
     if st is None:
-        st = struct.Struct(f"={n}{struct_format(U64)}")
+        st = struct.Struct(f"={n}{struct_format(U64, '=')}")
         if n <= _REGION_ARRAYS_CACHED:
             _region_arrays[n] = st
     return st
