@@ -513,7 +513,8 @@ class Objects:
             return
         obj = devices[0]
         if not (obj.mirrored and obj.structure == "auto" and obj.mapper and obj.nbd
-                and not obj.suspended and self._journal_takes(obj.devs)
+                and not obj.suspended and obj.inactive is None   # (a mirror's switch)
+                and self._journal_takes(obj.devs)
                 and self._remote_links_async(rep)):
             return
         behind = [st for st in _kernel.mirror_status(obj.name)
