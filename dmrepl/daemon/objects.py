@@ -201,12 +201,18 @@ class Objects:
             obj = ReplicatorObj(name, lines, engine, uuid)
             self.by_name[name] = obj
         else:
-            obj = self._create_device(name, lines, uuid, structure)
+            try:
+                obj = self._create_device(name, lines, uuid, structure)
+            except BaseException:
+                self._journal_again_after_failure(lines)
+                raise
         if save:
             try:
                 self.save()
             except BaseException:
                 self.destroy(obj)
+                if isinstance(obj, DeviceObj):
+                    self._journal_again_after_failure(lines)
                 raise
         self.events.emit("create", "object-create", obj.kind, name=name)
         return obj
@@ -529,6 +535,18 @@ class Objects:
             log.error("%s: it stays a mirror: %s", obj.name, e)
             self.events.emit("error", "structure-change-failed", REPLICATOR_DEV,
                              name=obj.name, structure="log-writes", error=str(e))
+
+    def _journal_again_after_failure(self, lines: list[Line]) -> None:
+        """A device that failed to be made may have made its peer a mirror first
+        (the failure raised stays the one the caller sees)."""
+        try:
+            rep = self._replicator_named_by(lines)
+        except Exception:   # (no such replicator: nothing was converted)
+            return
+        try:
+            self._journal_again(rep)
+        except Exception as e:
+            log.error("%s: after a device failed to be made: %s", rep.name, e)
 
     def _mirror_to_journal(self, obj: DeviceObj) -> None:
         """Make a mirror the kernel journal, in place (writers wait a moment,
