@@ -475,14 +475,7 @@ class Objects:
         obj.export, obj.mirrored = export, True
 
         def undo() -> None:   # (still the kernel journal: as it was)
-            self.nbd.remove_export(obj.name)
-            self.nbd.add_export(old_export)
-            obj.export, obj.mirrored = old_export, False
-            if obj.nbd:
-                _kernel.detach_nbd(obj.nbd)
-                obj.nbd = None
-            for line in obj.lines:
-                _kernel.detach_mirror_log(self._mirror_log_file(obj.name, line), delete=True)
+            self._unmirror(obj, old_export)
             kj.start()
         try:
             nbd = self._attach_nbd(obj)
@@ -561,19 +554,24 @@ class Objects:
         except BaseException:
             kj.close(keep=False)   # (NAME is still the mirror)
             raise
-        export = Export(obj.name, backend_of(obj.lines, obj.devs, journal=False),
-                        size=obj.sectors * SECTOR)
+        self._unmirror(obj, Export(obj.name, backend_of(obj.lines, obj.devs, journal=False),
+                                   size=obj.sectors * SECTOR))
+        obj.kjournal = kj
+        self.save()
+        self.events.emit("change", "structure-changed", REPLICATOR_DEV, name=obj.name,
+                         structure="log-writes")
+
+    def _unmirror(self, obj: DeviceObj, export: Export) -> None:
+        """NAME is no longer a mirror (or never became one): ``export`` serves it,
+        the journal leg's nbd device and the dirty logs go."""
         self.nbd.remove_export(obj.name)
         self.nbd.add_export(export)
-        obj.export, obj.mirrored, obj.kjournal = export, False, kj
+        obj.export, obj.mirrored = export, False
         if obj.nbd:
             _kernel.detach_nbd(obj.nbd)
             obj.nbd = None
         for line in obj.lines:
             _kernel.detach_mirror_log(self._mirror_log_file(obj.name, line), delete=True)
-        self.save()
-        self.events.emit("change", "structure-changed", REPLICATOR_DEV, name=obj.name,
-                         structure="log-writes")
 
     def destroy(self, obj: Obj, *, keep_logs: bool = False) -> None:
         """Undo everything an object holds (kernel devices first); no persistence.
