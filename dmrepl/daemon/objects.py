@@ -506,7 +506,8 @@ class Objects:
 
     def _journal_again(self, rep: ReplicatorObj) -> None:
         """The replicator is down to one device: a mirror the daemon chose
-        becomes the kernel journal again if it may (see :meth:`_mirror_to_journal`)."""
+        becomes the kernel journal again if it may (see :meth:`_mirror_to_journal`).
+        Never raises: what called it (a remove, a failed create) is done."""
         devices = self.devices_of(rep)
         if len(devices) != 1:
             return
@@ -516,13 +517,12 @@ class Objects:
                 and self._journal_takes(obj.devs)
                 and self._remote_links_async(rep)):
             return
-        behind = [st for st in _kernel.mirror_status(obj.name)
-                  if st.journal_leg_failed or st.in_sync < st.regions]
-        if behind:
-            log.info("%s: alone on its replicator again, it stays a mirror: its journal "
-                     "leg missed writes not yet copied to it", obj.name)
-            return
         try:
+            if any(st.journal_leg_failed or st.in_sync < st.regions
+                   for st in _kernel.mirror_status(obj.name)):
+                log.info("%s: alone on its replicator again, it stays a mirror: its "
+                         "journal leg missed writes not yet copied to it", obj.name)
+                return
             self._mirror_to_journal(obj)
         except Exception as e:   # (still the mirror, whole: the remove went through)
             log.error("%s: it stays a mirror: %s", obj.name, e)
@@ -536,10 +536,7 @@ class Objects:
             rep = self._replicator_named_by(lines)
         except Exception:   # (no such replicator: nothing was converted)
             return
-        try:
-            self._journal_again(rep)
-        except Exception as e:
-            log.error("%s: after a device failed to be made: %s", rep.name, e)
+        self._journal_again(rep)
 
     def _mirror_to_journal(self, obj: DeviceObj) -> None:
         """Make a mirror the kernel journal, in place (writers wait a moment,
