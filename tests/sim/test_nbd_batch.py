@@ -6,6 +6,7 @@ waiter, FLUSH after the writes received before it; and the engine's
 from __future__ import annotations
 
 import errno
+import random
 import socket
 import struct
 import threading
@@ -21,6 +22,7 @@ from dmrepl.nbd import Export, MemoryBackend, NbdServer
 from dmrepl.nbd import _proto as p
 from dmrepl.replicator import Replicator
 from dmrepl.replicator.ringlog import RingLog
+from dmrepl.replicator.status import replicator_status_dict
 from dmrepl_testing.replicator import FakeStore, StoreSet, wait_for
 
 BLOCK = 4096
@@ -425,6 +427,92 @@ def test_write_many_under_a_sync_site_link_acknowledges_once_the_remote_has_it()
     assert done.wait(10)
     assert remote.snapshot()[:2 * BLOCK] == block(7) + block(8)
     rep.close()
+
+
+def test_write_many_copies_locally_on_the_writers_thread_when_the_copier_is_idle(
+        ) -> None:
+    # site link 0 (the local device) is sync: a write is acknowledged once the
+    # local device has it; with the local copier idle the writer copies its own
+    # batch, so the acknowledgement needs no other thread
+    rep, stores = replicator("blockdev 2 0 sync blockdev 2 1 async")
+    dev = rep.devices[0]
+    local = stores.stores["l0"]
+    rep.start()
+    try:
+        ops: list[WriteOp] = [(i * BLOCK, block(i), BLOCK, False) for i in range(8)]
+        assert dev.write_many(ops) == [None] * len(ops)
+        assert local.snapshot()[:8 * BLOCK] == b"".join(block(i) for i in range(8))
+        assert rep.wait_drained(10)
+        assert stores.stores["r1"].snapshot()[:8 * BLOCK] == local.snapshot()[:8 * BLOCK]
+    finally:
+        rep.close()
+
+
+def test_write_many_leaves_its_local_copy_to_a_busy_copier() -> None:
+    rep, stores = replicator("blockdev 2 0 sync blockdev 2 1 async")
+    dev = rep.devices[0]
+    local = stores.stores["l0"]
+    rep.start()
+    try:
+        local.gate.clear()   # the copier's copy of the first write hangs
+        first = threading.Thread(target=dev.write, args=(0, block(1)), daemon=True)
+        first.start()
+        wait_for(lambda: local.in_flight > 0, "the copier is copying the first write")
+        outcomes = dev.write_many([(BLOCK, block(2), BLOCK, False)])
+        assert len(outcomes) == 1 and outcomes[0] is not None   # waits: not copied here
+        local.gate.set()
+        outcomes[0]()
+        first.join(10)
+        assert local.snapshot()[:2 * BLOCK] == block(1) + block(2)
+    finally:
+        local.gate.set()
+        rep.close()
+
+
+def test_writers_and_the_local_copier_lose_no_write_and_keep_each_writers_order() -> None:
+    # writers' batches copied on their threads or by the copier (whichever is
+    # free), each writer overwriting its own blocks again and again: the local
+    # device and the remote end with each block's last version
+    rep, stores = replicator("blockdev 2 0 sync blockdev 2 1 async", log_sectors=4096,
+                             window_entries=16)
+    dev = rep.devices[0]
+    rep.start()
+    writers, rounds, blocks_each = 4, 200, 8
+    final: dict[int, bytes] = {}
+
+    def writer(w: int) -> None:
+        rng = random.Random(w)
+        mine = [w * blocks_each + i for i in range(blocks_each)]
+        for r in range(rounds):
+            picked = rng.sample(mine, rng.randint(1, blocks_each))
+            ops: list[WriteOp] = [(b * BLOCK, block(r * 7 + b), BLOCK, False)
+                                  for b in picked]
+            taken = dev.write_many(ops)
+            for wait in taken:
+                if wait is not None:
+                    wait()
+            for offset, data, _length, _fua in ops[len(taken):]:
+                assert data is not None
+                dev.write(offset, data)
+            for b in picked:
+                final[b] = block(r * 7 + b)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert rep.wait_drained(10)
+        for store in ("l0", "r1"):
+            image = stores.stores[store].snapshot()
+            for b, data in final.items():
+                assert image[b * BLOCK:(b + 1) * BLOCK] == data, (store, b)
+        # every write counted out once, by whoever copied it
+        for nr, link in replicator_status_dict(rep)["slinks"].items():
+            assert (link["lag_writes"], link["lag_bytes"]) == (0, 0), nr
+    finally:
+        rep.close()
 
 
 def test_write_many_takes_what_a_full_ring_holds_and_leaves_the_rest() -> None:

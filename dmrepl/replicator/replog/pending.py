@@ -30,6 +30,10 @@ class PendingIndex:
 
     def add(self, e: Entry) -> None:
         buckets = self._index.setdefault(e.dev, {})
+        first = e.offset // INDEX_BUCKET
+        if (e.offset + e.length - 1) // INDEX_BUCKET <= first:   # (most writes)
+            buckets.setdefault(first, {})[e.seq] = e
+            return
         for b in _buckets(e):
             buckets.setdefault(b, {})[e.seq] = e
 
@@ -37,7 +41,9 @@ class PendingIndex:
         buckets = self._index.get(e.dev)
         if buckets is None:
             return
-        for b in _buckets(e):
+        first = e.offset // INDEX_BUCKET
+        for b in ((first,) if (e.offset + e.length - 1) // INDEX_BUCKET <= first
+                  else _buckets(e)):
             bucket = buckets.get(b)
             if bucket is not None:
                 bucket.pop(e.seq, None)

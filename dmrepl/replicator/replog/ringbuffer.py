@@ -392,8 +392,22 @@ class Ringbuffer:
             ring.commit(last.seq)
         if not held:
             return [None] * len(taken)
-        return [None if not syncs else self._sync_waiter(dev, e, syncs)
-                for e, _d, syncs in taken]
+        s0 = rep.slinks.get(0)
+        if s0 is not None and any(0 in syncs for _e, _d, syncs in taken):
+            # the local copy on this thread (when its copier is idle): the
+            # acknowledgements need no other thread
+            rep.copiers.apply_here(s0, last.seq)
+        with self.lock:
+            return [None if self._acked_locked(syncs, e.seq)
+                    else self._sync_waiter(dev, e, syncs) for e, _d, syncs in taken]
+
+    def _acked_locked(self, syncs: frozenset[int], seq: int) -> bool:
+        """Have the site links holding entry ``seq`` acknowledged it?"""
+        for nr in syncs:
+            s = self.rep.slinks.get(nr)
+            if s is not None and s.durable < seq:
+                return False
+        return True
 
     def _sync_waiter(self, dev: ReplicatedDevice, e: Entry,
                      syncs: frozenset[int]) -> AckWait:
@@ -449,14 +463,15 @@ class Ringbuffer:
             s.out_bytes += length
             s.count_queued_locked(e, 1)
             cfg = s.cfg
-            if not cfg.sync and not cfg.fallbehind.value and \
-                    s.ack.state is AckState.ASYNC:
-                continue  # plain async: nothing to check, never holds the ack
-            rep.copiers.check_fallbehind_locked(s, now)
+            if not cfg.sync:
+                if not cfg.fallbehind.value and s.ack.state is AckState.ASYNC:
+                    continue  # plain async: nothing to check, never holds the ack
+                rep.copiers.check_fallbehind_locked(s, now)
             if s.holds_ack:
                 syncs.append(nr)
                 s.want_durable = max(s.want_durable, e.seq)
-                s.hurry.set()
+                if not s.hurry.is_set():
+                    s.hurry.set()
         rep.stats["ws"] += 1
         if count:
             rep.stats["w"] += 1

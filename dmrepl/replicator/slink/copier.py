@@ -98,23 +98,20 @@ class Copiers:
         tuning = self.rep.tuning
         while True:
             with self.cond:
+                if s.busy:   # a writer applies its own writes (apply_here)
+                    self.cond.wait(0.5)
+                    continue
                 job = self.next_job_locked(s)
                 if job is None:
                     continue
                 kind, arg = job
-            if kind is Job.EXIT:
-                return
+                if kind is Job.EXIT:
+                    return
+                s.busy = True
+            pause = False
             try:
                 if kind is Job.BATCH:
                     self._do_batch(s, arg)
-                    if len(arg) < tuning.coalesce_entries and tuning.coalesce_delay > 0:
-                        with self.cond:
-                            pause = self._may_coalesce_locked(s)
-                            if pause:
-                                s.hurry.clear()
-                        if pause:
-                            # not on the cond: each logged write does not wake it
-                            s.hurry.wait(tuning.coalesce_delay)
                 elif kind is Job.PERSIST:
                     self._do_persist(s)
                 elif kind is Job.FLUSH:
@@ -134,6 +131,49 @@ class Copiers:
                                          error=str(err))
                     s.closing = True
                 return
+            finally:
+                with self.cond:
+                    s.busy = False
+                    if kind is Job.BATCH and len(arg) < tuning.coalesce_entries \
+                            and tuning.coalesce_delay > 0:
+                        pause = self._may_coalesce_locked(s)
+                        if pause:
+                            s.hurry.clear()
+            if pause:
+                # not on the cond: each logged write does not wake it
+                s.hurry.wait(tuning.coalesce_delay)
+
+    def apply_here(self, s: Slink, upto: int) -> None:
+        """Apply the site link's entries up to ``upto`` on the calling thread, if
+        its copier is idle: a writer whose own writes are next in the log copies
+        them itself (the export's writes and site link 0: no hand-off to the
+        copier and back for the acknowledgement, two thread switches per batch,
+        each of which can wait the interpreter's switch interval).  Whatever it
+        does not apply (the copier busy, a copy-window overlap, a persist due, the
+        site link down...) the copier applies as usual."""
+        rep = self.rep
+        tuning = rep.tuning
+        while True:
+            with self.cond:
+                if (s.busy or s.durable >= upto or not rep.running or not s.up
+                        or s.closing or s.drop_requested or rep.replog.space_wanted
+                        or s.window_n >= tuning.window_entries):
+                    return
+                batch: list[Copy] = []
+                if s.applied < upto:
+                    batch, _blocked = self.collect_locked(s)
+                    if not batch:
+                        return
+                s.busy = True
+            try:
+                if batch:
+                    self._do_batch(s, batch)
+                else:   # applied, to be flushed (the acknowledgements wait for it)
+                    self._flush_touched(s)
+            finally:
+                with self.cond:
+                    s.busy = False
+                    self.cond.notify_all()
 
     def _may_coalesce_locked(self, s: Slink) -> bool:
         # the copier caught up with the log (a batch cut short by an overlap or its

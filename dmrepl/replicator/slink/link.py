@@ -112,6 +112,9 @@ class Slink:
     out_ios: int = 0
     out_bytes: int = 0
     want_durable: int = 0
+    # a job of this site link is running (its copier's, or a writer applying its
+    # own writes: Copiers.apply_here): one at a time, as on one thread
+    busy: bool = False
     # set when someone needs this site link's copier now: ends a coalescing pause
     hurry: threading.Event = field(default_factory=threading.Event)
     last_persist: float = field(default_factory=time.monotonic)
