@@ -200,6 +200,67 @@ def create_mapper(name: str, sectors: int, nbd: str, uuid: str | None = None) ->
     return _place(name, _linear(sectors, nbd), uuid)
 
 
+#: A linear table's pieces: (sectors, device, sector on the device), back to back.
+LinearParts = list[tuple[int, str, int]]
+
+
+def _linear_parts(parts: LinearParts) -> list[Any]:
+    from dmrepl.dm.table import Target
+    targets, start = [], 0
+    for sectors, dev, offset in parts:
+        targets.append(Target(start, sectors, "linear", f"{dev} {offset}"))
+        start += sectors
+    return targets
+
+
+def place_linear(name: str, parts: LinearParts, uuid: str | None = None) -> str:
+    """Create /dev/mapper/NAME as the linear ``parts``, or leave it as it is if it
+    exists (a dead daemon's, taken over)."""
+    if mapper_exists(name):
+        with contextlib.suppress(OSError):
+            _dm().ensure_node(name)
+        return f"/dev/mapper/{name}"
+    return _create(name, _linear_parts(parts), uuid)
+
+
+def switch_linear(changes: list[tuple[str, LinearParts]]) -> None:
+    """Point live devices at new linear tables together: every new table loaded
+    first (inactive), then every device suspended, then each resumed: no write
+    reaches a new table before the writes in flight of every device completed
+    under its old one.  If a load or a suspend fails, every device keeps its old
+    table (resumed)."""
+    dm = _dm()
+    loaded: list[str] = []
+    suspended: list[str] = []
+    try:
+        for name, parts in changes:
+            dm.load(name, _linear_parts(parts))
+            loaded.append(name)
+        for name, _parts in changes:
+            # skip_lockfs: no filesystem freeze (its flush would go through the old
+            # tables meanwhile); the writes in flight complete all the same
+            dm.suspend(name, skip_lockfs=True)
+            suspended.append(name)
+    except OSError as e:
+        for name in loaded:
+            with contextlib.suppress(OSError):
+                dm.clear(name)
+        for name in suspended:
+            with contextlib.suppress(OSError):
+                dm.resume(name)
+        raise KernelDeviceError(f"device-mapper: switching {', '.join(n for n, _ in changes)}"
+                                f" to new tables: {e}") from e
+    failed: list[str] = []
+    for name, _parts in changes:
+        try:
+            dm.resume(name)
+        except OSError as e:
+            failed.append(f"{name}: {e}")
+    if failed:
+        raise KernelDeviceError("device-mapper: resuming after a table switch: "
+                                + "; ".join(failed))
+
+
 def create_mirror(name: str, parts: list[MirrorPart], nbd: str,
                   uuid: str | None = None) -> str:
     """Create (or, when it survived a daemon crash, load with the new journal

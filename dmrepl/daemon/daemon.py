@@ -264,11 +264,13 @@ class Daemon:
                         export=obj.name, suspended=obj.suspended, size=obj.sectors * SECTOR,
                         dev_nrs=[d.dev_nr for d in obj.devs],
                         structure="mirror" if obj.mirrored else
-                        "log-writes" if obj.kjournal is not None else
+                        "log-writes" if obj.kjournal is not None or obj.group else
                         "raid1" if obj.remote_leg is not None else
                         ("linear" if obj.mapper else None))
             if obj.kjournal is not None:
                 desc["kernel_journal"] = obj.kjournal.describe()
+            elif obj.group is not None:
+                desc["kernel_journal"] = obj.group.describe()
             if obj.remote_leg is not None:
                 desc["remote_leg"] = obj.remote_leg.describe()
             if obj.mirrored and obj.mapper:

@@ -52,17 +52,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from dmrepl.blockio import WriteOp
 from dmrepl.daemon import _kernel
-from dmrepl.daemon._engine import EngineDevice
 from dmrepl.daemon.erarecord import EraRecord
 from dmrepl.daemon.exports import write_op
 from dmrepl.daemon.guardian import Guardian
 from dmrepl.dm import era as era_fmt
 from dmrepl.dm import logwrites as lw
 from dmrepl.errors import DmreplError
+from dmrepl.nbd.backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,19 @@ BATCH_BYTES = 4 << 20
 HELD_POLL = 0.05
 #: Seconds before a hold that failed (no guardian, a suspend refused) is tried again.
 HOLD_RETRY = 5.0
+
+
+class JournalTarget(Protocol):
+    """What a kernel journal drains into and asks about: the engine device of its
+    device (:class:`~dmrepl.daemon._engine.EngineDevice` is one), or a group's
+    members (:class:`~dmrepl.daemon.kgroup.GroupTarget`); offsets are the
+    journal's device's."""
+
+    def journal(self) -> Backend: ...
+    def lost_writes(self, offset: int = 0, length: int | None = None) -> None: ...
+    def remote_in_sync(self) -> bool: ...
+    def behind_limit(self, ios: int = 0, nbytes: int = 0,
+                     since: float | None = None) -> bool: ...
 
 
 class JournalError(DmreplError):
@@ -100,7 +113,8 @@ class KernelJournal:
     name: str
     sectors: int
     local: str
-    dev: EngineDevice
+    #: what the journal drains into (its device's engine device; a group's members)
+    dev: JournalTarget
     directory: str
     segment_bytes: int
     interval: float
@@ -199,9 +213,11 @@ class KernelJournal:
 
     # -- start and stop -------------------------------------------------------------
 
-    def open(self, uuid: str | None, *, replace: bool = False) -> str:
+    def open(self, uuid: str | None, *, replace: bool = False, start: bool = True) -> str:
         """Create /dev/mapper/NAME, or take over the one a dead daemon left (and
-        drain what it journalled meanwhile); start draining.  Returns its path.
+        drain what it journalled meanwhile); start draining (``start`` False: the
+        caller does, :meth:`start`, once what came before is in the replication
+        log).  Returns its path.
 
         ``replace``: NAME is live as another structure (a mirror whose writes all
         reached the replication log): its table is replaced in place."""
@@ -269,7 +285,8 @@ class KernelJournal:
                 self._resync(lost, "what the crash kept from the journal, since its oldest "
                              "segment not drained began")
         self._flag("active", True)
-        self.start()
+        if start:
+            self.start()
         return path
 
     def _lost_in_crash(self, record: EraRecord) -> list[tuple[int, int]] | None:

@@ -32,7 +32,13 @@ from dmrepl.daemon._engine import Engine, EngineDevice, EngineReplicator
 from dmrepl.daemon._proto import ControlError
 from dmrepl.daemon.exports import SECTOR, backend_of
 from dmrepl.daemon.guardian import Guardian
-from dmrepl.daemon.kjournal import KernelJournal
+from dmrepl.daemon.kgroup import (
+    KernelGroup,
+    Member,
+    forget_members,
+    saved_members,
+)
+from dmrepl.daemon.kjournal import JournalTarget, KernelJournal
 from dmrepl.daemon.remoteleg import RemoteLeg
 from dmrepl.daemon.state import SavedObject
 from dmrepl.daemon.tables import REPLICATOR, REPLICATOR_DEV, Line, parse_table
@@ -74,6 +80,8 @@ class DeviceObj:
     mirrored: bool = False
     #: /dev/mapper/NAME is a kernel journal (dm log-writes) that the daemon drains
     kjournal: KernelJournal | None = None
+    #: /dev/mapper/NAME is a slice of its replicator's group journal (kgroup)
+    group: KernelGroup | None = None
     #: /dev/mapper/NAME is a raid1 of the local device and the remote export
     remote_leg: RemoteLeg | None = None
     #: what its creator asked /dev/mapper/NAME to be (``auto``: the daemon picks,
@@ -114,6 +122,8 @@ class Objects:
         self.by_name: dict[str, Obj] = {}
         #: resumes the kernel journals whose writes the daemon holds, if it dies
         self.guardian = Guardian()
+        #: the replicators' kernel journal groups, by replicator name
+        self.groups: dict[str, KernelGroup] = {}
 
     def knob(self, key: str) -> Any:
         """A tuning knob's value: as the daemon was told, else its default."""
@@ -371,20 +381,38 @@ class Objects:
                             "fall-behind limit, the replicator's only remote one")
         devs = self._add_devs(rep, lines, local_only=remote_leg is not None)
         sectors = sum(line.length for line in lines)
-        journaled = (remote_leg is None and structure in ("auto", "log-writes")
-                     and self._journalable(name, rep, devs))
-        mirrored = (remote_leg is None and not journaled and structure in ("auto", "mirror")
-                    and self._mirrorable(devs))
         try:
-            if structure == "log-writes" and not journaled:
+            # a member of the replicator's group coming back (a restart)
+            restoring = self._saved_group_listing(rep, name)
+        except BaseException:
+            for dev in devs:
+                with contextlib.suppress(Exception):
+                    rep.engine.remove_device(dev.dev_nr)
+            raise
+        grouped = (remote_leg is None and structure in ("auto", "log-writes")
+                   and (restoring is not None or self._group_takes(rep, devs)))
+        journaled = (remote_leg is None and not grouped
+                     and structure in ("auto", "log-writes")
+                     and self._journalable(name, rep, devs))
+        mirrored = (remote_leg is None and not journaled and not grouped
+                    and structure in ("auto", "mirror") and self._mirrorable(devs))
+        try:
+            if structure == "log-writes" and not (journaled or grouped):
                 raise UserError(f"{name} cannot be a kernel journal (log-writes): that "
                                 "takes one line over a block device, every remote site "
-                                "link asynchronous, the replicator's only device and "
-                                "kernel_journal tuned on")
+                                "link asynchronous, kernel_journal tuned on, and the "
+                                "replicator's other devices kernel journals too")
             if structure == "mirror" and not mirrored:
                 raise UserError(f"{name} cannot be a mirror: that takes local devices "
                                 "that are block devices, and kernel devices")
-            for peer in self.devices_of(rep):
+            in_group = [p.name for p in self.devices_of(rep) if p.group is not None]
+            if not grouped and in_group:
+                raise UserError(
+                    f"{name} cannot join {rep.name}: its devices ({', '.join(in_group)}) "
+                    "are one kernel journal, which keeps their write order across them, "
+                    f"and {name} cannot be part of it (that takes one line over a block "
+                    "device and the structure auto or log-writes)")
+            for peer in self.devices_of(rep) if not grouped else ():
                 if peer.kjournal is not None:
                     # a kernel journal keeps its own device's write order only: the
                     # replicator's order across devices needs them all on the mirror
@@ -415,6 +443,17 @@ class Objects:
                     # no earlier start made them
                     remote_leg.close(keep=remote_leg.made_before())
                 self.destroy(obj, keep_logs=True)
+                raise
+        elif grouped:
+            try:
+                if restoring is None:
+                    log.info("%s: joining the kernel journal of %s's devices", name, rep.name)
+                    self._regroup(rep, self.devices_of(rep))
+                elif all(n in self.by_name for n in restoring[1]):
+                    self._restore_group(rep, *restoring)
+                # (else a member still to come back puts the group back)
+            except BaseException:
+                self.destroy(obj)
                 raise
         elif journaled:
             try:
@@ -456,6 +495,179 @@ class Objects:
             on_event=lambda kind, event, **fields: self.events.emit(
                 kind, event, REPLICATOR_DEV, name=obj.name, **fields),
             guardian=self.guardian)
+
+    # -- the replicator's group journal (kgroup) -------------------------------------
+
+    def _group_journal(self, rep: str, name: str, sectors: int, local: str,
+                       target: JournalTarget) -> KernelJournal:
+        assert self.journal_dir is not None
+        return KernelJournal(
+            name, sectors, local, target, self.journal_dir,
+            segment_bytes=int(self.knob("journal_segment_mib")) << 20,
+            interval=float(self.knob("journal_interval")),
+            on_event=lambda kind, event, **fields: self.events.emit(
+                kind, event, REPLICATOR, name=rep, **fields),
+            guardian=self.guardian)
+
+    def _group_takes(self, rep: ReplicatorObj, devs: list[EngineDevice]) -> bool:
+        """May a new device join (or, with a kernel journal alone, make) the
+        replicator's group: one line over a block device, every remote site link
+        async, and every device of the replicator a kernel journal (alone or in
+        the group) that is not suspended nor has a table loaded?"""
+        peers = self.devices_of(rep)
+        return (bool(peers) and self._journal_takes(devs) and self._remote_links_async(rep)
+                and all((p.kjournal is not None or p.group is not None)
+                        and p.mapper is not None and not p.suspended and p.inactive is None
+                        and p.structure in ("auto", "log-writes") for p in peers))
+
+    def _saved_group_listing(self, rep: ReplicatorObj, name: str
+                             ) -> tuple[int, list[str]] | None:
+        """The saved group of ``rep`` if it lists ``name`` and is not live here."""
+        if rep.name in self.groups:
+            return None
+        saved = saved_members(self.journal_dir, rep.name)
+        if saved is None or name not in saved[1]:
+            return None
+        return saved
+
+    def _new_group(self, rep: ReplicatorObj, gen: int, members: list[DeviceObj]) -> KernelGroup:
+        assert self.journal_dir is not None
+        return KernelGroup(rep.name, gen,
+                           [Member(m.name, m.sectors, m.devs[0].local_device(), m.devs[0])
+                            for m in members],
+                           self.journal_dir, functools.partial(self._group_journal, rep.name))
+
+    def _restore_group(self, rep: ReplicatorObj, gen: int, names: list[str]) -> None:
+        """Every member of the saved group is back: the group's devices made again
+        (after a crash: what its journal lost is resynchronised) or a dead daemon's
+        taken over, each member's slice over it."""
+        members = [self.by_name[n] for n in names]
+        assert all(isinstance(m, DeviceObj) for m in members)
+        devices = [m for m in members if isinstance(m, DeviceObj)]
+        group = self._new_group(rep, gen, devices)
+        log.info("%s: putting back the kernel journal of its devices %s", rep.name,
+                 ", ".join(names))
+        group.open(start=True)
+        self.groups[rep.name] = group
+        for m in devices:
+            m.group = group
+            m.mapper = _kernel.place_linear(m.name, group.slice(m.name), m.uuid)
+
+    def _regroup(self, rep: ReplicatorObj, members: list[DeviceObj]) -> None:
+        """Make ``members`` (two or more, in this order) the slices of a new group
+        journal: those live (a kernel journal alone, or a slice of the old group)
+        switched together, the others made.  Writers wait a moment; nothing
+        fails.  What the old journals hold enters the replication log before
+        anything the new one logs.  Raises with everything as it was if the new
+        group cannot be made or switched to."""
+        old = self.groups.get(rep.name)
+        busy = [m.name for m in members if m.mapper and (m.suspended or m.inactive)]
+        if busy:
+            raise UserError(f"{', '.join(busy)}: suspended, or a table loaded: resume "
+                            "first (the replicator's kernel journal is rebuilt)")
+        saved = saved_members(self.journal_dir, rep.name)
+        gen = max(old.gen if old else 0, saved[0] if saved else 0) + 1
+        group = self._new_group(rep, gen, members)
+        group.clear_stale()
+        alone = [m for m in members if m.kjournal is not None]
+        # most of what the old journals hold, now: the writers' wait below is short
+        for m in alone:
+            assert m.kjournal is not None
+            m.kjournal.drain_now()
+        if old is not None:
+            old.journal.drain_now()
+
+        def restart_old() -> None:
+            for m in alone:
+                if m.kjournal is not None:
+                    m.kjournal.start()
+            if old is not None:
+                old.start()
+        try:
+            group.open(start=False)
+        except BaseException:
+            restart_old()
+            raise
+        live = [m for m in members if m.mapper]
+        try:
+            _kernel.switch_linear([(m.name, group.slice(m.name)) for m in live])
+        except BaseException:
+            with contextlib.suppress(Exception):
+                group.close(keep=False)
+            restart_old()
+            raise
+        # every write in flight under the old structure completed: the old journals
+        # hold them all (their targets are destroyed, or idle) and go to the log first
+        for m in alone:
+            kj = m.kjournal
+            assert kj is not None
+            try:
+                kj.drain_replaced()
+            except Exception as e:   # what it held reaches the remotes by resync
+                log.error("%s: draining its replaced kernel journal failed (%s): the "
+                          "remote site links resynchronise the device", m.name, e)
+                m.devs[0].lost_writes()
+            kj.close(keep=False)
+            m.kjournal = None
+        if old is not None:
+            old.retire()
+        for m in members:
+            m.group = group
+        self.groups[rep.name] = group
+        group.save()
+        group.start()
+        for m in alone:
+            self.events.emit("change", "structure-changed", REPLICATOR_DEV, name=m.name,
+                             structure="log-writes", group=group.dm_name)
+        for m in members:
+            if not m.mapper:
+                m.mapper = _kernel.place_linear(m.name, group.slice(m.name), m.uuid)
+
+    def _ungroup(self, rep: ReplicatorObj, obj: DeviceObj) -> None:
+        """The group's last member becomes a kernel journal of its own, in place
+        (the group's writes go to the log first)."""
+        group = self.groups[rep.name]
+        log.info("%s: alone on its replicator again: a kernel journal of its own", obj.name)
+        group.journal.drain_now()
+        kj = self._kernel_journal(obj)
+        try:
+            obj.mapper = kj.open(obj.uuid, replace=True, start=False)
+        except BaseException:
+            kj.close(keep=False)   # (still the group's slice)
+            group.start()
+            raise
+        group.retire()
+        del self.groups[rep.name]
+        assert self.journal_dir is not None
+        forget_members(self.journal_dir, rep.name)
+        obj.group, obj.kjournal = None, kj
+        kj.start()
+        self.events.emit("change", "structure-changed", REPLICATOR_DEV, name=obj.name,
+                         structure="log-writes")
+
+    def _fit_group(self, rep: ReplicatorObj) -> None:
+        """After a remove or a failed create: the group journal rebuilt for the
+        devices left (one left: a kernel journal of its own; none: gone).  Never
+        raises: what called it is done."""
+        group = self.groups.get(rep.name)
+        if group is None:
+            return
+        members = [o for o in self.devices_of(rep) if o.group is group]
+        try:
+            if len(members) >= 2 and [m.name for m in members] != group.names:
+                self._regroup(rep, members)
+            elif len(members) == 1:
+                self._ungroup(rep, members[0])
+            elif not members:
+                group.close(keep=False)
+                del self.groups[rep.name]
+                assert self.journal_dir is not None
+                forget_members(self.journal_dir, rep.name)
+        except Exception as e:   # (the group as it was: its drainer goes on)
+            group.start()
+            log.error("%s: its kernel journal stays as it was: %s", rep.name, e)
+            self.events.emit("error", "structure-change-failed", REPLICATOR, name=rep.name,
+                             structure="log-writes", error=str(e))
 
     def _journal_to_mirror(self, obj: DeviceObj) -> None:
         """Make a kernel journal device a mirror, in place (writers wait a moment,
@@ -536,6 +748,7 @@ class Objects:
             rep = self._replicator_named_by(lines)
         except Exception:   # (no such replicator: nothing was converted)
             return
+        self._fit_group(rep)
         self._journal_again(rep)
 
     def _mirror_to_journal(self, obj: DeviceObj) -> None:
@@ -581,6 +794,8 @@ class Objects:
             if obj.mapper:
                 _kernel.remove_mapper(obj.name)
                 obj.mapper = None
+            if obj.group is not None:
+                self._leave_group(obj, keep_logs=keep_logs)
             if obj.kjournal is not None:
                 # (the removed target logged what it held: drained now)
                 obj.kjournal.close(keep=keep_logs)
@@ -607,6 +822,30 @@ class Objects:
             obj.engine.close()
         if self.by_name.pop(obj.name, None) is not None:
             self.events.emit("destroy", "object-remove", obj.kind, name=obj.name)
+
+    def _leave_group(self, obj: DeviceObj, *, keep_logs: bool) -> None:
+        """``obj``'s slice is gone: what the group journalled goes to the log now,
+        while its engine devices are there to take it; the last member out
+        closes the group (``keep_logs``: a shutdown, its files stay for the next
+        start; else they go)."""
+        group, obj.group = obj.group, None
+        assert group is not None
+        if self.groups.get(obj.replicator) is not group:
+            return
+        others = [m for m in self.devices_of(self.replicator_of(obj))
+                  if m.group is group and m.mapper]
+        if others:
+            try:
+                group.journal.drain_now()
+            finally:
+                group.start()
+            return
+        try:
+            group.close(keep=keep_logs)
+        finally:
+            del self.groups[obj.replicator]
+            if not keep_logs and self.journal_dir is not None:
+                forget_members(self.journal_dir, obj.replicator)
 
     def rejoin(self, obj: DeviceObj) -> None:
         """Give a mirror whose journal leg failed a new one: a new /dev/nbdN on the
@@ -660,17 +899,19 @@ class Objects:
         rep = self.replicator_of(obj)
         # The engine devices go first: it is the engine that may refuse (writes not
         # yet at every site link), and then the kernel devices must still be there.
-        if obj.kjournal is not None:
+        journal = (obj.kjournal if obj.kjournal is not None
+                   else obj.group.journal if obj.group is not None else None)
+        if journal is not None:
             # what the kernel journalled goes to the log first, where the engine
             # counts it as writes not yet at every site link
-            obj.kjournal.drain_now()
+            journal.drain_now()
         obj.export.suspend(timeout=EXPORT_SUSPEND_TIMEOUT)   # no request reaches a
         try:                                                  # device while it goes
             self._remove_engine_devs(obj, rep, force=force)
         except BaseException:
             obj.export.resume()
-            if obj.kjournal is not None:
-                obj.kjournal.start()
+            if journal is not None:
+                journal.start()
             raise
         self.nbd.remove_export(obj.name)   # requests from here on: ESHUTDOWN
         obj.export.resume()                # (and those that waited fail, not hang)
@@ -683,6 +924,7 @@ class Objects:
             self.nbd.add_export(obj.export)
             raise
         self.save()
+        self._fit_group(rep)
         self._journal_again(rep)
 
     def _remove_engine_devs(self, obj: DeviceObj, rep: ReplicatorObj,
@@ -723,8 +965,9 @@ class Objects:
         if isinstance(obj, ReplicatorObj):
             raise UserError("reloading a replicator table is not supported; "
                             "remove its devices and the replicator, then create it again")
-        if obj.kjournal is not None or obj.remote_leg is not None:
-            what = "a kernel journal" if obj.kjournal is not None else "a raid1 with a remote leg"
+        if obj.kjournal is not None or obj.group is not None or obj.remote_leg is not None:
+            what = ("a raid1 with a remote leg" if obj.remote_leg is not None
+                    else "a kernel journal")
             raise UserError(f"{obj.name} is {what}: its table cannot be "
                             "switched; remove the device and create it with the new table")
         if sum(line.length for line in lines) != obj.sectors:
@@ -865,7 +1108,8 @@ class Objects:
             raise UserError(f"{obj.name}'s site link carries {', '.join(raid1)}, a raid1 "
                             "with a remote leg (synchronous in the kernel): it cannot "
                             "become asynchronous or fall behind; remove the device first")
-        journaled = [d.name for d in self.devices_of(obj) if d.kjournal is not None]
+        journaled = [d.name for d in self.devices_of(obj)
+                     if d.kjournal is not None or d.group is not None]
         if journaled and policy == "sync":
             raise UserError(f"{obj.name}'s site link carries {', '.join(journaled)}, a "
                             "kernel journal (the kernel completes its writes before the "

@@ -228,13 +228,14 @@ def test_past_its_fall_behind_limit_the_device_is_held_and_a_dead_daemon_lets_it
         assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
 
 
-def test_a_second_device_makes_the_kernel_journal_a_mirror_and_keeps_the_order(
+def test_a_second_device_joins_the_kernel_journal_and_the_order_holds_across_them(
         kj: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
-    """A kernel journal keeps its own device's write order only: a second device
-    on its replicator makes it a mirror, in place, its journal drained into the
-    replication log first; then writes alternating between the two devices reach
-    the remote site as a prefix of their history.  Once the second device is
-    removed, the first is the kernel journal again, in place, under a writer."""
+    """A kernel journal keeps its own device's write order; a second device on
+    its replicator joins it: one journal for both (each device a slice of it),
+    the first switched in place, its own journal drained into the replication
+    log first; then writes alternating between the two devices reach the remote
+    site as a prefix of their history.  Once the second device is removed, the
+    first is a kernel journal of its own again, in place, under a writer."""
     d, site, lab = kj
     disks = site.take(2)
     with Replicated(lab, d, "dmrepl-test-kjtwo", size_mb=8, log_mb=16, remote_policy="async",
@@ -254,7 +255,11 @@ def test_a_second_device_makes_the_kernel_journal_a_mirror_and_keeps_the_order(
                       f"1 1 {site.url_of(disks[1])} core 2 1024 nosync"))
         try:
             st = r.describe()
-            assert st["structure"] == "mirror" and "kernel_journal" not in st, st
+            assert st["structure"] == "log-writes", st
+            assert st["kernel_journal"]["group"] == [r.devs[0], name2], st
+            group_dev = st["kernel_journal"]["device"]
+            assert " linear " in table(r.devs[0]) and " linear " in table(name2)
+            assert " log-writes " in table(group_dev)
             assert subprocess.run(["dmsetup", "info", f".{r.devs[0]}.era"],
                                   capture_output=True).returncode, "its era device stayed"
             assert f"structure-changed object=replicator-dev name={r.devs[0]}" in d.log()
@@ -280,7 +285,7 @@ def test_a_second_device_makes_the_kernel_journal_a_mirror_and_keeps_the_order(
             assert present(remotes) == present(locals_) == set(range(len(targets)))
             for remote, local in zip(remotes, locals_, strict=True):
                 assert digest(remote, 8 * MB) == digest(local, 8 * MB)
-            # alone again, under a writer: the mirror becomes the kernel journal
+            # alone again, under a writer: a kernel journal of its own
             later = [(r.mapper(), b) for b in range(per_dev - 256, per_dev)]
             w = Writer(later).start()
             w.wait_acked(40, timeout=300)
@@ -288,11 +293,67 @@ def test_a_second_device_makes_the_kernel_journal_a_mirror_and_keeps_the_order(
             w.thread.join(300)
             assert w.error is None and w.acked == len(later) - 1
             st = r.describe()
-            assert st["structure"] == "log-writes" and "kernel_journal" in st, st
-            assert f"structure-changed object=replicator-dev name={r.devs[0]} " \
-                "structure=log-writes" in d.log()
+            assert st["structure"] == "log-writes" and "group" not in st["kernel_journal"], st
+            assert " log-writes " in table(r.devs[0])
+            assert subprocess.run(["dmsetup", "info", group_dev],
+                                  capture_output=True).returncode, "the group's device stayed"
             Writer([(r.mapper(), b) for b in range(64, 128)]).run()
             r.wait_converged(timeout=600)
             assert digest(r.remotes[0], 8 * MB) == digest(r.locals[0], 8 * MB)
         finally:
             d.cli("remove", name2, "--wait", "120")
+
+
+def test_a_group_outlives_its_daemon_and_a_crash_resyncs_what_it_lost(
+        kj: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
+    """Two devices in one kernel journal: ``kill -9`` of the daemon under a writer
+    alternating between them: no write fails, the restarted daemon takes the
+    group over and drains it, the remote equals the local devices.  Then a crash
+    (the daemon killed, every device torn down without a flush): the restart
+    builds the group again and resynchronises what its journal lost."""
+    d, site, lab = kj
+    per_dev = SIZE_MB * MB // BLOCK
+    with Replicated(lab, d, "dmrepl-test-kjgroup", size_mb=SIZE_MB, log_mb=32, ndev=2,
+                    remote_policy="async", delay_ms=20, site=site,
+                    site_disks=site.take(2)) as r:
+        for i in range(2):
+            st = r.describe(i)
+            assert st["structure"] == "log-writes" and st["kernel_journal"]["group"] == r.devs
+        group_dev = r.describe()["kernel_journal"]["device"]
+        targets = [(r.mapper(i % 2), (i // 2 * 7919) % per_dev) for i in range(1200)]
+        w = Writer(targets).start()
+        w.wait_acked(300, timeout=300)
+        d.kill()
+        at_kill = w.acked
+        trace(f"kill -9 after {at_kill + 1} acknowledged writes")
+        w.wait_acked(at_kill + 300, timeout=300)   # no daemon in the write path
+        assert w.error is None
+        d.start()
+        trace("daemon restarted")
+        w.thread.join(600)
+        assert w.error is None and w.acked == len(targets) - 1
+        r.wait_converged(timeout=600)
+        st = r.describe()
+        assert st["kernel_journal"]["group"] == r.devs and \
+            st["kernel_journal"]["resyncs"] == 0, (st, d.log()[-4000:])
+        for remote, local in zip(r.remotes, r.locals, strict=True):
+            assert digest(remote, SIZE_MB * MB) == digest(local, SIZE_MB * MB)
+        # a crash: the kernel's journal in memory is lost with the devices
+        w = Writer([(r.mapper(i % 2), (i * 7919) % per_dev) for i in range(4000)]).start()
+        w.wait_acked(300, timeout=300)
+        d.kill()
+        for name in [*r.devs, group_dev]:
+            subprocess.run(["dmsetup", "remove", "--force", name], capture_output=True)
+        w.thread.join(300)
+        trace(f"crash after {w.acked + 1} acknowledged writes ({w.error})")
+        d.start()
+        trace("daemon restarted")
+        r.wait_converged(timeout=600)
+        st = r.describe()
+        assert st["kernel_journal"]["group"] == r.devs and \
+            st["kernel_journal"]["resyncs"] == 1, (st, d.log()[-4000:])
+        for remote, local in zip(r.remotes, r.locals, strict=True):
+            assert digest(remote, SIZE_MB * MB) == digest(local, SIZE_MB * MB)
+        w2 = Writer([(r.mapper(1), 0)])
+        w2.run()
+        assert w2.error is None
