@@ -16,6 +16,8 @@ import struct
 import threading
 from typing import Any
 
+import pytest
+
 from dmrepl_testing.daemon import Replicated, trace
 
 BLOCK = 4096
@@ -146,21 +148,20 @@ def test_kill_9_during_writes_no_io_error_no_acked_write_lost(dmrepl: Any) -> No
         assert w2.error is None and w2.acked == 0
 
 
-def test_two_devices_keep_cross_device_order_at_remote(dmrepl: Any) -> None:
+@pytest.mark.parametrize("structure", ["mirror", "log-writes"])
+def test_two_devices_keep_cross_device_order_at_remote(dmrepl: Any, structure: str) -> None:
+    """Both structures that keep a replicator's order across its devices: a mirror
+    each (the daemon's journal legs), or one kernel journal for both (a group)."""
     d, site, lab = dmrepl
     with Replicated(lab, d, "dmrepl-test-order", size_mb=8, log_mb=16, ndev=2,
-                    structure="mirror", remote_policy="async ios 100000", delay_ms=30,
+                    structure=structure, remote_policy="async ios 100000", delay_ms=30,
                     site=site, site_disks=site.take(2)) as r:
+        if structure == "log-writes":
+            assert r.describe(1)["kernel_journal"]["group"] == r.devs
         per_dev = (8 << 20) // BLOCK
         # write i goes to device i % 2 (pseudo-random block order inside each device)
         total = 400    # the remote copier pays a round trip per write: keep it short
         targets = [(r.mapper(i % 2), (i // 2 * 7919) % per_dev) for i in range(total)]
-        w = Writer(targets).start()
-        w.wait_acked(150)
-        # freeze the remote site mid-copy, then look at both of its disks
-        site.cut()
-        w.thread.join(300)
-        assert w.error is None and w.acked == len(targets) - 1
 
         def remote_seqs() -> set[int]:
             present: set[int] = set()
@@ -171,6 +172,14 @@ def test_two_devices_keep_cross_device_order_at_remote(dmrepl: Any) -> None:
                         assert targets[s] == (r.mapper(i), b), f"write {s} in the wrong place"
                         present.add(s)
             return present
+        w = Writer(targets).start()
+        w.wait_acked(150)
+        # (a kernel journal reaches the remote a drain interval behind the writer)
+        r.wait_for("a first write at the remote", lambda _status: remote_seqs())
+        # freeze the remote site mid-copy, then look at both of its disks
+        site.cut()
+        w.thread.join(300)
+        assert w.error is None and w.acked == len(targets) - 1
         frozen = remote_seqs()
         n = assert_prefix(frozen, "the remote site (both devices)")
         assert 0 < n < len(targets), f"remote held {n} writes: the cut froze nothing useful"
