@@ -161,7 +161,7 @@ def dmsetup_fixture() -> Callable[..., str]:
 # creates its own local and log disks, and gets the site's link up at 20 ms and
 # the daemon running (restarted if a test killed it) before it starts.
 
-DMREPL_SITE_DISKS = 24  # one per test that takes one (21 today), and spares
+DMREPL_SITE_DISKS = 32  # one per test that takes one (26 today), and spares
 DMREPL_SITE_DISK_MB = 16
 
 

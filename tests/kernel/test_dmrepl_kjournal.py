@@ -237,7 +237,7 @@ def test_a_second_device_joins_the_kernel_journal_and_the_order_holds_across_the
     site as a prefix of their history.  Once the second device is removed, the
     first is a kernel journal of its own again, in place, under a writer."""
     d, site, lab = kj
-    disks = site.take(2)
+    disks = site.take(3)
     with Replicated(lab, d, "dmrepl-test-kjtwo", size_mb=8, log_mb=16, remote_policy="async",
                     delay_ms=30, site=site, site_disks=disks[:1]) as r:
         assert r.describe()["structure"] == "log-writes"
@@ -283,6 +283,25 @@ def test_a_second_device_joins_the_kernel_journal_and_the_order_holds_across_the
             site.restore()
             r.wait_converged(timeout=600)
             assert present(remotes) == present(locals_) == set(range(len(targets)))
+            for remote, local in zip(remotes, locals_, strict=True):
+                assert digest(remote, 8 * MB) == digest(local, 8 * MB)
+            # a third device joins (a group of three), is written, and leaves again
+            name3 = "dmrepl-test-kjtwo-2"
+            local3 = lab.disk(f"{name3}-l", 8)
+            r.check(d.cli("create", name3, "--table",
+                          f"0 {8 * MB // 512} replicator-dev {r.rep} 2 0 1 {local3} nolog 0 "
+                          f"1 1 {site.url_of(disks[2])} core 2 1024 nosync"))
+            try:
+                assert r.describe()["kernel_journal"]["group"] == [r.devs[0], name2, name3]
+                Writer([(f"/dev/mapper/{name3}" if i % 3 == 2 else mapper2 if i % 3
+                         else r.mapper(), per_dev - 1 - i // 3) for i in range(90)]).run()
+                r.check(d.cli("remove", name3, "--wait", "120"))
+            finally:
+                d.cli("remove", name3, "--wait", "120")
+            assert digest(site.disks[disks[2]], 8 * MB) == digest(local3, 8 * MB)
+            st = r.describe()
+            assert st["kernel_journal"]["group"] == [r.devs[0], name2], st
+            r.wait_converged(timeout=600)
             for remote, local in zip(remotes, locals_, strict=True):
                 assert digest(remote, 8 * MB) == digest(local, 8 * MB)
             # alone again, under a writer: a kernel journal of its own
