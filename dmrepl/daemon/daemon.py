@@ -120,6 +120,7 @@ class Daemon:
                        f"{as_control_error(e, 'restore').message}")
                 log.error("%s", msg)
                 self.restore_errors.append(msg)
+        self.registry.finish_restore()
         self.registry.save()
 
     # -- requests ----------------------------------------------------------------

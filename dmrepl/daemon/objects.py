@@ -553,6 +553,52 @@ class Objects:
             m.group = group
             m.mapper = _kernel.place_linear(m.name, group.slice(m.name), m.uuid)
 
+    def finish_restore(self) -> None:
+        """After a restart: a group some of whose members did not come back (their
+        tables failed) cannot be taken over (its journal's offsets need them all);
+        the members that did are journalled again without them, and their remote
+        site links resynchronise them whole (what the old journal held is not
+        drained).  Never raises (errors logged, with an event)."""
+        for rep in [o for o in self.by_name.values() if isinstance(o, ReplicatorObj)]:
+            if rep.name in self.groups:
+                continue
+            try:
+                saved = saved_members(self.journal_dir, rep.name)
+                if saved is None:
+                    continue
+                gen, names = saved
+                back = [o for o in self.devices_of(rep)
+                        if o.name in names and o.mapper is None and o.group is None]
+                if not back:
+                    continue
+                missing = [n for n in names if n not in self.by_name]
+                log.error("%s: its kernel journal group cannot be put back without %s: "
+                          "%s journalled again, resynchronised whole", rep.name,
+                          ", ".join(missing), ", ".join(o.name for o in back))
+                for o in back:
+                    if _kernel.mapper_exists(o.name):   # (a dead daemon's slice: switched)
+                        o.mapper = f"/dev/mapper/{o.name}"
+                if len(back) >= 2:
+                    self._regroup(rep, back)
+                else:
+                    kj = self._kernel_journal(back[0])
+                    back[0].mapper = kj.open(back[0].uuid, replace=back[0].mapper is not None)
+                    back[0].kjournal = kj
+                    forget_members(self.journal_dir or "", rep.name)
+                for o in back:
+                    o.devs[0].lost_writes()
+                try:   # (the old group's devices, unless a missing member's slice holds them)
+                    self._new_group(rep, gen, []).clear_stale()
+                except Exception as e:
+                    log.error("%s: the old kernel journal group .%s.j%d stays: %s",
+                              rep.name, rep.name, gen, e)
+                self.events.emit("error", "kernel-journal-group-incomplete", REPLICATOR,
+                                 name=rep.name, missing=",".join(missing))
+            except Exception as e:
+                log.error("%s: its kernel journal group: %s", rep.name, e)
+                self.events.emit("error", "structure-change-failed", REPLICATOR,
+                                 name=rep.name, structure="log-writes", error=str(e))
+
     def _regroup(self, rep: ReplicatorObj, members: list[DeviceObj]) -> None:
         """Make ``members`` (two or more, in this order) the slices of a new group
         journal: those live (a kernel journal alone, or a slice of the old group)

@@ -376,3 +376,34 @@ def test_a_group_outlives_its_daemon_and_a_crash_resyncs_what_it_lost(
         w2 = Writer([(r.mapper(1), 0)])
         w2.run()
         assert w2.error is None
+
+
+def test_a_group_member_that_does_not_come_back_leaves_the_others_journalled(
+        kj: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
+    """A restart where one member of a group cannot be made again (its local
+    device is gone): the group cannot be put back without it; the member that
+    came back is journalled again on its own and resynchronised whole, and the
+    restart says what it could not recreate."""
+    d, site, lab = kj
+    with Replicated(lab, d, "dmrepl-test-kjpart", size_mb=SIZE_MB, log_mb=32, ndev=2,
+                    remote_policy="async", delay_ms=20, site=site,
+                    site_disks=site.take(2)) as r:
+        assert r.describe(1)["kernel_journal"]["group"] == r.devs
+        Writer([(r.mapper(i % 2), i) for i in range(200)]).run()
+        r.wait_converged(timeout=600)
+        assert d.stop() == 0, d.log()
+        gone = r.locals[1].removeprefix("/dev/mapper/")
+        subprocess.run(["dmsetup", "rename", gone, f"{gone}-away"], check=True)
+        try:
+            d.start()
+            assert f"could not recreate {r.devs[1]}" in d.log()
+            assert "kernel-journal-group-incomplete" in d.log()
+            r.devs = r.devs[:1]
+            st = r.describe()
+            assert st["structure"] == "log-writes" and "group" not in st["kernel_journal"], st
+            Writer([(r.mapper(), BLOCKS - 1 - i) for i in range(50)]).run()
+            r.wait_converged(timeout=600)
+            assert r.slink()["resync_bytes"] >= SIZE_MB * MB, r.slink()
+            assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
+        finally:
+            subprocess.run(["dmsetup", "rename", f"{gone}-away", gone], check=False)
