@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,8 +41,6 @@ from dmrepl.daemon._engine import EngineDevice
 from dmrepl.daemon.exports import SECTOR, ConcatBackend
 from dmrepl.daemon.kjournal import JournalError, JournalTarget, KernelJournal
 from dmrepl.nbd.backend import Backend
-
-log = logging.getLogger(__name__)
 
 
 class GroupTarget:
@@ -166,12 +163,7 @@ class KernelGroup:
         the rest and its files."""
         self.journal.stop()
         _kernel.remove_mapper(self.dm_name)
-        try:
-            self.journal.drain_replaced()
-        except Exception as e:
-            log.error("%s: draining its old kernel journal %s failed (%s): the remote "
-                      "site links resynchronise its devices", self.rep, self.dm_name, e)
-            self.journal.dev.lost_writes()
+        self.journal.drain_replaced_or_resync()
         self.journal.close(keep=False)
         _kernel.remove_mapper(self.locals_name)
 

@@ -340,6 +340,16 @@ class KernelJournal:
         self._drain_pending()
         self._replaced = True
 
+    def drain_replaced_or_resync(self) -> None:
+        """:meth:`drain_replaced`; if it fails, what the journal held reaches the
+        remote site links by resync instead (all of its device)."""
+        try:
+            self.drain_replaced()
+        except Exception as e:
+            log.error("%s: draining its replaced kernel journal failed (%s): the remote "
+                      "site links resynchronise its device", self.name, e)
+            self.dev.lost_writes()
+
     def stop(self) -> None:
         """Stop draining (the kernel journals on; a held device is resumed)."""
         self._stop.set()

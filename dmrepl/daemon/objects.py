@@ -647,12 +647,7 @@ class Objects:
         for m in alone:
             kj = m.kjournal
             assert kj is not None
-            try:
-                kj.drain_replaced()
-            except Exception as e:   # what it held reaches the remotes by resync
-                log.error("%s: draining its replaced kernel journal failed (%s): the "
-                          "remote site links resynchronise the device", m.name, e)
-                m.devs[0].lost_writes()
+            kj.drain_replaced_or_resync()
             kj.close(keep=False)
             m.kjournal = None
         if old is not None:
@@ -749,12 +744,7 @@ class Objects:
             except BaseException:   # (the journal's table resumed as it was)
                 undo()
                 raise
-            try:
-                kj.drain_replaced()
-            except Exception as e:   # what it held reaches the remotes by resync
-                log.error("%s: draining the replaced kernel journal failed (%s): the "
-                          "remote site links resynchronise the device", obj.name, e)
-                obj.devs[0].lost_writes()
+            kj.drain_replaced_or_resync()
         finally:
             export.resume()
         kj.close(keep=False)

@@ -60,6 +60,19 @@ def table(name: str) -> str:
                           check=True).stdout
 
 
+def outage_under(w: Writer, d: DaemonProcess) -> None:
+    """Once ``w`` has 300 writes acknowledged, ``kill -9`` of the daemon: 300 more
+    go through meanwhile (no daemon in the write path), then it is started again."""
+    w.wait_acked(300, timeout=300)
+    d.kill()
+    at_kill = w.acked
+    trace(f"kill -9 after {at_kill + 1} acknowledged writes")
+    w.wait_acked(at_kill + 300, timeout=300)
+    assert w.error is None
+    d.start()
+    trace("daemon restarted")
+
+
 def test_the_kernel_journals_the_writes_and_the_remote_gets_them_in_order(
         kj: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
     d, site, lab = kj
@@ -92,14 +105,7 @@ def test_kill_9_the_writer_goes_on_and_the_restart_drains_the_journal(
                     site=site, site_disks=site.take()) as r:
         writes = 1200
         w = Writer([(r.mapper(), i % BLOCKS) for i in range(writes)]).start()
-        w.wait_acked(300, timeout=300)
-        d.kill()
-        at_kill = w.acked
-        trace(f"kill -9 after {at_kill + 1} acknowledged writes")
-        w.wait_acked(at_kill + 300, timeout=300)   # no daemon in the write path
-        assert w.error is None
-        d.start()
-        trace("daemon restarted")
+        outage_under(w, d)
         w.thread.join(600)
         assert w.error is None and w.acked == writes - 1
         r.wait_converged(timeout=600)
@@ -341,14 +347,7 @@ def test_a_group_outlives_its_daemon_and_a_crash_resyncs_what_it_lost(
         group_dev = r.describe()["kernel_journal"]["device"]
         targets = [(r.mapper(i % 2), (i // 2 * 7919) % per_dev) for i in range(1200)]
         w = Writer(targets).start()
-        w.wait_acked(300, timeout=300)
-        d.kill()
-        at_kill = w.acked
-        trace(f"kill -9 after {at_kill + 1} acknowledged writes")
-        w.wait_acked(at_kill + 300, timeout=300)   # no daemon in the write path
-        assert w.error is None
-        d.start()
-        trace("daemon restarted")
+        outage_under(w, d)
         w.thread.join(600)
         assert w.error is None and w.acked == len(targets) - 1
         r.wait_converged(timeout=600)
