@@ -515,10 +515,11 @@ class Objects:
         async, and every device of the replicator a kernel journal (alone or in
         the group) that is not suspended nor has a table loaded?"""
         peers = self.devices_of(rep)
-        return (bool(peers) and self._journal_takes(devs) and self._remote_links_async(rep)
+        return (bool(peers)
                 and all((p.kjournal is not None or p.group is not None)
                         and p.mapper is not None and not p.suspended and p.inactive is None
-                        and p.structure in ("auto", "log-writes") for p in peers))
+                        and p.structure in ("auto", "log-writes") for p in peers)
+                and self._journal_takes(devs) and self._remote_links_async(rep))
 
     def _saved_group_listing(self, rep: ReplicatorObj, name: str
                              ) -> tuple[int, list[str]] | None:
