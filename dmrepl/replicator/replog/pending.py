@@ -15,9 +15,11 @@ from dmrepl.replicator.ringlog import Entry
 INDEX_BUCKET = 1 << 20  # bytes per bucket of the pending-entry index
 
 
-def _buckets(e: Entry) -> range:
-    return range(e.offset // INDEX_BUCKET,
-                 (max(e.end, e.offset + 1) - 1) // INDEX_BUCKET + 1)
+def _buckets(e: Entry) -> range | tuple[int]:
+    first = e.offset // INDEX_BUCKET
+    last = (max(e.offset + e.length, e.offset + 1) - 1) // INDEX_BUCKET
+    # (most writes fall in one bucket: no range to make and walk)
+    return (first,) if last == first else range(first, last + 1)
 
 
 class PendingIndex:
@@ -30,10 +32,6 @@ class PendingIndex:
 
     def add(self, e: Entry) -> None:
         buckets = self._index.setdefault(e.dev, {})
-        first = e.offset // INDEX_BUCKET
-        if (e.offset + e.length - 1) // INDEX_BUCKET <= first:   # (most writes)
-            buckets.setdefault(first, {})[e.seq] = e
-            return
         for b in _buckets(e):
             buckets.setdefault(b, {})[e.seq] = e
 
@@ -41,9 +39,7 @@ class PendingIndex:
         buckets = self._index.get(e.dev)
         if buckets is None:
             return
-        first = e.offset // INDEX_BUCKET
-        for b in ((first,) if (e.offset + e.length - 1) // INDEX_BUCKET <= first
-                  else _buckets(e)):
+        for b in _buckets(e):
             bucket = buckets.get(b)
             if bucket is not None:
                 bucket.pop(e.seq, None)
