@@ -157,22 +157,20 @@ class KernelGroup:
                 _kernel.detach_file_loop(os.path.join(self.directory, entry), delete=True)
 
     def retire(self) -> None:
-        """After every member went over to another structure: remove the
-        journal's device (its target logs what it held), drain all of it into the
-        replication log (if that fails: the members resynchronise), then remove
-        the rest and its files."""
-        self.journal.stop()
-        _kernel.remove_mapper(self.dm_name)
-        self.journal.drain_replaced_or_resync()
-        self.journal.close(keep=False)
-        _kernel.remove_mapper(self.locals_name)
+        """After every member went over to another structure: :meth:`close`, the
+        files gone, and if draining fails the members resynchronise."""
+        self.close(keep=False, resync_on_failure=True)
 
-    def close(self, *, keep: bool) -> None:
+    def close(self, *, keep: bool, resync_on_failure: bool = False) -> None:
         """Remove the journal's device (its target logs what it held), drain it,
         then the rest (``keep``: its files stay for the next start).  No member
-        may be over it any more (their slices are gone or switched)."""
+        may be over it any more (their slices are gone or switched).
+        ``resync_on_failure``: a failed drain marks the members' writes for
+        resync (else it is logged, and the files say the journal was live)."""
         self.journal.stop()
         _kernel.remove_mapper(self.dm_name)
+        if resync_on_failure:
+            self.journal.drain_replaced_or_resync()
         self.journal.close(keep=keep)
         _kernel.remove_mapper(self.locals_name)
 

@@ -379,16 +379,10 @@ class Objects:
                             "line over a block device, one remote device (nbd:// or a "
                             "block device) and its site link synchronous without a "
                             "fall-behind limit, the replicator's only remote one")
+        # a member of the replicator's group coming back (a restart)
+        restoring = self._saved_group_listing(rep, name)
         devs = self._add_devs(rep, lines, local_only=remote_leg is not None)
         sectors = sum(line.length for line in lines)
-        try:
-            # a member of the replicator's group coming back (a restart)
-            restoring = self._saved_group_listing(rep, name)
-        except BaseException:
-            for dev in devs:
-                with contextlib.suppress(Exception):
-                    rep.engine.remove_device(dev.dev_nr)
-            raise
         grouped = (remote_leg is None and structure in ("auto", "log-writes")
                    and (restoring is not None or self._group_takes(rep, devs)))
         journaled = (remote_leg is None and not grouped
@@ -449,7 +443,7 @@ class Objects:
                 if restoring is None:
                     log.info("%s: joining the kernel journal of %s's devices", name, rep.name)
                     self._regroup(rep, self.devices_of(rep))
-                elif all(n in self.by_name for n in restoring[1]):
+                elif set(restoring[1]) <= {d.name for d in self.devices_of(rep)}:
                     self._restore_group(rep, *restoring)
                 # (else a member still to come back puts the group back)
             except BaseException:
@@ -542,9 +536,8 @@ class Objects:
         """Every member of the saved group is back: the group's devices made again
         (after a crash: what its journal lost is resynchronised) or a dead daemon's
         taken over, each member's slice over it."""
-        members = [self.by_name[n] for n in names]
-        assert all(isinstance(m, DeviceObj) for m in members)
-        devices = [m for m in members if isinstance(m, DeviceObj)]
+        mine = {m.name: m for m in self.devices_of(rep)}
+        devices = [mine[n] for n in names]
         group = self._new_group(rep, gen, devices)
         log.info("%s: putting back the kernel journal of its devices %s", rep.name,
                  ", ".join(names))
@@ -585,7 +578,7 @@ class Objects:
                     kj = self._kernel_journal(back[0])
                     back[0].mapper = kj.open(back[0].uuid, replace=back[0].mapper is not None)
                     back[0].kjournal = kj
-                    forget_members(self.journal_dir or "", rep.name)
+                    self._forget_group(rep.name)
                 for o in back:
                     o.devs[0].lost_writes()
                 try:   # (the old group's devices, unless a missing member's slice holds them)
@@ -679,9 +672,7 @@ class Objects:
             group.start()
             raise
         group.retire()
-        del self.groups[rep.name]
-        assert self.journal_dir is not None
-        forget_members(self.journal_dir, rep.name)
+        self._forget_group(rep.name)
         obj.group, obj.kjournal = None, kj
         kj.start()
         self.events.emit("change", "structure-changed", REPLICATOR_DEV, name=obj.name,
@@ -702,14 +693,19 @@ class Objects:
                 self._ungroup(rep, members[0])
             elif not members:
                 group.close(keep=False)
-                del self.groups[rep.name]
-                assert self.journal_dir is not None
-                forget_members(self.journal_dir, rep.name)
+                self._forget_group(rep.name)
         except Exception as e:   # (the group as it was: its drainer goes on)
             group.start()
             log.error("%s: its kernel journal stays as it was: %s", rep.name, e)
             self.events.emit("error", "structure-change-failed", REPLICATOR, name=rep.name,
                              structure="log-writes", error=str(e))
+
+    def _forget_group(self, rep: str, *, keep_file: bool = False) -> None:
+        """The replicator has no group any more (``keep_file``: a shutdown, the
+        next start puts it back from its saved membership)."""
+        self.groups.pop(rep, None)
+        if not keep_file and self.journal_dir is not None:
+            forget_members(self.journal_dir, rep)
 
     def _journal_to_mirror(self, obj: DeviceObj) -> None:
         """Make a kernel journal device a mirror, in place (writers wait a moment,
@@ -880,9 +876,7 @@ class Objects:
         try:
             group.close(keep=keep_logs)
         finally:
-            del self.groups[obj.replicator]
-            if not keep_logs and self.journal_dir is not None:
-                forget_members(self.journal_dir, obj.replicator)
+            self._forget_group(obj.replicator, keep_file=keep_logs)
 
     def rejoin(self, obj: DeviceObj) -> None:
         """Give a mirror whose journal leg failed a new one: a new /dev/nbdN on the
