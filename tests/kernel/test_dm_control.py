@@ -6,7 +6,9 @@ import errno
 import mmap
 import os
 import re
+import shutil
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +32,14 @@ def dmsetup_info(dmsetup: Callable[..., str], name: str) -> dict[str, str]:
 
 def dmsetup_targets(text: str) -> list[Target]:
     return [Target.parse(line) for line in text.splitlines() if line.strip()]
+
+
+def udev_settle() -> None:
+    """Wait until udev handled the events queued so far: a create's event handled
+    after a rename would make a link under the old name (udev knows only the name
+    the kernel sent with it)."""
+    if shutil.which("udevadm"):
+        subprocess.run(["udevadm", "settle", "--timeout=30"], check=False)
 
 
 def devno(path: str) -> tuple[int, int]:
@@ -348,6 +358,7 @@ def test_names_validated_before_the_kernel(dm: DmControl) -> None:
 def test_ensure_node_rename_and_remove(dm: DmControl, dm_name) -> None:
     name, new_name = dm_name("node"), dm_name("renamed")
     info = dm.create_device(name, [Target(0, 8, "zero")])
+    udev_settle()
     path = dm.node_path(name)
     st = os.stat(path)
     assert stat.S_ISBLK(st.st_mode) and st.st_rdev == info.dev
@@ -358,6 +369,7 @@ def test_ensure_node_rename_and_remove(dm: DmControl, dm_name) -> None:
     assert dm.ensure_node(name) == path  # idempotent
 
     dm.rename(name, new_name)
+    udev_settle()
     assert not dm.exists(name) and dm.exists(new_name)
     assert not os.path.lexists(path)
     assert os.stat(dm.node_path(new_name)).st_rdev == info.dev
