@@ -16,9 +16,15 @@ SECTOR = 512
 class ConcatBackend:
     """Several engine devices back to back (one per replicator-dev table line)."""
 
-    def __init__(self, parts: list[tuple[int, int, Backend]]) -> None:
+    def __init__(self, parts: list[tuple[int, int, Backend]], *,
+                 left_now: bool = False) -> None:
+        """``left_now``: a piece of a batch its part did not take is written by
+        :meth:`write_many` itself, waiting for room (the kernel journal's drainer,
+        which may leave the outcomes' waits uncalled), not by its outcome's wait
+        (the export, whose waiter threads wait for room instead of its reader)."""
         self.parts = parts  # (start byte, length bytes, backend)
         self.size_bytes = sum(length for _, length, _ in parts)
+        self.left_now = left_now
 
     def _split(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """The pieces of ``offset``+``length``: (part index, offset in the part,
@@ -43,8 +49,9 @@ class ConcatBackend:
 
         Every write of the batch is taken.  A piece its part did not take (a full
         ring, a suspended device, a write it refuses) is written by the write's
-        outcome, waiting, as :meth:`write` would (or raises as it would): so no
-        piece is logged twice, though a write's pieces on other parts are taken."""
+        outcome, waiting, as :meth:`write` would (or raises as it would), or here
+        (``left_now``): so no piece is logged twice, though a write's pieces on
+        other parts are taken."""
         pieces: list[list[tuple[int, WriteOp]]] = [[] for _ in self.parts]
         for index, (offset, data, length, fua) in enumerate(ops):
             for i, o, n, rel in self._split(offset, length):
@@ -61,8 +68,11 @@ class ConcatBackend:
                 if outcome is not None:
                     outcomes[index] = _then(outcomes[index], outcome)
             for index, op in part_pieces[len(taken):]:
-                outcomes[index] = _then(outcomes[index],
-                                        functools.partial(write_op, backend, op))
+                if self.left_now:
+                    write_op(backend, op)
+                else:
+                    outcomes[index] = _then(outcomes[index],
+                                            functools.partial(write_op, backend, op))
         return outcomes
 
     def flush(self) -> None:

@@ -57,8 +57,11 @@ class GroupTarget:
 
     def journal(self) -> Backend:
         # (a drained batch has no flush inside: the order of its writes across
-        # members is free, as within one device's; a flush ends the batch)
-        return ConcatBackend([(start, size, dev.journal()) for start, size, dev in self.parts])
+        # members is free, as within one device's; a flush ends the batch.  What a
+        # member's full ring leaves is written before the batch returns, as the
+        # drainer does for one device: its acknowledgements may go unwaited)
+        return ConcatBackend([(start, size, dev.journal()) for start, size, dev in self.parts],
+                             left_now=True)
 
     def lost_writes(self, offset: int = 0, length: int | None = None) -> None:
         end = self.size_bytes if length is None else offset + length

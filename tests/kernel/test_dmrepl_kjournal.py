@@ -7,6 +7,8 @@ site.  The writes are sequence-stamped (tests/kernel/test_dmrepl_crash.py)."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -73,6 +75,28 @@ def outage_under(w: Writer, d: DaemonProcess) -> None:
     trace("daemon restarted")
 
 
+def half_swap(d: DaemonProcess, name: str) -> None:
+    """Leave ``name`` as a daemon killed in the middle of a segment swap does (and
+    no guardian resumed): the next free segment's table loaded, the device
+    suspended."""
+    journal = os.path.join(d.state_dir, "journal")
+    with open(os.path.join(journal, f"{name}.journal")) as f:
+        saved = json.load(f)
+    busy = {saved["current"], *saved["pending"]}
+    nxt = min(i for i in range(3) if i not in busy)
+    loop = subprocess.run(["losetup", "-n", "-O", "NAME", "-j",
+                           os.path.join(journal, f"{name}.{nxt}.seg")],
+                          capture_output=True, text=True, check=True).stdout.split()[0]
+    rdev = os.stat(loop).st_rdev
+    start, length, target, under, _logdev = table(name).split()
+    assert target == "log-writes"
+    subprocess.run(["dmsetup", "load", name, "--table",
+                    f"{start} {length} log-writes {under} "
+                    f"{os.major(rdev)}:{os.minor(rdev)}"], check=True)
+    subprocess.run(["dmsetup", "suspend", name], check=True)
+    trace(f"{name}: left half swapped to segment {nxt} ({loop}), suspended")
+
+
 def test_the_kernel_journals_the_writes_and_the_remote_gets_them_in_order(
         kj: tuple[DaemonProcess, RemoteSite, KernelLab]) -> None:
     d, site, lab = kj
@@ -115,6 +139,21 @@ def test_kill_9_the_writer_goes_on_and_the_restart_drains_the_journal(
             (st["kernel_journal"], d.log()[-4000:])
         assert seqs_present(r, r.remotes, BLOCKS) == seqs_present(r, r.locals, BLOCKS)
         assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB)
+
+        # killed in the middle of a swap (the next segment's table loaded, the
+        # device suspended) with no guardian to resume it: the restart finishes
+        # the swap and drains both segments; what is written after it is kept
+        d.kill()
+        half_swap(d, r.devs[0])
+        d.start()
+        more = 400
+        # (other blocks than before: a lost write leaves an older stamp)
+        w = Writer([(r.mapper(), (i * 7919) % BLOCKS) for i in range(more)]).start()
+        w.thread.join(600)
+        assert w.error is None and w.acked == more - 1
+        r.wait_converged(timeout=600)
+        assert digest(r.remotes[0], SIZE_MB * MB) == digest(r.locals[0], SIZE_MB * MB), \
+            d.log()[-4000:]
 
 
 def test_a_crash_of_the_primary_resyncs_the_device(
