@@ -472,11 +472,28 @@ def logwrites_logdev(name: str) -> str | None:
 
 
 def resume_if_suspended(name: str) -> bool:
-    """Resume NAME if it is suspended (a daemon that died in the middle of a
-    segment swap left it so, writers waiting); True if it was."""
+    """Resume NAME if it is suspended (a daemon that died while it was left so,
+    writers waiting); True if it was."""
     dm = _dm()
     try:
         if not dm.info(name).suspended:
+            return False
+        dm.resume(name)
+    except OSError as e:
+        raise KernelDeviceError(f"device-mapper {name}: {e}") from e
+    return True
+
+
+def finish_half_swap(name: str) -> bool:
+    """Resume NAME if it is suspended or has a table loaded (a daemon that died in
+    the middle of a segment swap left it so, writers waiting): the swap completes
+    (the loaded table becomes live), so the live table read afterwards is the one
+    the kernel journals to, and no later resume switches it behind the daemon's
+    back.  True if there was something to finish."""
+    dm = _dm()
+    try:
+        info = dm.info(name)
+        if not (info.suspended or info.inactive_table):
             return False
         dm.resume(name)
     except OSError as e:

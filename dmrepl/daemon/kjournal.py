@@ -226,6 +226,12 @@ class KernelJournal:
         self._loops = [_kernel.attach_file_loop(self._segment(i), self.segment_bytes)[0]
                        for i in range(SEGMENTS)]
         live = None if replace else _kernel.logwrites_logdev(self.name)
+        if live is not None and _kernel.finish_half_swap(self.name):
+            # (before the live table is read: resumed, the table the dead daemon
+            # loaded is the one the kernel journals to)
+            log.warning("%s: resumed: a daemon died in the middle of a segment swap",
+                        self.name)
+            live = _kernel.logwrites_logdev(self.name)
         record = EraRecord(self.name, self.sectors, self.local, self.directory)
         self._resync_saved()   # (a resync a restart interrupted)
         if live is not None:
@@ -251,9 +257,6 @@ class KernelJournal:
                 self._under = record.open()
             else:   # made before the era record: none
                 self._under = self.local
-            if _kernel.resume_if_suspended(self.name):
-                log.warning("%s: resumed: a daemon died in the middle of a segment swap",
-                            self.name)
             log.info("%s: taking over the kernel journal (segment %d, %d to drain)",
                      self.name, now, len(pending))
             path = f"/dev/mapper/{self.name}"
@@ -504,8 +507,13 @@ class KernelJournal:
             # (read before: a write completing meanwhile is in the old segment, and
             # counts as new: one swap more, never one write missed)
             writes, nbytes = _kernel.mapper_write_stat(self.name)
-            status = _kernel.swap_logwrites(self.name, self.sectors, self._under,
-                                            self._loops[nxt])
+            guardian = self._guard_swap()
+            try:
+                status = _kernel.swap_logwrites(self.name, self.sectors, self._under,
+                                                self._loops[nxt])
+            finally:
+                if guardian is not None:
+                    guardian.free(self.name)
             if self._held:   # (the swap resumed it: the writes queued went through)
                 _kernel.suspend_mapper(self.name, skip_lockfs=True)
             self._writes_at_swap, self._bytes_at_swap = writes, nbytes
@@ -522,6 +530,24 @@ class KernelJournal:
         if status is not None and status.disabled:
             # the old segment filled: what came after is not in it
             self._resync_since(old, "a kernel journal segment filled up")
+
+    def _guard_swap(self) -> Guardian | None:
+        """Tell the guardian before a swap suspends the device (unless a hold
+        already did): a daemon killed in the middle of it must not leave the
+        writers waiting for the next start.  Its resume completes the swap (the
+        next start finds the kernel on the new segment).  Returns the guardian
+        told, None if none was (no guardian, a hold told it already, or it cannot
+        be told: the swap goes on unguarded)."""
+        guardian = self.guardian
+        if guardian is None or self._held or time.monotonic() < self._hold_retry_at:
+            return None
+        try:
+            guardian.hold(self.name)
+        except OSError as e:   # (tried again with the holds', not at every swap)
+            self._hold_retry_at = time.monotonic() + HOLD_RETRY
+            log.warning("%s: a segment swap without the guardian: %s", self.name, e)
+            return None
+        return guardian
 
     def _segment_size(self, i: int, status: Any) -> list[int]:
         """[writes, bytes] a segment just swapped out holds (its super's entry

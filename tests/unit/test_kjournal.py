@@ -108,6 +108,8 @@ class FakeKernel:
         self.writes = 0
         self.on_swap: list[bytes] = []    # what the old target logged, per swap
         self.suspended = False
+        #: a table loaded and not yet live: the fake loop device it logs to
+        self.loaded: str | None = None
         self.era_live = False
         self.era = 1
         self.era_written: dict[int, set[int]] = {}
@@ -138,6 +140,7 @@ class FakeKernel:
                 with open(self.paths[self.live], "r+b") as f:
                     f.write(self.on_swap.pop(0))
             self.swaps.append(seg)
+            self.calls.append("swap")
             self.live = seg
             if self.after_swap is not None:
                 self.after_swap()
@@ -186,10 +189,17 @@ class FakeKernel:
             name.startswith(".") and self.era_live and self.live is not None))
         monkeypatch.setattr(erarecord.fmt, "written_since", written_since)
 
-        def resume_if_suspended(name: str) -> bool:
-            was, self.suspended = self.suspended, False
+        def finish_half_swap(name: str) -> bool:
+            # (a resume makes a loaded table live: the old target logs what it held)
+            was = self.suspended or self.loaded is not None
+            if self.loaded is not None:
+                if self.on_swap:
+                    with open(self.paths[self.live], "r+b") as f:
+                        f.write(self.on_swap.pop(0))
+                self.live, self.loaded = self.loaded, None
+            self.suspended = False
             return was
-        monkeypatch.setattr(_kernel, "resume_if_suspended", resume_if_suspended)
+        monkeypatch.setattr(_kernel, "finish_half_swap", finish_half_swap)
 
         def suspend_mapper(name: str, *, skip_lockfs: bool = False) -> None:
             self.calls.append("suspend" if skip_lockfs else "suspend+lockfs")
@@ -201,6 +211,22 @@ class FakeKernel:
         self.calls: list[str] = []   # suspends and resumes, and the guardian's words
         monkeypatch.setattr(_kernel, "suspend_mapper", suspend_mapper)
         monkeypatch.setattr(_kernel, "resume_mapper", resume_mapper)
+
+
+def holds(calls: list[str]) -> list[str]:
+    """``calls`` without the swaps, and without the guardian's words around a
+    swap made while no hold is (test_a_swap_is_guarded_by_the_guardian)."""
+    out: list[str] = []
+    i = 0
+    while i < len(calls):
+        c = calls[i]
+        if c.startswith("hold ") and calls[i + 1:i + 3] == ["swap", "free " + c[5:]]:
+            i += 3
+        else:
+            if c != "swap":
+                out.append(c)
+            i += 1
+    return out
 
 
 @dataclass
@@ -304,6 +330,31 @@ def test_a_daemon_dead_between_the_kernel_swap_and_its_record_loses_nothing(
         kj2.drain_now()
         assert [d for _op, _o, d, _n in dev2.journal_backend.log] == [b"\x0c" * S]
         assert dev2.lost == 0 and kernel.created == 1
+    finally:
+        kj2.stop()
+
+
+def test_a_daemon_dead_with_the_next_segment_loaded_keeps_what_is_written_after_its_restart(
+        tmp_path: Path, kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
+    kj, _dev = opened
+    kj.stop()   # the daemon dies in a swap: segment 1's table loaded, the device suspended
+    kernel.loaded = next(loop for loop, path in kernel.paths.items()
+                         if path.endswith("d.1.seg"))
+    kernel.suspended = True
+    kernel.on_swap.append(segment_image(entry(1, 1, 0, b"\x0a" * S)))
+    dev2 = Device()
+    kj2 = journal(tmp_path, dev2)
+    kj2.open(None)   # the swap completes: segment 0 to drain, the kernel on 1
+    try:
+        assert not kernel.suspended and kernel.loaded is None
+        assert kernel.live is not None and kernel.paths[kernel.live].endswith("d.1.seg")
+        with open(tmp_path / "d.1.seg", "r+b") as f:   # written after the restart
+            f.write(segment_image(entry(1, 1, 0, b"\x0b" * S)))
+        kernel.on_swap.append(segment_image(entry(1, 1, 0, b"\x0b" * S)))
+        kj2.drain_now()   # (the next swap: to a segment the kernel is not on)
+        assert [d for _op, _o, d, _n in dev2.journal_backend.log] == [b"\x0a" * S,
+                                                                   b"\x0b" * S]
+        assert dev2.lost == 0
     finally:
         kj2.stop()
 
@@ -467,7 +518,7 @@ def test_a_device_past_its_fall_behind_limit_is_held_until_back_under_it(
     wait_for(lambda: kernel.suspended)
     # the guardian knows before the device is suspended (a daemon dying in between
     # must not leave it so), and no filesystem freeze
-    assert kernel.calls == ["hold d", "suspend"]
+    assert holds(kernel.calls) == ["hold d", "suspend"]
     assert kj.describe()["writes_held"] and kj.describe()["holds"] == 1
     swaps = len(kernel.swaps)
     kernel.writes += 1          # (written before the hold): no swap while held,
@@ -475,7 +526,7 @@ def test_a_device_past_its_fall_behind_limit_is_held_until_back_under_it(
     assert len(kernel.swaps) == swaps and kernel.suspended
     dev.behind = False
     wait_for(lambda: not kernel.suspended)
-    assert kernel.calls == ["hold d", "suspend", "resume", "free d"]
+    assert holds(kernel.calls) == ["hold d", "suspend", "resume", "free d"]
     wait_for(lambda: len(kernel.swaps) == swaps + 1)   # the swap owed is made
     assert not kj.describe()["writes_held"]
 
@@ -487,7 +538,7 @@ def test_a_held_device_is_resumed_when_draining_stops(
     wait_for(lambda: kernel.suspended)
     kj.stop()                   # (the daemon stops, or drains it for a remove)
     assert not kernel.suspended
-    assert kernel.calls == ["hold d", "suspend", "resume", "free d"]
+    assert holds(kernel.calls) == ["hold d", "suspend", "resume", "free d"]
 
 
 def test_the_admins_suspend_outlasts_a_hold(
@@ -507,7 +558,7 @@ def test_the_admins_suspend_outlasts_a_hold(
         with kj.lock:
             kj.admin_suspend_locked()
             paused[0] = True
-        assert kernel.calls[-2:] == ["suspend+lockfs", "free d"]
+        assert holds(kernel.calls)[-2:] == ["suspend+lockfs", "free d"]
         dev.behind = False
         wait_for(lambda: not kj.describe()["writes_held"])
         assert kernel.suspended and "resume" not in kernel.calls
@@ -523,7 +574,7 @@ def test_the_admins_suspend_outlasts_a_hold(
             paused[0] = True
             kj.admin_resume_locked()
             paused[0] = False
-        assert kernel.suspended and kernel.calls[-1] == "hold d"
+        assert kernel.suspended and holds(kernel.calls)[-1] == "hold d"
         dev.behind = False
         wait_for(lambda: not kernel.suspended)
     finally:
@@ -542,7 +593,7 @@ def test_the_journals_writes_not_yet_in_the_log_count_against_the_limit(
     kernel.writes += 1
     wait_for(lambda: len(dev.journal_backend.log) == 6 and not kj.describe()["writes_held"])
     assert seen[0] is True          # held while the six went into the log
-    assert kernel.calls == ["hold d", "suspend", "resume", "free d"]
+    assert holds(kernel.calls) == ["hold d", "suspend", "resume", "free d"]
     assert kj.describe()["holds"] == 1 and not kernel.suspended
     # fewer than the limit: never held
     kernel.on_swap.append(segment_image(*(entry(i, 1, 0, b"\x08" * S) for i in range(3))))
@@ -550,6 +601,19 @@ def test_the_journals_writes_not_yet_in_the_log_count_against_the_limit(
     wait_for(lambda: len(dev.journal_backend.log) == 9)
     assert kj.describe()["holds"] == 1 and seen[-1] is False
 
+
+
+def test_a_swap_is_guarded_by_the_guardian(
+        kernel: FakeKernel, guarded: tuple[KernelJournal, Device]) -> None:
+    """A daemon killed in the middle of a swap (the device suspended) must not
+    leave its writers waiting for the next start: the guardian is told before."""
+    _kj, _dev = guarded
+    kernel.on_swap.append(segment_image())
+    kernel.writes += 1
+    wait_for(lambda: "swap" in kernel.calls)
+    wait_for(lambda: len(kernel.calls) >= 3)
+    assert kernel.calls[:3] == ["hold d", "swap", "free d"]
+    assert holds(kernel.calls) == []
 
 
 def test_a_device_held_for_its_current_segment_alone_swaps_it_out_and_is_let_go(
@@ -572,8 +636,8 @@ def test_a_device_held_for_its_current_segment_alone_swaps_it_out_and_is_let_go(
     kernel.writes += 1
     wait_for(lambda: len(dev.journal_backend.log) == 10 and not kj.describe()["writes_held"])
     assert suspended_at_swap[:2] == [False, True]   # the second swap made while held
-    assert kernel.calls[:3] == ["hold d", "suspend", "suspend"]   # (again, after it)
-    assert kernel.calls[-2:] == ["resume", "free d"] and not kernel.suspended
+    assert holds(kernel.calls)[:3] == ["hold d", "suspend", "suspend"]   # (again, after it)
+    assert holds(kernel.calls)[-2:] == ["resume", "free d"] and not kernel.suspended
     assert kj.describe()["holds"] == 1
 
 def test_a_hold_that_fails_is_tried_again_later_not_at_every_look(
