@@ -179,8 +179,10 @@ class KernelGroup:
 
     # -- membership ---------------------------------------------------------------------
 
-    def save(self) -> None:
-        save_members(self.directory, self.rep, self.gen, self.names)
+    def save(self, replacing: Replacing | None = None) -> None:
+        """Save the membership; ``replacing``: the journals this generation is
+        replacing, whose content is not yet in the replication log."""
+        save_members(self.directory, self.rep, self.gen, self.names, replacing)
 
     def describe(self) -> dict[str, object]:
         return {**self.journal.describe(), "group": self.names, "device": self.dm_name}
@@ -190,11 +192,24 @@ def _members_path(directory: str, rep: str) -> str:
     return os.path.join(directory, f".{rep}.members")
 
 
-def save_members(directory: str, rep: str, gen: int, names: list[str]) -> None:
+@dataclass
+class Replacing:
+    """The journals a regroup replaces (saved while it drains them): the old
+    group's generation (None: none), the members that were journals of their own."""
+
+    group: int | None
+    alone: list[str]
+
+
+def save_members(directory: str, rep: str, gen: int, names: list[str],
+                 replacing: Replacing | None = None) -> None:
     path = _members_path(directory, rep)
     tmp = path + ".tmp"
+    saved: dict[str, object] = {"generation": gen, "members": names}
+    if replacing is not None:
+        saved["replacing"] = {"group": replacing.group, "alone": replacing.alone}
     with open(tmp, "w") as f:
-        json.dump({"generation": gen, "members": names}, f)
+        json.dump(saved, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -212,6 +227,27 @@ def saved_members(directory: str | None, rep: str) -> tuple[int, list[str]] | No
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
+        raise JournalError(f"{rep}: kernel journal group state {path} unreadable ({e}): "
+                           "remove the replicator's devices and create them again") from e
+
+
+def saved_replacing(directory: str | None, rep: str) -> Replacing | None:
+    """What the regroup that saved ``rep``'s membership was replacing, if it did
+    not finish (None: it finished, or there is no group)."""
+    if directory is None:
+        return None
+    path = _members_path(directory, rep)
+    try:
+        with open(path) as f:
+            saved = json.load(f).get("replacing")
+        if saved is None:
+            return None
+        group = saved["group"]
+        return Replacing(None if group is None else int(group),
+                         [str(n) for n in saved["alone"]])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise JournalError(f"{rep}: kernel journal group state {path} unreadable ({e}): "
                            "remove the replicator's devices and create them again") from e
 

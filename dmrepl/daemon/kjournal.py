@@ -353,6 +353,14 @@ class KernelJournal:
                       "site links resynchronise its device", self.name, e)
             self.dev.lost_writes()
 
+    def discard(self) -> None:
+        """Forget a journal its device no longer logs to (its table was replaced)
+        and whose writes reach the remote site links by a resync instead: its
+        segments, its state files, its era device and metadata go."""
+        self._replaced = True
+        self.record = EraRecord(self.name, self.sectors, self.local, self.directory)
+        self.close(keep=False)
+
     def stop(self) -> None:
         """Stop draining (the kernel journals on; a held device is resumed)."""
         self._stop.set()

@@ -35,8 +35,10 @@ from dmrepl.daemon.guardian import Guardian
 from dmrepl.daemon.kgroup import (
     KernelGroup,
     Member,
+    Replacing,
     forget_members,
     saved_members,
+    saved_replacing,
 )
 from dmrepl.daemon.kjournal import JournalTarget, KernelJournal
 from dmrepl.daemon.remoteleg import RemoteLeg
@@ -546,6 +548,31 @@ class Objects:
         for m in devices:
             m.group = group
             m.mapper = _kernel.place_linear(m.name, group.slice(m.name), m.uuid)
+        replacing = saved_replacing(self.journal_dir, rep.name)
+        if replacing is not None:
+            self._discard_replaced(rep, group, replacing)
+
+    def _discard_replaced(self, rep: ReplicatorObj, group: KernelGroup,
+                          replacing: Replacing) -> None:
+        """A daemon died in the middle of a regroup: the journals it was replacing
+        (now that every member is a slice of ``group``, nothing writes to them)
+        hold writes that are not in the replication log, and draining them now
+        would put them after the new journal's: the members resynchronise whole
+        instead, and those journals go."""
+        log.error("%s: a daemon died while it rebuilt the kernel journal of its devices: "
+                  "what the journals it replaced held is not drained; %s resynchronised "
+                  "whole", rep.name, ", ".join(group.names))
+        for m in group.members:
+            m.dev.lost_writes()
+        if replacing.group is not None and replacing.group != group.gen:
+            self._new_group(rep, replacing.group, []).clear_stale()
+        for name in replacing.alone:
+            obj = self.by_name.get(name)
+            if isinstance(obj, DeviceObj):
+                self._kernel_journal(obj).discard()
+        group.save()
+        self.events.emit("error", "kernel-journal-regroup-interrupted", REPLICATOR,
+                         name=rep.name, members=",".join(group.names))
 
     def finish_restore(self) -> None:
         """After a restart: a group some of whose members did not come back (their
@@ -561,6 +588,8 @@ class Objects:
                 if saved is None:
                     continue
                 gen, names = saved
+                # (an interrupted regroup's old group: the whole resync below covers it)
+                replacing = saved_replacing(self.journal_dir, rep.name)
                 back = [o for o in self.devices_of(rep)
                         if o.name in names and o.mapper is None and o.group is None]
                 if not back:
@@ -581,11 +610,14 @@ class Objects:
                     self._forget_group(rep.name)
                 for o in back:
                     o.devs[0].lost_writes()
-                try:   # (the old group's devices, unless a missing member's slice holds them)
-                    self._new_group(rep, gen, []).clear_stale()
-                except Exception as e:
-                    log.error("%s: the old kernel journal group .%s.j%d stays: %s",
-                              rep.name, rep.name, gen, e)
+                olds = [gen, *([replacing.group] if replacing is not None
+                               and replacing.group is not None else [])]
+                for old_gen in olds:
+                    try:   # (the old group's devices, unless a missing member's slice
+                        self._new_group(rep, old_gen, []).clear_stale()   # holds them)
+                    except Exception as e:
+                        log.error("%s: the old kernel journal group .%s.j%d stays: %s",
+                                  rep.name, rep.name, old_gen, e)
                 self.events.emit("error", "kernel-journal-group-incomplete", REPLICATOR,
                                  name=rep.name, missing=",".join(missing))
             except Exception as e:
@@ -628,13 +660,25 @@ class Objects:
         except BaseException:
             restart_old()
             raise
-        live = [m for m in members if m.mapper]
-        try:
-            _kernel.switch_linear([(m.name, group.slice(m.name)) for m in live])
-        except BaseException:
+
+        def undo() -> None:
             with contextlib.suppress(Exception):
                 group.close(keep=False)
+            if old is not None:
+                old.save()
+            else:
+                self._forget_group(rep.name)
             restart_old()
+        live = [m for m in members if m.mapper]
+        try:
+            # saved before the switch, with what it replaces: a daemon killed
+            # before the old journals are drained leaves writes in them that no
+            # restart can order after the new journal's (:meth:`_discard_replaced`)
+            group.save(Replacing(old.gen if old is not None else None,
+                                 [m.name for m in alone]))
+            _kernel.switch_linear([(m.name, group.slice(m.name)) for m in live])
+        except BaseException:
+            undo()
             raise
         # every write in flight under the old structure completed: the old journals
         # hold them all (their targets are destroyed, or idle) and go to the log first

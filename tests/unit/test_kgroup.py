@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from dmrepl.blockio import AckWait, WriteOp
-from dmrepl.daemon.kgroup import GroupTarget, forget_members, save_members, saved_members
+from dmrepl.daemon.kgroup import (
+    GroupTarget,
+    Replacing,
+    forget_members,
+    save_members,
+    saved_members,
+    saved_replacing,
+)
 from dmrepl.daemon.kjournal import JournalError
 
 SECTOR = 512
@@ -122,3 +129,19 @@ def test_the_saved_membership_round_trips_and_a_damaged_one_says_what_to_do(
     forget_members(str(tmp_path), "rep")
     assert saved_members(str(tmp_path), "rep") is None
     forget_members(str(tmp_path), "rep")    # (gone already: nothing to do)
+
+
+def test_a_regroup_under_way_is_saved_with_what_it_replaces_until_it_is_done(
+        tmp_path: Path) -> None:
+    save_members(str(tmp_path), "rep", 4, ["a", "b"], Replacing(3, ["c"]))
+    assert saved_members(str(tmp_path), "rep") == (4, ["a", "b"])
+    assert saved_replacing(str(tmp_path), "rep") == Replacing(3, ["c"])
+    save_members(str(tmp_path), "rep", 4, ["a", "b"])   # the regroup done
+    assert saved_replacing(str(tmp_path), "rep") is None
+    save_members(str(tmp_path), "rep", 1, ["a", "b"], Replacing(None, ["a"]))
+    assert saved_replacing(str(tmp_path), "rep") == Replacing(None, ["a"])
+    (tmp_path / ".rep.members").write_text('{"generation": 1, "members": [], '
+                                           '"replacing": {"alone": 3}}')
+    with pytest.raises(JournalError, match="create them again"):
+        saved_replacing(str(tmp_path), "rep")
+    assert saved_replacing(str(tmp_path / "none"), "rep") is None
