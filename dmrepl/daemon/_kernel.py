@@ -601,6 +601,16 @@ def logwrites_origin(name: str) -> str | None:
     return targets[0].params.split()[0] if targets else None
 
 
+def live_target_type(name: str) -> str | None:
+    """The target type of NAME's live table (its first target; None if NAME does
+    not exist or has no table)."""
+    try:
+        targets = _dm().table(name)
+    except OSError:
+        return None
+    return str(targets[0].target_type) if targets else None
+
+
 def mapper_devno(name: str) -> str | None:
     """``major:minor`` of /dev/mapper/NAME (None if it does not exist)."""
     info = _dm().info(name)

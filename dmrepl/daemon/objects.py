@@ -384,6 +384,9 @@ class Objects:
         # a member of the replicator's group coming back (a restart)
         restoring = self._saved_group_listing(rep, name)
         devs = self._add_devs(rep, lines, local_only=remote_leg is not None)
+        if restoring is not None and _kernel.live_target_type(name) == "log-writes":
+            self._dissolved(rep, restoring[0], name, devs)
+            restoring = None
         sectors = sum(line.length for line in lines)
         grouped = (remote_leg is None and structure in ("auto", "log-writes")
                    and (restoring is not None or self._group_takes(rep, devs)))
@@ -551,6 +554,26 @@ class Objects:
         replacing = saved_replacing(self.journal_dir, rep.name)
         if replacing is not None:
             self._discard_replaced(rep, group, replacing)
+
+    def _dissolved(self, rep: ReplicatorObj, gen: int, name: str,
+                   devs: list[EngineDevice]) -> None:
+        """A saved group member back with a kernel journal of its own: a daemon
+        died while it made the group's last member a journal alone again
+        (:meth:`_ungroup`, after the switch).  The group is gone; what its
+        journal held and had not drained cannot come after what the member's own
+        journal holds: the member resynchronises whole."""
+        log.error("%s: a daemon died while it made %s a kernel journal of its own again: "
+                  "%s resynchronised whole", rep.name, name, name)
+        self._forget_group(rep.name)
+        for dev in devs:
+            dev.lost_writes()
+        try:
+            self._new_group(rep, gen, []).clear_stale()
+        except Exception as e:   # (the member's restore goes on)
+            log.error("%s: the old kernel journal group .%s.j%d stays: %s", rep.name,
+                      rep.name, gen, e)
+        self.events.emit("error", "kernel-journal-regroup-interrupted", REPLICATOR,
+                         name=rep.name, members=name)
 
     def _discard_replaced(self, rep: ReplicatorObj, group: KernelGroup,
                           replacing: Replacing) -> None:
