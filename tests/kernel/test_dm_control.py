@@ -11,7 +11,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -40,6 +40,16 @@ def udev_settle() -> None:
     the kernel sent with it)."""
     if shutil.which("udevadm"):
         subprocess.run(["udevadm", "settle", "--timeout=30"], check=False)
+
+
+@pytest.fixture(autouse=True)
+def _udev_idle() -> Iterator[None]:
+    """Each test starts and ends with udev idle: its handling of another test's
+    events (a /dev/mapper link made or removed) must not race this test's own
+    node checks, which are of DmControl's nodes, made without udev."""
+    udev_settle()
+    yield
+    udev_settle()
 
 
 def devno(path: str) -> tuple[int, int]:
@@ -149,6 +159,7 @@ def test_zero_and_error_targets(dm: DmControl, dmsetup, dm_name) -> None:
     zero, error = dm_name("zero"), dm_name("error")
     dm.create_device(zero, [Target(0, 4096, "zero")])
     dm.create_device(error, [Target(0, 4096, "error")])
+    udev_settle()
     for name in (zero, error):
         assert_agrees_with_dmsetup(dm, dmsetup, name)
     fd = os.open(dm.node_path(zero), os.O_RDONLY)
