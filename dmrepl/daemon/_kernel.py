@@ -548,9 +548,14 @@ def mapper_exists(name: str) -> bool:
 def mapper_write_stat(name: str) -> tuple[int, int]:
     """Writes, discards and flushes NAME completed so far, and the bytes they
     covered (its /sys stat; (-1, -1): no such device)."""
+    # (the device's number from device-mapper, not from /dev/mapper/NAME: udev
+    # handling a late event of a removed device whose minor NAME took can remove
+    # that node, and a missing node must not read as "nothing written")
     try:
-        node = os.stat(f"/dev/mapper/{name}").st_rdev
-        with open(f"/sys/dev/block/{os.major(node)}:{os.minor(node)}/stat") as f:
+        info = _dm().info(name)
+        if not info.exists:
+            return -1, -1
+        with open(f"/sys/dev/block/{info.major}:{info.minor}/stat") as f:
             fields = [int(x) for x in f.read().split()]
     except (OSError, ValueError):
         return -1, -1

@@ -499,7 +499,9 @@ class KernelJournal:
     def _written(self) -> bool:
         """Was the device written (or flushed) since the last swap?  (A swap left
         out, the device paused or no segment free, is tried again.)"""
-        return _kernel.mapper_writes(self.name) != self._writes_at_swap
+        writes = _kernel.mapper_writes(self.name)
+        # (unknown: as written, a swap more; never "nothing to drain" by mistake)
+        return writes < 0 or writes != self._writes_at_swap
 
     def swap(self) -> None:
         """Journal to a free segment from now on; the one before joins those to
