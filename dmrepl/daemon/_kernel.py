@@ -200,15 +200,30 @@ def create_mapper(name: str, sectors: int, nbd: str, uuid: str | None = None) ->
     return _place(name, _linear(sectors, nbd), uuid)
 
 
+MAPPER_DIR = "/dev/mapper"
+
 #: A linear table's pieces: (sectors, device, sector on the device), back to back.
 LinearParts = list[tuple[int, str, int]]
+
+
+def _table_ref(dev: str) -> str:
+    """``dev`` as a table names it: a device-mapper device (``/dev/mapper/X``) by
+    its ``major:minor``, from device-mapper itself.  Its node is udev's to
+    replace, and a late udev event of a removed device whose minor X took can
+    remove it: a table naming the path would not load then."""
+    name = dev.removeprefix(f"{MAPPER_DIR}/")
+    if name != dev and "/" not in name:
+        info = _dm().info(name)
+        if info.exists:
+            return f"{info.major}:{info.minor}"
+    return dev
 
 
 def _linear_parts(parts: LinearParts) -> list[Any]:
     from dmrepl.dm.table import Target
     targets, start = [], 0
     for sectors, dev, offset in parts:
-        targets.append(Target(start, sectors, "linear", f"{dev} {offset}"))
+        targets.append(Target(start, sectors, "linear", f"{_table_ref(dev)} {offset}"))
         start += sectors
     return targets
 
@@ -428,7 +443,8 @@ def devno(path: str) -> str:
 def _logwrites(sectors: int, local: str, segment: str) -> list[Any]:
     from dmrepl.dm import logwrites
     from dmrepl.dm.table import Target
-    return [Target(0, sectors, "log-writes", logwrites.target_params(local, segment))]
+    return [Target(0, sectors, "log-writes",
+                   logwrites.target_params(_table_ref(local), segment))]
 
 
 def _create(name: str, targets: list[Any], uuid: str | None = None) -> str:
@@ -579,7 +595,8 @@ def create_era(name: str, sectors: int, metadata: str, origin: str,
     from dmrepl.dm import era
     from dmrepl.dm.table import Target
     return _create(name, [Target(0, sectors, "era",
-                                 era.target_params(metadata, origin, block_sectors))])
+                                 era.target_params(metadata, _table_ref(origin),
+                                                   block_sectors))])
 
 
 def era_status(name: str) -> Any:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,6 +25,10 @@ class FakeDm:
         self.ops.append((op, name))
         if self.fail == (op, name):
             raise OSError(16, f"{op} {name} refused")
+
+    def info(self, name: str) -> Any:
+        # (the group's device "g" exists: a table names it by its number)
+        return SimpleNamespace(exists=name == "g", major=253, minor=7)
 
     def load(self, name: str, targets: Any) -> None:
         self._maybe_fail("load", name)
@@ -52,8 +57,7 @@ def test_every_device_is_suspended_before_any_resumes_on_its_new_table(
         monkeypatch: pytest.MonkeyPatch) -> None:
     dm = FakeDm(["a", "b", "c"])
     switch(dm, monkeypatch)
-    assert dm.live == {"a": ["/dev/mapper/g 0"], "b": ["/dev/mapper/g 8"],
-                       "c": ["/dev/mapper/g 16"]}
+    assert dm.live == {"a": ["253:7 0"], "b": ["253:7 8"], "c": ["253:7 16"]}
     assert not dm.suspended and not dm.inactive
     # no device runs its new table while another still runs its old one
     kinds = [op for op, _name in dm.ops]
