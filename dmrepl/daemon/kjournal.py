@@ -639,11 +639,13 @@ class KernelJournal:
                 view = mmap.mmap(fd, size, prot=mmap.PROT_READ)
             sup = lw.parse_super(read(0, lw.LOG_WRITE_SUPER.sizeof()))
             device_bytes = self.sectors * 512
+            ended = False   # the log ends with the end mark its target logs as it goes
             for n, entry in enumerate(lw.entries(read, size)):
                 assert sup is not None     # (entries() yields none without it)
                 if n % 256 == 255:
                     self._swap_if_filling()
-                if entry.flags & lw.FLAG_MARK:
+                ended = bool(entry.flags & lw.FLAG_MARK)
+                if ended:
                     continue
                 offset = entry.sector * sup.sectorsize
                 length = entry.nr_sectors * sup.sectorsize
@@ -668,6 +670,12 @@ class KernelJournal:
                 elif len(ops) >= BATCH_OPS or nbytes >= BATCH_BYTES:
                     push()
             push()
+            if not ended:
+                # log-writes logs the writes it holds (those since the last flush)
+                # and then its end mark as it is destroyed; a log that filled up
+                # meanwhile stops short, its super block left as it was: whatever
+                # it holds, writes are missing from it
+                self._resync_since(i, f"segment {path} lacks its end mark (it filled up)")
         except lw.LogFormatError as e:
             self._resync_since(i, f"segment {path} unreadable: {e}")
         finally:
@@ -676,8 +684,16 @@ class KernelJournal:
             os.close(fd)
 
     def _swap_if_filling(self) -> None:
-        status = _kernel.logwrites_status(self.name)
-        if status is not None and status.highest_sector * 512 > SWAP_FILL * self.segment_bytes:
+        """Swap out the segment in use once what it holds may pass ``SWAP_FILL``:
+        counted from the device's writes since the swap (log-writes logs a write
+        at the next flush or as the target goes, not as it completes: its status
+        does not count what it holds), each an entry block and its data."""
+        writes, nbytes = _kernel.mapper_write_stat(self.name)
+        if writes < 0 or self._writes_at_swap < 0:
+            return
+        held = (max(0, nbytes - self._bytes_at_swap)
+                + max(0, writes - self._writes_at_swap) * lw.MAX_SECTORSIZE)
+        if held > SWAP_FILL * self.segment_bytes:
             self.swap()
 
     # -- lost writes ----------------------------------------------------------------

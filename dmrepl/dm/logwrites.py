@@ -45,6 +45,8 @@ FLAG_FUA = 1 << 1
 FLAG_DISCARD = 1 << 2
 FLAG_MARK = 1 << 3
 FLAG_METADATA = 1 << 4
+#: The largest ``sectorsize`` (a logical block size): an entry's block at most.
+MAX_SECTORSIZE = 4096
 
 #: ``struct log_write_super``.
 LOG_WRITE_SUPER = Struct(

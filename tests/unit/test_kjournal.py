@@ -36,10 +36,16 @@ def entry(sector: int, nr: int, flags: int, data: bytes = b"") -> bytes:
                                            "flags": flags, "data_len": len(data)})) + data
 
 
-def segment_image(*entries: bytes) -> bytes:
+END_MARK = entry(0, 0, lw.FLAG_MARK, b"dm-log-writes-end")
+
+
+def segment_image(*entries: bytes, ended: bool = True) -> bytes:
+    """A segment as its target leaves it when it goes: ``entries``, then the end
+    mark (``ended`` False: as one that filled up leaves it, without)."""
+    logged = [*entries, END_MARK] if ended else list(entries)
     return block(lw.LOG_WRITE_SUPER.build({"magic": lw.LOG_MAGIC, "version": lw.LOG_VERSION,
-                                           "nr_entries": len(entries),
-                                           "sectorsize": S})) + b"".join(entries)
+                                           "nr_entries": len(logged),
+                                           "sectorsize": S})) + b"".join(logged)
 
 
 @dataclass
@@ -136,9 +142,9 @@ class FakeKernel:
 
         def swap(name: str, sectors: int, local: str, seg: str) -> Any:
             assert self.live is not None
-            if self.on_swap:     # the old target's destructor writes its log
-                with open(self.paths[self.live], "r+b") as f:
-                    f.write(self.on_swap.pop(0))
+            # the old target's destructor writes its log (at least its end mark)
+            with open(self.paths[self.live], "r+b") as f:
+                f.write(self.on_swap.pop(0) if self.on_swap else segment_image())
             self.swaps.append(seg)
             self.calls.append("swap")
             self.live = seg
@@ -193,9 +199,9 @@ class FakeKernel:
             # (a resume makes a loaded table live: the old target logs what it held)
             was = self.suspended or self.loaded is not None
             if self.loaded is not None:
-                if self.on_swap:
-                    with open(self.paths[self.live], "r+b") as f:
-                        f.write(self.on_swap.pop(0))
+                assert self.live is not None
+                with open(self.paths[self.live], "r+b") as f:
+                    f.write(self.on_swap.pop(0) if self.on_swap else segment_image())
                 self.live, self.loaded = self.loaded, None
             self.suspended = False
             return was
@@ -359,6 +365,20 @@ def test_a_daemon_dead_with_the_next_segment_loaded_keeps_what_is_written_after_
         kj2.stop()
 
 
+def test_a_segment_that_filled_up_is_resynchronised_since_it_began(
+        tmp_path: Path, kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
+    """log-writes logs what it holds as it goes; a log that fills up meanwhile
+    stops short (no end mark, its super as it was) and its status, read before,
+    did not say so: the drain sees it and resynchronises since it began."""
+    kj, dev = opened
+    kernel.era_written = {1: {2}}
+    kernel.on_swap.append(segment_image(entry(1, 1, 0, b"\x0a" * S), ended=False))
+    kj.drain_now()
+    assert [d for _op, _o, d, _n in dev.journal_backend.log] == [b"\x0a" * S]
+    assert dev.lost_ranges == [(2 * ERA_BLOCK * S, ERA_BLOCK * S)]
+    assert kj.describe()["resyncs"] == 1
+
+
 def test_a_device_gone_while_journalled_is_resynchronised(
         tmp_path: Path, kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
     kj, _dev = opened
@@ -396,6 +416,8 @@ def test_a_crash_resyncs_only_the_blocks_written_since_the_oldest_segment_not_dr
         kj2.stop()
     # restarted before the remote site links caught up: the same ranges again
     kernel.live, kernel.era_live = None, False
+    with open(tmp_path / "d.0.seg", "r+b") as f:   # (its target, gone, logged its end)
+        f.write(segment_image())
     kj2.close(keep=True)
     dev3 = Device()
     kj3 = journal(tmp_path, dev3)
