@@ -16,8 +16,11 @@ What the daemon's death or the host's crash costs:
 * the daemon dies (kill -9): the kernel journals on into the current segment;
   the next daemon finds the device, swaps the segment out and drains every
   segment it had not (their order is in ``NAME.journal``).  Nothing is lost
-  unless the segment filled meanwhile (status ``logging_disabled``): then the
-  remote site links resynchronise the whole device.
+  unless the segment filled meanwhile: log-writes logs the writes it holds
+  since the last flush only as its target goes (at the swap), and a log that
+  fills up then stops short of the end mark it logs last; a segment drained
+  without it makes the remote site links resynchronise what was written since
+  it began.
 * the host crashes (the device is gone, ``NAME.active`` says it was live): the
   kernel kept the log in memory until it wrote it, so writes may be missing from
   it; the remote site links resynchronise the whole device.  ``NAME.resync``
