@@ -36,6 +36,11 @@ def entry(sector: int, nr: int, flags: int, data: bytes = b"") -> bytes:
                                            "flags": flags, "data_len": len(data)})) + data
 
 
+def drained(dev: Device) -> list[Any]:
+    """The data of what reached ``dev``'s replication log, in order."""
+    return [d for _op, _o, d, _n in dev.journal_backend.log]
+
+
 END_MARK = entry(0, 0, lw.FLAG_MARK, b"dm-log-writes-end")
 
 
@@ -314,7 +319,7 @@ def test_a_new_daemon_drains_the_segments_of_the_dead_one_in_their_order(
         assert not kernel.suspended
         kj2.drain_now()
         assert kernel.created == 1
-        assert [d for _op, _o, d, _n in dev2.journal_backend.log] == [b"\x0a" * S,
+        assert drained(dev2) == [b"\x0a" * S,
                                                                    b"\x0b" * S]
         assert dev2.lost == 0
     finally:
@@ -334,7 +339,7 @@ def test_a_daemon_dead_between_the_kernel_swap_and_its_record_loses_nothing(
     kj2.open(None)
     try:
         kj2.drain_now()
-        assert [d for _op, _o, d, _n in dev2.journal_backend.log] == [b"\x0c" * S]
+        assert drained(dev2) == [b"\x0c" * S]
         assert dev2.lost == 0 and kernel.created == 1
     finally:
         kj2.stop()
@@ -358,7 +363,7 @@ def test_a_daemon_dead_with_the_next_segment_loaded_keeps_what_is_written_after_
             f.write(segment_image(entry(1, 1, 0, b"\x0b" * S)))
         kernel.on_swap.append(segment_image(entry(1, 1, 0, b"\x0b" * S)))
         kj2.drain_now()   # (the next swap: to a segment the kernel is not on)
-        assert [d for _op, _o, d, _n in dev2.journal_backend.log] == [b"\x0a" * S,
+        assert drained(dev2) == [b"\x0a" * S,
                                                                    b"\x0b" * S]
         assert dev2.lost == 0
     finally:
@@ -374,7 +379,7 @@ def test_a_segment_that_filled_up_is_resynchronised_since_it_began(
     kernel.era_written = {1: {2}}
     kernel.on_swap.append(segment_image(entry(1, 1, 0, b"\x0a" * S), ended=False))
     kj.drain_now()
-    assert [d for _op, _o, d, _n in dev.journal_backend.log] == [b"\x0a" * S]
+    assert drained(dev) == [b"\x0a" * S]
     assert dev.lost_ranges == [(2 * ERA_BLOCK * S, ERA_BLOCK * S)]
     assert kj.describe()["resyncs"] == 1
 
@@ -508,7 +513,7 @@ def test_a_swap_left_out_while_paused_is_made_once_the_device_resumes(
                 break
             time.sleep(0.01)
         assert len(kernel.swaps) == 1 and kj.describe()["drained"]
-        assert [d for _op, _o, d, _n in dev.journal_backend.log] == [b"\x03" * S]
+        assert drained(dev) == [b"\x03" * S]
     finally:
         kj.stop()
 
