@@ -540,9 +540,9 @@ class KernelJournal:
             self.eras[nxt] = self._checkpoint(since=self.eras.get(old, 0))
             self._save_order()
             self.stats.swaps += 1
-        if status is not None and status.disabled:
-            # the old segment filled: what came after is not in it
-            self._resync_since(old, "a kernel journal segment filled up")
+        # (a segment that filled up, before the swap or as its target went, lacks
+        # its end mark: its drain resynchronises it, once; the status read while
+        # suspended would tell only the first)
 
     def _guard_swap(self) -> Guardian | None:
         """Tell the guardian before a swap suspends the device (unless a hold

@@ -148,8 +148,9 @@ class FakeKernel:
         def swap(name: str, sectors: int, local: str, seg: str) -> Any:
             assert self.live is not None
             # the old target's destructor writes its log (at least its end mark)
-            with open(self.paths[self.live], "r+b") as f:
-                f.write(self.on_swap.pop(0) if self.on_swap else segment_image())
+            with open(self.paths[self.live], "r+b") as f:   # (one that filled: no end)
+                f.write(self.on_swap.pop(0) if self.on_swap
+                        else segment_image(ended=not self.filled))
             self.swaps.append(seg)
             self.calls.append("swap")
             self.live = seg
@@ -440,6 +441,8 @@ def test_a_segment_that_filled_resyncs_the_blocks_written_since_it_began(
     kernel.era_written = {1: {1}, 2: {2}}
     kernel.filled = True
     kj.swap()           # segment 1 swapped out full: era 1 on, read from a snapshot
+    kernel.filled = False
+    kj.drain_now()      # (its drain finds it short of its end mark)
     unit = ERA_BLOCK * S
     assert dev.lost_ranges == [(unit, 2 * unit)]
     assert kj.describe()["resync_bytes"] == 2 * unit
