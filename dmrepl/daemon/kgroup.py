@@ -35,12 +35,15 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from dmrepl.daemon import _kernel
 from dmrepl.daemon._engine import EngineDevice
 from dmrepl.daemon.exports import SECTOR, ConcatBackend
 from dmrepl.daemon.kjournal import JournalError, JournalTarget, KernelJournal
 from dmrepl.nbd.backend import Backend
+
+_T = TypeVar("_T")
 
 
 class GroupTarget:
@@ -215,41 +218,41 @@ def save_members(directory: str, rep: str, gen: int, names: list[str],
     os.replace(tmp, path)
 
 
-def saved_members(directory: str | None, rep: str) -> tuple[int, list[str]] | None:
-    """The generation and members saved for ``rep``'s group (None: none)."""
+def _read_saved(directory: str | None, rep: str, parse: Callable[[Any], _T]) -> _T | None:
+    """``parse`` of ``rep``'s saved membership (None: none saved); a file it
+    cannot read or parse says what to do."""
     if directory is None:
         return None
     path = _members_path(directory, rep)
     try:
         with open(path) as f:
-            saved = json.load(f)
-        return int(saved["generation"]), [str(n) for n in saved["members"]]
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise JournalError(f"{rep}: kernel journal group state {path} unreadable ({e}): "
-                           "remove the replicator's devices and create them again") from e
-
-
-def saved_replacing(directory: str | None, rep: str) -> Replacing | None:
-    """What the regroup that saved ``rep``'s membership was replacing, if it did
-    not finish (None: it finished, or there is no group)."""
-    if directory is None:
-        return None
-    path = _members_path(directory, rep)
-    try:
-        with open(path) as f:
-            saved = json.load(f).get("replacing")
-        if saved is None:
-            return None
-        group = saved["group"]
-        return Replacing(None if group is None else int(group),
-                         [str(n) for n in saved["alone"]])
+            return parse(json.load(f))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise JournalError(f"{rep}: kernel journal group state {path} unreadable ({e}): "
                            "remove the replicator's devices and create them again") from e
+
+
+def saved_members(directory: str | None, rep: str) -> tuple[int, list[str]] | None:
+    """The generation and members saved for ``rep``'s group (None: none)."""
+    return _read_saved(directory, rep, lambda saved: (
+        int(saved["generation"]), [str(n) for n in saved["members"]]))
+
+
+def _replacing(saved: Any) -> Replacing | None:
+    replacing = saved.get("replacing")
+    if replacing is None:
+        return None
+    group = replacing["group"]
+    return Replacing(None if group is None else int(group),
+                     [str(n) for n in replacing["alone"]])
+
+
+def saved_replacing(directory: str | None, rep: str) -> Replacing | None:
+    """What the regroup that saved ``rep``'s membership was replacing, if it did
+    not finish (None: it finished, or there is no group)."""
+    return _read_saved(directory, rep, _replacing)
 
 
 def forget_members(directory: str, rep: str) -> None:

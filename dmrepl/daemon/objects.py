@@ -567,13 +567,18 @@ class Objects:
         self._forget_group(rep.name)
         for dev in devs:
             dev.lost_writes()
-        try:
-            self._new_group(rep, gen, []).clear_stale()
-        except Exception as e:   # (the member's restore goes on)
-            log.error("%s: the old kernel journal group .%s.j%d stays: %s", rep.name,
-                      rep.name, gen, e)
+        self._clear_old_group(rep, gen)   # (the member's restore goes on if it fails)
         self.events.emit("error", "kernel-journal-regroup-interrupted", REPLICATOR,
                          name=rep.name, members=name)
+
+    def _clear_old_group(self, rep: ReplicatorObj, gen: int) -> None:
+        """Remove what is left of generation ``gen`` of ``rep``'s group; a failure
+        is logged (the rest of a restore goes on)."""
+        try:
+            self._new_group(rep, gen, []).clear_stale()
+        except Exception as e:
+            log.error("%s: the old kernel journal group .%s.j%d stays: %s", rep.name,
+                      rep.name, gen, e)
 
     def _discard_replaced(self, rep: ReplicatorObj, group: KernelGroup,
                           replacing: Replacing) -> None:
@@ -633,14 +638,10 @@ class Objects:
                     self._forget_group(rep.name)
                 for o in back:
                     o.devs[0].lost_writes()
-                olds = [gen, *([replacing.group] if replacing is not None
-                               and replacing.group is not None else [])]
-                for old_gen in olds:
-                    try:   # (the old group's devices, unless a missing member's slice
-                        self._new_group(rep, old_gen, []).clear_stale()   # holds them)
-                    except Exception as e:
-                        log.error("%s: the old kernel journal group .%s.j%d stays: %s",
-                                  rep.name, rep.name, old_gen, e)
+                # (the old group's devices, unless a missing member's slice holds them)
+                self._clear_old_group(rep, gen)
+                if replacing is not None and replacing.group is not None:
+                    self._clear_old_group(rep, replacing.group)
                 self.events.emit("error", "kernel-journal-group-incomplete", REPLICATOR,
                                  name=rep.name, missing=",".join(missing))
             except Exception as e:
@@ -683,15 +684,6 @@ class Objects:
         except BaseException:
             restart_old()
             raise
-
-        def undo() -> None:
-            with contextlib.suppress(Exception):
-                group.close(keep=False)
-            if old is not None:
-                old.save()
-            else:
-                self._forget_group(rep.name)
-            restart_old()
         live = [m for m in members if m.mapper]
         try:
             # saved before the switch, with what it replaces: a daemon killed
@@ -701,7 +693,13 @@ class Objects:
                                  [m.name for m in alone]))
             _kernel.switch_linear([(m.name, group.slice(m.name)) for m in live])
         except BaseException:
-            undo()
+            with contextlib.suppress(Exception):
+                group.close(keep=False)
+            if old is not None:   # (the membership as it was)
+                old.save()
+            else:
+                self._forget_group(rep.name)
+            restart_old()
             raise
         # every write in flight under the old structure completed: the old journals
         # hold them all (their targets are destroyed, or idle) and go to the log first
