@@ -279,13 +279,21 @@ _pack_entry_body = _ENTRY_PACKER.positional(
 
 def entry_header(log_id: int, epoch: int, seq: int, pos: int, dev: int, offset: int,
                  length: int, data_crc: int, bitmap: bytes, flags: int,
-                 durable_seq: int = 0) -> bytes:
-    """The entry header slot (the write path's form: positional arguments)."""
+                 durable_seq: int = 0, *, tail: bytes | None = None) -> bytes:
+    """The entry header slot (the write path's form: positional arguments).
+    ``tail``: :func:`entry_header_tail` of ``durable_seq``, if the caller has it
+    (a batch's entries share it)."""
     body = _pack_entry_body(FORMAT_MAJOR, flags, epoch, log_id, seq, pos, dev, length,
                             offset, data_crc, bitmap)
-    durable = _pack_durable(durable_seq)
     return (body + crc32c(body).to_bytes(4, "little")
-            + durable + crc32c(durable).to_bytes(4, "little") + _ENTRY_PAD)
+            + (entry_header_tail(durable_seq) if tail is None else tail))
+
+
+def entry_header_tail(durable_seq: int) -> bytes:
+    """What follows an entry header's body and its CRC: the ``durable_seq`` record
+    and the slot's padding."""
+    durable = _pack_durable(durable_seq)
+    return durable + crc32c(durable).to_bytes(4, "little") + _ENTRY_PAD
 
 
 def build_entry_header(*, log_id: int, epoch: int, seq: int, pos: int, dev: int,

@@ -529,19 +529,25 @@ class RingLog:
         first, last = batch[0][0], batch[-1][0]
         runs: list[tuple[int, list[Buffer]]] = []
         end = -1
+        log_id, epoch = self.log_id, self.epoch
+        entry_header = ondisk.entry_header
+        tail = ondisk.entry_header_tail(self.durable_seq)   # (the same for the batch)
+        slinks: frozenset[int] | None = None
+        bitmap = b""
+        bufs: list[Buffer] = []
         for e, data in batch:
             if e.pos != end:
-                runs.append((e.pos, []))
-            bufs = runs[-1][1]
-            if e.zero or data is None:
-                crc = 0
-            else:
-                crc = crc32c(data)
-            bufs.append(ondisk.entry_header(self.log_id, self.epoch, e.seq, e.pos, e.dev,
-                                            e.offset, e.length, crc,
-                                            ondisk.slink_bitmap(e.slinks), e.flags,
-                                            self.durable_seq))
-            if not e.zero and data is not None:
+                bufs = []
+                runs.append((e.pos, bufs))
+            if e.slinks is not slinks:
+                slinks = e.slinks
+                bitmap = ondisk.slink_bitmap(slinks)
+            if e.flags & ENTRY_FLAG_ZERO:
+                data = None
+            bufs.append(entry_header(log_id, epoch, e.seq, e.pos, e.dev, e.offset, e.length,
+                                     0 if data is None else crc32c(data), bitmap, e.flags,
+                                     tail=tail))
+            if data is not None:
                 bufs.append(data)
                 pad = -e.length % SECTOR
                 if pad:
@@ -562,10 +568,10 @@ class RingLog:
         except OSError as err:
             self._fail(err)
             raise ReplogIOError(f"replication log write failed: {err}") from err
+        nbytes = sum(e.length for e, _data in batch)
         with self.lock:
-            for e, _data in batch:
-                self._unwritten.discard(e.seq)
-                self.stats["bytes"] += e.length
+            self._unwritten.difference_update(range(first.seq, last.seq + 1))
+            self.stats["bytes"] += nbytes
             self.stats["entries"] += len(batch)
             if durable_write is not None:
                 self.stats["durable_writes"] += 1

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dmrepl.blockio import AckWait, WriteOp
 from dmrepl.numbers import parse_int
@@ -50,6 +50,16 @@ _NEVER_SPLIT = ((LOG_SIZE_MIN * SECTOR - ondisk.RING_OFFSET) // 4
 # beyond its limits, or no room
 _CANNOT_GROW = frozenset({errno.EFBIG, errno.EINVAL, errno.ENOSPC, errno.EDQUOT})
 USAGE = f"usage: {MESSAGES_USAGE}"
+
+
+
+class _Targets(NamedTuple):
+    """The site links a device's writes are copied to (:meth:`Ringbuffer._targets_locked`)."""
+
+    nrs: frozenset[int]
+    plain: tuple[Slink, ...]    # async, no fall-behind limit: counted, never holding
+    others: tuple[Slink, ...]   # the rest: a fall-behind check, maybe holding
+
 
 _active_lock = threading.Lock()
 _active_logs: set[tuple[str, int]] = set()
@@ -439,42 +449,59 @@ class Ringbuffer:
                 rep.stats["nc"] += 1
             return got
 
-    def _targets_locked(self, dev: ReplicatedDevice, journal: bool = False) -> frozenset[int]:
+    def _targets_locked(self, dev: ReplicatedDevice, journal: bool = False) -> _Targets:
         """The site links a write of the device is copied to (a journal write:
-        not site link 0, whose copy the kernel writes)."""
-        targets = frozenset(dev.legs.keys() & self.rep.slinks.keys())
-        return targets - _LOCAL if journal else targets
+        not site link 0, whose copy the kernel writes), as :meth:`_reserve_locked`
+        takes them: what each needs per write does not change while the lock is
+        held, so a batch looks it up once."""
+        nrs = dev.legs.keys() & self.rep.slinks.keys()
+        if journal:
+            nrs -= _LOCAL
+        targets = frozenset(nrs)
+        plain: list[Slink] = []     # async without a fall-behind limit: only counted
+        others: list[Slink] = []    # sync, or with a fall-behind limit to check
+        for nr in sorted(targets):
+            s = self.rep.slinks[nr]
+            cfg = s.cfg
+            if not cfg.sync and not cfg.fallbehind.value and s.ack.state is AckState.ASYNC:
+                plain.append(s)     # (never holds the acknowledgement)
+            else:
+                others.append(s)
+        return _Targets(targets, tuple(plain), tuple(others))
 
-    def _reserve_locked(self, dev: ReplicatedDevice, targets: frozenset[int], offset: int,
+    def _reserve_locked(self, dev: ReplicatedDevice, targets: _Targets, offset: int,
                         data: bytes | None, length: int, now: float, *,
                         count: bool) -> tuple[Entry, frozenset[int]] | None:
         """Reserve the entry of a write to ``targets`` and count it on them (the
         ones holding its acknowledgement returned); None: the ring is full."""
         rep = self.rep
-        e = self.ring.reserve(dev.dev_nr, offset, length, targets, data,
+        e = self.ring.reserve(dev.dev_nr, offset, length, targets.nrs, data,
                               zero=data is None, now=now)
         if e is None:
             return None
         self.pending.add(e)
-        syncs = []
-        for nr in targets:
-            s = rep.slinks[nr]
+        for s in targets.plain:
             s.out_ios += 1
             s.out_bytes += length
-            s.count_queued_locked(e, 1)
-            cfg = s.cfg
-            if not cfg.sync:
-                if not cfg.fallbehind.value and s.ack.state is AckState.ASYNC:
-                    continue  # plain async: nothing to check, never holds the ack
+            if s.queued is not None:
+                s.count_queued_locked(e, 1)
+        syncs = []
+        for s in targets.others:
+            s.out_ios += 1
+            s.out_bytes += length
+            if s.queued is not None:
+                s.count_queued_locked(e, 1)
+            if not s.cfg.sync:
                 rep.copiers.check_fallbehind_locked(s, now)
             if s.holds_ack:
-                syncs.append(nr)
+                syncs.append(s.nr)
                 s.want_durable = max(s.want_durable, e.seq)
                 if not s.hurry.is_set():
                     s.hurry.set()
-        rep.stats["ws"] += 1
+        stats = rep.stats
+        stats["ws"] += 1
         if count:
-            rep.stats["w"] += 1
+            stats["w"] += 1
         return e, frozenset(syncs) if syncs else _NO_SYNCS
 
     def _check_io_locked(self, dev: ReplicatedDevice) -> None:

@@ -101,10 +101,16 @@ class Blockdev:
         conc: list[tuple[Entry, Leg]] = []
         inline: list[tuple[Entry, Leg]] = []
         copy_inflight = self.rep.tuning.copy_inflight
+        last_leg = None
+        concurrent = False
         for e, leg, _ep in group:
             if leg is None:
                 continue
-            if copy_inflight > 1 and getattr(leg.store, "concurrent_writes", False):
+            if leg is not last_leg:   # (an epoch's copies are mostly to one leg)
+                last_leg = leg
+                concurrent = (copy_inflight > 1
+                              and getattr(leg.store, "concurrent_writes", False))
+            if concurrent:
                 conc.append((e, leg))
             else:
                 inline.append((e, leg))

@@ -11,7 +11,6 @@ site link that is down, and the resync schedule with its rate limit.  See
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import os
 import threading
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from dmrepl.replicator._state import AckEvent, Job, LinkEvent, ResyncEvent
 from dmrepl.replicator.errors import ReplogIOError
-from dmrepl.replicator.slink.link import Copy, Slink, overlaps
+from dmrepl.replicator.slink.link import Copy, Slink
 
 if TYPE_CHECKING:
     from dmrepl.replicator.device import Leg, ReplicatedDevice
@@ -157,7 +156,7 @@ class Copiers:
             with self.cond:
                 if (s.busy or s.durable >= upto or not rep.running or not s.up
                         or s.closing or s.drop_requested or rep.replog.space_wanted
-                        or s.window_n >= tuning.window_entries):
+                        or s.window.n >= tuning.window_entries):
                     return
                 batch: list[Copy] = []
                 if s.applied < upto:
@@ -207,7 +206,7 @@ class Copiers:
         # (or the header records a floor that the resync has lifted since)
         dirty = s.applied > s.persisted or s.touched or (
             s.header_floor is None and rep.ring.positions.get(s.nr, s.persisted) < s.persisted)
-        if dirty and (rep.replog.space_wanted or s.window_n >= tuning.window_entries
+        if dirty and (rep.replog.space_wanted or s.window.n >= tuning.window_entries
                       or now - s.last_persist >= tuning.persist_interval):
             return (Job.PERSIST, None)
         if s.want_durable > s.durable and s.applied > s.durable:
@@ -245,43 +244,62 @@ class Copiers:
         the last sequence number of their epoch); and why it stopped: None, or
         "nodev" (an entry's device is not there yet), "stopped" (its device is
         suspended), "overlap" (it overlaps a copy since the last persisted
-        position)."""
+        position, or one taken before it).
+
+        The entries taken join the copy window now, before they are applied: the
+        batch is applied next (one job of a site link at a time), and an entry
+        left unapplied by a failure only costs a persist when it is taken again."""
         rep = self.rep
         tuning = rep.tuning
-        out: list[Copy] = []
-        nbytes = 0
-        seq = s.applied + 1
-        new: dict[int, list[tuple[int, int]]] = {}  # this batch's ranges by device
         ring = rep.ring
-        while seq <= ring.durable_seq and len(out) < tuning.batch_entries:
-            e = ring.entry(seq)
-            if e is None:
-                break
+        out: list[Copy] = []
+        seq = s.applied + 1
+        last = min(ring.durable_seq, s.applied + tuning.batch_entries)
+        entries = ring.entries
+        if seq > last or not entries:
+            return out, None
+        first = entries[0].seq
+        if seq < first:
+            return out, None
+        last = min(last, first + len(entries) - 1)
+        nr = s.nr
+        window = s.window
+        batch_bytes = tuning.batch_bytes
+        nbytes = 0
+        epoch = 0           # the epoch end of the entries since the last lookup
+        dev_nr: int | None = None   # the device of the last entry copied, and its leg
+        dev = leg0 = None
+        while seq <= last:
+            e = entries[seq - first]
             leg = None
-            if s.nr in e.slinks:
-                dev = rep.devices.get(e.dev)
-                leg = dev.legs.get(s.nr) if dev is not None else None
+            if nr in e.slinks:
+                if e.dev != dev_nr:
+                    dev = rep.devices.get(e.dev)
+                    leg0 = dev.legs.get(nr) if dev is not None else None
+                    dev_nr = e.dev
                 if dev is None:
                     # wait for the device to be added (after a reopen the copiers may
                     # start before the devices are back: skipping would lose the
                     # replayed entries at that site); a removed device has no
                     # entries left (remove_device waits for them)
                     return out, "nodev"
+                leg = leg0
                 if leg is None:
-                    if s.nr == 0:
+                    if nr == 0:
                         return out, "nodev"  # wait for the local device to be added
                 elif not dev.running:
                     return out, "stopped"
                 else:
-                    start, end = e.offset, e.end
-                    if s.window_overlaps(e.dev, start, end) or \
-                            overlaps(new.get(e.dev), start, end):
+                    start, end = e.offset, e.offset + e.length
+                    if window.overlaps(e.dev, start, end):
                         return out, "overlap"
-                    bisect.insort(new.setdefault(e.dev, []), (start, end))
+                    window.add(e.dev, start, end)
                     nbytes += e.length
-            out.append((e, leg, ring.epoch_end(seq)))
+            if seq > epoch:   # (the epochs' bounds are sorted: one lookup per epoch)
+                epoch = ring.epoch_end(seq)
+            out.append((e, leg, epoch))
             seq += 1
-            if nbytes >= tuning.batch_bytes:
+            if nbytes >= batch_bytes:
                 break
         return out, None
 
@@ -318,20 +336,27 @@ class Copiers:
                 done = e.seq
             i = j
         now = time.monotonic()
+        nr = s.nr
         with self.cond:
+            nbytes = 0
             for e in written:
-                s.window_add(e.dev, e.offset, e.end)
-                if not durable:
-                    s.touched.add(e.dev)
-                s.copies += 1
-                s.copied_bytes += e.length
+                nbytes += e.length
+            if not durable and written:
+                s.touched.update({e.dev for e in written})
+            s.copies += len(written)
+            s.copied_bytes += nbytes
+            out_ios = out_bytes = 0
+            queued = s.queued is not None
             for e, _leg, _ep in batch:
                 if e.seq > done:
                     break
-                if s.nr in e.slinks:
-                    s.out_ios -= 1
-                    s.out_bytes -= e.length
-                    s.count_queued_locked(e, -1)
+                if nr in e.slinks:
+                    out_ios += 1
+                    out_bytes += e.length
+                    if queued:
+                        s.count_queued_locked(e, -1)
+            s.out_ios -= out_ios
+            s.out_bytes -= out_bytes
             s.applied = max(s.applied, done)
             if durable:
                 s.durable = max(s.durable, done)
@@ -396,7 +421,6 @@ class Copiers:
         with self.cond:
             if s.persisted >= target and s.applied == target:
                 s.window.clear()
-                s.window_n = 0
             s.last_persist = time.monotonic()
 
     def persist_all(self, flush: bool = True) -> None:
@@ -483,7 +507,6 @@ class Copiers:
         with self.cond:
             if flushed and s.persisted >= s.durable and s.applied == s.durable:
                 s.window.clear()
-                s.window_n = 0
             s.last_persist = time.monotonic()
 
     # -- a site link that is down --------------------------------------------------------

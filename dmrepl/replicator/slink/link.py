@@ -106,8 +106,8 @@ class Slink:
     drops: int = 0
     closing: bool = False
     thread: threading.Thread | None = None
-    window: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-    window_n: int = 0
+    # what it applied since its last persisted position (idempotent replay)
+    window: CopyWindow = field(default_factory=lambda: CopyWindow())
     touched: set[int] = field(default_factory=set)
     out_ios: int = 0
     out_bytes: int = 0
@@ -181,12 +181,69 @@ class Slink:
             return
         q.count(e, sign)
 
-    def window_overlaps(self, dev: int, start: int, end: int) -> bool:
-        return overlaps(self.window.get(dev), start, end)
 
-    def window_add(self, dev: int, start: int, end: int) -> None:
-        bisect.insort(self.window.setdefault(dev, []), (start, end))
-        self.window_n += 1
+
+#: The block of a copy window's block sets: 4 KiB, what a file system or a
+#: database writes most; and how many such blocks a write may cover to be kept
+#: as blocks (beyond, as an interval: a big write would cost a set entry each).
+WINDOW_BLOCK = 4096
+WINDOW_BLOCKS_MAX = 16
+
+
+class CopyWindow:
+    """Ranges written, by device, with an overlap test: the copies a site link
+    applied since its last persisted position (and a batch's own ranges).
+
+    Writes of whole 4 KiB blocks, at most ``WINDOW_BLOCKS_MAX`` of them, are kept
+    as a set of block numbers (a test and an insertion cost a set operation each:
+    a sorted list's insertion moved the list, thousands of entries after a burst of
+    random writes); any other write as an interval of a sorted list.  Exact: a block
+    is in the set only when a write covered it whole."""
+
+    __slots__ = ("_blocks", "_ranges", "n")
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, set[int]] = {}
+        self._ranges: dict[int, list[tuple[int, int]]] = {}
+        self.n = 0   # writes added since the last clear
+
+    def overlaps(self, dev: int, start: int, end: int) -> bool:
+        """Does [start, end) of ``dev`` overlap a range added?"""
+        blocks = self._blocks.get(dev)
+        if blocks:
+            first, last = start // WINDOW_BLOCK, (end - 1) // WINDOW_BLOCK
+            if first == last:   # (most writes: one block)
+                if first in blocks:
+                    return True
+            elif last - first < len(blocks):
+                for b in range(first, last + 1):
+                    if b in blocks:
+                        return True
+            else:     # (a write wider than the set: look at the set's blocks)
+                for b in blocks:
+                    if first <= b <= last:
+                        return True
+        ranges = self._ranges.get(dev)
+        return bool(ranges) and overlaps(ranges, start, end)
+
+    def add(self, dev: int, start: int, end: int) -> None:
+        self.n += 1
+        if (start % WINDOW_BLOCK == 0 and end % WINDOW_BLOCK == 0
+                and end - start <= WINDOW_BLOCKS_MAX * WINDOW_BLOCK):
+            blocks = self._blocks.get(dev)
+            if blocks is None:
+                blocks = self._blocks[dev] = set()
+            if end - start == WINDOW_BLOCK:
+                blocks.add(start // WINDOW_BLOCK)
+            else:
+                blocks.update(range(start // WINDOW_BLOCK, end // WINDOW_BLOCK))
+            return
+        bisect.insort(self._ranges.setdefault(dev, []), (start, end))
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self._ranges.clear()
+        self.n = 0
 
 
 def overlaps(iv: list[tuple[int, int]] | None, start: int, end: int) -> bool:
