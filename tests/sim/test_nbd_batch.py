@@ -448,6 +448,28 @@ def test_write_many_copies_locally_on_the_writers_thread_when_the_copier_is_idle
         rep.close()
 
 
+def test_write_many_rewriting_its_own_blocks_is_still_acknowledged_on_its_thread(
+        ) -> None:
+    # a rewrite overlaps a copy made since the last persisted position: the
+    # position is persisted first (idempotent replay), by the writer itself, so the
+    # acknowledgements still need no other thread
+    rep, stores = replicator("blockdev 2 0 sync blockdev 2 1 async")
+    dev = rep.devices[0]
+    local = stores.stores["l0"]
+    rep.start()
+    try:
+        for generation in range(3):
+            ops: list[WriteOp] = [(i * BLOCK, block(i + generation), BLOCK, False)
+                                  for i in range(8)]
+            assert dev.write_many(ops) == [None] * len(ops)
+            assert local.snapshot()[:8 * BLOCK] == b"".join(block(i + generation)
+                                                            for i in range(8))
+        assert rep.wait_drained(10)
+        assert stores.stores["r1"].snapshot()[:8 * BLOCK] == local.snapshot()[:8 * BLOCK]
+    finally:
+        rep.close()
+
+
 def test_write_many_leaves_its_local_copy_to_a_busy_copier() -> None:
     rep, stores = replicator("blockdev 2 0 sync blockdev 2 1 async")
     dev = rep.devices[0]

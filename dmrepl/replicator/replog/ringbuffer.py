@@ -390,23 +390,35 @@ class Ringbuffer:
                     break  # ring full: those left wait in write()
                 rep.stats["nc"] += 1
                 taken.append((got[0], data, got[1]))
-        if not taken:
-            return []
+            if not taken:
+                return []
+            last = taken[-1][0]
+            s0 = rep.slinks.get(0)
+            local = s0 is not None and any(0 in syncs for _e, _d, syncs in taken)
+            if local:
+                # this thread copies its writes to the local device itself (below):
+                # site link 0's copier, which the log write wakes, leaves them to it
+                assert s0 is not None
+                s0.claimed = max(s0.claimed, last.seq)
         ring = self.ring
         held = any(syncs for _e, _d, syncs in taken)
         durable = (held or self.rep.tuning.durable_acks
                    or any(op[3] for op in ops[:len(taken)]))
-        ring.write_entries([(e, data) for e, data, _s in taken], durable=durable)
-        last = taken[-1][0]
-        if durable and ring.durable_seq < last.seq:
-            ring.commit(last.seq)
-        if not held:
-            return [None] * len(taken)
-        s0 = rep.slinks.get(0)
-        if s0 is not None and any(0 in syncs for _e, _d, syncs in taken):
-            # the local copy on this thread (when its copier is idle): the
-            # acknowledgements need no other thread
-            rep.copiers.apply_here(s0, last.seq)
+        try:
+            ring.write_entries([(e, data) for e, data, _s in taken], durable=durable)
+            if durable and ring.durable_seq < last.seq:
+                ring.commit(last.seq)
+            if not held:
+                return [None] * len(taken)
+            if local:
+                # the local copy on this thread (when its copier is idle): the
+                # acknowledgements need no other thread
+                assert s0 is not None
+                rep.copiers.apply_here(s0, last.seq)
+        finally:
+            if local:
+                assert s0 is not None
+                rep.copiers.release_claim(s0, last.seq)
         with self.lock:
             return [None if self._acked_locked(syncs, e.seq)
                     else self._sync_waiter(dev, e, syncs) for e, _d, syncs in taken]

@@ -147,9 +147,11 @@ class Copiers:
         its copier is idle: a writer whose own writes are next in the log copies
         them itself (the export's writes and site link 0: no hand-off to the
         copier and back for the acknowledgement, two thread switches per batch,
-        each of which can wait the interpreter's switch interval).  Whatever it
-        does not apply (the copier busy, a copy-window overlap, a persist due, the
-        site link down...) the copier applies as usual."""
+        each of which can wait the interpreter's switch interval), and persists
+        the position first where one overlaps a copy since the last persisted
+        one.  Whatever it does not apply (the copier busy, the copy window full,
+        the ring wanting space, the site link down...) the copier applies as
+        usual."""
         rep = self.rep
         tuning = rep.tuning
         while True:
@@ -159,20 +161,35 @@ class Copiers:
                         or s.window.n >= tuning.window_entries):
                     return
                 batch: list[Copy] = []
+                blocked = None
                 if s.applied < upto:
-                    batch, _blocked = self.collect_locked(s)
-                    if not batch:
+                    batch, blocked = self.collect_locked(s)
+                    if not batch and blocked != "overlap":
                         return
                 s.busy = True
             try:
                 if batch:
                     self._do_batch(s, batch)
+                elif blocked == "overlap":
+                    # its next write overlaps one copied since the last persisted
+                    # position: persist first (the copier would, and the writer
+                    # would wait for it)
+                    self._do_persist(s)
                 else:   # applied, to be flushed (the acknowledgements wait for it)
                     self._flush_touched(s)
             finally:
                 with self.cond:
                     s.busy = False
                     self.cond.notify_all()
+
+    def release_claim(self, s: Slink, upto: int) -> None:
+        """A writer that claimed the entries up to ``upto`` (:attr:`Slink.claimed`)
+        is done with them: the copier takes what is left (unless a later writer
+        claimed more since)."""
+        with self.cond:
+            if s.claimed and s.claimed <= upto:
+                s.claimed = 0
+                self.cond.notify_all()
 
     def _may_coalesce_locked(self, s: Slink) -> bool:
         # the copier caught up with the log (a batch cut short by an overlap or its
@@ -209,6 +226,9 @@ class Copiers:
         if dirty and (rep.replog.space_wanted or s.window.n >= tuning.window_entries
                       or now - s.last_persist >= tuning.persist_interval):
             return (Job.PERSIST, None)
+        if s.claimed > s.durable:   # a writer copies its own writes (apply_here)
+            self.cond.wait(1.0)     # (its release_claim wakes us)
+            return None
         if s.want_durable > s.durable and s.applied > s.durable:
             return (Job.FLUSH, None)
         ring = rep.ring

@@ -115,6 +115,11 @@ class Slink:
     # a job of this site link is running (its copier's, or a writer applying its
     # own writes: Copiers.apply_here): one at a time, as on one thread
     busy: bool = False
+    # a writer copies the entries up to this itself (Copiers.apply_here), the
+    # copier takes no batch nor flush meanwhile (0: none): else the log write
+    # that wakes the copier hands it the writer's batch, and the writer's
+    # acknowledgements then wait for the copier's thread
+    claimed: int = 0
     # set when someone needs this site link's copier now: ends a coalescing pause
     hurry: threading.Event = field(default_factory=threading.Event)
     last_persist: float = field(default_factory=time.monotonic)
