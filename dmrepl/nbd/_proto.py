@@ -243,6 +243,12 @@ TRANSMISSION_FLAGS = (FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SE
 
 
 _WRITE, _DISC = int(Cmd.WRITE), int(Cmd.DISC)   # (compared once per request)
+# check()'s sets, of plain ints: an IntEnum member's comparisons cost a call each
+_SERVED = frozenset(int(c) for c in (Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM,
+                                     Cmd.WRITE_ZEROES, Cmd.CACHE))
+_FLUSH = int(Cmd.FLUSH)
+_READS = frozenset((int(Cmd.READ), int(Cmd.CACHE)))
+_WRITES_DATA = frozenset((int(Cmd.WRITE), int(Cmd.WRITE_ZEROES)))
 
 
 class ServerConnection:
@@ -511,16 +517,15 @@ class ServerConnection:
 
     def check(self, request: Request) -> int:
         """Return 0 if ``request`` may be executed, else the errno to reply with."""
-        if request.command not in (Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.WRITE_ZEROES,
-                                   Cmd.CACHE):
+        command = request.command
+        if command not in _SERVED:
             return errno.EINVAL
-        if request.command == Cmd.FLUSH:
+        if command == _FLUSH:
             return 0
-        if request.length > MAX_REQUEST and request.command in (Cmd.READ, Cmd.CACHE):
+        if request.length > MAX_REQUEST and command in _READS:
             return errno.EOVERFLOW
         if request.offset + request.length > self.export_size:
-            return errno.ENOSPC if request.command in (Cmd.WRITE, Cmd.WRITE_ZEROES) \
-                else errno.EINVAL
+            return errno.ENOSPC if command in _WRITES_DATA else errno.EINVAL
         return 0
 
 

@@ -46,7 +46,7 @@ from dmrepl.unixsock import AcceptBackoff
 
 log = logging.getLogger(__name__)
 
-WRITES = (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM)
+WRITES = frozenset(int(c) for c in (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM))
 #: The ``command`` label of a request's latency; a command the protocol does
 #: not know is "unknown" (a label per garbage value would grow without bound).
 COMMAND_NAMES = {int(c): c.name.lower() for c in p.Cmd}

@@ -443,12 +443,13 @@ class RingLog:
         pos = self._place(size)
         if pos is None:
             return None
-        e = Entry(seq=self.next_seq, dev=dev, offset=offset, length=length, pos=pos,
-                  size=size, slinks=slinks, flags=flags,
-                  ts=time.monotonic() if now is None else now)
         if data is not None and self.cached + length <= self.cache_budget:
-            e.data = data
             self.cached += length
+        else:
+            data = None     # (not cached: read back from the ring when copied)
+        # (positional: the write path's one object per write)
+        e = Entry(self.next_seq, dev, offset, length, pos, size, slinks, flags, data,
+                  time.monotonic() if now is None else now)
         self.next_seq += 1
         self.tail_pos = pos + size
         self.entries.append(e)

@@ -57,8 +57,9 @@ class _Targets(NamedTuple):
     """The site links a device's writes are copied to (:meth:`Ringbuffer._targets_locked`)."""
 
     nrs: frozenset[int]
-    plain: tuple[Slink, ...]    # async, no fall-behind limit: counted, never holding
-    others: tuple[Slink, ...]   # the rest: a fall-behind check, maybe holding
+    counted: tuple[Slink, ...]  # plain async, or sync and down: never holding
+    holding: tuple[Slink, ...]  # sync and up: holding every write
+    checked: tuple[Slink, ...]  # a fall-behind limit (or forced sync): per write
 
 
 _active_lock = threading.Lock()
@@ -375,21 +376,19 @@ class Ringbuffer:
         ``journal``: as :meth:`write`'s.  Raises ReplogIOError when the log
         fails (no write of the batch is acknowledged)."""
         rep = self.rep
-        taken: list[tuple[Entry, bytes | None, frozenset[int]]] = []
         with self.lock:
             if not dev.running or dev.closed or rep.closed or dev.legs[0].error:
                 return []
-            now = time.monotonic()
-            targets = self._targets_locked(dev, journal)
-            for offset, data, length, _fua in ops:
+            n = 0
+            for _offset, _data, length, _fua in ops:
                 if length > _NEVER_SPLIT:
                     break
-                got = self._reserve_locked(dev, targets, offset, data, length, now,
-                                           count=data is not None)
-                if got is None:
-                    break  # ring full: those left wait in write()
-                rep.stats["nc"] += 1
-                taken.append((got[0], data, got[1]))
+                n += 1
+            # (a ring full stops it: those left wait in write())
+            taken = self._reserve_locked(dev, self._targets_locked(dev, journal),
+                                         ops[:n] if n < len(ops) else ops,
+                                         time.monotonic())
+            rep.stats["nc"] += len(taken)
             if not taken:
                 return []
             last = taken[-1][0]
@@ -447,10 +446,11 @@ class Ringbuffer:
             while True:
                 self._check_io_locked(dev)
                 now = time.monotonic()
-                got = self._reserve_locked(dev, self._targets_locked(dev, journal), offset,
-                                           data,
-                                           length, now, count=count)
-                if got is not None:
+                taken = self._reserve_locked(dev, self._targets_locked(dev, journal),
+                                             ((offset, data, length, False),), now,
+                                             count=count)
+                if taken:
+                    got = taken[0][0], taken[0][2]
                     break
                 if waited is None:
                     waited = now
@@ -470,51 +470,76 @@ class Ringbuffer:
         if journal:
             nrs -= _LOCAL
         targets = frozenset(nrs)
-        plain: list[Slink] = []     # async without a fall-behind limit: only counted
-        others: list[Slink] = []    # sync, or with a fall-behind limit to check
+        counted: list[Slink] = []   # whose acknowledgement mode a write cannot change
+        holding: list[Slink] = []   # sync and up: every write waits for them
+        checked: list[Slink] = []   # with a fall-behind limit: checked at each write
         for nr in sorted(targets):
             s = self.rep.slinks[nr]
             cfg = s.cfg
-            if not cfg.sync and not cfg.fallbehind.value and s.ack.state is AckState.ASYNC:
-                plain.append(s)     # (never holds the acknowledgement)
+            if cfg.sync:
+                (holding if s.up else counted).append(s)
+            elif cfg.fallbehind.value or s.ack.state is not AckState.ASYNC:
+                checked.append(s)
             else:
-                others.append(s)
-        return _Targets(targets, tuple(plain), tuple(others))
+                counted.append(s)   # plain async: never holds the acknowledgement
+        return _Targets(targets, tuple(counted), tuple(holding), tuple(checked))
 
-    def _reserve_locked(self, dev: ReplicatedDevice, targets: _Targets, offset: int,
-                        data: bytes | None, length: int, now: float, *,
-                        count: bool) -> tuple[Entry, frozenset[int]] | None:
-        """Reserve the entry of a write to ``targets`` and count it on them (the
-        ones holding its acknowledgement returned); None: the ring is full."""
+    def _reserve_locked(self, dev: ReplicatedDevice, targets: _Targets,
+                        ops: Sequence[WriteOp], now: float, *, count: bool = True
+                        ) -> list[tuple[Entry, bytes | None, frozenset[int]]]:
+        """Reserve the entries of writes to ``targets`` in order, until the ring is
+        full, and count them on the site links: per write taken, its entry, its
+        data and the site links holding its acknowledgement.  ``count``: count
+        the writes in the replicator's statistics (a zero-write, a trim, is not)."""
         rep = self.rep
-        e = self.ring.reserve(dev.dev_nr, offset, length, targets.nrs, data,
-                              zero=data is None, now=now)
-        if e is None:
-            return None
-        self.pending.add(e)
-        for s in targets.plain:
-            s.out_ios += 1
-            s.out_bytes += length
-            if s.queued is not None:
+        reserve = self.ring.reserve
+        pending_add = self.pending.add
+        dev_nr = dev.dev_nr
+        nrs = targets.nrs
+        everyone = targets.counted + targets.holding
+        queued = [s for s in everyone if s.queued is not None]
+        checked = targets.checked
+        holds = frozenset(s.nr for s in targets.holding) or _NO_SYNCS
+        taken: list[tuple[Entry, bytes | None, frozenset[int]]] = []
+        nbytes = written = 0
+        for offset, data, length, _fua in ops:
+            e = reserve(dev_nr, offset, length, nrs, data, zero=data is None, now=now)
+            if e is None:
+                break
+            pending_add(e)
+            for s in queued:
                 s.count_queued_locked(e, 1)
-        syncs = []
-        for s in targets.others:
-            s.out_ios += 1
-            s.out_bytes += length
-            if s.queued is not None:
-                s.count_queued_locked(e, 1)
-            if not s.cfg.sync:
+            syncs = holds
+            for s in checked:   # (per write: the link's lag decides)
+                s.out_ios += 1
+                s.out_bytes += length
+                if s.queued is not None:
+                    s.count_queued_locked(e, 1)
                 rep.copiers.check_fallbehind_locked(s, now)
-            if s.holds_ack:
-                syncs.append(s.nr)
-                s.want_durable = max(s.want_durable, e.seq)
-                if not s.hurry.is_set():
-                    s.hurry.set()
+                if s.holds_ack:
+                    syncs = syncs | {s.nr}
+                    s.want_durable = max(s.want_durable, e.seq)
+                    if not s.hurry.is_set():
+                        s.hurry.set()
+            taken.append((e, data, syncs))
+            nbytes += length
+            if data is not None:
+                written += 1
+        if not taken:
+            return taken
+        for s in everyone:
+            s.out_ios += len(taken)
+            s.out_bytes += nbytes
+        last = taken[-1][0].seq
+        for s in targets.holding:
+            s.want_durable = max(s.want_durable, last)
+            if not s.hurry.is_set():
+                s.hurry.set()
         stats = rep.stats
-        stats["ws"] += 1
+        stats["ws"] += len(taken)
         if count:
-            stats["w"] += 1
-        return e, frozenset(syncs) if syncs else _NO_SYNCS
+            stats["w"] += written
+        return taken
 
     def _check_io_locked(self, dev: ReplicatedDevice) -> None:
         rep = self.rep

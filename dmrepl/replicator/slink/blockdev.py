@@ -119,8 +119,12 @@ class Blockdev:
         if conc:
             failure = self._apply_concurrently(s, conc, done, durable)
         for e, leg in inline if failure is None else ():
+            data = e.data
             try:
-                self._copy_one(e, leg, durable)
+                if data is not None and not durable:   # (most: its data cached)
+                    leg.store.pwrite(e.offset, data)
+                else:
+                    self._copy_one(e, leg, durable)
             except OSError as err:
                 failure = (e, leg, err)
                 break
