@@ -136,6 +136,7 @@ def _slink_message(rep: Replicator, argv: list[str]) -> str:
                 raise MessageError(f"site link {nr} still has devices")
             gone.closing = True
             gone.hurry.set()
+            gone.unclaimed.set()
             del rep.slinks[nr]
             rep.bump_locked(f"slink {nr} deleted")
             t = gone.thread

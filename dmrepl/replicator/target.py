@@ -335,6 +335,7 @@ class Replicator:
             for s in self.slinks.values():
                 s.closing = True
                 s.hurry.set()
+                s.unclaimed.set()
                 if s.thread is not None:
                     threads.append(s.thread)
             for d in self.devices.values():

@@ -189,7 +189,7 @@ class Copiers:
         with self.cond:
             if s.claimed and s.claimed <= upto:
                 s.claimed = 0
-                self.cond.notify_all()
+                s.unclaimed.set()
 
     def _may_coalesce_locked(self, s: Slink) -> bool:
         # the copier caught up with the log (a batch cut short by an overlap or its
@@ -227,7 +227,12 @@ class Copiers:
                       or now - s.last_persist >= tuning.persist_interval):
             return (Job.PERSIST, None)
         if s.claimed > s.durable:   # a writer copies its own writes (apply_here)
-            self.cond.wait(1.0)     # (its release_claim wakes us)
+            s.unclaimed.clear()
+            self.cond.release()
+            try:
+                s.unclaimed.wait(1.0)   # (release_claim, or closing, sets it)
+            finally:
+                self.cond.acquire()
             return None
         if s.want_durable > s.durable and s.applied > s.durable:
             return (Job.FLUSH, None)

@@ -120,6 +120,10 @@ class Slink:
     # that wakes the copier hands it the writer's batch, and the writer's
     # acknowledgements then wait for the copier's thread
     claimed: int = 0
+    # set whenever no writer holds a claim: the copier waits on it, not on the
+    # replicator's condition, whose every notification (several per batch) would
+    # wake it for nothing
+    unclaimed: threading.Event = field(default_factory=threading.Event)
     # set when someone needs this site link's copier now: ends a coalescing pause
     hurry: threading.Event = field(default_factory=threading.Event)
     last_persist: float = field(default_factory=time.monotonic)
