@@ -154,30 +154,33 @@ class Copiers:
         usual."""
         rep = self.rep
         tuning = rep.tuning
-        while True:
-            with self.cond:
-                if (s.busy or s.durable >= upto or not rep.running or not s.up
-                        or s.closing or s.drop_requested or rep.replog.space_wanted
-                        or s.window.n >= tuning.window_entries):
-                    return
-                batch: list[Copy] = []
-                blocked = None
-                if s.applied < upto:
-                    batch, blocked = self.collect_locked(s)
-                    if not batch and blocked != "overlap":
+        mine = False   # s.busy is this writer's (from its first job to its return)
+        try:
+            while True:
+                with self.cond:
+                    if ((s.busy and not mine) or s.durable >= upto or not rep.running
+                            or not s.up or s.closing or s.drop_requested
+                            or rep.replog.space_wanted
+                            or s.window.n >= tuning.window_entries):
                         return
-                s.busy = True
-            try:
+                    batch: list[Copy] = []
+                    blocked = None
+                    if s.applied < upto:
+                        batch, blocked = self.collect_locked(s)
+                        if not batch and blocked != "overlap":
+                            return
+                    s.busy = mine = True
                 if batch:
-                    self._do_batch(s, batch)
+                    self._do_batch(s, batch, notify=False)
                 elif blocked == "overlap":
                     # its next write overlaps one copied since the last persisted
                     # position: persist first (the copier would, and the writer
                     # would wait for it)
                     self._do_persist(s)
                 else:   # applied, to be flushed (the acknowledgements wait for it)
-                    self._flush_touched(s)
-            finally:
+                    self._flush_touched(s, notify=False)
+        finally:
+            if mine:   # (one wake-up for all of it: each wakes every waiting thread)
                 with self.cond:
                     s.busy = False
                     self.cond.notify_all()
@@ -328,13 +331,14 @@ class Copiers:
                 break
         return out, None
 
-    def _do_batch(self, s: Slink, batch: list[Copy]) -> None:
+    def _do_batch(self, s: Slink, batch: list[Copy], notify: bool = True) -> None:
         """Apply a batch epoch by epoch: the copies of one epoch are in flight
         together (the site-link type's ``apply_epoch``), the next epoch starts when
         all of them completed.  Entries of a batch never overlap each other nor
         anything applied since the last persisted position (collect_locked), so
         their order within an epoch does not matter, and a crash replay stays
-        idempotent."""
+        idempotent.  ``notify``: wake the threads waiting on the replicator's
+        condition (a writer applying its own batches wakes them once, at its end)."""
         with self.cond:
             # a writer waits for these copies, everything copied before is durable,
             # and every leg takes FUA writes: FUA copies, no flush round trip after
@@ -390,7 +394,8 @@ class Copiers:
             self.check_fallbehind_locked(s, now)
             if failed is not None:
                 self.leg_failed_locked(s, failed[0], "W", failed[1])
-            self.cond.notify_all()
+            if notify or failed is not None:
+                self.cond.notify_all()
 
     def leg_failed_locked(self, s: Slink, leg: Leg, kind: str, err: BaseException) -> None:
         """A device of the site link failed (``kind``: "R" or "W"): the link goes
@@ -412,7 +417,7 @@ class Copiers:
 
     # -- flush and persist ---------------------------------------------------------------
 
-    def _flush_touched(self, s: Slink) -> bool:
+    def _flush_touched(self, s: Slink, notify: bool = True) -> bool:
         rep = self.rep
         with self.cond:
             devs = [rep.devices[d] for d in s.touched if d in rep.devices]
@@ -431,7 +436,8 @@ class Copiers:
         with self.cond:
             s.touched -= touched
             s.durable = max(s.durable, target)
-            self.cond.notify_all()
+            if notify:
+                self.cond.notify_all()
         return True
 
     def _do_flush(self, s: Slink) -> None:
