@@ -15,12 +15,14 @@ What the daemon's death or the host's crash costs:
 
 * the daemon dies (kill -9): the kernel journals on into the current segment;
   the next daemon finds the device, swaps the segment out and drains every
-  segment it had not (their order is in ``NAME.journal``).  Nothing is lost
-  unless the segment filled meanwhile: log-writes logs the writes it holds
-  since the last flush only as its target goes (at the swap), and a log that
-  fills up then stops short of the end mark it logs last; a segment drained
-  without it makes the remote site links resynchronise what was written since
-  it began.
+  segment it had not (their order is in ``NAME.journal``).  log-writes logs a
+  write only at the next flush or as its target goes, keeping it in kernel
+  memory until then; with no swaps, the guardian (told of the device at
+  :meth:`KernelJournal.open`) flushes it every ``journal_interval`` instead.
+  Nothing is lost unless the segment filled meanwhile: a log that fills up
+  stops short of the end mark its target logs last as it goes; a segment
+  drained without it makes the remote site links resynchronise what was
+  written since it began.
 * the host crashes (the device is gone, ``NAME.active`` says it was live): the
   kernel kept the log in memory until it wrote it, so writes may be missing from
   it; the remote site links resynchronise the whole device.  ``NAME.resync``
