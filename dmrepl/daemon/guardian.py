@@ -161,8 +161,14 @@ class Guardian:
             return
         if _is_guardian(pid, self._pidfile):
             log.info("stopping the previous daemon's guardian (pid %d)", pid)
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.kill(pid, signal.SIGKILL)   # (a flush is harmless to interrupt)
+            except ProcessLookupError:
+                pass
+            except OSError as e:
+                log.warning("the previous guardian (pid %d) cannot be stopped (%s): kill "
+                            "it before the next start", pid, e)
+                return
             deadline = time.monotonic() + STOP_WAIT
             while _alive(pid):
                 if time.monotonic() > deadline:
