@@ -96,6 +96,9 @@ class Daemon:
                             mirror_log_dir=os.path.join(state_dir, "mirror-logs"),
                             journal_dir=os.path.join(state_dir, "journal"),
                             raid_dir=os.path.join(state_dir, "raid"))
+        # a dead daemon's guardian flushes its kernel journals until this one takes
+        # them over: it goes first (its flushes must not meet the takeover's swaps)
+        self.registry.guardian.stop_previous()
         self.restore_errors: list[str] = []
         self._stopping = threading.Event()
         self._watch: threading.Thread | None = None

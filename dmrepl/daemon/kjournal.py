@@ -15,12 +15,14 @@ What the daemon's death or the host's crash costs:
 
 * the daemon dies (kill -9): the kernel journals on into the current segment;
   the next daemon finds the device, swaps the segment out and drains every
-  segment it had not (their order is in ``NAME.journal``).  Nothing is lost
-  unless the segment filled meanwhile: log-writes logs the writes it holds
-  since the last flush only as its target goes (at the swap), and a log that
-  fills up then stops short of the end mark it logs last; a segment drained
-  without it makes the remote site links resynchronise what was written since
-  it began.
+  segment it had not (their order is in ``NAME.journal``).  log-writes logs a
+  write only at the next flush or as its target goes, keeping it in kernel
+  memory until then; with no swaps, the guardian (told of the device at
+  :meth:`KernelJournal.open`) flushes it every ``journal_interval`` instead.
+  Nothing is lost unless the segment filled meanwhile: a log that fills up
+  stops short of the end mark its target logs last as it goes; a segment
+  drained without it makes the remote site links resynchronise what was
+  written since it began.
 * the host crashes (the device is gone, ``NAME.active`` says it was live): the
   kernel kept the log in memory until it wrote it, so writes may be missing from
   it; the remote site links resynchronise the whole device.  ``NAME.resync``
@@ -291,9 +293,26 @@ class KernelJournal:
                 self._resync(lost, "what the crash kept from the journal, since its oldest "
                              "segment not drained began")
         self._flag("active", True)
+        self._tell_guardian()
         if start:
             self.start()
         return path
+
+    def _tell_guardian(self) -> None:
+        """Have the guardian flush NAME while the daemon is down: log-writes
+        keeps every write it has not logged in kernel memory until the next
+        flush, and the swaps that bound that while the daemon runs stop with
+        it (a writer that never flushes would fill it for the whole outage)."""
+        if self.guardian is None:
+            return
+        try:
+            devno = _kernel.mapper_devno(self.name)
+            if devno is None:   # (made or taken over just now: removed meanwhile)
+                raise OSError(f"/dev/mapper/{self.name} is gone")
+            self.guardian.journal(self.name, devno)
+        except OSError as e:   # (nothing lost: an outage costs kernel memory, or a resync)
+            log.warning("%s: no guardian flushes its kernel journal while the daemon "
+                        "is down: %s", self.name, e)
 
     def _lost_in_crash(self, record: EraRecord) -> list[tuple[int, int]] | None:
         """What a crash may have kept from the journal: the blocks written since
@@ -342,6 +361,8 @@ class KernelJournal:
         destroyed, logged all it held): drain every segment, in order; draining
         stays stopped and :meth:`close` drains nothing more."""
         self.stop()
+        if self.guardian is not None:
+            self.guardian.unjournal(self.name)
         self.pending.append(self.current)
         self._drain_pending()
         self._replaced = True
@@ -463,6 +484,8 @@ class KernelJournal:
         drain every segment, then detach them (``keep``: the files stay, a clean
         state for the next start; else they are deleted)."""
         self.stop()
+        if self.guardian is not None:
+            self.guardian.unjournal(self.name)
         if not self._replaced and not _kernel.mapper_exists(self.name):
             try:
                 self.pending.append(self.current)

@@ -31,6 +31,7 @@ from dmrepl.daemon import _kernel
 from dmrepl.daemon._engine import Engine, EngineDevice, EngineReplicator
 from dmrepl.daemon._proto import ControlError
 from dmrepl.daemon.exports import SECTOR, backend_of
+from dmrepl.daemon.guardian import PIDFILE as GUARDIAN_PIDFILE
 from dmrepl.daemon.guardian import Guardian
 from dmrepl.daemon.kgroup import (
     KernelGroup,
@@ -122,8 +123,12 @@ class Objects:
         self.tuning = tuning
         self.persist = persist
         self.by_name: dict[str, Obj] = {}
-        #: resumes the kernel journals whose writes the daemon holds, if it dies
-        self.guardian = Guardian()
+        #: resumes the kernel journals whose writes the daemon holds, if it dies, and
+        #: flushes them until the next daemon (as often as the daemon swaps them:
+        #: the kernel holds no more of their writes in memory than while it runs)
+        self.guardian = Guardian(
+            pidfile=os.path.join(journal_dir, GUARDIAN_PIDFILE) if journal_dir else None,
+            flush_interval=float(self.knob("journal_interval")))
         #: the replicators' kernel journal groups, by replicator name
         self.groups: dict[str, KernelGroup] = {}
 

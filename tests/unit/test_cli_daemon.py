@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dmrepl.daemon.daemon import ConcatBackend, Daemon, DeviceObj, ReplicatorObj
+from dmrepl.daemon.guardian import MODULE, PIDFILE, Guardian
 from dmrepl.errors import UserError
 from dmrepl.nbd import MemoryBackend
 from dmrepl.replicator.errors import DeviceBusy
@@ -84,6 +86,25 @@ def test_state_is_persisted_and_restored(tmp_path: Path) -> None:
         assert d2.restore_errors == []
     finally:
         d2.shutdown()
+
+
+def test_a_new_daemon_stops_the_guardian_a_dead_one_left(tmp_path: Path) -> None:
+    """A daemon killed leaves its guardian flushing the kernel journals; the next
+    daemon on the same state directory stops it before it restores anything."""
+    pidfile = tmp_path / "state" / "journal" / PIDFILE
+    old = Guardian(pidfile=str(pidfile))
+    old.journal("j", "4095:1048575")   # (its daemon's end still open: it stays)
+    pid = old.pid
+    assert pid is not None
+    deadline = time.monotonic() + 30
+    while MODULE.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():   # (exec'd)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    d = Daemon(str(tmp_path / "state"), kernel_devices=False, engine=SimReplicator)
+    try:
+        assert old.pid is None and not pidfile.exists()
+    finally:
+        d.shutdown()
 
 
 class PendingSim(SimReplicator):

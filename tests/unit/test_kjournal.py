@@ -104,6 +104,7 @@ class Device:
 
 
 ERA_DEV = "253:9"
+JOURNAL_DEV = "253:10"  # /dev/mapper/NAME, the log-writes device
 ERA_BLOCK = 64          # sectors per era block, in the fake era's answers
 
 
@@ -190,7 +191,8 @@ class FakeKernel:
             if name.startswith("."):
                 self.era_live = False
         monkeypatch.setattr(_kernel, "mapper_devno", lambda name: (
-            ERA_DEV if name.startswith(".") and self.era_live else None))
+            (ERA_DEV if self.era_live else None) if name.startswith(".")
+            else (JOURNAL_DEV if self.live is not None else None)))
         monkeypatch.setattr(_kernel, "create_era", create_era)
         monkeypatch.setattr(_kernel, "era_status", lambda name: era_fmt.EraStatus(self.era, None))
         monkeypatch.setattr(_kernel, "era_message", era_message)
@@ -246,12 +248,20 @@ class Guardian:
     """The guardian process, as the daemon tells it (the real one: test_guardian)."""
 
     kernel: FakeKernel
+    #: the journals it flushes while the daemon is down: name -> major:minor
+    journals: dict[str, str] = field(default_factory=dict)
 
     def hold(self, name: str) -> None:
         self.kernel.calls.append(f"hold {name}")
 
     def free(self, name: str) -> None:
         self.kernel.calls.append(f"free {name}")
+
+    def journal(self, name: str, devno: str) -> None:
+        self.journals[name] = devno
+
+    def unjournal(self, name: str) -> None:
+        self.journals.pop(name, None)
 
 
 @pytest.fixture
@@ -633,6 +643,29 @@ def test_the_journals_writes_not_yet_in_the_log_count_against_the_limit(
 
 
 
+def test_the_guardian_knows_the_journal_from_its_open_or_takeover_to_its_close(
+        tmp_path: Path, kernel: FakeKernel) -> None:
+    """While the daemon is down the guardian flushes the log-writes device (by
+    its number): it is told when the journal opens, again by the daemon that
+    takes it over, and that it went when it closes."""
+    guardian = Guardian(kernel)
+    kj = KernelJournal("d", SECTORS, "/dev/local", Device(),  # type: ignore[arg-type]
+                       str(tmp_path), segment_bytes=SEGMENT, interval=3600,
+                       guardian=guardian)  # type: ignore[arg-type]
+    kj.open(None)
+    assert guardian.journals == {"d": JOURNAL_DEV}
+    kj.stop()                   # the daemon dies; the next one takes the journal over
+    again = Guardian(kernel)
+    kj2 = KernelJournal("d", SECTORS, "/dev/local", Device(),  # type: ignore[arg-type]
+                        str(tmp_path), segment_bytes=SEGMENT, interval=3600,
+                        guardian=again)  # type: ignore[arg-type]
+    kj2.open(None)
+    assert again.journals == {"d": JOURNAL_DEV}
+    kernel.live, kernel.era_live = None, False      # (removed)
+    kj2.close(keep=False)
+    assert again.journals == {}
+
+
 def test_a_swap_is_guarded_by_the_guardian(
         kernel: FakeKernel, guarded: tuple[KernelJournal, Device]) -> None:
     """A daemon killed in the middle of a swap (the device suspended) must not
@@ -685,6 +718,12 @@ def test_a_hold_that_fails_is_tried_again_later_not_at_every_look(
 
         def free(self, name: str) -> None:
             raise OSError("cannot start the guardian")
+
+        def journal(self, name: str, devno: str) -> None:
+            raise OSError("cannot start the guardian")
+
+        def unjournal(self, name: str) -> None:
+            pass
 
     monkeypatch.setattr(kjournal_mod, "HOLD_RETRY", 0.3)
     dev = Device()
