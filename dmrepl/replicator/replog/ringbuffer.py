@@ -400,10 +400,10 @@ class Ringbuffer:
                 assert s0 is not None
                 s0.claimed = max(s0.claimed, last.seq)
         ring = self.ring
-        held = any(syncs for _e, _d, syncs in taken)
-        durable = (held or self.rep.tuning.durable_acks
-                   or any(op[3] for op in ops[:len(taken)]))
-        try:
+        try:   # (from here on the claim is released, whatever happens)
+            held = any(syncs for _e, _d, syncs in taken)
+            durable = (held or self.rep.tuning.durable_acks
+                       or any(op[3] for op in ops[:len(taken)]))
             ring.write_entries([(e, data) for e, data, _s in taken], durable=durable)
             if durable and ring.durable_seq < last.seq:
                 ring.commit(last.seq)
