@@ -167,8 +167,8 @@ def test_kill_9_the_writer_goes_on_and_the_restart_drains_the_journal(
         # they come); the restart finds it short of its end mark and resynchronises
         # what it held
         resyncs = r.describe()["kernel_journal"]["resyncs"]
-        d.kill()
         guardian = int(Path(d.state_dir, "journal", "guardian.pid").read_text())
+        d.kill()
         logged = logged_entries(r.devs[0])
         subprocess.run(["fio", "--name=fill", f"--filename={r.mapper()}", "--rw=write",
                         "--bs=1M", "--direct=1", "--ioengine=psync", f"--size={SIZE_MB}M",
