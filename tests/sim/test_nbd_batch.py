@@ -429,30 +429,12 @@ def test_write_many_under_a_sync_site_link_acknowledges_once_the_remote_has_it()
     rep.close()
 
 
-def test_write_many_copies_locally_on_the_writers_thread_when_the_copier_is_idle(
-        ) -> None:
+def test_write_many_copies_locally_on_the_writers_thread_rewrites_included() -> None:
     # site link 0 (the local device) is sync: a write is acknowledged once the
     # local device has it; with the local copier idle the writer copies its own
-    # batch, so the acknowledgement needs no other thread
-    rep, stores = replicator("blockdev 2 0 sync blockdev 2 1 async")
-    dev = rep.devices[0]
-    local = stores.stores["l0"]
-    rep.start()
-    try:
-        ops: list[WriteOp] = [(i * BLOCK, block(i), BLOCK, False) for i in range(8)]
-        assert dev.write_many(ops) == [None] * len(ops)
-        assert local.snapshot()[:8 * BLOCK] == b"".join(block(i) for i in range(8))
-        assert rep.wait_drained(10)
-        assert stores.stores["r1"].snapshot()[:8 * BLOCK] == local.snapshot()[:8 * BLOCK]
-    finally:
-        rep.close()
-
-
-def test_write_many_rewriting_its_own_blocks_is_still_acknowledged_on_its_thread(
-        ) -> None:
-    # a rewrite overlaps a copy made since the last persisted position: the
-    # position is persisted first (idempotent replay), by the writer itself, so the
-    # acknowledgements still need no other thread
+    # batch, so the acknowledgement needs no other thread.  A rewrite overlaps a
+    # copy made since the last persisted position: the writer persists the
+    # position first (idempotent replay) and still copies it itself
     rep, stores = replicator("blockdev 2 0 sync blockdev 2 1 async")
     dev = rep.devices[0]
     local = stores.stores["l0"]

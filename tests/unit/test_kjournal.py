@@ -648,17 +648,18 @@ def test_the_guardian_knows_the_journal_from_its_open_or_takeover_to_its_close(
     """While the daemon is down the guardian flushes the log-writes device (by
     its number): it is told when the journal opens, again by the daemon that
     takes it over, and that it went when it closes."""
+    def journal(guardian: Guardian) -> KernelJournal:
+        return KernelJournal("d", SECTORS, "/dev/local", Device(),  # type: ignore[arg-type]
+                             str(tmp_path), segment_bytes=SEGMENT, interval=3600,
+                             guardian=guardian)  # type: ignore[arg-type]
+
     guardian = Guardian(kernel)
-    kj = KernelJournal("d", SECTORS, "/dev/local", Device(),  # type: ignore[arg-type]
-                       str(tmp_path), segment_bytes=SEGMENT, interval=3600,
-                       guardian=guardian)  # type: ignore[arg-type]
+    kj = journal(guardian)
     kj.open(None)
     assert guardian.journals == {"d": JOURNAL_DEV}
     kj.stop()                   # the daemon dies; the next one takes the journal over
     again = Guardian(kernel)
-    kj2 = KernelJournal("d", SECTORS, "/dev/local", Device(),  # type: ignore[arg-type]
-                        str(tmp_path), segment_bytes=SEGMENT, interval=3600,
-                        guardian=again)  # type: ignore[arg-type]
+    kj2 = journal(again)
     kj2.open(None)
     assert again.journals == {"d": JOURNAL_DEV}
     kernel.live, kernel.era_live = None, False      # (removed)
