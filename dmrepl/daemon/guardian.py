@@ -151,13 +151,12 @@ class Guardian:
         if self._pidfile is None:
             return
         try:
-            with open(self._pidfile) as f:
-                pid = int(f.read().strip())
-        except FileNotFoundError:
-            return
+            pid = _read_pid(self._pidfile)
         except (OSError, ValueError) as e:
             log.warning("guardian pid file %s unreadable (%s): no old guardian stopped",
                         self._pidfile, e)
+            return
+        if pid is None:
             return
         if _is_guardian(pid, self._pidfile):
             log.info("stopping the previous daemon's guardian (pid %d)", pid)
@@ -403,17 +402,26 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.flush_interval}s until the next daemon (log-writes holds the writes "
              "not yet flushed in kernel memory)")
         flush_journals(told.journals, args.flush_interval)
-    if args.pidfile is not None and _pid_in(args.pidfile) == os.getpid():
+    if args.pidfile is not None and _pid_is_mine(args.pidfile):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.pidfile)
     return 1 if failed else 0
 
 
-def _pid_in(pidfile: str) -> int | None:
+def _pid_is_mine(pidfile: str) -> bool:
+    try:
+        return _read_pid(pidfile) == os.getpid()
+    except (OSError, ValueError):
+        return False
+
+
+def _read_pid(pidfile: str) -> int | None:
+    """The pid in ``pidfile`` (None: no such file); OSError or ValueError if it
+    cannot be read."""
     try:
         with open(pidfile) as f:
             return int(f.read().strip())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
 
 

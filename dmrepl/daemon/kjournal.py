@@ -314,6 +314,12 @@ class KernelJournal:
             log.warning("%s: no guardian flushes its kernel journal while the daemon "
                         "is down: %s", self.name, e)
 
+    def _untell_guardian(self) -> None:
+        """The journal is drained for good (replaced, closed): not the guardian's
+        to flush any more."""
+        if self.guardian is not None:
+            self.guardian.unjournal(self.name)
+
     def _lost_in_crash(self, record: EraRecord) -> list[tuple[int, int]] | None:
         """What a crash may have kept from the journal: the blocks written since
         the era its oldest segment not drained began in (None: the whole device,
@@ -361,8 +367,7 @@ class KernelJournal:
         destroyed, logged all it held): drain every segment, in order; draining
         stays stopped and :meth:`close` drains nothing more."""
         self.stop()
-        if self.guardian is not None:
-            self.guardian.unjournal(self.name)
+        self._untell_guardian()
         self.pending.append(self.current)
         self._drain_pending()
         self._replaced = True
@@ -484,8 +489,7 @@ class KernelJournal:
         drain every segment, then detach them (``keep``: the files stay, a clean
         state for the next start; else they are deleted)."""
         self.stop()
-        if self.guardian is not None:
-            self.guardian.unjournal(self.name)
+        self._untell_guardian()
         if not self._replaced and not _kernel.mapper_exists(self.name):
             try:
                 self.pending.append(self.current)

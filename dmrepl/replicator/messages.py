@@ -134,9 +134,7 @@ def _slink_message(rep: Replicator, argv: list[str]) -> str:
                 raise MessageError(f"site link {nr} doesn't exist")
             if any(nr in d.legs for d in rep.devices.values()):
                 raise MessageError(f"site link {nr} still has devices")
-            gone.closing = True
-            gone.hurry.set()
-            gone.unclaimed.set()
+            gone.close_locked()
             del rep.slinks[nr]
             rep.bump_locked(f"slink {nr} deleted")
             t = gone.thread

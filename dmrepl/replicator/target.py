@@ -333,9 +333,7 @@ class Replicator:
             self.closed = True
             threads = []
             for s in self.slinks.values():
-                s.closing = True
-                s.hurry.set()
-                s.unclaimed.set()
+                s.close_locked()
                 if s.thread is not None:
                     threads.append(s.thread)
             for d in self.devices.values():

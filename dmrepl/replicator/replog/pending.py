@@ -31,30 +31,13 @@ class PendingIndex:
         self._index: dict[int, dict[int, dict[int, Entry]]] = {}
 
     def add(self, e: Entry) -> None:
-        buckets = self._index.get(e.dev)
-        if buckets is None:
-            buckets = self._index[e.dev] = {}
-        first = e.offset // INDEX_BUCKET
-        if (e.offset + e.length - 1) // INDEX_BUCKET <= first:   # (most: one bucket)
-            bucket = buckets.get(first)
-            if bucket is None:
-                bucket = buckets[first] = {}
-            bucket[e.seq] = e
-            return
+        buckets = self._index.setdefault(e.dev, {})
         for b in _buckets(e):
             buckets.setdefault(b, {})[e.seq] = e
 
     def drop(self, e: Entry) -> None:
         buckets = self._index.get(e.dev)
         if buckets is None:
-            return
-        first = e.offset // INDEX_BUCKET
-        if (e.offset + e.length - 1) // INDEX_BUCKET <= first:
-            bucket = buckets.get(first)
-            if bucket is not None:
-                bucket.pop(e.seq, None)
-                if not bucket:
-                    del buckets[first]
             return
         for b in _buckets(e):
             bucket = buckets.get(b)

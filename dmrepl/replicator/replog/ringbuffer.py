@@ -52,7 +52,6 @@ _CANNOT_GROW = frozenset({errno.EFBIG, errno.EINVAL, errno.ENOSPC, errno.EDQUOT}
 USAGE = f"usage: {MESSAGES_USAGE}"
 
 
-
 class _Targets(NamedTuple):
     """The site links a device's writes are copied to (:meth:`Ringbuffer._targets_locked`)."""
 
@@ -392,13 +391,14 @@ class Ringbuffer:
             if not taken:
                 return []
             last = taken[-1][0]
-            s0 = rep.slinks.get(0)
-            local = s0 is not None and any(0 in syncs for _e, _d, syncs in taken)
-            if local:
-                # this thread copies its writes to the local device itself (below):
-                # site link 0's copier, which the log write wakes, leaves them to it
-                assert s0 is not None
-                s0.claimed = max(s0.claimed, last.seq)
+            # site link 0 when it holds these writes: this thread copies them to the
+            # local device itself (below), and its copier, which the log write
+            # wakes, leaves them to it
+            local = rep.slinks.get(0)
+            if local is not None and any(0 in syncs for _e, _d, syncs in taken):
+                local.claimed = max(local.claimed, last.seq)
+            else:
+                local = None
         ring = self.ring
         try:   # (from here on the claim is released, whatever happens)
             held = any(syncs for _e, _d, syncs in taken)
@@ -409,15 +409,13 @@ class Ringbuffer:
                 ring.commit(last.seq)
             if not held:
                 return [None] * len(taken)
-            if local:
+            if local is not None:
                 # the local copy on this thread (when its copier is idle): the
                 # acknowledgements need no other thread
-                assert s0 is not None
-                rep.copiers.apply_here(s0, last.seq)
+                rep.copiers.apply_here(local, last.seq)
         finally:
-            if local:
-                assert s0 is not None
-                rep.copiers.release_claim(s0, last.seq)
+            if local is not None:
+                rep.copiers.release_claim(local, last.seq)
         with self.lock:
             return [None if self._acked_locked(syncs, e.seq)
                     else self._sync_waiter(dev, e, syncs) for e, _d, syncs in taken]

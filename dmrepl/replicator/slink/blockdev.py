@@ -119,12 +119,8 @@ class Blockdev:
         if conc:
             failure = self._apply_concurrently(s, conc, done, durable)
         for e, leg in inline if failure is None else ():
-            data = e.data
             try:
-                if data is not None and not durable:   # (most: its data cached)
-                    leg.store.pwrite(e.offset, data)
-                else:
-                    self._copy_one(e, leg, durable)
+                self._copy_one(e, leg, durable)
             except OSError as err:
                 failure = (e, leg, err)
                 break
@@ -210,7 +206,10 @@ class Blockdev:
         return failure
 
     def _copy_one(self, e: Entry, leg: Leg, durable: bool = False) -> None:
-        if durable:
+        data = e.data
+        if data is not None and not durable:   # (most copies: the data cached)
+            leg.store.pwrite(e.offset, data)
+        elif durable:
             leg.store.pwritev_durable(e.offset, [self._copy_data(e)])
         elif e.zero:
             _write_zeros(leg.store, e.offset, e.length)

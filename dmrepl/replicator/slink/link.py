@@ -179,6 +179,12 @@ class Slink:
         """Do new writes wait for this site link (sync, or forced sync, and up)?"""
         return self.up and (self.cfg.sync or self.forced)
 
+    def close_locked(self) -> None:
+        """Have its copier exit: wake it from any of its waits."""
+        self.closing = True
+        self.hurry.set()
+        self.unclaimed.set()
+
     def count_queued_locked(self, e: Entry, sign: int) -> None:
         """Entry ``e`` joined (+1) or left (-1) this site link's queue."""
         queued = self.queued
@@ -189,7 +195,6 @@ class Slink:
             self.queued = None
             return
         q.count(e, sign)
-
 
 
 #: The block of a copy window's block sets: 4 KiB, what a file system or a
