@@ -75,7 +75,7 @@ class Tuning:
                                 "most")
     resync_chunk: int = _knob(1 << 20, 512, None, "bytes per resync read/write")
     copier_nice: int = _knob(0, 0, 19, "nice increment of the copier threads")
-    copy_inflight: int = _knob(8, 1, 1024, "copies of one epoch in flight per site link "
+    copy_inflight: int = _knob(32, 1, 1024, "copies of one epoch in flight per site link "
                                "(remote sites)")
     # An async copier that just copied a small batch pauses this long before it
     # looks again, so that the next batch carries more entries: waking both

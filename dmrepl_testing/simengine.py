@@ -186,7 +186,7 @@ class SimDevice:
         # replicator-dev <rep> <dev_nr> <slink#> <#dev_params> <dev_path> ...
         return self.line.split()[3:][4]
 
-    def journal(self) -> SimDevice:
+    def journal(self, *, cached: bool = False) -> SimDevice:
         # (the sim copies to every store itself: writing the local one again,
         # after the kernel did, is harmless)
         return self

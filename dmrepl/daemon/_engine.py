@@ -45,9 +45,10 @@ class EngineDevice(Backend, Protocol):
         """The path of the local device (site link 0's)."""
         ...
 
-    def journal(self) -> Backend:
+    def journal(self, *, cached: bool = False) -> Backend:
         """The device as a kernel mirror's journal leg: the kernel writes the
-        local device itself; this logs writes for the remote site links only."""
+        local device itself; this logs writes for the remote site links only
+        (``cached``: durable at the next flush, as a disk with a write cache)."""
         ...
 
     def lost_writes(self, offset: int = 0, length: int | None = None) -> None:

@@ -58,12 +58,13 @@ class GroupTarget:
             start += sectors * SECTOR
         self.size_bytes = start
 
-    def journal(self) -> Backend:
+    def journal(self, *, cached: bool = False) -> Backend:
         # (a drained batch has no flush inside: the order of its writes across
         # members is free, as within one device's; a flush ends the batch.  What a
         # member's full ring leaves is written before the batch returns, as the
         # drainer does for one device: its acknowledgements may go unwaited)
-        return ConcatBackend([(start, size, dev.journal()) for start, size, dev in self.parts],
+        return ConcatBackend([(start, size, dev.journal(cached=cached))
+                              for start, size, dev in self.parts],
                              left_now=True)
 
     def lost_writes(self, offset: int = 0, length: int | None = None) -> None:

@@ -90,7 +90,7 @@ class JournalTarget(Protocol):
     members (:class:`~dmrepl.daemon.kgroup.GroupTarget`); offsets are the
     journal's device's."""
 
-    def journal(self) -> Backend: ...
+    def journal(self, *, cached: bool = False) -> Backend: ...
     def lost_writes(self, offset: int = 0, length: int | None = None) -> None: ...
     def remote_in_sync(self) -> bool: ...
     def behind_limit(self, ios: int = 0, nbytes: int = 0,
@@ -627,7 +627,14 @@ class KernelJournal:
         in the journal: a flush of the log)."""
         path = self._segment(i)
         fd = os.open(path, os.O_RDONLY)
-        backend = self.dev.journal()
+        # The kernel acknowledged these writes long ago: the log is committed
+        # where the journal has a flush and before the segment is let go, not at
+        # every batch.  Each commit is an epoch, what a remote site link waits
+        # on (every copy of one answered before the next one's first is sent):
+        # the copiers commit what is written as they look for work, so epochs
+        # grow with the copiers' lag, where a commit per batch cost a site round
+        # trip per BATCH_OPS writes.
+        backend = self.dev.journal(cached=True)
         write_many = getattr(backend, "write_many", None)
         ops: list[WriteOp] = []
         nbytes = 0
@@ -635,6 +642,10 @@ class KernelJournal:
         def push() -> None:
             nonlocal ops, nbytes
             taken = write_many(ops) if ops and write_many is not None else []
+            if len(taken) < len(ops):
+                # (the rest waits for room below, which the copiers make only
+                # from committed entries)
+                backend.flush()
             left = self._left.get(i)
             if left is not None:
                 left[0] -= len(ops)
@@ -700,6 +711,7 @@ class KernelJournal:
                 elif len(ops) >= BATCH_OPS or nbytes >= BATCH_BYTES:
                     push()
             push()
+            backend.flush()   # (before the segment is emptied)
             if not ended:
                 # log-writes logs the writes it holds (those since the last flush)
                 # and then its end mark as it is destroyed; a log that filled up

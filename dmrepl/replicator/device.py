@@ -183,8 +183,8 @@ class ReplicatedDevice:
             self.rep.replog.write(self, offset, payload, len(payload), fua, count=True,
                                   journal=journal)
 
-    def write_many(self, ops: Sequence[WriteOp], *, journal: bool = False
-                   ) -> list[AckWait | None]:
+    def write_many(self, ops: Sequence[WriteOp], *, journal: bool = False,
+                   commit: bool = True) -> list[AckWait | None]:
         """Writes (``(offset, data or None for zeros, length, fua)``) logged as one
         batch without waiting: the outcomes of the ones taken, a prefix of ``ops``
         (None: acknowledged; else a function returning once acknowledged); the
@@ -192,7 +192,8 @@ class ReplicatedDevice:
         :meth:`Ringbuffer.write_many
         <dmrepl.replicator.replog.ringbuffer.Ringbuffer.write_many>`).  A write
         this device refuses (unaligned, beyond its end; empty, or data not of its
-        length: no log entry) ends the prefix."""
+        length: no log entry) ends the prefix.  ``commit=False``: durable only
+        at the next :meth:`flush` (see the ring's ``write_many``)."""
         n = 0
         for offset, data, length, _fua in ops:
             if length <= 0 or (data is not None and len(data) != length):
@@ -205,7 +206,7 @@ class ReplicatedDevice:
         if not n:
             return []
         return self.rep.replog.write_many(self, ops[:n] if n < len(ops) else ops,
-                                          journal=journal)
+                                          journal=journal, commit=commit)
 
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
@@ -272,10 +273,10 @@ class ReplicatedDevice:
             return any(self.rep.slinks[nr].up and self.rep.copiers.past_fallbehind_locked(
                 self.rep.slinks[nr], now, ios, nbytes, since) for nr in self.legs if nr)
 
-    def journal(self) -> JournalLeg:
+    def journal(self, *, cached: bool = False) -> JournalLeg:
         """The device as the *journal leg* of a kernel mirror whose other leg is
         the local device: see :class:`JournalLeg`."""
-        return JournalLeg(self)
+        return JournalLeg(self, cached=cached)
 
     def message(self, argv: Sequence[str]) -> str:
         """replicator-dev messages: device add|del, start|resume, stop|suspend|postsuspend."""
@@ -307,11 +308,18 @@ class JournalLeg:
     logged for the remote site links (entries without site link 0) and returns
     when their policies acknowledge it.  Reads (the mirror reads this leg only if
     the local one fails, never for recovery) come from the local device, which
-    the kernel keeps newest."""
+    the kernel keeps newest.
 
-    def __init__(self, dev: ReplicatedDevice) -> None:
+    ``cached``: a leg with a write cache: what :meth:`write_many` logs is
+    durable at the next :meth:`flush` (the kernel journal's drainer, which
+    flushes at the journal's flushes and before it lets a segment go).  A
+    mirror's leg is not: the mirror marks a region clean once both legs
+    answered."""
+
+    def __init__(self, dev: ReplicatedDevice, *, cached: bool = False) -> None:
         self.dev = dev
         self.size_bytes = dev.size_bytes
+        self.cached = cached
 
     def write(self, offset: int, data: bytes | bytearray | memoryview,
               fua: bool = False) -> None:
@@ -320,7 +328,7 @@ class JournalLeg:
     def write_many(self, ops: Sequence[WriteOp]) -> list[AckWait | None]:
         """A batch of writes, logged for the remote site links (see
         :meth:`ReplicatedDevice.write_many`)."""
-        return self.dev.write_many(ops, journal=True)
+        return self.dev.write_many(ops, journal=True, commit=not self.cached)
 
     def read(self, offset: int, length: int) -> bytes:
         dev = self.dev

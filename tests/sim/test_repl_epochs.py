@@ -8,6 +8,7 @@ epoch before every copy of the current one completed.
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 from dataclasses import replace
@@ -256,3 +257,67 @@ def test_mixed_stores_failure_counts_only_what_was_written(failing: str) -> None
     rep.close()
     for d, store in ((0, conc), (1, inline)):
         assert store.snapshot() == stores.stores[f"l{d}"].snapshot()
+
+
+class HeldReplies(FakeStore):
+    """A remote site that takes several writes per call (an NBD site's
+    ``start_writes``) and answers each one only when the test lets it: what
+    was sent and when is what the test sees."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size, name="r0")
+        self.concurrent_writes = True
+        self.sent: list[int] = []          # block numbers, in the order sent
+        self.answered = threading.Semaphore(0)
+        self.changed = threading.Condition()
+
+    def start_writes(self, writes, fua: bool = False):
+        with self.changed:
+            self.sent += [offset // 4096 for offset, _data in writes]
+            self.changed.notify_all()
+
+        def wait(offset: int, data: bytes) -> None:
+            assert self.answered.acquire(timeout=30), "the test answered no more"
+            self.pwrite(offset, data)
+        return [functools.partial(wait, offset, bytes(data)) for offset, data in writes]
+
+    def wait_sent(self, n: int) -> list[int]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.sent) >= n, 30), self.sent
+            return list(self.sent)
+
+
+def test_an_nbd_site_gets_more_copies_as_the_first_replies_come() -> None:
+    """A sliding window: once the oldest copies of an epoch are answered, the next
+    ones leave while the rest are still in flight (stop-and-wait per window left
+    the site idle for a round trip per window); never more than
+    ``copy_inflight`` at once, and the site ends equal to the local device."""
+    stores = StoreSet()
+    stores.add(FakeStore((8192 + 64) * 512, name="log"))
+    stores.add(FakeStore(DEV, name="l0"))
+    remote = stores.add(HeldReplies(DEV))
+    rep = Replicator.from_table(
+        "0 1 replicator ringbuffer 4 log 0 create 8192 blockdev 2 0 async "
+        "blockdev 2 1 async", opener=stores.open, durable_acks=False,
+        copy_inflight=8, persist_interval=0.01, retry_interval=3600)
+    dev = rep.add_device(f"0 {DEV // 512} replicator-dev rep 0 0 1 l0 nolog 0 "
+                         "1 1 r0 core 2 8 nosync")
+    for i in range(32):
+        dev.write(i * 8192, block(i))
+    dev.flush()  # one epoch of 32 copies
+    rep.start()
+    try:
+        assert remote.wait_sent(8) == [2 * i for i in range(8)]   # the window is full
+        remote.answered.release(4)   # the oldest half answered, the rest not
+        assert len(remote.wait_sent(12)) == 12
+        with remote.changed:
+            assert not remote.changed.wait(0.2) and len(remote.sent) == 12, \
+                "more than copy_inflight copies in flight"
+        remote.answered.release(28)
+        assert rep.wait_drained(30), rep.status_dict()
+        assert rep.status_dict()["slinks"][1]["copies_in_flight_max"] == 8
+    finally:
+        remote.answered.release(64)
+        rep.close()
+    assert sorted(remote.sent) == [2 * i for i in range(32)]
+    assert remote.snapshot() == stores.stores["l0"].snapshot()

@@ -18,7 +18,7 @@ DEV = 64 << 10
 LOG = 4096
 
 
-def setup(policy: str = "async") -> tuple[Replicator, StoreSet]:
+def setup(policy: str = "async", *, start: bool = True) -> tuple[Replicator, StoreSet]:
     stores = StoreSet()
     for name, size in (("log", (LOG + 8) * 512), ("l0", DEV), ("r1", DEV)):
         stores.add(FakeStore(size, name=name))
@@ -26,7 +26,8 @@ def setup(policy: str = "async") -> tuple[Replicator, StoreSet]:
         f"0 1 replicator ringbuffer 4 log 0 create {LOG} blockdev 2 0 async "
         f"blockdev 2 1 {policy}", opener=stores.open, persist_interval=0.002)
     rep.add_device(f"0 {DEV // 512} replicator-dev rep 0 0 1 l0 nolog 0 1 1 r1 core 2 8 nosync")
-    rep.start()
+    if start:
+        rep.start()
     return rep, stores
 
 
@@ -121,5 +122,33 @@ def test_the_journal_leg_refuses_what_the_device_refuses() -> None:
                       lambda: journal.trim(DEV - 512, 1024)):
             with pytest.raises(UserError):
                 write()
+    finally:
+        rep.close()
+
+
+def test_a_cached_journal_leg_commits_at_its_flush_and_its_batches_are_one_epoch() -> None:
+    """The kernel journal's drainer (``journal(cached=True)``): its batches are
+    logged without a commit (the copiers not running: nobody else commits), and
+    its flush makes them one epoch; a FUA write is committed at once, as on any
+    leg (a mirror's leg commits every batch)."""
+    rep, stores = setup(start=False)
+    bounds: list[int] = []
+    rep.ring.epoch_listener = bounds.append
+    try:
+        journal = rep.devices[0].journal(cached=True)
+        for batch in range(3):
+            assert journal.write_many([(i * 4096, bytes([batch + 1]) * 4096, 4096, False)
+                                       for i in range(4)]) == [None] * 4
+        assert bounds == []
+        journal.flush()
+        assert bounds == [12]
+        journal.write_many([(0, b"\x09" * 4096, 4096, True)])     # FUA: committed
+        assert bounds == [12, 13]
+        rep.devices[0].journal().write_many([(4096, b"\x08" * 4096, 4096, False)])
+        assert bounds == [12, 13, 14]
+        rep.start()
+        assert rep.wait_drained(30)
+        assert stores.stores["r1"].snapshot()[:4 * 4096] == \
+            b"\x09" * 4096 + b"\x08" * 4096 + b"\x03" * 2 * 4096
     finally:
         rep.close()

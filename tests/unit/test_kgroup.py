@@ -53,7 +53,7 @@ class Device:
         self.take = take
         self.lost: list[tuple[int, int | None]] = []
 
-    def journal(self) -> Any:
+    def journal(self, *, cached: bool = False) -> Any:
         return Journal(self.log, self.name, self.take)
 
     def lost_writes(self, offset: int = 0, length: int | None = None) -> None:

@@ -18,7 +18,7 @@ import pytest
 from dmrepl.blockio import AckWait, WriteOp
 from dmrepl.daemon import _kernel, erarecord
 from dmrepl.daemon import kjournal as kjournal_mod
-from dmrepl.daemon.kjournal import KernelJournal
+from dmrepl.daemon.kjournal import BATCH_OPS, KernelJournal
 from dmrepl.dm import era as era_fmt
 from dmrepl.dm import logwrites as lw
 
@@ -37,8 +37,9 @@ def entry(sector: int, nr: int, flags: int, data: bytes = b"") -> bytes:
 
 
 def drained(dev: Device) -> list[Any]:
-    """The data of what reached ``dev``'s replication log, in order."""
-    return [d for _op, _o, d, _n in dev.journal_backend.log]
+    """The data of what reached ``dev``'s replication log, in order (its
+    flushes left out)."""
+    return [op[2] for op in dev.journal_backend.log if op[0] != "flush"]
 
 
 END_MARK = entry(0, 0, lw.FLAG_MARK, b"dm-log-writes-end")
@@ -60,11 +61,13 @@ class Journal:
     log: list[tuple[Any, ...]] = field(default_factory=list)
     #: called at each batch (what the test wants to see then)
     on_batch: Any = None
+    #: writes of a batch it takes (a log that takes part of one: the rest one by one)
+    take: int = 3
 
     def write_many(self, ops: Sequence[WriteOp]) -> list[AckWait | None]:
         if self.on_batch is not None:
             self.on_batch()
-        taken = ops[:3]      # a log that takes part of a batch: the rest one by one
+        taken = ops[:self.take]
         self.log += [("write" if d is not None else "trim", o, d, n) for o, d, n, _f in taken]
         return [None] * len(taken)
 
@@ -84,7 +87,7 @@ class Device:
     lost: int = 0
     lost_ranges: list[tuple[int, int | None]] = field(default_factory=list)
 
-    def journal(self) -> Journal:
+    def journal(self, *, cached: bool = False) -> Journal:
         return self.journal_backend
 
     def lost_writes(self, offset: int = 0, length: int | None = None) -> None:
@@ -297,11 +300,12 @@ def test_a_segment_is_appended_in_log_order_with_its_flushes_then_emptied(
         entry(12, 1, lw.FLAG_FUA, a), entry(9, 1, 0, a)))
     kj.drain_now()
     # a flush, and a FUA write, end an epoch (a log commit): nothing after either
-    # is applied at a remote site before it
+    # is applied at a remote site before it; the log is committed before the
+    # segment is let go
     assert dev.journal_backend.log == [
         ("write", 4 * S, a, S), ("write", 8 * S, b, 2 * S), ("flush",), ("flush",),
         ("trim", 16 * S, None, 8 * S), ("write", 4 * S, b[:S], S),
-        ("write", 12 * S, a, S), ("flush",), ("write", 9 * S, a, S)]
+        ("write", 12 * S, a, S), ("flush",), ("write", 9 * S, a, S), ("flush",)]
     # the drained segment is empty (its super gone) and no longer to drain
     with open(tmp_path / "d.0.seg", "rb") as f:
         assert lw.parse_super(f.read(64)) is None
@@ -473,6 +477,29 @@ def test_a_crash_with_the_era_record_unreadable_resyncs_the_whole_device(
         kj2.stop()
 
 
+def test_the_log_is_committed_at_the_journals_flushes_and_before_the_segment_goes(
+        kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
+    """The log is committed (an epoch for the remote site links) where the
+    journal flushes and at the segment's end, not at every batch; a batch the
+    log took only part of is committed before the rest waits for room (the
+    copiers free room only from committed entries)."""
+    kj, dev = opened
+    dev.journal_backend.take = BATCH_OPS
+    n = 5 * BATCH_OPS + 10
+    kernel.on_swap.append(segment_image(*(entry(i % SECTORS, 1, lw.FLAG_FLUSH if i == 100 else 0,
+                                                b"\x05" * S) for i in range(n))))
+    kj.drain_now()
+    log = dev.journal_backend.log
+    flushes = [i - k for k, i in enumerate(j for j, op in enumerate(log) if op[0] == "flush")]
+    assert flushes == [101, n]     # (writes before each flush)
+    # a log that takes part of each batch: committed before each rest
+    dev.journal_backend.log, dev.journal_backend.take = [], 3
+    kernel.on_swap.append(segment_image(*(entry(i, 1, 0, b"\x06" * S) for i in range(5))))
+    kj.drain_now()
+    assert [op[0] for op in dev.journal_backend.log] == ["write"] * 3 + ["flush"] + \
+        ["write"] * 2 + ["flush"]
+
+
 def test_a_segment_with_writes_past_the_device_is_not_trusted(
         kernel: FakeKernel, opened: tuple[KernelJournal, Device]) -> None:
     kj, dev = opened
@@ -631,14 +658,14 @@ def test_the_journals_writes_not_yet_in_the_log_count_against_the_limit(
     dev.journal_backend.on_batch = lambda: seen.append(kernel.suspended)
     kernel.on_swap.append(segment_image(*(entry(i, 1, 0, b"\x07" * S) for i in range(6))))
     kernel.writes += 1
-    wait_for(lambda: len(dev.journal_backend.log) == 6 and not kj.describe()["writes_held"])
+    wait_for(lambda: len(drained(dev)) == 6 and not kj.describe()["writes_held"])
     assert seen[0] is True          # held while the six went into the log
     assert holds(kernel.calls) == ["hold d", "suspend", "resume", "free d"]
     assert kj.describe()["holds"] == 1 and not kernel.suspended
     # fewer than the limit: never held
     kernel.on_swap.append(segment_image(*(entry(i, 1, 0, b"\x08" * S) for i in range(3))))
     kernel.writes += 1
-    wait_for(lambda: len(dev.journal_backend.log) == 9)
+    wait_for(lambda: len(drained(dev)) == 9)
     assert kj.describe()["holds"] == 1 and seen[-1] is False
 
 
@@ -698,7 +725,7 @@ def test_a_device_held_for_its_current_segment_alone_swaps_it_out_and_is_let_go(
     kernel.on_swap += [segment_image(),
                        segment_image(*(entry(i, 1, 0, b"\x09" * S) for i in range(10)))]
     kernel.writes += 1
-    wait_for(lambda: len(dev.journal_backend.log) == 10 and not kj.describe()["writes_held"])
+    wait_for(lambda: len(drained(dev)) == 10 and not kj.describe()["writes_held"])
     assert suspended_at_swap[:2] == [False, True]   # the second swap made while held
     assert holds(kernel.calls)[:3] == ["hold d", "suspend", "suspend"]   # (again, after it)
     assert holds(kernel.calls)[-2:] == ["resume", "free d"] and not kernel.suspended

@@ -68,9 +68,10 @@ class ReplogType(Protocol):
         device)."""
 
     def write_many(self, dev: ReplicatedDevice, ops: Sequence[WriteOp],
-                   journal: bool = False) -> list[AckWait | None]:
+                   journal: bool = False, commit: bool = True) -> list[AckWait | None]:
         """io (writes of a batch): log a prefix of them without waiting; its
-        outcomes (None: acknowledged; else a wait for the acknowledgement)."""
+        outcomes (None: acknowledged; else a wait for the acknowledgement).
+        ``commit=False``: durable at the next :meth:`flush` (unless held)."""
 
     def read(self, dev: ReplicatedDevice, offset: int, length: int) -> bytes:
         """io (read): the newest data of the device."""

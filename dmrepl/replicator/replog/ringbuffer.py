@@ -360,7 +360,7 @@ class Ringbuffer:
             ring.commit(last.seq)
 
     def write_many(self, dev: ReplicatedDevice, ops: Sequence[WriteOp],
-                   journal: bool = False) -> list[AckWait | None]:
+                   journal: bool = False, commit: bool = True) -> list[AckWait | None]:
         """Log a batch of writes (``(offset, data or None for zeros, length,
         fua)``) without waiting for space nor for a site link: reserve their entries
         under one lock, write them with one ``pwritev`` and make them durable with
@@ -372,8 +372,12 @@ class Ringbuffer:
         acknowledged it (raising if they cannot).  The rest is not logged: the
         caller writes it with :meth:`write`, which waits (a full ring, a
         suspended device, a write larger than the batch takes, a device in error).
-        ``journal``: as :meth:`write`'s.  Raises ReplogIOError when the log
-        fails (no write of the batch is acknowledged)."""
+        ``journal``: as :meth:`write`'s.  ``commit=False``: the caller makes the
+        batch durable with :meth:`flush` (the kernel journal's drainer, whose
+        writes the kernel acknowledged long ago), unless a site link holds a
+        write or one is ``fua``: so one log commit, and one epoch for the remote
+        site links, spans many batches.  Raises ReplogIOError when the log fails
+        (no write of the batch is acknowledged)."""
         rep = self.rep
         with self.lock:
             if not dev.running or dev.closed or rep.closed or dev.legs[0].error:
@@ -402,7 +406,7 @@ class Ringbuffer:
         ring = self.ring
         try:   # (from here on the claim is released, whatever happens)
             held = any(syncs for _e, _d, syncs in taken)
-            durable = (held or self.rep.tuning.durable_acks
+            durable = (held or (commit and self.rep.tuning.durable_acks)
                        or any(op[3] for op in ops[:len(taken)]))
             ring.write_entries([(e, data) for e, data, _s in taken], durable=durable)
             if durable and ring.durable_seq < last.seq:

@@ -173,16 +173,39 @@ class Blockdev:
                          senders: list[StartWrites], done: set[int],
                          durable: bool) -> Failure | None:
         """The epoch's copies to stores that send several writes with one call (an
-        NBD site): ``copy_inflight`` at a time, each window's writes to one store
-        sent together and their replies awaited together (one system call and one
-        wake-up per window, not per copy); none sent after a failure."""
+        NBD site): a sliding window of ``copy_inflight`` copies in flight.  They
+        go in halves of the window, each half's writes to one store with one
+        system call; the next half leaves as soon as the oldest replies make room
+        for it, so the site always has copies to work on while their replies
+        travel back (stop-and-wait per window cost a round trip per window: a
+        remote 10 ms away took at most 100 windows a second).  None is sent after
+        a failure."""
         window = self.rep.tuning.copy_inflight
+        half = max(1, window // 2)
         failure: Failure | None = None
-        for i in range(0, len(todo), window):
+        inflight: deque[tuple[Entry, Leg, Callable[[], None]]] = deque()
+        most = 0
+
+        def reap() -> None:
+            nonlocal failure
+            e, leg, wait = inflight.popleft()
+            try:
+                wait()
+            except OSError as err:
+                if failure is None or e.seq < failure[0].seq:
+                    failure = (e, leg, err)
+                return
+            done.add(e.seq)
+
+        for i in range(0, len(todo), half):
+            part = todo[i:i + half]
+            while inflight and len(inflight) + len(part) > window:
+                reap()
+            if failure is not None:
+                break
             by_store: dict[int, tuple[StartWrites, list[tuple[Entry, Leg]]]] = {}
-            for (e, leg), send in zip(todo[i:i + window], senders[i:i + window], strict=True):
+            for (e, leg), send in zip(part, senders[i:i + half], strict=True):
                 by_store.setdefault(id(leg.store), (send, []))[1].append((e, leg))
-            sent: list[tuple[Entry, Leg, Callable[[], None]]] = []
             for send, copies in by_store.values():
                 try:
                     waits = send([(e.offset, self._copy_data(e)) for e, _leg in copies],
@@ -190,19 +213,14 @@ class Blockdev:
                 except OSError as err:
                     failure = (copies[0][0], copies[0][1], err)
                     break
-                sent += [(e, leg, w) for (e, leg), w in zip(copies, waits, strict=True)]
-            for e, leg, wait in sent:
-                try:
-                    wait()
-                except OSError as err:
-                    if failure is None or e.seq < failure[0].seq:
-                        failure = (e, leg, err)
-                    continue
-                done.add(e.seq)
-            with self.rep.cond:
-                s.inflight_max = max(s.inflight_max, len(sent))
+                inflight.extend((e, leg, w) for (e, leg), w in zip(copies, waits, strict=True))
+            most = max(most, len(inflight))
             if failure is not None:
                 break
+        while inflight:
+            reap()
+        with self.rep.cond:
+            s.inflight_max = max(s.inflight_max, most)
         return failure
 
     def _copy_one(self, e: Entry, leg: Leg, durable: bool = False) -> None:
