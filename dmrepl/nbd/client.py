@@ -21,8 +21,6 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from urllib.parse import parse_qs, urlparse
 
 from construct import ConstructError
@@ -83,7 +81,7 @@ class NbdStore:
         self.connect_timeout = connect_timeout
         self._lock = threading.Lock()         # connection state and sending
         self._sock: socket.socket | None = None
-        self._pending: dict[int, tuple[Future[bytes], int]] = {}
+        self._pending: dict[int, _Reply] = {}
         self._handles = itertools.count(1)
         self._closed = False
         self.size = 0
@@ -162,15 +160,14 @@ class NbdStore:
         with self._lock:
             if self._sock is sock:
                 self._sock = None
-            pending = [f for f, s in self._pending.values() if s == id(sock)]
-            for h in [h for h, (_, s) in self._pending.items() if s == id(sock)]:
+            pending = [r for r in self._pending.values() if r.sock == id(sock)]
+            for h in [h for h, r in self._pending.items() if r.sock == id(sock)]:
                 del self._pending[h]
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
         sock.close()
-        for fut in pending:
-            if not fut.done():
-                fut.set_exception(OSError(error.errno, error.strerror))
+        for reply in pending:
+            reply.complete(error=OSError(error.errno, error.strerror))
 
     def _reader(self, sock: socket.socket) -> None:
         """Complete the requests in flight as their replies come.  One receive
@@ -179,36 +176,39 @@ class NbdStore:
         hand-off each)."""
         buf = bytearray()
         head_size = p.SIMPLE_REPLY_S.size
+        reply: _Reply | None = None   # taken out of _pending, not yet completed
+        tcp = sock.family != socket.AF_UNIX   # (an enum conversion each time asked)
         try:
             while True:
                 if len(buf) < head_size:
-                    if not _receive_into(sock, buf) and not buf and self._sock is not sock:
+                    if not _receive_into(sock, buf, tcp) and not buf and self._sock is not sock:
                         return      # idle and replaced; request deadlines are in _call
                     continue
                 magic, err, handle = p.SIMPLE_REPLY_S.unpack_from(buf)
                 if magic != p.SIMPLE_REPLY_MAGIC:
                     raise OSError(errno.EPROTO, "bad reply magic")
                 with self._lock:
-                    fut, _ = self._pending.get(handle, (None, 0))
-                    length = getattr(fut, "read_length", 0) if fut and not err else 0
+                    reply = self._pending.pop(handle, None)
+                length = reply.read_length if reply is not None and not err else 0
                 end = head_size + length
                 while len(buf) < end:
-                    _receive_into(sock, buf)  # mid-message: a dead peer is dropped by _call
+                    _receive_into(sock, buf, tcp)  # mid-message: a dead peer is dropped by _call
                 data = b""
                 if length:
                     with memoryview(buf) as view:
                         data = bytes(view[head_size:end])
                 del buf[:end]
-                with self._lock:
-                    self._pending.pop(handle, None)
-                if fut is None:
+                if reply is None:
                     continue
                 if err:
                     code = REPLY_ERRORS.get(err, errno.EIO)
-                    fut.set_exception(OSError(code, f"remote: {errno.errorcode.get(code)}"))
+                    reply.complete(error=OSError(code, f"remote: {errno.errorcode.get(code)}"))
                 else:
-                    fut.set_result(data)
+                    reply.complete(data)
+                reply = None
         except OSError as e:
+            if reply is not None:
+                reply.complete(error=OSError(e.errno, e.strerror))
             self._drop(sock, e)
 
     def _send(self, cmd: int, offset: int = 0, length: int = 0,
@@ -224,20 +224,18 @@ class NbdStore:
         """Send requests (``(command, offset, length, payload, flags)``) with one
         ``sendmsg`` (headers and payloads as they are: nothing copied); returns
         the wait of each (see :meth:`_send`)."""
-        futures: list[Future[bytes]] = []
+        replies: list[_Reply] = []
         parts: list[Buffer] = []
         err: OSError | None = None
         with self._lock:
             sock = self._connect()
             handles = []
             for cmd, offset, length, data, flags in requests:
-                fut: Future[bytes] = Future()
-                if cmd == p.Cmd.READ:
-                    fut.read_length = length  # type: ignore[attr-defined]
+                reply = _Reply(id(sock), length if cmd == p.Cmd.READ else 0)
                 handle = next(self._handles)
-                self._pending[handle] = (fut, id(sock))
+                self._pending[handle] = reply
                 handles.append(handle)
-                futures.append(fut)
+                replies.append(reply)
                 parts.append(p.REQUEST_S.pack(p.REQUEST_MAGIC, flags, cmd, handle, offset,
                                               length))
                 if len(data):
@@ -253,17 +251,18 @@ class NbdStore:
             self._drop(sock, err)
             raise err
 
-        def waiter(fut: Future[bytes]) -> Callable[[], bytes]:
+        def waiter(reply: _Reply) -> Callable[[], bytes]:
             def wait() -> bytes:
-                try:
-                    return fut.result(self.timeout)
-                except FutureTimeout:
+                if not reply.wait(self.timeout):
                     timeout = OSError(errno.ETIMEDOUT,
                                       f"{self.url}: no reply in {self.timeout}s")
                     self._drop(sock, timeout)
-                    raise timeout from None
+                    raise timeout
+                if reply.error is not None:
+                    raise reply.error
+                return reply.data
             return wait
-        return [waiter(fut) for fut in futures]
+        return [waiter(reply) for reply in replies]
 
     def _call(self, cmd: int, offset: int = 0, length: int = 0,
               data: bytes | memoryview = b"", flags: int = 0) -> bytes:
@@ -351,6 +350,34 @@ class NbdStore:
             self._drop(sock, OSError(errno.EBADF, "store closed"))
 
 
+class _Reply:
+    """A request in flight, completed once: by the reader as its reply comes, or
+    failed by the drop of its connection (whichever takes it out of the
+    store's pending requests).  A lock held until then is the wait (a Future
+    cost three times as much per request: a condition and its lock each)."""
+
+    __slots__ = ("_ready", "data", "error", "read_length", "sock")
+
+    def __init__(self, sock: int, read_length: int) -> None:
+        self._ready = threading.Lock()
+        self._ready.acquire()
+        self.sock = sock                  # id() of the connection it was sent on
+        self.read_length = read_length    # bytes the reply carries (a read's)
+        self.data = b""
+        self.error: OSError | None = None
+
+    def complete(self, data: bytes = b"", error: OSError | None = None) -> None:
+        self.data, self.error = data, error
+        self._ready.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Has it completed within ``timeout`` seconds?  (Again: at once.)"""
+        if not self._ready.acquire(timeout=timeout):
+            return False
+        self._ready.release()
+        return True
+
+
 def _all_of(waits: Sequence[Callable[[], bytes]]) -> Callable[[], None]:
     def wait() -> None:
         for w in waits:
@@ -358,11 +385,11 @@ def _all_of(waits: Sequence[Callable[[], bytes]]) -> Callable[[], None]:
     return wait
 
 
-def _receive_into(sock: socket.socket, buf: bytearray) -> bool:
+def _receive_into(sock: socket.socket, buf: bytearray, tcp: bool) -> bool:
     """Append what the socket holds (waiting for some); False if its timeout
-    passed with nothing received."""
+    passed with nothing received.  ``tcp``: a TCP socket (see ack_at_once)."""
     try:
-        if sock.family != socket.AF_UNIX:
+        if tcp:
             ack_at_once(sock)
         chunk = sock.recv(RECV_SIZE)
     except TimeoutError:

@@ -68,6 +68,9 @@ STRUCTS = {
              lambda b: ondisk.parse_ring_header(b, 5), 8 + 2 + 2 + 4 + 8 * 5 + 2 + 12 * 2 + 4),
     "entry": (lambda: _entry(log_id=5), lambda b: ondisk.parse_entry_header(b, 5),
               ondisk.EntryHeaderBody.sizeof() + 4),
+    "entry (construct)": (lambda: _entry(log_id=5),
+                          lambda b: ondisk.parse_entry_header_construct(b, 5),
+                          ondisk.EntryHeaderBody.sizeof() + 4),
 }
 
 
@@ -327,6 +330,28 @@ def test_fast_entry_header_is_the_declared_layout(flags, epoch, log_id, seq, pos
     assert fast == ondisk.build_entry_header_construct(**kw)
     h = ondisk.parse_entry_header(fast, log_id)
     assert (h["seq"], h["offset"], h["flags"], h["data_crc"]) == (seq, offset, flags, crc)
+    # the hot-path parser reads every field as construct does
+    slow = ondisk.parse_entry_header_construct(fast, log_id)
+    slow.pop("_io", None)
+    assert h == slow
+
+
+@given(raw=st.binary(min_size=0, max_size=ondisk.ENTRY_HEADER_SIZE),
+       log_id=st.sampled_from([5, 6]), cut=st.integers(0, ondisk.ENTRY_HEADER_SIZE))
+def test_both_entry_header_parsers_refuse_the_same_bytes(raw: bytes, log_id: int,
+                                                         cut: int) -> None:
+    """Garbage, a header cut short, or one of another log: refused by both, or read
+    alike by both."""
+    def outcome(parse, data: bytes):
+        try:
+            h = parse(data, log_id)
+        except FormatError:
+            return "refused"
+        h.pop("_io", None)
+        return h
+    for data in (raw, _entry(log_id=5)[:cut], _entry(log_id=5)):
+        assert outcome(ondisk.parse_entry_header, data) == \
+            outcome(ondisk.parse_entry_header_construct, data)
 
 
 def test_flat_packer_refuses_what_it_cannot_pack() -> None:
