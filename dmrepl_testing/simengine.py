@@ -200,6 +200,9 @@ class SimDevice:
     def behind_limit(self, ios: int = 0, nbytes: int = 0, since: float | None = None) -> bool:
         return False
 
+    def fallbehind_limited(self) -> bool:
+        return False
+
     def message(self, argv: Sequence[str]) -> str:
         if list(argv[:1]) == ["ping"]:
             return "pong"

@@ -81,6 +81,9 @@ class GroupTarget:
         # (the members share their replicator's site links: one answers for all)
         return any(dev.behind_limit(ios, nbytes, since) for _s, _n, dev in self.parts)
 
+    def fallbehind_limited(self) -> bool:
+        return any(dev.fallbehind_limited() for _s, _n, dev in self.parts)
+
 
 @dataclass
 class Member:

@@ -95,6 +95,7 @@ class JournalTarget(Protocol):
     def remote_in_sync(self) -> bool: ...
     def behind_limit(self, ios: int = 0, nbytes: int = 0,
                      since: float | None = None) -> bool: ...
+    def fallbehind_limited(self) -> bool: ...
 
 
 class JournalError(DmreplError):
@@ -405,6 +406,8 @@ class KernelJournal:
         fall-behind limit; let them go once none is (see the module's doc)."""
         if self.guardian is None or self._stop.is_set():
             return
+        if not self._held and not self.dev.fallbehind_limited():
+            return   # (its backlog, a device-mapper ioctl a look, does not count)
         behind = self.dev.behind_limit(*self._backlog(current=True))
         if behind != self._held:
             self._set_held(behind)

@@ -273,6 +273,13 @@ class ReplicatedDevice:
             return any(self.rep.slinks[nr].up and self.rep.copiers.past_fallbehind_locked(
                 self.rep.slinks[nr], now, ios, nbytes, since) for nr in self.legs if nr)
 
+    def fallbehind_limited(self) -> bool:
+        """Has a remote site link of the device a fall-behind limit?"""
+        with self.rep.lock:
+            return any(not self.rep.slinks[nr].cfg.sync
+                       and self.rep.slinks[nr].cfg.fallbehind.enabled
+                       for nr in self.legs if nr)
+
     def journal(self, *, cached: bool = False) -> JournalLeg:
         """The device as the *journal leg* of a kernel mirror whose other leg is
         the local device: see :class:`JournalLeg`."""

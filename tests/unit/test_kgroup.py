@@ -65,6 +65,9 @@ class Device:
     def behind_limit(self, ios: int = 0, nbytes: int = 0, since: float | None = None) -> bool:
         return self.behind
 
+    def fallbehind_limited(self) -> bool:
+        return True
+
 
 def group(*sizes_mib: int, **kw: Any) -> tuple[GroupTarget, list[Device], list[Any]]:
     log: list[tuple[str, int, int]] = []
