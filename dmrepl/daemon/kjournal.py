@@ -647,7 +647,8 @@ class KernelJournal:
             taken = write_many(ops) if ops and write_many is not None else []
             if len(taken) < len(ops):
                 # (the rest waits for room below, which the copiers make only
-                # from committed entries)
+                # from committed entries: committed now, not when a copier
+                # next looks for work)
                 backend.flush()
             left = self._left.get(i)
             if left is not None:

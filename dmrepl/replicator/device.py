@@ -276,9 +276,7 @@ class ReplicatedDevice:
     def fallbehind_limited(self) -> bool:
         """Has a remote site link of the device a fall-behind limit?"""
         with self.rep.lock:
-            return any(not self.rep.slinks[nr].cfg.sync
-                       and self.rep.slinks[nr].cfg.fallbehind.enabled
-                       for nr in self.legs if nr)
+            return any(self.rep.slinks[nr].fallbehind_limited for nr in self.legs if nr)
 
     def journal(self, *, cached: bool = False) -> JournalLeg:
         """The device as the *journal leg* of a kernel mirror whose other leg is

@@ -50,9 +50,9 @@ class Copiers:
         """Is the async site link past its fall-behind threshold, with ``ios``
         writes of ``nbytes`` more not yet in the log, the oldest of them written
         at ``since`` (time.monotonic())?"""
-        fb = s.cfg.fallbehind
-        if s.cfg.sync or not fb.enabled:
+        if not s.fallbehind_limited:
             return False
+        fb = s.cfg.fallbehind
         if fb.kind == "ios":
             return s.out_ios + ios > fb.value
         if fb.kind == "size":

@@ -179,6 +179,11 @@ class Slink:
         """Do new writes wait for this site link (sync, or forced sync, and up)?"""
         return self.up and (self.cfg.sync or self.forced)
 
+    @property
+    def fallbehind_limited(self) -> bool:
+        """Does a fall-behind limit apply (an async site link with one)?"""
+        return not self.cfg.sync and self.cfg.fallbehind.enabled
+
     def close_locked(self) -> None:
         """Have its copier exit: wake it from any of its waits."""
         self.closing = True
