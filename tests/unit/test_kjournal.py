@@ -280,9 +280,12 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
     return k
 
 
-def journal(tmp_path: Path, dev: Device) -> KernelJournal:
+def journal(tmp_path: Path, dev: Device, **kw: Any) -> KernelJournal:
+    """Device ``d``'s journal over ``dev`` (``kw``: KernelJournal's, the interval
+    an hour unless given)."""
+    kw.setdefault("interval", 3600)
     return KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
-                         segment_bytes=SEGMENT, interval=3600)
+                         segment_bytes=SEGMENT, **kw)
 
 
 @pytest.fixture
@@ -524,9 +527,8 @@ def test_draining_stops_with_an_event_when_the_log_fails(
             raise OSError(5, "the replication log failed")
 
     dev = Device(Failing())
-    kj = KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
-                       segment_bytes=SEGMENT, interval=0.01,
-                       on_event=lambda *a, **k: events.append((*a, k)))
+    kj = journal(tmp_path, dev, interval=0.01,
+                 on_event=lambda *a, **k: events.append((*a, k)))
     kernel.on_swap.append(segment_image(entry(1, 1, 0, b"\x01" * S)))
     kj.open(None)
     kernel.writes += 1
@@ -545,8 +547,7 @@ def test_a_swap_left_out_while_paused_is_made_once_the_device_resumes(
         tmp_path: Path, kernel: FakeKernel) -> None:
     paused = [True]
     dev = Device()
-    kj = KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
-                       segment_bytes=SEGMENT, interval=0.01, paused=lambda: paused[0])
+    kj = journal(tmp_path, dev, interval=0.01, paused=lambda: paused[0])
     kernel.on_swap.append(segment_image(entry(3, 1, 0, b"\x03" * S)))
     kernel.writes += 1          # written, then suspended by its admin
     kj.open(None)
@@ -574,9 +575,7 @@ def wait_for(what: Any, timeout: float = 5) -> None:
 @pytest.fixture
 def guarded(tmp_path: Path, kernel: FakeKernel) -> Iterator[tuple[KernelJournal, Device]]:
     dev = Device()
-    kj = KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
-                       segment_bytes=SEGMENT, interval=0.01,
-                       guardian=Guardian(kernel))  # type: ignore[arg-type]
+    kj = journal(tmp_path, dev, interval=0.01, guardian=Guardian(kernel))
     kj.open(None)
     try:
         yield kj, dev
@@ -621,9 +620,8 @@ def test_the_admins_suspend_outlasts_a_hold(
     device leaves it held."""
     paused = [False]
     dev = Device()
-    kj = KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
-                       segment_bytes=SEGMENT, interval=0.01, paused=lambda: paused[0],
-                       guardian=Guardian(kernel))  # type: ignore[arg-type]
+    kj = journal(tmp_path, dev, interval=0.01, paused=lambda: paused[0],
+                 guardian=Guardian(kernel))
     kj.open(None)
     try:
         dev.behind = True
@@ -681,18 +679,13 @@ def test_the_guardian_knows_the_journal_from_its_open_or_takeover_to_its_close(
     """While the daemon is down the guardian flushes the log-writes device (by
     its number): it is told when the journal opens, again by the daemon that
     takes it over, and that it went when it closes."""
-    def journal(guardian: Guardian) -> KernelJournal:
-        return KernelJournal("d", SECTORS, "/dev/local", Device(),  # type: ignore[arg-type]
-                             str(tmp_path), segment_bytes=SEGMENT, interval=3600,
-                             guardian=guardian)  # type: ignore[arg-type]
-
     guardian = Guardian(kernel)
-    kj = journal(guardian)
+    kj = journal(tmp_path, Device(), guardian=guardian)
     kj.open(None)
     assert guardian.journals == {"d": JOURNAL_DEV}
     kj.stop()                   # the daemon dies; the next one takes the journal over
     again = Guardian(kernel)
-    kj2 = journal(again)
+    kj2 = journal(tmp_path, Device(), guardian=again)
     kj2.open(None)
     assert again.journals == {"d": JOURNAL_DEV}
     kernel.live, kernel.era_live = None, False      # (removed)
@@ -761,10 +754,9 @@ def test_a_hold_that_fails_is_tried_again_later_not_at_every_look(
 
     monkeypatch.setattr(kjournal_mod, "HOLD_RETRY", 0.3)
     dev = Device()
-    kj = KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
-                       segment_bytes=SEGMENT, interval=0.01,
-                       on_event=lambda kind, event, **f: events.append(event),
-                       guardian=NoGuardian())  # type: ignore[arg-type]
+    kj = journal(tmp_path, dev, interval=0.01,
+                 on_event=lambda kind, event, **f: events.append(event),
+                 guardian=NoGuardian())
     kj.open(None)
     try:
         dev.behind = True
@@ -784,9 +776,7 @@ def test_the_backlog_is_read_per_batch_only_for_a_device_with_a_fall_behind_limi
     looked at after every batch drained where a site link has a fall-behind limit,
     and not where none has one (it was a sixth of the drainer's CPU in the VM)."""
     dev = Device(limited=limited)
-    kj = KernelJournal("d", SECTORS, "/dev/local", dev, str(tmp_path),  # type: ignore[arg-type]
-                       segment_bytes=SEGMENT, interval=0.05,
-                       guardian=Guardian(kernel))  # type: ignore[arg-type]
+    kj = journal(tmp_path, dev, interval=0.05, guardian=Guardian(kernel))
     kj.open(None)
     looks: list[str] = []
 
