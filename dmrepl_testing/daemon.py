@@ -114,7 +114,9 @@ class DaemonProcess:
             self.proc.wait(30)
 
     def stop(self, timeout: float = 120) -> int:
-        """SIGTERM and wait for the clean shutdown."""
+        """SIGTERM and wait for the clean shutdown.  A daemon that does not stop
+        in time dumps its threads' stacks into its log (SIGUSR1: faulthandler)
+        before it is killed, and the error carries the log's tail."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
@@ -122,9 +124,14 @@ class DaemonProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGUSR1)
+                # the dump is written by the signal handler itself; give it a moment
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(2)
                 self.proc.kill()
                 self.proc.wait(30)
-                raise
+                raise TimeoutError(f"daemon did not stop within {timeout}s of SIGTERM; "
+                                   f"its log:\n{self.log()}") from None
         return self.proc.returncode
 
     def __enter__(self) -> DaemonProcess:

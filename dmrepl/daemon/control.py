@@ -106,11 +106,29 @@ class ControlServer:
         self.request_timeout = request_timeout
         self.sock = listen_root_only(path, 32)
         self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = threading.Event()
         self._slots = threading.BoundedSemaphore(max_connections)
 
+    @property
+    def wakeup_fd(self) -> int:
+        """For :func:`signal.set_wakeup_fd`: a signal then wakes :meth:`serve_forever`
+        itself.  A process-directed signal may land on any thread; its Python
+        handler runs in the main thread only once that thread runs bytecode again,
+        and the main thread sits in ``select``.  Non-blocking, as that requires."""
+        return self._wfd
+
     def stop(self) -> None:
+        self._stopping.set()
         with contextlib.suppress(OSError):
             os.write(self._wfd, b"x")
+
+    def _woken_to_stop(self) -> bool:
+        """The wake-up pipe was readable: a stop, or a signal whose handler (which
+        calls :meth:`stop`) runs as soon as this thread runs bytecode again."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._rfd, 512):
+                pass
+        return self._stopping.is_set()
 
     def serve_forever(self) -> None:
         backoff = AcceptBackoff("control")
@@ -118,13 +136,16 @@ class ControlServer:
             while True:
                 ready, _, _ = select.select([self.sock.fileno(), self._rfd], [], [])
                 if self._rfd in ready:
-                    return
+                    if self._woken_to_stop():
+                        return
+                    continue
                 try:
                     conn, _ = self.sock.accept()
                 except OSError as e:
                     # out of fds: the connection stays queued; wait (for stop too)
                     delay = backoff.failed(e)
-                    if delay and select.select([self._rfd], [], [], delay)[0]:
+                    if delay and select.select([self._rfd], [], [], delay)[0] \
+                            and self._woken_to_stop():
                         return
                     continue
                 backoff.succeeded()

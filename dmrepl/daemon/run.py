@@ -67,6 +67,7 @@ def run_daemon(socket_path: str, state_dir: str, ready_file: str | None = None, 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.set_wakeup_fd(server.wakeup_fd, warn_on_full_buffer=False)
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # thread dump on demand
     endpoint = None
     try:
